@@ -2,3 +2,372 @@
 
 Run: python -m pytest -q test_t2i_r1.py
 """
+
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+import vq as V
+
+# ---- shared helpers ---------------------------------------------------------
+
+
+def tiny_cfg(**over):
+    return M.preset("tiny", **over)
+
+
+def tiny_model(seed=0, **over):
+    """A tiny random Janus whose norms and biases are random too, so a wrong norm shows up."""
+    torch.manual_seed(seed)
+    m = M.Janus(tiny_cfg(**over)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def make_word_tokenizer(folder, words=("a", "photo", "of", "red", "circle", "blue", "square", "<|User|>:",
+                                       "<|Assistant|>:"), add_bos_postprocessor=True):
+    """A tiny word-level tokenizer.json with the deepseek special tokens (looked up by their strings)."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, processors
+    specials = [M.Tokenizer.BOS, M.Tokenizer.EOS, M.Tokenizer.PAD, M.Tokenizer.BOI, M.Tokenizer.EOI]
+    vocab = {w: i for i, w in enumerate(["<unk>", *words])}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens(specials)
+    if add_bos_postprocessor:  # like LLaMA tokenizers: the post-processor prepends BOS by itself
+        bos = tk.token_to_id(M.Tokenizer.BOS)
+        tk.post_processor = processors.TemplateProcessing(single=f"{M.Tokenizer.BOS} $A",
+                                                          special_tokens=[(M.Tokenizer.BOS, bos)])
+    os.makedirs(folder, exist_ok=True)
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    return M.Tokenizer(os.path.join(folder, "tokenizer.json"))
+
+
+@torch.no_grad()
+def outputs(m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 6), generator=g)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, m.cfg.image_tokens), generator=g)
+    h = m(torch.cat([m.embed_text(ids), m.embed_image(codes[:, :5])], 1))
+    return m.text_logits(h), m.image_logits(h), m.vq.decode_code(codes)
+
+
+# ---- Janus-Pro foundation: model, VQ, checkpoints, tokenizer ----------------
+
+
+def converted_layout(state):
+    """Rename our (deepseek) keys to the transformers-converted layout, written independently of model.py."""
+    import re
+    out = {}
+    for k, v in state.items():
+        if k == "gen_vision_model.quantize.codebook_used":
+            continue  # the conversion drops it
+        k = re.sub(r"^language_model\.model\.", "model.language_model.", k)
+        k = re.sub(r"^language_model\.lm_head\.", "lm_head.", k)
+        k = re.sub(r"^gen_embed\.", "model.generation_embeddings.", k)
+        k = re.sub(r"^gen_aligner\.layers\.0\.", "model.generation_aligner.fc1.", k)
+        k = re.sub(r"^gen_aligner\.layers\.2\.", "model.generation_aligner.hidden_layers.0.", k)
+        k = re.sub(r"^gen_head\.output_mlp_projector\.", "model.generation_head.proj_out.", k)
+        k = re.sub(r"^gen_head\.vision_head\.", "model.generation_head.vision_head.", k)
+        k = re.sub(r"^gen_vision_model\.", "model.vqmodel.", k)
+        k = re.sub(r"encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down.\1.block.", k)
+        k = re.sub(r"encoder\.conv_blocks\.", "encoder.down.", k)
+        k = re.sub(r"decoder\.conv_blocks\.(\d+)\.res\.", r"decoder.up.\1.block.", k)
+        k = re.sub(r"decoder\.conv_blocks\.", "decoder.up.", k)
+        k = k.replace("mid.0.", "mid.block_1.").replace("mid.1.", "mid.attn_1.").replace("mid.2.", "mid.block_2.")
+        out[k] = v
+    return out
+
+
+def converted_config(cfg):
+    vq = cfg.vq
+    return {"model_type": "janus", "tie_word_embeddings": False,
+            "text_config": {"model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+                            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+                            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+                            "max_position_embeddings": cfg.max_position_embeddings},
+            "vision_config": {"image_size": vq.grid * 16, "patch_size": 16},
+            "vq_config": {"embed_dim": vq.codebook_embed_dim, "num_embeddings": vq.codebook_size,
+                          "base_channels": vq.ch, "channel_multiplier": list(vq.encoder_ch_mult),
+                          "num_res_blocks": vq.num_res_blocks, "latent_channels": vq.z_channels}}
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors-sharded", "bin", "bin-sharded", "converted",
+                                    "understanding-keys"])
+def test_checkpoint_layouts_reload_identically(tmp_path, layout):
+    m = tiny_model()
+    want = outputs(m)
+    if layout == "converted":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in converted_layout(m.state_dict()).items()},
+                  str(tmp_path / "model.safetensors"))
+        (tmp_path / "config.json").write_text(json.dumps(converted_config(m.cfg)))
+    elif layout == "understanding-keys":  # a full Janus-Pro file also holds the understanding tower
+        state = dict(m.state_dict())
+        state["vision_model.vision_tower.pos_embed"] = torch.zeros(1, 4, 8)
+        state["aligner.layers.0.weight"] = torch.zeros(8, 8)
+        M.save_state_dict(state, tmp_path, weights="bin")
+        (tmp_path / "config.json").write_text(json.dumps(M.config_to_dict(m.cfg)))
+    else:
+        weights, _, sharded = layout.partition("-")
+        m.save_pretrained(tmp_path, weights=weights, shards=3 if sharded else 1)
+        if sharded:
+            assert len(list(tmp_path.glob(f"*-of-00003.*"))) == 3
+            assert list(tmp_path.glob("*.index.json"))
+    m2 = M.Janus.from_pretrained(tmp_path, device="cpu")
+    assert m2.cfg == m.cfg
+    for a, b in zip(want, outputs(m2)):
+        assert torch.equal(a, b)
+
+
+def test_bf16_checkpoint_loads_in_requested_dtype(tmp_path):
+    m = tiny_model().to(torch.bfloat16)
+    m.save_pretrained(tmp_path, weights="bin")
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert next(iter(torch.load(tmp_path / "pytorch_model.bin").values())).dtype == torch.bfloat16
+    m32 = M.Janus.from_pretrained(tmp_path, device="cpu")  # CPU default: float32
+    assert all(p.dtype == torch.float32 for p in m32.parameters())
+    m16 = M.Janus.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
+    sd = m.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in m16.state_dict().items())
+
+
+def test_saved_config_is_the_published_layout(tmp_path):
+    d = M.config_to_dict(M.preset("janus-pro-7b"))
+    assert d["gen_vision_config"] == {"cls": "VQ-16", "model_type": "gen_vision",
+                                      "params": {"image_token_size": 16384, "n_embed": 8}}
+    assert d["language_config"]["hidden_size"] == 4096 and d["gen_head_config"]["params"]["n_embed"] == 4096
+    # a partial LLaMA language_config is completed with LLaMA's defaults; VQ overrides are optional
+    partial = {"language_config": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                                   "intermediate_size": 176, "vocab_size": 300},
+               "gen_vision_config": {"cls": "VQ-16", "params": {"image_token_size": 16384, "n_embed": 8}}}
+    cfg = M.config_from_dict(partial)
+    assert (cfg.n_kv_head, cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (4, 10000.0, 1e-6, False)
+    assert cfg.vq == V.VQConfig() and cfg.image_tokens == 576
+    partial["gen_vision_config"]["params"].update(image_size=64, ch=32, encoder_ch_mult=[1, 2, 2, 4],
+                                                  decoder_ch_mult=[1, 2, 2, 4], num_res_blocks=1)
+    cfg = M.config_from_dict(partial)
+    assert cfg.image_tokens == 64 and cfg.vq.ch == 32 and cfg.vq.z_channels == 256
+    assert M.config_from_dict(M.config_to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="rope_scaling"):
+        M.config_from_dict({"language_config": {"rope_scaling": {"type": "linear", "factor": 2.0}}})
+
+
+def test_presets_have_the_published_keys_and_shapes():
+    # key names and shapes of Janus-Pro-1B's generation path (from its published checkpoint)
+    with torch.device("meta"):
+        sd = M.Janus(M.preset("janus-pro-1b")).state_dict()
+    assert len(sd) == 572
+    expect = {"language_model.model.embed_tokens.weight": (102400, 2048),
+              "language_model.model.layers.23.mlp.gate_proj.weight": (5632, 2048),
+              "language_model.lm_head.weight": (102400, 2048), "gen_embed.weight": (16384, 8),
+              "gen_aligner.layers.2.weight": (2048, 2048), "gen_head.vision_head.weight": (16384, 2048),
+              "gen_vision_model.quantize.codebook_used": (65536,),
+              "gen_vision_model.decoder.conv_blocks.1.res.0.nin_shortcut.weight": (256, 512, 1, 1),
+              "gen_vision_model.encoder.conv_blocks.4.attn.1.proj_out.weight": (512, 512, 1, 1)}
+    for k, shape in expect.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert not any(k.startswith(("vision_model.", "aligner.")) for k in sd)
+
+
+def test_kv_cache_incremental_decoding_equals_full_forward():
+    m = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, m.cfg.vocab_size, (3, 5), generator=g)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (3, 6), generator=g)
+    with torch.no_grad():
+        x = torch.cat([m.embed_text(ids), m.embed_image(codes)], 1)  # (3, 11, H)
+        full = m(x)
+        cache = m.new_cache(3, 16)
+        steps = [m(x[:, :5], cache=cache, input_pos=torch.arange(5))]  # prefill
+        for t in range(5, 11):                                          # one token at a time
+            steps.append(m(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+
+
+def test_left_padded_batch_equals_rows_alone():
+    m = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, m.cfg.vocab_size, (n,), generator=g) for n in (7, 3, 5)]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(3, T, dtype=torch.long)  # pad id 0, never attended to
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, True
+    with torch.no_grad():
+        h = m(m.embed_text(ids), mask=mask)
+        assert torch.isfinite(h).all()
+        # with the cache too: prefill the padded prompt, then two decode steps
+        cache = m.new_cache(3, T + 2)
+        cmask = torch.cat([mask, torch.ones(3, 2, dtype=torch.bool)], 1)
+        m(m.embed_text(ids), mask=cmask, cache=cache, input_pos=torch.arange(T))
+        nxt = torch.randint(0, m.cfg.vq.codebook_size, (3, 2), generator=g)
+        hc = [m(m.embed_image(nxt[:, j:j + 1]), mask=cmask, cache=cache, input_pos=torch.tensor([T + j]))
+              for j in range(2)]
+        for i, r in enumerate(rows):
+            alone = m(torch.cat([m.embed_text(r[None]), m.embed_image(nxt[i:i + 1])], 1))
+            torch.testing.assert_close(h[i, T - len(r):], alone[0, :len(r)], rtol=0, atol=1e-5)
+            torch.testing.assert_close(torch.cat(hc, 1)[i], alone[0, len(r):], rtol=0, atol=1e-5)
+
+
+def test_vq_shapes_range_and_quantizer():
+    torch.manual_seed(0)
+    cfg = tiny_cfg().vq
+    vq = V.VQModel(cfg).eval()
+    B, N, K = 3, cfg.num_tokens, cfg.codebook_size
+    codes = torch.randint(0, K, (B, N))
+    with torch.no_grad():
+        img = vq.decode_code(codes)
+        assert img.shape == (B, 3, cfg.image_size, cfg.image_size)
+        u8 = V.to_uint8(img)
+        assert u8.dtype == torch.uint8 and u8.shape == (B, cfg.image_size, cfg.image_size, 3)
+        # pixel convention: -1 -> 0, 1 -> 255, out of range clipped, truncation
+        edge = V.to_uint8(torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 3, 1, 2))
+        assert sorted(edge.flatten().tolist()) == sorted([0, 0, 127, 254, 255, 255])
+        # decoding a codebook vector and re-quantizing it gives the code back
+        z = vq.quantize.entries(codes, cfg.grid)
+        assert torch.equal(vq.quantize.codes(z), codes)
+        assert torch.equal(vq.quantize.codes(3.7 * z), codes)  # l2-normalised: the scale is irrelevant
+        # encode = nearest codebook entry by cosine, computed here independently
+        x = torch.rand(B, 3, cfg.image_size, cfg.image_size) * 2 - 1
+        got = vq.encode(x)
+        lat = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(B, N, -1)
+        cos = torch.nn.functional.cosine_similarity(lat[:, :, None], vq.quantize.embedding.weight[None, None], dim=-1)
+        assert torch.equal(got, cos.argmax(-1))
+    with pytest.raises(ValueError, match="codes of shape"):
+        vq.decode_code(codes[:, :-1])
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        vq.decode_code(torch.full((1, N), K))
+    with pytest.raises(ValueError, match="images of shape"):
+        vq.encode(torch.zeros(1, 3, 8, 8))
+
+
+def write_tiny(tmp_path, weights="safetensors", shards=1):
+    m = tiny_model()
+    m.save_pretrained(tmp_path, weights=weights, shards=shards)
+    return m
+
+
+def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
+    # no folder, no config, no weights
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        M.Janus.from_pretrained(tmp_path / "nope")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.Janus.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(M.config_to_dict(tiny_cfg())))
+    with pytest.raises(FileNotFoundError, match="expected one of model.safetensors"):
+        M.Janus.from_pretrained(tmp_path / "a")
+    # a shard named by the index is missing
+    d = tmp_path / "b"
+    write_tiny(d, weights="bin", shards=2)
+    os.remove(d / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(FileNotFoundError, match="pytorch_model-00002-of-00002.bin"):
+        M.Janus.from_pretrained(d)
+    # truncated downloads, both formats
+    for weights, name in [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")]:
+        d = tmp_path / f"trunc-{weights}"
+        write_tiny(d, weights=weights)
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(M.CheckpointError, match=f"could not read .*{name}"):
+            M.Janus.from_pretrained(d)
+    # missing, unexpected and mis-shaped keys: one error listing all of them, naming the file
+    d = tmp_path / "keys"
+    m = write_tiny(d, weights="bin")
+    state = dict(m.state_dict())
+    del state["gen_head.vision_head.bias"]
+    state["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(3)
+    state["gen_embed.weight"] = torch.zeros(5, 8)
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(M.CheckpointError) as e:
+        M.Janus.from_pretrained(d)
+    msg = str(e.value)
+    assert "pytorch_model.bin" in msg and "config.json" in msg
+    assert "missing (2)" in msg and "gen_head.vision_head.bias" in msg and "gen_embed.weight" in msg
+    assert "unexpected (1)" in msg and "layers.7.mlp.up_proj.weight" in msg
+    assert "mis-shaped (1)" in msg and "(5, 8), expected (64, 8)" in msg
+    # a config that does not describe the weights
+    d = tmp_path / "cfg"
+    write_tiny(d)
+    (d / "config.json").write_text(json.dumps(M.config_to_dict(tiny_cfg(n_embd=32, intermediate_size=88))))
+    with pytest.raises(M.CheckpointError, match="mis-shaped"):
+        M.Janus.from_pretrained(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(M.CheckpointError, match="not valid JSON"):
+        M.Janus.from_pretrained(d)
+
+
+def test_tokenizer_one_bos_special_tokens_and_chat_format(tmp_path):
+    tok = make_word_tokenizer(tmp_path)
+    assert tok.tk.encode("a photo").ids[0] == tok.bos_id  # the post-processor adds BOS by itself ...
+    ids = tok.encode("a photo of a red circle")
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1  # ... but we get exactly one
+    assert tok.encode(M.Tokenizer.BOS + " a photo").count(tok.bos_id) == 1
+    assert tok.encode("a photo", bos=False)[0] != tok.bos_id
+    assert tok.decode(ids) == "a photo of a red circle"
+    assert M.chat_prompt("a red circle") == "<|User|>: a red circle\n\n<|Assistant|>:"
+    assert M.chat_prompt("x", system="be brief") == "be brief\n\n<|User|>: x\n\n<|Assistant|>:"
+    img = tok.encode(M.image_prompt("a red circle"))
+    assert img[-1] == tok.boi_id and img[0] == tok.bos_id
+    (tmp_path / "copy").mkdir()
+    tok.save(tmp_path / "copy")
+    assert M.Tokenizer.from_pretrained(tmp_path / "copy").encode("a photo") == tok.encode("a photo")
+    # a tokenizer without the special tokens is refused by name
+    from tokenizers import Tokenizer as HFTokenizer, models
+    HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(tmp_path / "bare.json"))
+    with pytest.raises(ValueError, match="no bos token"):
+        M.Tokenizer(str(tmp_path / "bare.json"))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    m = tiny_model().train()
+    x = torch.randint(0, m.cfg.vocab_size, (2, 6))
+    grads = []
+    for gc in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = gc
+        m.text_logits(m(m.embed_text(x))).logsumexp(-1).sum().backward()
+        grads.append(m.language_model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ---- fidelity against transformers' Janus port (optional: skips without transformers) ----
+
+
+def test_matches_transformers_janus(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "JanusForConditionalGeneration"):
+        pytest.skip("this transformers has no Janus")
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
+                              LlamaConfig)
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                               patch_size=16, projection_dim=64)
+    vqc = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1, 2],
+                           num_res_blocks=1, latent_channels=32, projection_dim=64, image_token_embed_dim=64)
+    ref = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vqc,
+                                                    tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # norms, biases and all
+    ref.save_pretrained(tmp_path)
+    ours = M.Janus.from_pretrained(tmp_path, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (2, 7), generator=g)
+    codes = torch.randint(0, 64, (2, ours.cfg.image_tokens), generator=g)
+    with torch.no_grad():
+        h = ours(torch.cat([ours.embed_text(ids), ours.embed_image(codes)], 1))
+        emb = torch.cat([ref.get_input_embeddings()(ids), ref.prepare_embeddings_for_image_generation(codes)], 1)
+        hr = ref.model.language_model(inputs_embeds=emb).last_hidden_state
+        assert (h - hr).abs().max() <= 1e-4
+        assert (ours.text_logits(h) - ref.lm_head(hr)).abs().max() <= 1e-4
+        assert (ours.image_logits(h) - ref.model.generation_head(hr)).abs().max() <= 1e-4
+        assert (ours.vq.decode_code(codes) - ref.model.vqmodel.decode(codes)).abs().max() <= 1e-4

@@ -1,0 +1,647 @@
+"""Janus-Pro's generation path from scratch: a LLaMA decoder with a text head and an image head.
+
+Text tokens enter through `embed_tokens` and leave through `lm_head`; image tokens (VQ codes) enter as
+`gen_aligner(gen_embed(code))` and leave through `gen_head`, both around the same decoder. The VQ-16
+tokenizer lives in vq.py and hangs off the model as `janus.vq`.
+
+Also here: the static KV cache, the tokenizer (tokenizer.json through `tokenizers`) with the deepseek chat
+format, and checkpoint loading/saving for the published layouts (deepseek's original keys, which our
+module names follow, and the transformers-converted keys, renamed on load).
+
+Departures from the reference code:
+- only the generation path: the understanding tower (SigLIP + aligner) is not built; its tensors in a
+  checkpoint are skipped on load;
+- rotary angles are computed from the positions on the fly (no cached tables, no length limit);
+- a padded query row attends to itself so that left-padded batches never produce NaN (the reference
+  relies on the same trick inside transformers' mask code);
+- `text_logits`/`image_logits` return float32.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from vq import VQConfig, VQModel
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class JanusConfig:
+    vocab_size: int = 102400
+    n_layer: int = 24
+    n_head: int = 16
+    n_kv_head: int = 16
+    n_embd: int = 2048
+    intermediate_size: int = 5632
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 16384  # bookkeeping only: rotary angles are computed, not tabled
+    tie_word_embeddings: bool = False    # Janus-Pro has a separate lm_head
+    vq: VQConfig = field(default_factory=VQConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def image_tokens(self) -> int:
+        return self.vq.num_tokens
+
+    def __post_init__(self):
+        if isinstance(self.vq, dict):
+            self.vq = VQConfig(**self.vq)
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd {self.n_embd}, n_head {self.n_head}, n_kv_head {self.n_kv_head}: "
+                             "heads must divide n_embd and kv heads must divide heads")
+
+
+PRESETS = {
+    "janus-pro-1b": dict(n_layer=24, n_head=16, n_kv_head=16, n_embd=2048, intermediate_size=5632),
+    "janus-pro-7b": dict(n_layer=30, n_head=32, n_kv_head=32, n_embd=4096, intermediate_size=11008),
+    # tests and CPU runs: grouped-query attention on purpose, so that path is exercised too
+    "tiny": dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=176,
+                 vq=dict(image_size=32, codebook_size=64, ch=32, encoder_ch_mult=(1, 1, 2),
+                         decoder_ch_mult=(1, 1, 2), z_channels=32, num_res_blocks=1)),
+}
+
+
+def preset(name: str, **overrides) -> JanusConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return JanusConfig(**{**PRESETS[name], **overrides})
+
+
+# LLaMA's defaults complete the partial `language_config` of the published config.json
+LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      max_position_embeddings=2048, tie_word_embeddings=False, hidden_act="silu")
+VQ_PARAMS = [f.name for f in fields(VQConfig)]
+
+
+def _from_llama(lc: dict, vq: VQConfig, where: str) -> JanusConfig:
+    lc = {**LLAMA_DEFAULTS, **{k: v for k, v in lc.items() if v is not None}}
+    for key, ok in [("hidden_act", lambda v: v == "silu"), ("rope_scaling", lambda v: not v),
+                    ("attention_bias", lambda v: not v), ("mlp_bias", lambda v: not v)]:
+        if key in lc and not ok(lc[key]):
+            raise ValueError(f"{where}: {key}={lc[key]!r} is not supported (Janus-Pro uses plain LLaMA)")
+    return JanusConfig(
+        vocab_size=lc["vocab_size"], n_layer=lc["num_hidden_layers"], n_head=lc["num_attention_heads"],
+        n_kv_head=lc.get("num_key_value_heads") or lc["num_attention_heads"], n_embd=lc["hidden_size"],
+        intermediate_size=lc["intermediate_size"], rope_theta=float(lc["rope_theta"]),
+        rms_norm_eps=lc["rms_norm_eps"], max_position_embeddings=lc["max_position_embeddings"],
+        tie_word_embeddings=bool(lc["tie_word_embeddings"]), vq=vq)
+
+
+def config_from_dict(d: dict, where: str = "config.json") -> JanusConfig:
+    """Parse a published config.json: deepseek's original layout or the transformers-converted one."""
+    if "language_config" in d:  # deepseek original
+        params = dict((d.get("gen_vision_config") or {}).get("params") or {})
+        vq = dict(codebook_size=params.pop("image_token_size", 16384), codebook_embed_dim=params.pop("n_embed", 8))
+        vq.update({k: params[k] for k in VQ_PARAMS if k in params})
+        cfg = _from_llama(d["language_config"], VQConfig(**vq), where)
+        head = (d.get("gen_head_config") or {}).get("params") or {}
+        aligner = (d.get("gen_aligner_config") or {}).get("params") or {}
+        checks = [("gen_head_config.params.n_embed", head.get("n_embed"), cfg.n_embd),
+                  ("gen_head_config.params.image_token_embed", head.get("image_token_embed"), cfg.n_embd),
+                  ("gen_head_config.params.image_token_size", head.get("image_token_size"), cfg.vq.codebook_size),
+                  ("gen_aligner_config.params.input_dim", aligner.get("input_dim"), cfg.vq.codebook_embed_dim),
+                  ("gen_aligner_config.params.n_embed", aligner.get("n_embed"), cfg.n_embd),
+                  ("gen_aligner_config.params.depth", aligner.get("depth"), 2)]
+        for name, got, want in checks:
+            if got is not None and got != want:
+                raise ValueError(f"{where}: {name} = {got}, but this implementation needs {want}")
+        return cfg
+    if "text_config" in d and "vq_config" in d:  # transformers' JanusConfig
+        v, vis = d["vq_config"], d.get("vision_config") or {}
+        mult = tuple(v.get("channel_multiplier", (1, 1, 2, 2, 4)))
+        grid = vis.get("image_size", 384) // vis.get("patch_size", 16)  # transformers ties the VQ grid to it
+        vq = VQConfig(image_size=grid * 2 ** (len(mult) - 1), codebook_size=v.get("num_embeddings", 16384),
+                      codebook_embed_dim=v.get("embed_dim", 8), ch=v.get("base_channels", 128),
+                      encoder_ch_mult=mult, decoder_ch_mult=mult, z_channels=v.get("latent_channels", 256),
+                      num_res_blocks=v.get("num_res_blocks", 2))
+        tc = dict(d["text_config"])
+        tc.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
+        return _from_llama(tc, vq, where)
+    raise ValueError(f"{where}: neither a deepseek Janus config (language_config) nor a transformers "
+                     "JanusConfig (text_config + vq_config)")
+
+
+def config_to_dict(cfg: JanusConfig, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The published (deepseek original) config.json layout. VQ sizes are written only where they differ
+    from VQ-16, so a full-size model's file reads exactly like Janus-Pro's."""
+    default_vq = VQConfig()
+    vq_params = {"image_token_size": cfg.vq.codebook_size, "n_embed": cfg.vq.codebook_embed_dim}
+    for k in VQ_PARAMS:
+        if k not in ("codebook_size", "codebook_embed_dim") and getattr(cfg.vq, k) != getattr(default_vq, k):
+            val = getattr(cfg.vq, k)
+            vq_params[k] = list(val) if isinstance(val, tuple) else val
+    H = cfg.n_embd
+    return {
+        "model_type": "multi_modality",
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "language_config": {
+            "hidden_size": H, "intermediate_size": cfg.intermediate_size,
+            "max_position_embeddings": cfg.max_position_embeddings, "model_type": "llama",
+            "num_attention_heads": cfg.n_head, "num_hidden_layers": cfg.n_layer,
+            "num_key_value_heads": cfg.n_kv_head, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "torch_dtype": str(dtype).removeprefix("torch."), "vocab_size": cfg.vocab_size},
+        # the understanding path is not part of this implementation; its config is kept so that
+        # deepseek's own classes can still build the model from our folders
+        "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision",
+                          "params": {"image_size": 384, "model_name": "siglip_large_patch16_384",
+                                     "select_feature": "same", "select_layer": -1}},
+        "aligner_config": {"cls": "MlpProjector", "model_type": "aligner",
+                           "params": {"depth": 2, "input_dim": 1024, "n_embed": H, "projector_type": "mlp_gelu"}},
+        "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision", "params": vq_params},
+        "gen_aligner_config": {"cls": "MlpProjector", "model_type": "gen_aligner",
+                               "params": {"depth": 2, "input_dim": cfg.vq.codebook_embed_dim, "n_embed": H,
+                                          "projector_type": "mlp_gelu"}},
+        "gen_head_config": {"cls": "vision_head", "model_type": "gen_head",
+                            "params": {"image_token_embed": H, "image_token_size": cfg.vq.codebook_size,
+                                       "n_embed": H}},
+    }
+
+
+# -----------------------------------------------------------------------------
+# the decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32, scale in the input dtype: the order transformers' LLaMA uses
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary(positions, head_dim, theta):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in float32, rotate-half layout (LLaMA HF weights)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)      # (B, T, head_dim)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x, cos, sin):  # x (B, nh, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Static cache: keys and values of every layer, preallocated for (batch, max_len) and written by slot.
+
+    Rows of a left-padded batch share slot numbers; which slots hold real tokens is the caller's `mask`.
+    The buffers never change shape, so a compiled decode step sees the same graph at every position.
+    """
+
+    def __init__(self, cfg: JanusConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if hasattr(torch, "_dynamo"):  # lets CUDA graphs treat the buffers as fixed addresses
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer, input_pos, k, v):  # k, v (B, n_kv, T, hd) written at slots input_pos (T,)
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """A new cache whose row i*n + j is row i of this one: prefill a prompt once, sample n times."""
+        new = KVCache.__new__(KVCache)
+        new.k = self.k.repeat_interleave(n, dim=1)
+        new.v = self.v.repeat_interleave(n, dim=1)
+        if hasattr(torch, "_dynamo"):
+            torch._dynamo.mark_static_address(new.k)
+            torch._dynamo.mark_static_address(new.v)
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: JanusConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, input_pos, k, v)                                # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: JanusConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: JanusConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Janus(nn.Module):
+    """Attribute names follow deepseek's checkpoint keys (language_model.model.layers.N..., gen_head...)."""
+
+    def __init__(self, cfg: JanusConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.language_model = nn.ModuleDict(dict(
+            model=nn.ModuleDict(dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                norm=RMSNorm(cfg.n_embd, cfg.rms_norm_eps))),
+            lm_head=nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)))
+        if cfg.tie_word_embeddings:
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
+        self.gen_vision_model = VQModel(cfg.vq)
+        self.gen_embed = nn.Embedding(cfg.vq.codebook_size, cfg.vq.codebook_embed_dim)
+        self.gen_aligner = nn.Module()
+        self.gen_aligner.layers = nn.Sequential(
+            nn.Linear(cfg.vq.codebook_embed_dim, cfg.n_embd), nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
+        self.gen_head = nn.Module()
+        self.gen_head.output_mlp_projector = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.gen_head.vision_head = nn.Linear(cfg.n_embd, cfg.vq.codebook_size)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """GPT-style init for training from scratch (shapes world); loading overwrites it."""
+        for name, p in self.named_parameters():
+            if name.startswith("gen_vision_model."):
+                continue  # the VQ keeps torch's conv init; it is trained on its own
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+    @property
+    def vq(self) -> VQModel:
+        return self.gen_vision_model
+
+    # --- inputs and outputs
+    def embed_text(self, ids):   # (B, T) -> (B, T, H)
+        return self.language_model.model.embed_tokens(ids)
+
+    def embed_image(self, codes):  # (B, T) -> (B, T, H)
+        return self.gen_aligner.layers(self.gen_embed(codes))
+
+    def text_logits(self, h):    # (B, T, H) -> (B, T, vocab) float32
+        return self.language_model.lm_head(h).float()
+
+    def image_logits(self, h):   # (B, T, H) -> (B, T, codebook) float32
+        head = self.gen_head
+        return head.vision_head(F.gelu(head.output_mlp_projector(h))).float()
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.language_model.lm_head.weight
+        return KVCache(self.cfg, batch, max_len, device=p.device, dtype=p.dtype)
+
+    def forward(self, x, positions=None, mask=None, cache=None, input_pos=None):
+        """x (B, T, H) embeddings -> final-normed hidden states (B, T, H).
+
+        mask: (B, S) bool, True where a key slot holds a real token (False for left padding), with S = T
+            without a cache and S = cache.max_len with one. None means every slot is real.
+        cache, input_pos: a KVCache and the (T,) slots where this call's keys and values are written.
+        positions: (B, T) rotary positions; by default counted from each row's first real token.
+        """
+        B, T, _ = x.shape
+        if cache is None:
+            input_pos = torch.arange(T, device=x.device)
+        elif input_pos is None:
+            raise ValueError("a cache needs input_pos, the slots this call writes")
+        if positions is None:
+            if mask is None:
+                positions = input_pos.expand(B, T)
+            else:
+                positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, input_pos]
+        attn_mask = None
+        if mask is not None or cache is not None:
+            S = T if cache is None else cache.max_len
+            slots = torch.arange(S, device=x.device)
+            attn_mask = slots <= input_pos[:, None]                                    # (T, S) causal
+            if mask is not None:
+                # a padded query sees itself, so no softmax row is empty (an empty row gives NaN)
+                attn_mask = (attn_mask & mask[:, None, :]) | (slots == input_pos[:, None])  # (B, T, S)
+            attn_mask = attn_mask.unsqueeze(-3)                                        # (B|1, 1, T, S)
+        cos, sin = rotary(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        lm = self.language_model.model
+        for i, layer in enumerate(lm.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache, i, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, cache, i, input_pos)
+        return lm.norm(x)
+
+    def n_params(self, trainable_only=False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # --- checkpoints
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "Janus":
+        """Load a local Janus-Pro folder (any published layout). Default precision: bf16 on GPU, fp32 on CPU."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        cfg = load_config(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = load_state_dict(path, model, device=device, dtype=dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+        if cfg.tie_word_embeddings:  # assign replaced the shared tensor: share it again
+            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, folder, tokenizer=None, weights="safetensors", shards=1):
+        """Write config.json + weights in deepseek's original layout (+ tokenizer files).
+
+        weights: "safetensors" (model.safetensors) or "bin" (pytorch_model.bin, as Janus-Pro ships);
+        shards > 1 writes the sharded form with its index, as Janus-Pro-7B ships.
+        """
+        os.makedirs(folder, exist_ok=True)
+        dtype = self.language_model.lm_head.weight.dtype
+        _write_json(os.path.join(folder, "config.json"), config_to_dict(self.cfg, dtype))
+        state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items()}
+        if self.cfg.tie_word_embeddings:
+            state.pop("language_model.lm_head.weight")
+        save_state_dict(state, folder, weights=weights, shards=shards)
+        if tokenizer is not None:
+            tokenizer.save(folder)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint files
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+UNDERSTANDING_PREFIXES = ("vision_model.", "aligner.", "model.vision_model.", "model.aligner.")
+# transformers' names -> deepseek's (ours); applied in order, first match on the prefix
+CONVERTED_PREFIXES = [
+    ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+    ("model.generation_embeddings.", "gen_embed."), ("model.generation_aligner.fc1.", "gen_aligner.layers.0."),
+    ("model.generation_aligner.hidden_layers.0.", "gen_aligner.layers.2."),
+    ("model.generation_head.proj_out.", "gen_head.output_mlp_projector."),
+    ("model.generation_head.vision_head.", "gen_head.vision_head."), ("model.vqmodel.", "gen_vision_model.")]
+CONVERTED_VQ_PARTS = [("encoder.down.", "encoder.conv_blocks."), ("decoder.up.", "decoder.conv_blocks."),
+                      (".block.", ".res."), ("mid.block_1.", "mid.0."), ("mid.attn_1.", "mid.1."),
+                      ("mid.block_2.", "mid.2.")]
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def load_config(path) -> JanusConfig:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: a Janus-Pro folder needs config.json next to its weights")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
+    return config_from_dict(d, where=cfg_path)
+
+
+def weight_files(path) -> list:
+    """The weight files of a folder, shards resolved through their index; errors name what is missing."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    for name in WEIGHT_FILES:
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            continue
+        if not name.endswith(".index.json"):
+            return [p]
+        try:
+            with open(p) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{p} is not a weight index (needs a 'weight_map'): {e}") from e
+        files = [os.path.join(path, s) for s in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{p} lists shards that are not there: {', '.join(missing)}")
+        return files
+    raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def read_tensors(file):
+    """Yield (key, tensor) from a .safetensors or torch .bin file, one tensor at a time, memory-mapped."""
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    yield k, f.get_tensor(k)
+        else:
+            try:
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) pickle
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict")
+            yield from state.items()
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated downloads surface here as zip/header errors
+        raise CheckpointError(f"could not read {file} (truncated or corrupt download?): {e}") from e
+
+
+def to_original_key(key: str):
+    """Any published key -> our (deepseek) name, or None for tensors the generation path does not use."""
+    if key.startswith(UNDERSTANDING_PREFIXES) or key.endswith((".rotary_emb.inv_freq", ".position_ids")):
+        return None
+    for old, new in CONVERTED_PREFIXES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            if new == "gen_vision_model.":
+                for a, b in CONVERTED_VQ_PARTS:
+                    key = key.replace(a, b)
+            break
+    return key
+
+
+def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -> dict:
+    """Read every weight file of `path` into tensors shaped for `model` (typically on the meta device),
+    converting each tensor to dtype/device as it is read so at most one copy of the weights exists."""
+    expected = model.state_dict()
+    files = weight_files(path)
+    state, origin, unexpected, misshaped = {}, {}, [], []
+    for file in files:
+        for key, t in read_tensors(file):
+            name = to_original_key(key)
+            if name is None:
+                continue
+            where = os.path.basename(file)
+            if name not in expected:
+                unexpected.append(f"{key} ({where})")
+                continue
+            if tuple(t.shape) != tuple(expected[name].shape):
+                misshaped.append(f"{key} ({where}): {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+                continue
+            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            origin[name] = where
+    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+    if model.cfg.tie_word_embeddings and head not in state and embed in state:
+        state[head] = state[embed]  # tied checkpoints store the matrix once
+    # transformers' conversion drops the VQ's unused usage counter
+    if "gen_vision_model.quantize.codebook_used" not in state:
+        state["gen_vision_model.quantize.codebook_used"] = torch.zeros(65536, device=device, dtype=dtype)
+    missing = [k for k in expected if k not in state]
+    if missing or unexpected or misshaped:
+        def listing(title, items):
+            shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
+            return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(shown) if items else ""
+        raise CheckpointError(
+            f"checkpoint {', '.join(files)} does not fit the model described by {os.path.join(path, 'config.json')}:"
+            + listing("missing", missing) + listing("unexpected", unexpected) + listing("mis-shaped", misshaped))
+    return state
+
+
+def save_state_dict(state: dict, folder, weights="safetensors", shards=1):
+    """Write a state dict as model.safetensors / pytorch_model.bin, or as N shards plus the index JSON
+    (file names as the published checkpoints). Each file is written to a temp name, then renamed."""
+    if weights not in ("safetensors", "bin"):
+        raise ValueError(f"weights must be 'safetensors' or 'bin', got {weights!r}")
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    stem, ext = ("model", "safetensors") if weights == "safetensors" else ("pytorch_model", "bin")
+    keys = list(state)
+    sizes = [state[k].numel() * state[k].element_size() for k in keys]
+    # contiguous groups of keys with roughly equal bytes
+    total, groups, acc = sum(sizes), [[] for _ in range(shards)], 0
+    for k, s in zip(keys, sizes):
+        groups[min(shards - 1, int(acc * shards / max(total, 1)))].append(k)
+        acc += s
+    names = [f"{stem}.{ext}"] if shards == 1 else [f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
+    for name, group in zip(names, groups):
+        part, path = {k: state[k] for k in group}, os.path.join(folder, name)
+        if weights == "safetensors":
+            from safetensors.torch import save_file
+            save_file(part, path + ".tmp", metadata={"format": "pt"})
+        else:
+            torch.save(part, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if shards > 1:
+        weight_map = {k: name for name, group in zip(names, groups) for k in group}
+        _write_json(os.path.join(folder, f"{stem}.{ext}.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat format
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library; special tokens looked up by their strings."""
+
+    BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+    BOI, EOI = "<begin_of_image>", "<end_of_image>"
+
+    def __init__(self, file):
+        from tokenizers import Tokenizer as HFTokenizer
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"tokenizer file {file} not found")
+        self.file = file
+        self.tk = HFTokenizer.from_file(file)
+        ids = {}
+        for name, s in [("bos", self.BOS), ("eos", self.EOS), ("pad", self.PAD), ("boi", self.BOI), ("eoi", self.EOI)]:
+            ids[name] = self.tk.token_to_id(s)
+            if ids[name] is None:
+                raise ValueError(f"{file} has no {name} token {s!r}")
+        self.bos_id, self.eos_id, self.pad_id, self.boi_id, self.eoi_id = (
+            ids["bos"], ids["eos"], ids["pad"], ids["boi"], ids["eoi"])
+        self.vocab_size = self.tk.get_vocab_size()
+
+    @classmethod
+    def from_pretrained(cls, path):
+        return cls(os.path.join(path, "tokenizer.json"))
+
+    def encode(self, text: str, bos: bool = True) -> list:
+        """Exactly one BOS at the start (when asked), whatever the tokenizer's post-processor adds."""
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        while ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        return [self.bos_id] + ids if bos else ids
+
+    def decode(self, ids) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, folder):
+        self.tk.save(os.path.join(folder, "tokenizer.json"))
+        _write_json(os.path.join(folder, "special_tokens_map.json"),
+                    {"bos_token": self.BOS, "eos_token": self.EOS, "pad_token": self.PAD})
+        _write_json(os.path.join(folder, "tokenizer_config.json"),
+                    {"bos_token": self.BOS, "eos_token": self.EOS, "pad_token": self.PAD,
+                     "tokenizer_class": "LlamaTokenizerFast"})
+
+
+def chat_prompt(text: str, system: str = "") -> str:
+    """deepseek's SFT chat format for one user turn, ready for the assistant's answer."""
+    return (system + "\n\n" if system else "") + f"<|User|>: {text}\n\n<|Assistant|>:"
+
+
+def image_prompt(text: str, system: str = "") -> str:
+    """The chat prompt followed by <begin_of_image>: the model answers with image tokens."""
+    return chat_prompt(text, system) + Tokenizer.BOI
