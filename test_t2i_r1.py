@@ -371,3 +371,153 @@ def test_matches_transformers_janus(tmp_path):
         assert (ours.text_logits(h) - ref.lm_head(hr)).abs().max() <= 1e-4
         assert (ours.image_logits(h) - ref.model.generation_head(hr)).abs().max() <= 1e-4
         assert (ours.vq.decode_code(codes) - ref.model.vqmodel.decode(codes)).abs().max() <= 1e-4
+
+
+# ---- two-step sampler ---------------------------------------------------------
+
+import t2i_r1 as R
+
+PAD = 0
+
+
+def image_prompts(m, lengths=(6, 9, 4), seed=0):
+    """Random image prompts: BOS-like first token, body, and a fixed last token standing for <begin_of_image>."""
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, m.cfg.vocab_size, (L - 2,), generator=g).tolist() + [2] for L in lengths]
+
+
+@torch.no_grad()
+def reference_images(m, prompt, cfg_weight, steps, temperature=0.0, generator=None):
+    """Janus-Pro's procedure with plain full-sequence forwards: no cache, no padding, one prompt."""
+    cond = torch.tensor([prompt])
+    uncond = torch.tensor([R.unconditional(prompt, PAD)])
+    codes = torch.zeros(1, 0, dtype=torch.long)
+    for _ in range(steps):
+        def last_logits(ids):
+            x = torch.cat([m.embed_text(ids), m.embed_image(codes)], 1)
+            return m.image_logits(m(x))[:, -1]
+        c = last_logits(cond)
+        logits = c if cfg_weight is None else last_logits(uncond) + cfg_weight * (c - last_logits(uncond))
+        nxt = R.sample_from_logits(logits, temperature, generator=generator)
+        codes = torch.cat([codes, nxt[:, None]], 1)
+    return codes[0]
+
+
+def test_greedy_guided_generation_equals_plain_forwards():
+    m = tiny_model()
+    prompts = image_prompts(m)  # different lengths: left padding inside one batch
+    codes = R.generate_images(m, prompts, pad_id=PAD, n=2, cfg_weight=5.0, temperature=0)
+    assert codes.shape == (6, m.cfg.image_tokens)
+    for i, p in enumerate(prompts):
+        want = reference_images(m, p, 5.0, m.cfg.image_tokens)
+        assert torch.equal(codes[2 * i], want) and torch.equal(codes[2 * i + 1], want)
+
+
+def test_guidance_weight_one_is_conditional_sampling():
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(7, 7))
+    got = R.generate_images(m, prompts, pad_id=PAD, cfg_weight=1.0, temperature=1.0,
+                            generator=torch.Generator().manual_seed(3))
+    # reference: conditional rows only, full forwards, the same random stream
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor(prompts)
+    codes = torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(m.cfg.image_tokens):
+            logits = m.image_logits(m(torch.cat([m.embed_text(ids), m.embed_image(codes)], 1)))[:, -1]
+            codes = torch.cat([codes, R.sample_from_logits(logits, 1.0, generator=g)[:, None]], 1)
+    assert torch.equal(got, codes)
+    # and guidance does change the outcome
+    greedy = [R.generate_images(m, prompts, pad_id=PAD, cfg_weight=w, temperature=0) for w in (1.0, 5.0)]
+    assert not torch.equal(*greedy)
+
+
+def test_left_padded_batch_equals_prompts_one_by_one():
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(5, 10, 7))
+    batch = R.generate_images(m, prompts, pad_id=PAD, cfg_weight=3.0, temperature=0)
+    for i, p in enumerate(prompts):
+        assert torch.equal(batch[i], R.generate_images(m, [p], pad_id=PAD, cfg_weight=3.0, temperature=0)[0])
+    texts = R.generate_text(m, prompts, eos_id=-1, pad_id=PAD, max_new_tokens=6, temperature=0)
+    for i, p in enumerate(prompts):
+        assert texts[i] == R.generate_text(m, [p], eos_id=-1, pad_id=PAD, max_new_tokens=6, temperature=0)[0]
+
+
+def test_text_generation_matches_plain_forwards_and_stops_at_eos():
+    m = tiny_model()
+    prompt = image_prompts(m, lengths=(6,))[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # greedy reference, full forwards
+        for _ in range(8):
+            nxt = m.text_logits(m(m.embed_text(ids)))[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+    ref = ids[0, len(prompt):].tolist()
+    assert R.generate_text(m, [prompt], eos_id=-1, pad_id=PAD, max_new_tokens=8, temperature=0)[0] == ref
+    eos = ref[3]  # pretend the 4th generated token is EOS: generation must stop right after it
+    cut = ref.index(eos) + 1
+    out = R.generate_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=PAD, n=2, max_new_tokens=8, temperature=0)
+    assert out[0] == out[1] == ref[:cut]
+    assert len(out) == 4
+
+
+def test_seeds_reproduce_and_differ():
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(6, 8))
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return (R.generate_images(m, prompts, pad_id=PAD, n=2, cfg_weight=5.0, generator=g),
+                R.generate_text(m, prompts, eos_id=-1, pad_id=PAD, n=2, max_new_tokens=5, top_p=0.9, generator=g))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(a[0], c[0])
+
+
+def test_compiled_decode_step_equals_eager():
+    torch._dynamo.reset()
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(6, 8))
+    for compile in (False, "aot_eager"):
+        g = torch.Generator().manual_seed(0)
+        out = (R.generate_images(m, prompts, pad_id=PAD, n=2, cfg_weight=5.0, generator=g, compile=compile),
+               R.generate_text(m, prompts, eos_id=-1, pad_id=PAD, max_new_tokens=5, generator=g, compile=compile))
+        if compile:
+            assert torch.equal(out[0], eager[0]) and out[1] == eager[1]
+        eager = out
+
+
+def test_sample_from_logits_filters():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]]).repeat(2000, 1)
+    assert R.sample_from_logits(logits, 0).eq(1).all()
+    top2 = R.sample_from_logits(logits, 1.0, top_k=2, generator=g)
+    assert set(top2.tolist()) == {1, 2}
+    # probabilities 0.43, 0.39, 0.12, ...: top-p 0.5 keeps the first two, top-p 0.1 only the first
+    p = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]]).softmax(-1)[0]
+    assert p[1] < 0.5 < p[1] + p[2]
+    assert set(R.sample_from_logits(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1, 2}
+    assert set(R.sample_from_logits(logits, 1.0, top_p=0.1, generator=g).tolist()) == {1}
+    full = R.sample_from_logits(logits, 1.0, generator=g)
+    assert set(full.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
+    m = tiny_model()
+    tok = make_word_tokenizer(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    s = R.sample_t2i(m, tok, ["a red circle", "a blue square"], n=2, max_plan_tokens=5, generator=g)
+    assert s.codes.shape == (4, m.cfg.image_tokens) and len(s.plans) == 4
+    assert s.prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]
+    for i in range(4):
+        assert s.reasoning_ids[i][0] == tok.bos_id and 0 < len(s.plan_ids[i]) <= 5
+        want = tok.encode(M.image_prompt(R.image_prompt_text(s.prompts[i], s.plans[i])))
+        assert s.image_prompt_ids[i] == want and want[-1] == tok.boi_id
+    assert R.image_prompt_text("a red circle.", " red circle left ") == "a red circle. red circle left"
+    s2 = R.sample_t2i(m, tok, ["a red circle"], n=3, cot=False, generator=g)
+    assert s2.plans == ["", "", ""] and s2.image_prompt_ids[0] == tok.encode(M.image_prompt("a red circle"))
+    with pytest.raises(ValueError, match="empty prompt"):
+        R.sample_t2i(m, tok, ["  "])
+    (tmp_path / "bad.txt").write_text("no placeholder")
+    with pytest.raises(ValueError, match="bad.txt"):
+        R.load_reasoning_prompt(str(tmp_path / "bad.txt"))
+    (tmp_path / "reasoning_prompt.txt").write_text("plan {prompt}")
+    assert R.load_reasoning_prompt(ckpt=str(tmp_path)) == "plan {prompt}"
