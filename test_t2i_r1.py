@@ -521,3 +521,65 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
         R.load_reasoning_prompt(str(tmp_path / "bad.txt"))
     (tmp_path / "reasoning_prompt.txt").write_text("plan {prompt}")
     assert R.load_reasoning_prompt(ckpt=str(tmp_path)) == "plan {prompt}"
+
+
+def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
+    import sample as S
+    m = tiny_model()
+    tok = make_word_tokenizer(tmp_path / "ckpt")
+    m.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "colors"}\n\na blue square\n')
+    args = ["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--n", "2",
+            "--batch-size", "1", "--max-plan-tokens", "4", "--seed", "7"]
+    recs = S.main(args + ["--out", str(tmp_path / "a")])
+    assert len(recs) == 4 and recs[0]["metadata"]["tag"] == "colors" and recs[2]["prompt"] == "a blue square"
+    lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [l["image_tokens"] for l in lines] == [r["image_tokens"] for r in recs]
+    from PIL import Image
+    img = Image.open(tmp_path / "a" / lines[0]["file"])
+    assert img.size == (m.cfg.vq.image_size,) * 2 and img.mode == "RGB"
+    assert (tmp_path / "a" / "grid_0000.png").exists() and (tmp_path / "a" / "grid_0001.png").exists()
+    again = S.main(args + ["--out", str(tmp_path / "b")])  # the same seed gives the same output
+    assert [r["image_tokens"] for r in again] == [r["image_tokens"] for r in recs]
+    assert [r["plan"] for r in again] == [r["plan"] for r in recs]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt holds no prompts"):
+        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "empty.txt")])
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
+        S.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_sample_matches_transformers_janus_generate(tmp_path):
+    """`sample.py --no-cot --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
+    `generate` in image mode (guidance 5, greedy), on the same random weights."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "JanusForConditionalGeneration"):
+        pytest.skip("this transformers has no Janus")
+    from transformers import (GenerationConfig, JanusConfig, JanusForConditionalGeneration, JanusVisionConfig,
+                              JanusVQVAEConfig, LlamaConfig)
+    import sample as S
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=96,
+                               patch_size=16, projection_dim=64, num_image_tokens=36)
+    vqc = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1, 2],
+                           num_res_blocks=1, latent_channels=32, projection_dim=64, image_token_embed_dim=64)
+    ref = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vqc,
+                                                    tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # peaked distributions: a wrong token cannot hide in a near-tie
+    ref.save_pretrained(tmp_path / "ckpt")
+    tok = make_word_tokenizer(tmp_path / "ckpt")
+    prompts = ["a red circle", "a photo of a blue square"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts))
+    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--no-cot",
+                   "--temperature", "0", "--cfg", "5", "--n", "1", "--batch-size", "2", "--out", str(tmp_path / "o")])
+    gen = GenerationConfig(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id, do_sample=False, guidance_scale=5.0,
+                           generation_kwargs={"boi_token_id": tok.boi_id})
+    for rec, prompt in zip(recs, prompts):
+        ids = torch.tensor([tok.encode(M.image_prompt(prompt))])
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", generation_config=gen)
+        assert rec["image_tokens"] == want[0].tolist()
