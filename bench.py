@@ -1,6 +1,12 @@
 """Benchmarks on random weights (no download needed). Prints markdown tables for README.
 
-  python bench.py load --preset janus-pro-7b        # peak memory of loading a bf16 sharded checkpoint
+  python bench.py speed --size cpu-768 --batch 1 4 --hf     # CPU: image-token throughput, ours vs transformers
+  python bench.py speed --size janus-pro-1b --batch 1 16    # GPU: eager vs compiled, bandwidth floor
+  python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
+
+Speed compares, in one run and on one machine: our sampler eager, with the compiled decode step, and
+without the KV cache (the whole sequence recomputed every step, timed over the first --nocache-tokens
+tokens only, since it slows down further on), plus transformers' Janus image generation with --hf.
 """
 
 import argparse
@@ -14,6 +20,11 @@ import time
 import torch
 
 import model as M
+import t2i_r1 as R
+
+# sizes for speed runs: the published presets, and a CPU-sized model for the comparison with transformers
+SIZES = {**{k: dict(v) for k, v in M.PRESETS.items()},
+         "cpu-768": dict(n_layer=8, n_head=12, n_kv_head=12, n_embd=768, intermediate_size=2048)}
 
 
 def peak_rss_gb() -> float:
@@ -65,6 +76,152 @@ def bench_load(args):
         shutil.rmtree(folder)
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+@torch.no_grad()
+def generate_nocache(janus, prompts, pad_id, cfg_weight, steps, generator):
+    """The baseline without a KV cache: every step runs the whole sequence again."""
+    ids, mask = R.left_pad(prompts + [R.unconditional(p, pad_id) for p in prompts], pad_id,
+                           janus.language_model.lm_head.weight.device)
+    codes = torch.zeros(len(prompts), 0, dtype=torch.long, device=ids.device)
+    for _ in range(steps):
+        x = torch.cat([janus.embed_text(ids), janus.embed_image(torch.cat([codes, codes]))], 1)
+        full = torch.cat([mask, torch.ones_like(codes, dtype=torch.bool).repeat(2, 1)], 1)
+        logits = R.guide(janus.image_logits(janus(x, mask=full)[:, -1]), cfg_weight)
+        codes = torch.cat([codes, R.sample_from_logits(logits, 1.0, generator=generator)[:, None]], 1)
+    return codes
+
+
+def build_hf(cfg, vocab_size):
+    """transformers' Janus with our config and random weights, plus our model loaded from its files."""
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
+                              LlamaConfig)
+    vq = cfg.vq
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.n_kv_head, tie_word_embeddings=False)
+    vision = JanusVisionConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=vq.grid * 16, patch_size=16, num_image_tokens=vq.num_tokens,
+                               projection_dim=cfg.n_embd)
+    vqc = JanusVQVAEConfig(embed_dim=vq.codebook_embed_dim, num_embeddings=vq.codebook_size, base_channels=vq.ch,
+                           channel_multiplier=list(vq.encoder_ch_mult), num_res_blocks=vq.num_res_blocks,
+                           latent_channels=vq.z_channels, projection_dim=cfg.n_embd, image_token_embed_dim=cfg.n_embd)
+    ref = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vqc,
+                                                    tie_word_embeddings=False)).eval()
+    folder = tempfile.mkdtemp(prefix="hf-janus-")
+    ref.save_pretrained(folder)
+    ours = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    import shutil
+    shutil.rmtree(folder)
+    return ref, ours
+
+
+def bandwidth_gbs(device, mb=1024):
+    """Measured device copy bandwidth (read + write bytes per second)."""
+    x = torch.empty(mb * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    best = float("inf")
+    for _ in range(10):
+        t, _ = timed(lambda: y.copy_(x), device)
+        best = min(best, t)
+    return 2 * x.numel() / best / 1e9
+
+
+def decode_weight_bytes(janus):
+    """Bytes of the weights one image decode step reads: decoder layers, final norm, image head and aligner."""
+    skip = ("language_model.model.embed_tokens.", "language_model.lm_head.", "gen_vision_model.", "gen_embed.")
+    return sum(p.numel() * p.element_size() for n, p in janus.named_parameters() if not n.startswith(skip))
+
+
+def bench_speed(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = M.JanusConfig(**{**SIZES[args.size], "vocab_size": args.vocab_size})
+    torch.manual_seed(0)
+    ref = None
+    if args.hf:
+        ref, janus = build_hf(cfg, args.vocab_size)
+        ref, janus = ref.to(device, dtype), janus.to(device, dtype)
+    else:
+        with torch.device(device):
+            janus = M.Janus(cfg).to(dtype).eval()
+    N, w = cfg.image_tokens, args.cfg
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"{args.size}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, {name}, "
+          f"torch {torch.__version__}", flush=True)
+    rows = []
+    for B in args.batch:
+        prompts = [[1] + [5 + (i * 7 + j) % 90 for j in range(args.prompt_len - 2)] + [2] for i in range(B)]
+        g = torch.Generator(device=device).manual_seed(0)
+        def ours(compile):
+            return lambda: R.generate_images(janus, prompts, pad_id=0, cfg_weight=w, generator=g, compile=compile)
+        result = {}
+        for mode in args.modes:
+            if mode == "nocache":
+                K = min(args.nocache_tokens, N)
+                t, _ = timed(lambda: generate_nocache(janus, prompts, 0, w, K, g), device)
+                result[mode] = B * K / t
+                continue
+            fn = ours(mode == "compiled")
+            timed(fn, device)  # warm-up: compilation, CUDA graphs, allocator, lazy initialisation
+            t, _ = timed(fn, device)
+            result[mode] = B * N / t
+        if ref is not None:
+            from transformers import GenerationConfig
+            gen = GenerationConfig(bos_token_id=1, pad_token_id=0, do_sample=True, guidance_scale=w,
+                                   generation_kwargs={"boi_token_id": 2})
+            ids = torch.tensor(prompts, device=device)
+            run = lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                       generation_config=gen)
+            timed(run, device)
+            t, _ = timed(run, device)
+            result["transformers"] = B * N / t
+        rows.append((B, result))
+        for mode, v in result.items():
+            print(f"  batch {B} {mode}: {v:.1f} tokens/s", flush=True)
+    modes = [m for m in args.modes] + (["transformers"] if ref is not None else [])
+    print(f"\n| batch | " + " | ".join(f"{m} (tokens/s)" for m in modes) + " | images/s (best) |"
+          + (" ours / transformers |" if ref is not None else ""))
+    print("|---" * (len(modes) + 2 + (ref is not None)) + "|")
+    for B, r in rows:
+        best = max(v for k, v in r.items() if k != "transformers" and k != "nocache")
+        line = f"| {B} | " + " | ".join(f"{r[m]:.1f}" for m in modes) + f" | {best / N:.3f} |"
+        if ref is not None:
+            line += f" {best / r['transformers']:.2f}x |"
+        print(line)
+    if device.type == "cuda":
+        gbs = bandwidth_gbs(device)
+        wbytes = decode_weight_bytes(janus)
+        floor_ms = wbytes / (gbs * 1e9) * 1e3
+        step = R.decode_fn(R.image_step, True)
+        prompts = [[1] + [5] * (args.prompt_len - 2) + [2]]
+        ids, mask = R.left_pad(prompts + [R.unconditional(prompts[0], 0)], 0, device)
+        h, cache, mask = R._prefill(janus, ids, mask, N)
+        codes, lengths = torch.zeros(1, dtype=torch.long, device=device), mask[:, :ids.shape[1]].sum(1, keepdim=True)
+        wt = torch.tensor(w, device=device)
+        pos = torch.tensor([ids.shape[1]], device=device)
+        for _ in range(5):
+            step(janus, codes, cache, pos, lengths, mask, wt)
+        t, _ = timed(lambda: [step(janus, codes, cache, pos, lengths, mask, wt) for _ in range(100)], device)
+        ms = t / 100 * 1e3
+        print(f"\n| card | copy bandwidth (GB/s) | weights read per step (GB) | floor (ms) | compiled step, batch 1 "
+              f"with CFG (ms) | step / floor |\n|---|---|---|---|---|---|\n"
+              f"| {name} | {gbs:.0f} | {wbytes / 1e9:.2f} | {floor_ms:.3f} | {ms:.3f} | {ms / floor_ms:.2f} |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "load-child":
         load_child(sys.argv[2], sys.argv[3])
@@ -77,5 +234,17 @@ if __name__ == "__main__":
     pl.add_argument("--shards", type=int, default=2)
     pl.add_argument("--folder", help="reuse (or keep) the random checkpoint here")
     pl.add_argument("--keep", action="store_true")
+    ps = sub.add_parser("speed", help="image-token throughput")
+    ps.add_argument("--size", default="cpu-768", choices=sorted(SIZES))
+    ps.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "nocache"],
+                    choices=["eager", "compiled", "nocache"])
+    ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
+    ps.add_argument("--cfg", type=float, default=5.0)
+    ps.add_argument("--prompt-len", type=int, default=32)
+    ps.add_argument("--nocache-tokens", type=int, default=48)
+    ps.add_argument("--vocab-size", type=int, default=102400)
+    ps.add_argument("--device", default=None)
+    ps.add_argument("--dtype", default=None)
     args = p.parse_args()
-    {"load": bench_load}[args.cmd](args)
+    {"load": bench_load, "speed": bench_speed}[args.cmd](args)

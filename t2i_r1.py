@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model import Janus, Tokenizer, chat_prompt, image_prompt
 
@@ -282,3 +282,122 @@ class Progress:
             if self.n >= self.total:
                 self.stream.write("\n")
             self.stream.flush()
+
+
+# -----------------------------------------------------------------------------
+# BiCoT-GRPO: advantages, log-probabilities, loss
+
+
+def group_advantages(rewards, group_size):
+    """rewards (B,) in groups of group_size consecutive samples -> (r - group mean) / (group std + 1e-4),
+    unbiased std. A group whose rewards are all equal gets zero advantage (never NaN)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"non-finite rewards at samples {bad}: {rewards[bad].tolist()}")
+    r = rewards.view(-1, group_size)
+    std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    return ((r - r.mean(1, keepdim=True)) / (std + 1e-4)).view(-1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.01, norm="token", n_total=None):
+    """The clipped GRPO objective with the k3 KL estimator, per token:
+        -( min(r A, clip(r, 1 - eps, 1 + eps) A) - beta * k3 ),  r = exp(logp - old_logp),
+        k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1.
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,).
+    norm="token": one masked mean over every token (T2I-R1); "sequence": mean per sequence, then over
+    sequences (the GRPO paper). n_total, when given, replaces the local count of tokens (token) or of
+    sequences (sequence) in the denominator: pass the whole batch's count and micro-batches add up to
+    the same loss and gradient whatever their size. Returns (loss, stats)."""
+    mask = mask.to(logp.dtype)
+    A = advantages.to(logp.dtype)[:, None]                           # (B, 1)
+    ratio = torch.exp(logp - old_logp)                               # (B, T)
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    surrogate = torch.minimum(ratio * A, clipped * A)
+    d = ref_logp - logp
+    k3 = torch.exp(d) - d - 1                                        # >= 0, unbiased for KL(pi || ref)
+    per_token = -(surrogate - beta * k3)                             # (B, T)
+    if norm == "token":
+        denom = mask.sum() if n_total is None else torch.as_tensor(float(n_total))
+        loss = (per_token * mask).sum() / denom.clamp(min=1)
+    elif norm == "sequence":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        count = (mask.sum(1) > 0).sum() if n_total is None else torch.as_tensor(float(n_total))
+        loss = per_seq.sum() / count.clamp(min=1)
+    else:
+        raise ValueError(f"norm must be 'token' or 'sequence', got {norm!r}")
+    with torch.no_grad():
+        m, n = mask.bool(), mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
+        r = ratio[m] if m.any() else torch.ones(1)
+        stats = {"kl": float((k3 * mask).sum() / n), "clip_frac": float((is_clipped & m).sum() / n),
+                 "ratio_min": float(r.min()), "ratio_max": float(r.max()), "tokens": int(mask.sum())}
+    return loss, stats
+
+
+def _selected_logprobs(head, h, targets, temperature):
+    logits = head(h)
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def chunked_logprobs(head, h, targets, temperature=1.0, chunk_bytes=2**28):
+    """h (M, H) hidden states, targets (M,) -> log p(target) (M,) under head(h) (float32 logits), a chunk of
+    rows at a time; under autograd each chunk is recomputed in backward, so no (M, vocab) tensor is ever
+    kept. The head is probed once for its vocabulary size."""
+    if h.shape[0] == 0:
+        return h.new_zeros(0, dtype=torch.float32)
+    vocab = head(h[:1]).shape[-1]
+    rows = max(1, chunk_bytes // (4 * vocab))
+    out = []
+    for i in range(0, h.shape[0], rows):
+        hc, tc = h[i:i + rows], targets[i:i + rows]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            out.append(checkpoint(_selected_logprobs, head, hc, tc, temperature, use_reentrant=False))
+        else:
+            out.append(_selected_logprobs(head, hc, tc, temperature))
+    return torch.cat(out)
+
+
+def completion_logprobs(janus: Janus, prompts, completions, kind, *, pad_id, uncond_prompts=None,
+                        cfg_weight=None, temperature=1.0):
+    """Log-probabilities of completion tokens after their prompts, in one forward.
+
+    prompts: token lists (left-padded here); completions: token lists (right-padded here), plan tokens
+    for kind="text", VQ codes for kind="image". With uncond_prompts and cfg_weight (images only) the
+    log-probs are under the guided distribution u + w (c - u) that sampling used. Returns logp (B, L)
+    float32 (0 on padding) and mask (B, L)."""
+    device = janus.language_model.lm_head.weight.device
+    P_ids, P_mask = left_pad(prompts, pad_id, device)
+    B, P = P_ids.shape
+    L = max(1, max(len(c) for c in completions))
+    C = torch.full((B, L), 0, dtype=torch.long, device=device)
+    C_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for i, c in enumerate(completions):
+        C[i, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+        C_mask[i, :len(c)] = True
+    embed = janus.embed_text if kind == "text" else janus.embed_image
+    head = janus.text_logits if kind == "text" else janus.image_logits
+
+    def hidden(ids, mask):  # (B, L, H): the states that predict each completion token
+        x = torch.cat([janus.embed_text(ids), embed(C[:, :-1])], 1)        # the last token is never an input
+        h = janus(x, mask=torch.cat([mask, C_mask[:, :-1]], 1))
+        return h[:, P - 1:]
+    h = hidden(P_ids, P_mask)[C_mask]                                      # (M, H)
+    targets = C[C_mask]                                                    # (M,)
+    if uncond_prompts is not None and cfg_weight is not None and kind == "image":
+        U_ids, U_mask = left_pad(uncond_prompts, pad_id, device)
+        if U_ids.shape != P_ids.shape:
+            raise ValueError("unconditional prompts must have the shapes of the conditional ones")
+        hu = hidden(U_ids, U_mask)[C_mask]
+        both = torch.cat([h, hu], -1)
+        H = h.shape[-1]
+        def head(x):
+            return guide(janus.image_logits(torch.cat([x[:, :H], x[:, H:]])), cfg_weight)
+        h = both
+    logp = torch.zeros(B, L, dtype=torch.float32, device=device)
+    logp[C_mask] = chunked_logprobs(head, h, targets, temperature)
+    return logp, C_mask

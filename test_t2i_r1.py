@@ -583,3 +583,128 @@ def test_sample_matches_transformers_janus_generate(tmp_path):
         ids = torch.tensor([tok.encode(M.image_prompt(prompt))])
         want = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", generation_config=gen)
         assert rec["image_tokens"] == want[0].tolist()
+
+
+# ---- BiCoT-GRPO objective -------------------------------------------------------
+
+import math
+
+
+def hand_case():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]])
+    old = torch.tensor([[-1.0, -2.2], [-0.5, -1.0]])
+    ref = torch.tensor([[-1.1, -2.0], [-0.5, -1.5]])
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    return logp, old, ref, adv, mask
+
+
+def test_grpo_loss_hand_values():
+    logp, old, ref, adv, mask = hand_case()
+    # worked out by hand: token (0,0) ratio 1, k3 = e^-0.1 + 0.1 - 1; token (0,1) ratio e^0.2 > 1.2 with A > 0:
+    # clipped to 1.2; token (1,0) ratio 1, A = -2; token (1,1) masked out
+    k3 = math.exp(-0.1) + 0.1 - 1
+    t00, t01, t10 = -(1 - 0.1 * k3), -1.2, 2.0
+    loss, stats = R.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.1, norm="token")
+    assert loss.item() == pytest.approx((t00 + t01 + t10) / 3, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(1 / 3) and stats["kl"] == pytest.approx(k3 / 3, abs=1e-7)
+    assert stats["ratio_max"] == pytest.approx(math.exp(0.2), rel=1e-6) and stats["tokens"] == 3
+    loss, _ = R.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.1, norm="sequence")
+    assert loss.item() == pytest.approx(((t00 + t01) / 2 + t10) / 2, abs=1e-6)
+    # clipping inactive with a wider range: the unclipped ratio e^0.2 counts
+    loss, stats = R.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.5, beta=0.1, norm="token")
+    assert loss.item() == pytest.approx((t00 - math.exp(0.2) + t10) / 3, abs=1e-6)
+    assert stats["clip_frac"] == 0
+    # a negative advantage with a ratio below 1 - eps is clipped too (pessimistic bound)
+    loss, stats = R.grpo_loss(torch.tensor([[-1.0]]), torch.tensor([[-0.5]]), torch.tensor([[-1.0]]),
+                              torch.tensor([-2.0]), torch.ones(1, 1), clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(1.6) and stats["clip_frac"] == 1
+    with pytest.raises(ValueError, match="norm"):
+        R.grpo_loss(logp, old, ref, adv, mask, norm="batch")
+
+
+def test_grpo_micro_batches_add_up_to_the_full_batch():
+    logp, old, ref, adv, mask = hand_case()
+    for norm, n_total in [("token", 3), ("sequence", 2)]:
+        full, _ = R.grpo_loss(logp, old, ref, adv, mask, beta=0.1, norm=norm)
+        parts = sum(R.grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1],
+                                beta=0.1, norm=norm, n_total=n_total)[0] for i in range(2))
+        assert parts.item() == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_group_advantages():
+    a = R.group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
+    # group 1: mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + 1e-4); group 2: all equal -> zeros, no NaN
+    torch.testing.assert_close(a, torch.tensor([-1, 0, 1, 0, 0, 0]) / torch.tensor([1 + 1e-4] * 3 + [1] * 3))
+    assert torch.isfinite(R.group_advantages(torch.ones(4), 4)).all()
+    assert R.group_advantages(torch.tensor([3.0, 4.0]), 1).eq(0).all()
+    with pytest.raises(ValueError, match=r"non-finite rewards at samples \[1\]"):
+        R.group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match="groups of 3"):
+        R.group_advantages(torch.ones(4), 3)
+
+
+def test_on_policy_gradient_is_reinforce_with_a_group_baseline():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, 10, requires_grad=True)          # 3 groups of 2 samples, 4 tokens each
+    tokens = torch.randint(0, 10, (6, 4))
+    mask = torch.ones(6, 4)
+    mask[1, 2:] = 0
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5, 2.0, -1.0])
+    adv = R.group_advantages(rewards, 2)
+    def logp():
+        return logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    lp = logp()
+    loss, _ = R.grpo_loss(lp, lp.detach(), lp.detach(), adv, mask, beta=0.0)   # mu = 1: ratio exactly 1
+    g_grpo, = torch.autograd.grad(loss, logits)
+    # REINFORCE: -sum_i (r_i - mean of its group) / (std + 1e-4) * log p(token) over tokens, / #tokens
+    r = rewards.view(3, 2)
+    baseline_adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(6, 1)
+    reinforce = -(baseline_adv * logp() * mask).sum() / mask.sum()
+    g_ref, = torch.autograd.grad(reinforce, logits)
+    torch.testing.assert_close(g_grpo, g_ref)
+    # equal rewards: zero advantage, a finite loss and a zero policy gradient
+    lp = logp()
+    loss, _ = R.grpo_loss(lp, lp.detach(), lp.detach(), R.group_advantages(torch.ones(6), 2), mask, beta=0.0)
+    g, = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and g.abs().max() == 0
+
+
+def test_completion_logprobs_match_plain_forwards():
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(5, 8))
+    plans = [[7, 8, 9], [10, 11]]
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 6)).tolist()
+    uncond = [R.unconditional(p, PAD) for p in prompts]
+    text_lp, text_mask = R.completion_logprobs(m, prompts, plans, "text", pad_id=PAD)
+    img_lp, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD)
+    cfg_lp, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD, uncond_prompts=uncond,
+                                      cfg_weight=3.0, temperature=0.7)
+    assert text_mask.tolist() == [[True] * 3, [True, True, False]] and text_lp[1, 2] == 0
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            P = len(p)
+            h = m(m.embed_text(torch.tensor([p + plans[i]])))
+            want = m.text_logits(h)[0, P - 1:-1].log_softmax(-1).gather(-1, torch.tensor(plans[i])[:, None])[:, 0]
+            torch.testing.assert_close(text_lp[i, :len(plans[i])], want, rtol=0, atol=1e-5)
+            c = torch.tensor([codes[i]])
+            def img_logits(ids):
+                return m.image_logits(m(torch.cat([m.embed_text(torch.tensor([ids])), m.embed_image(c)], 1)))[0, P - 1:-1]
+            lc, lu = img_logits(p), img_logits(uncond[i])
+            pick = torch.tensor(codes[i])[:, None]
+            torch.testing.assert_close(img_lp[i], lc.log_softmax(-1).gather(-1, pick)[:, 0], rtol=0, atol=1e-5)
+            guided = (lu + 3.0 * (lc - lu)) / 0.7
+            torch.testing.assert_close(cfg_lp[i], guided.log_softmax(-1).gather(-1, pick)[:, 0], rtol=0, atol=1e-4)
+
+
+def test_chunked_logprobs_same_values_and_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    h = torch.randn(13, 8, requires_grad=True)
+    t = torch.randint(0, 50, (13,))
+    grads = []
+    for chunk in (2**28, 4 * 50 * 3):  # one chunk, or chunks of 3 rows
+        lp = R.chunked_logprobs(lambda x: head(x).float(), h, t, chunk_bytes=chunk)
+        torch.testing.assert_close(lp, head(h).log_softmax(-1).gather(-1, t[:, None])[:, 0])
+        grads.append(torch.autograd.grad(lp.sum(), h)[0])
+    torch.testing.assert_close(grads[0], grads[1])
