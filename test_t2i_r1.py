@@ -240,11 +240,12 @@ def test_vq_shapes_range_and_quantizer():
         cos = torch.nn.functional.cosine_similarity(lat[:, :, None], vq.quantize.embedding.weight[None, None], dim=-1)
         assert torch.equal(got, cos.argmax(-1))
     with pytest.raises(ValueError, match="codes of shape"):
-        vq.decode_code(codes[:, :-1])
+        vq.decode_code(codes[:, :-1])  # not a square grid
+    assert vq.decode_code(codes[:, :4]).shape == (B, 3, 2 * cfg.downsample, 2 * cfg.downsample)
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
         vq.decode_code(torch.full((1, N), K))
     with pytest.raises(ValueError, match="images of shape"):
-        vq.encode(torch.zeros(1, 3, 8, 8))
+        vq.encode(torch.zeros(1, 3, 8, 6))
 
 
 def write_tiny(tmp_path, weights="safetensors", shards=1):
@@ -708,3 +709,40 @@ def test_chunked_logprobs_same_values_and_gradients():
         torch.testing.assert_close(lp, head(h).log_softmax(-1).gather(-1, t[:, None])[:, 0])
         grads.append(torch.autograd.grad(lp.sum(), h)[0])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# ---- fidelity against deepseek's original Janus code (optional) --------------------------
+# Runs when T2I_R1_DEEPSEEK_REF names a folder holding `janus_ref.py` (a small driver around deepseek's
+# own classes, github.com/deepseek-ai/Janus) and `venv-janus/` (a Python environment where that code
+# imports). The driver builds a tiny random model with deepseek's MultiModalityCausalLM in the published
+# layout (config.json + pytorch_model.bin; the VQ is the full VQ-16) and dumps its outputs.
+
+
+def test_matches_deepseek_janus(tmp_path):
+    import subprocess
+    ref = os.environ.get("T2I_R1_DEEPSEEK_REF")
+    if not ref or not os.path.isfile(os.path.join(ref, "janus_ref.py")):
+        pytest.skip("set T2I_R1_DEEPSEEK_REF to a folder with janus_ref.py and venv-janus/")
+    py, script = os.path.join(ref, "venv-janus", "bin", "python"), os.path.join(ref, "janus_ref.py")
+    folder, dump = tmp_path / "tiny", tmp_path / "dump.pt"
+    subprocess.run([py, script, "make-tiny", str(folder), "--seed", "1", "--dtype", "fp32"], check=True,
+                   capture_output=True)
+    codes16 = ",".join(str(i * 977 % 16384) for i in range(16))
+    prompt = [0, 11, 12, 13, 14, 510]
+    subprocess.run([py, script, "run", str(folder), "--dump", str(dump), "--ids", "0,5,17,200,3,511",
+                    "--image-tokens", "7,16383,42,9000", "--vq-codes", codes16, "--vq-grid", "4x4",
+                    "--vq-image-rand", "64", "--gen-ids", ",".join(map(str, prompt)), "--n-tokens", "24",
+                    "--cfg", "5", "--temperature", "0"], check=True, capture_output=True)
+    d = torch.load(dump)
+    m = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    f = d["forward"]
+    with torch.no_grad():
+        h = m(torch.cat([m.embed_text(f["ids"][None]), m.embed_image(f["image_tokens"][None])], 1))[0]
+        assert (h - f["hidden"]).abs().max() <= 1e-4
+        assert (m.text_logits(h) - f["text_logits"]).abs().max() <= 1e-4
+        assert (m.image_logits(h) - f["image_logits"]).abs().max() <= 1e-4
+        assert (m.vq.decode_code(d["vq_decode"]["codes"]) - d["vq_decode"]["image"]).abs().max() <= 1e-4
+        assert torch.equal(m.vq.encode(d["vq_encode"]["image"]), d["vq_encode"]["codes"])
+    g = d["generate"]
+    ours = R.generate_images(m, [prompt], pad_id=int(g["pad_id"]), cfg_weight=5.0, temperature=0)
+    assert torch.equal(ours[:, :24], g["codes"])

@@ -222,21 +222,26 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, images):
-        """images in [-1, 1], (B, 3, S, S) with S = cfg.image_size -> codes (B, (S/16)^2), raster order."""
-        S = self.cfg.image_size
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (S, S):
-            raise ValueError(f"VQ.encode expects images of shape (B, 3, {S}, {S}), got {tuple(images.shape)}")
+        """images in [-1, 1], (B, 3, S, S) -> codes (B, (S/16)^2), raster order. The published weights are
+        meant for S = 384 (cfg.image_size), but any multiple of the downsampling factor runs."""
+        f = self.cfg.downsample
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] or images.shape[2] % f:
+            raise ValueError(f"VQ.encode expects images of shape (B, 3, S, S) with S a multiple of {f} "
+                             f"(the model's S is {self.cfg.image_size}), got {tuple(images.shape)}")
         dtype = self.quant_conv.weight.dtype
         return self.quantize.codes(self.quant_conv(self.encoder(images.to(dtype))))
 
     def decode_code(self, codes):
-        """codes (B, N) with N = (S/16)^2 -> images in [-1, 1] (well, roughly: not clamped), (B, 3, S, S)."""
-        N, K = self.cfg.num_tokens, self.cfg.codebook_size
-        if codes.ndim != 2 or codes.shape[1] != N:
-            raise ValueError(f"VQ.decode_code expects codes of shape (B, {N}), got {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= K):
+        """codes (B, g*g), raster order -> images in [-1, 1] (not clamped), (B, 3, 16g, 16g); g is the model's
+        grid (cfg.grid) in normal use, any square works."""
+        K = self.cfg.codebook_size
+        g = int(round(codes.shape[-1] ** 0.5)) if codes.ndim == 2 else 0
+        if codes.ndim != 2 or g * g != codes.shape[1] or g == 0:
+            raise ValueError(f"VQ.decode_code expects codes of shape (B, g*g), e.g. (B, {self.cfg.num_tokens}), "
+                             f"got {tuple(codes.shape)}")
+        if codes.min() < 0 or codes.max() >= K:
             raise ValueError(f"VQ codes must lie in [0, {K}), got [{codes.min().item()}, {codes.max().item()}]")
-        z = self.quantize.entries(codes, self.cfg.grid)
+        z = self.quantize.entries(codes, g)
         return self.decoder(self.post_quant_conv(z))
 
 
