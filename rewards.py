@@ -30,7 +30,7 @@ import gzip
 import json
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -72,33 +72,30 @@ PRESETS = {
                        vision_mlp=64, vocab_size=1000, text_width=16, text_layers=2, text_heads=2, text_mlp=32),
 }
 
-# transformers' defaults for fields a config.json may leave out (google/owlvit-base-patch32's does)
-_HF_DEFAULTS = {
-    "clip": dict(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
-                 vision_mlp=3072, vocab_size=49408, context_length=77, text_width=512, text_layers=12, text_heads=8,
-                 text_mlp=2048, act="quick_gelu", eps=1e-5),
-}
-_HF_DEFAULTS["owlvit"] = dict(_HF_DEFAULTS["clip"], image_size=768, context_length=16)
+# transformers' defaults (ViT-B/32 sizes) for the fields a config.json may leave out, as
+# google/owlvit-base-patch32's does
+_HF_DEFAULTS = {"clip": CLIPConfig(embed_dim=512, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                                   vision_mlp=3072, text_width=512, text_heads=8, text_mlp=2048)}
+_HF_DEFAULTS["owlvit"] = replace(_HF_DEFAULTS["clip"], image_size=768, context_length=16)
+_HF_FIELDS = {  # our field: (sub-config or None for the top level, transformers' name)
+    "embed_dim": (None, "projection_dim"), "image_size": ("vision_config", "image_size"),
+    "patch_size": ("vision_config", "patch_size"), "vision_width": ("vision_config", "hidden_size"),
+    "vision_layers": ("vision_config", "num_hidden_layers"), "vision_heads": ("vision_config", "num_attention_heads"),
+    "vision_mlp": ("vision_config", "intermediate_size"), "vocab_size": ("text_config", "vocab_size"),
+    "context_length": ("text_config", "max_position_embeddings"), "text_width": ("text_config", "hidden_size"),
+    "text_layers": ("text_config", "num_hidden_layers"), "text_heads": ("text_config", "num_attention_heads"),
+    "text_mlp": ("text_config", "intermediate_size"), "eps": ("vision_config", "layer_norm_eps")}
 
 
 def config_from_hf(cfg: dict) -> CLIPConfig:
     """CLIPConfig from a transformers config.json dict (CLIPModel or OwlViTForObjectDetection)."""
-    d = dict(_HF_DEFAULTS["owlvit" if cfg.get("model_type") == "owlvit" else "clip"])
-    t, v = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
-    pick = lambda src, key, name: d.__setitem__(name, src[key]) if src.get(key) is not None else None
-    pick(cfg, "projection_dim", "embed_dim")
-    for key, name in [("image_size", "image_size"), ("patch_size", "patch_size"), ("hidden_size", "vision_width"),
-                      ("num_hidden_layers", "vision_layers"), ("num_attention_heads", "vision_heads"),
-                      ("intermediate_size", "vision_mlp"), ("hidden_act", "act"), ("layer_norm_eps", "eps")]:
-        pick(v, key, name)
-    act = d["act"]
-    for key, name in [("vocab_size", "vocab_size"), ("max_position_embeddings", "context_length"),
-                      ("hidden_size", "text_width"), ("num_hidden_layers", "text_layers"),
-                      ("num_attention_heads", "text_heads"), ("intermediate_size", "text_mlp"), ("hidden_act", "act")]:
-        pick(t, key, name)
-    if d["act"] != act:
-        raise ValueError(f"config.json: text and vision towers use different activations ({d['act']} vs {act})")
-    return CLIPConfig(**d)
+    c = _HF_DEFAULTS["owlvit" if cfg.get("model_type") == "owlvit" else "clip"]
+    found = {ours: (cfg if sub is None else cfg.get(sub) or {}).get(key) for ours, (sub, key) in _HF_FIELDS.items()}
+    acts = {(cfg.get(sub) or {}).get("hidden_act") for sub in ("text_config", "vision_config")} - {None}
+    if len(acts) > 1:
+        raise ValueError(f"config.json: text and vision towers use different activations {sorted(acts)}")
+    found["act"] = acts.pop() if acts else None
+    return replace(c, **{k: v for k, v in found.items() if v is not None})
 
 
 class Attention(nn.Module):
@@ -769,47 +766,40 @@ class Reward:
 
 class ClipScore(Reward):
     """CLIPScore, OpenAI CLIP ViT-L/14: max(100 * cos(image, prompt), 0)."""
-    name = "clip"
+    name, preset, preprocess = "clip", "clip-vit-large-patch14", staticmethod(clip_preprocess)
 
     def load(self):
-        self.clip, self.tok = self.clip_model("clip", "clip-vit-large-patch14")
+        self.clip, self.tok = self.clip_model(self.name, self.preset)
 
     def score(self, images, metadata):
-        cos = self.cosine(self.clip, self.tok, clip_preprocess(images, self.clip.config.image_size),
-                          [m["prompt"] for m in metadata])
-        return (100 * cos).clamp(min=0), {"cos": cos.tolist()}
+        cos = self.cosine(self.clip, self.tok, self.preprocess(images, self.clip.config.image_size),
+                          [m["prompt"] for m in metadata]).cpu()
+        return self.from_cosine(cos), {"cos": cos.tolist()}
+
+    def from_cosine(self, cos):
+        return (100 * cos).clamp(min=0)
 
     @torch.no_grad()
     def image_embeddings(self, images):  # -> (B, E) float32 unit vectors (for diversity)
         self._ensure_loaded()
-        pixels = clip_preprocess(images, self.clip.config.image_size).to(self.device, self.dtype)
+        pixels = self.preprocess(images, self.clip.config.image_size).to(self.device, self.dtype)
         return F.normalize(self.clip.encode_image(pixels).float(), dim=-1).cpu()
 
 
-class PickScore(Reward):
+class PickScore(ClipScore):
     """PickScore_v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): exp(logit_scale) * cos, about 100 * cos."""
-    name = "pickscore"
+    name, preset = "pickscore", "vit-h-14"
 
-    def load(self):
-        self.clip, self.tok = self.clip_model("pickscore", "vit-h-14")
-
-    def score(self, images, metadata):
-        cos = self.cosine(self.clip, self.tok, clip_preprocess(images, self.clip.config.image_size),
-                          [m["prompt"] for m in metadata])
-        return self.clip.logit_scale.float().exp().cpu() * cos.cpu(), {"cos": cos.tolist()}
+    def from_cosine(self, cos):
+        return self.clip.logit_scale.float().exp().cpu() * cos
 
 
-class HPS(Reward):
+class HPS(ClipScore):
     """HPSv2.1 (OpenCLIP ViT-H/14 fine-tuned on HPD v2): cos(image, prompt), no scale; about 0.2 to 0.35."""
-    name = "hps"
+    name, preset, preprocess = "hps", "vit-h-14", staticmethod(hps_preprocess)
 
-    def load(self):
-        self.clip, self.tok = self.clip_model("hps", "vit-h-14")
-
-    def score(self, images, metadata):
-        cos = self.cosine(self.clip, self.tok, hps_preprocess(images, self.clip.config.image_size),
-                          [m["prompt"] for m in metadata])
-        return cos, {}
+    def from_cosine(self, cos):
+        return cos
 
 
 class Aesthetic(Reward):
@@ -851,13 +841,23 @@ def _clauses(m):
     return m.get("include", []) + m.get("exclude", [])
 
 
-class GenEvalReward(Reward):
-    """GenEval rules on OWL-ViT detections with CLIP ViT-L/14 colours; see geneval_score for the scores."""
-    name = "geneval"
+class RuleReward(Reward):
+    """Base of the rewards scored by the GenEval rule engine."""
 
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
         super().__init__(ckpt, device, dtype, cache)
         self.cfg = config or GenEvalConfig()
+
+    def rule_scores(self, dets, metadata):
+        res = [geneval_score(d, m) for d, m in zip(dets, metadata)]
+        scores = torch.tensor([float(r[self.cfg.score]) for r in res])
+        return scores, {"strict": [r["strict"] for r in res], "dense": [r["dense"] for r in res],
+                        "reasons": [r["reasons"] for r in res], "detections": dets}
+
+
+class GenEvalReward(RuleReward):
+    """GenEval rules on OWL-ViT detections with CLIP ViT-L/14 colours; see geneval_score for the scores."""
+    name = "geneval"
 
     def load(self):
         weights, tok_file = self.files["geneval"]
@@ -919,30 +919,19 @@ class GenEvalReward(Reward):
         dets = self.detect(images, metadata)
         for img, d, m in zip(images, dets, metadata):
             self.add_colors(img, d, m)
-        return _rule_scores(dets, metadata, self.cfg.score)
+        return self.rule_scores(dets, metadata)
 
 
-def _rule_scores(dets, metadata, which):
-    res = [geneval_score(d, m) for d, m in zip(dets, metadata)]
-    scores = torch.tensor([float(r[which]) for r in res])
-    return scores, {"strict": [r["strict"] for r in res], "dense": [r["dense"] for r in res],
-                    "reasons": [r["reasons"] for r in res], "detections": dets}
-
-
-class ShapesReward(Reward):
+class ShapesReward(RuleReward):
     """GenEval rules on the exact detector of the synthetic shapes world (shapes.detect)."""
     name = "shapes"
-
-    def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
-        super().__init__(ckpt, device, dtype, cache)
-        self.cfg = config or GenEvalConfig()
 
     def load(self):
         import shapes  # imported late: only this reward needs it
         self.detect = shapes.detect
 
     def score(self, images, metadata):
-        return _rule_scores([self.detect(img) for img in images], metadata, self.cfg.score)
+        return self.rule_scores([self.detect(img) for img in images], metadata)
 
 
 # -----------------------------------------------------------------------------------------------------
