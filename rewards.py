@@ -787,7 +787,7 @@ class ClipScore(Reward):
 
 
 class PickScore(ClipScore):
-    """PickScore_v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): exp(logit_scale) * cos, about 100 * cos."""
+    """PickScore_v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): exp(logit_scale) * cos."""
     name, preset = "pickscore", "vit-h-14"
 
     def from_cosine(self, cos):
@@ -795,7 +795,7 @@ class PickScore(ClipScore):
 
 
 class HPS(ClipScore):
-    """HPSv2.1 (OpenCLIP ViT-H/14 fine-tuned on HPD v2): cos(image, prompt), no scale; about 0.2 to 0.35."""
+    """HPSv2.1 (OpenCLIP ViT-H/14 fine-tuned on HPD v2): cos(image, prompt), no scale."""
     name, preset, preprocess = "hps", "vit-h-14", staticmethod(hps_preprocess)
 
     def from_cosine(self, cos):
@@ -803,7 +803,7 @@ class HPS(ClipScore):
 
 
 class Aesthetic(Reward):
-    """LAION aesthetic predictor v2: a linear MLP on the unit CLIP ViT-L/14 image embedding; about 1 to 10."""
+    """LAION aesthetic predictor v2: a linear MLP on the unit CLIP ViT-L/14 image embedding (AVA 1-10 scale)."""
     name = "aesthetic"
 
     def load(self):
