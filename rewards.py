@@ -438,7 +438,7 @@ def hps_preprocess(images, size=224):
     for a in as_rgb_list(images):
         h, w = a.shape[:2]
         s = size / max(h, w)
-        nh, nw = round(h * s), round(w * s)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
         canvas = Image.new("RGB", (size, size))
         canvas.paste(Image.fromarray(a).resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
         pils.append(canvas)
@@ -487,7 +487,8 @@ class OwlViT(nn.Module):
         h = F.gelu(self.box_head["dense0"](feats))
         h = self.box_head["dense2"](F.gelu(self.box_head["dense1"](h)))  # (B, P, 4)
         grid = self.config.image_size // self.config.patch_size
-        return logits, torch.sigmoid(h + owlvit_box_bias(grid).to(h.device, h.dtype))
+        # bias and sigmoid in fp32: in bf16 a box edge would move by ~3 px at 768
+        return logits, torch.sigmoid(h.float() + owlvit_box_bias(grid).to(h.device))
 
 
 def load_owlvit(weights, config: CLIPConfig, device="cpu", dtype=torch.float32) -> OwlViT:
