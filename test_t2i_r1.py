@@ -458,6 +458,27 @@ def test_clip_matches_transformers(tmp_path):
         assert err_t <= 1e-4 and err_i <= 1e-4, act
 
 
+def test_presets_match_transformers_trees():
+    """Full-size presets against transformers' module trees (meta device: shapes only, no weights)."""
+    transformers = pytest.importorskip("transformers")
+    tc = lambda w, m, h, n, **kw: dict(hidden_size=w, intermediate_size=m, num_attention_heads=h, num_hidden_layers=n,
+                                       **kw)
+    cases = [("clip-vit-large-patch14", transformers.CLIPModel, transformers.CLIPConfig(
+                 text_config=tc(768, 3072, 12, 12), vision_config=tc(1024, 4096, 16, 24, patch_size=14),
+                 projection_dim=768), R.CLIP),
+             ("vit-h-14", transformers.CLIPModel, transformers.CLIPConfig(
+                 text_config=tc(1024, 4096, 16, 24, hidden_act="gelu"),
+                 vision_config=tc(1280, 5120, 16, 32, patch_size=14, hidden_act="gelu"), projection_dim=1024), R.CLIP),
+             ("owlvit-base-patch32", transformers.OwlViTForObjectDetection, transformers.OwlViTConfig(), R.OwlViT)]
+    for name, ref_cls, cfg, ours_cls in cases:
+        with torch.device("meta"):
+            ref, ours = ref_cls(cfg), ours_cls(R.PRESETS[name])
+        want = {k.replace(".pre_layernorm.", ".pre_layrnorm."): tuple(v.shape) for k, v in ref.state_dict().items()
+                if not k.endswith(("position_ids", "box_bias"))}
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want, name
+        assert R.config_from_hf(cfg.to_dict()) == R.PRESETS[name], name
+
+
 def test_iou_and_nms():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 5], [20, 20, 30, 30]], dtype=torch.float)
     iou = R.box_iou(boxes[:1], boxes)[0]
