@@ -827,9 +827,9 @@ class Aesthetic(Reward):
 @dataclass
 class GenEvalConfig:
     # OWL-ViT's sigmoid scores are not on the scale of GenEval's Mask2Former thresholds (0.3, and 0.9 for
-    # counting). 0.1 is the text-query threshold of OWL-ViT's own examples (transformers' docs, the authors'
-    # Colab) for base-patch32, where correct boxes often score 0.1 to 0.3. It was NOT calibrated on real images
-    # in this repo (no weights here): measure detections on GenEval prompts before trusting counting results.
+    # counting). 0.1 is the text-query threshold of transformers' own OWL-ViT example for base-patch32. It was
+    # NOT calibrated on real images in this repo (no weights here): check detections on GenEval prompts (and
+    # the counting threshold in particular) before trusting the scores.
     threshold: float = 0.1
     counting_threshold: float = 0.1  # used for tag "counting", as GenEval keeps a separate one
     nms_iou: float = 0.5  # class-wise; OWL-ViT predicts one box per patch, so an object gets several
