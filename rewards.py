@@ -219,39 +219,33 @@ def read_state_dict(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+_OPENCLIP_NAMES = [  # OpenCLIP name piece -> ours, in order: each visual.* rule before its text namesake
+    ("visual.conv1.", "vision_model.embeddings.patch_embedding."), ("visual.class_embedding",
+    "vision_model.embeddings.class_embedding"), ("visual.positional_embedding",
+    "vision_model.embeddings.position_embedding.weight"), ("visual.ln_pre.", "vision_model.pre_layrnorm."),
+    ("visual.ln_post.", "vision_model.post_layernorm."), ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.", "text_model.final_layer_norm."), ("attn.out_proj.", "self_attn.out_proj."), ("ln_1.", "layer_norm1."),
+    ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."), ("transformer.resblocks.", "text_model.encoder.layers.")]
+
+
 def openclip_to_hf(sd):
     """Rename an OpenCLIP CLIP state dict (HPS) into the HF CLIPModel tree used here."""
     out = {}
     for k, v in sd.items():
-        tower, k2 = ("vision_model.", k[len("visual."):]) if k.startswith("visual.") else ("text_model.", k)
-        if k2.startswith("transformer.resblocks."):
-            i, rest = k2[len("transformer.resblocks."):].split(".", 1)
-            p = f"{tower}encoder.layers.{i}."
-            if rest.startswith("attn.in_proj_"):  # packed (3W, W) / (3W,): q, k, v in that order
-                kind = rest.rsplit("_", 1)[1]
-                for name, part in zip("qkv", v.chunk(3, dim=0)):
-                    out[f"{p}self_attn.{name}_proj.{kind}"] = part
-                continue
-            rest = rest.replace("attn.out_proj", "self_attn.out_proj").replace("ln_1", "layer_norm1")
-            rest = rest.replace("ln_2", "layer_norm2").replace("mlp.c_fc", "mlp.fc1").replace("mlp.c_proj", "mlp.fc2")
-            out[p + rest] = v
-            continue
-        simple = {"visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-                  "visual.class_embedding": "vision_model.embeddings.class_embedding",
-                  "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-                  "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-                  "positional_embedding": "text_model.embeddings.position_embedding.weight",
-                  "logit_scale": "logit_scale"}
-        if k in simple:
-            out[simple[k]] = v
-        elif k in ("visual.proj", "text_projection"):  # stored (in, out), used as x @ proj; Linear wants (out, in)
+        if k in ("visual.proj", "text_projection"):  # stored (in, out) for x @ proj; a Linear weight is (out, in)
             out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = v.t()
-        elif k.startswith(("visual.ln_pre.", "visual.ln_post.", "ln_final.")):
-            head, leaf = k.rsplit(".", 1)
-            out[{"visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
-                 "ln_final": "text_model.final_layer_norm"}[head] + "." + leaf] = v
+            continue
+        name = k
+        for old, new in _OPENCLIP_NAMES:
+            name = name.replace(old, new)
+        if ".attn.in_proj_" in name:  # packed (3W, W) and (3W,): q, k, v in that order
+            head, kind = name.split(".attn.in_proj_")
+            for proj, part in zip("qkv", v.chunk(3, dim=0)):
+                out[f"{head}.self_attn.{proj}_proj.{kind}"] = part
         else:
-            out[k] = v  # unknown: left as is so the key check reports it
+            out[name] = v  # unknown keys pass through unchanged, so the key check reports them
     return out
 
 
