@@ -172,13 +172,17 @@ def test_openclip_and_hf_layouts_give_same_embeddings(tmp_path):
     sd = _clip_sd(c)
     _write_hf_clip(tmp_path / "hf", c, sd)
     torch.save({"state_dict": _to_openclip(sd, c), "epoch": 3}, tmp_path / "openclip.pt")
+    # old HF repos ship pytorch_model.bin, sometimes with position_ids buffers
+    torch.save({**sd, "text_model.embeddings.position_ids": torch.arange(77)[None]}, tmp_path / "pytorch_model.bin")
     hf = R.load_clip(str(tmp_path / "hf" / "model.safetensors"), c)
     oc = R.load_clip(str(tmp_path / "openclip.pt"), c)
+    bin_ = R.load_clip(str(tmp_path / "pytorch_model.bin"), c)
     ids = R.CLIPTokenizer.from_folder(str(tmp_path / "hf"))(["a photo of a cat", "photo"])
     px = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(hf.encode_text(ids), oc.encode_text(ids), atol=1e-5)
         assert torch.allclose(hf.encode_image(px), oc.encode_image(px), atol=1e-5)
+        assert torch.equal(hf.encode_image(px), bin_.encode_image(px))
         # and the weights are really used: a different seed gives different embeddings
         other = R.load_clip(str(tmp_path / "hf" / "model.safetensors"), c)
         other.visual_projection.weight.mul_(-1)
@@ -356,7 +360,7 @@ def test_nan_reward_raises_naming_it(tmp_path):
 # ---- rewards: OWL-ViT
 
 
-def _planted_owlvit(folder, k=5.0):
+def _planted_owlvit(folder, k=5.0, box_logits=None):
     """A 3 x 3 patch OWL-ViT whose class logit is k * (bright - dark) per patch and whose box head outputs a
     constant chosen so that the box of patch (row 1, col 2) is exactly that patch."""
     c = _tiny_cfg(image_size=96, patch_size=32, vision_width=4, vision_layers=1, vision_heads=1, vision_mlp=4,
@@ -384,6 +388,8 @@ def _planted_owlvit(folder, k=5.0):
     prior = lambda p: math.log(p + 1e-4) - math.log1p(-p + 1e-4)  # the published prior, at the patch corner
     # patch (row 1, col 2) of 3: corner (1, 2/3); we want centre (2.5/3, 1.5/3) and size 1/3
     sd["box_head.dense2.bias"] = torch.tensor([logit(2.5 / 3) - prior(1.0), logit(1.5 / 3) - prior(2 / 3), 0.0, 0.0])
+    if box_logits is not None:
+        sd["box_head.dense2.bias"] = torch.tensor(box_logits)
     sd = {k.replace(".pre_layrnorm.", ".pre_layernorm."): t for k, t in sd.items()}
     _write_hf_clip(folder, c, sd, model_type="owlvit")
 
@@ -403,6 +409,27 @@ def test_owlvit_box_lands_on_planted_patch(tmp_path):
     assert d["class"] == "cat" and d["score"] > 0.9
     assert np.allclose(d["box"], (128, 64, 192, 128), atol=0.5)
     assert scores.tolist() == [1.0, 0.0] and info["strict"] == [True, False]
+
+
+def test_detection_pipeline_nms_decides_the_count(tmp_path):
+    # a box logit of +20 saturates every patch's box to the same (clamped) whole-image box, so two bright
+    # patches give two identical boxes: NMS must merge them, and without NMS the count is 2
+    _planted_owlvit(tmp_path / "owl", box_logits=[20.0, 20.0, 20.0, 20.0])
+    c = _tiny_cfg()
+    _write_hf_clip(tmp_path / "clip", c, _clip_sd(c))
+    ckpt = {"geneval": str(tmp_path / "owl"), "clip": str(tmp_path / "clip")}
+    img = np.zeros((1, 96, 96, 3), np.uint8)
+    img[0, :32, :32] = img[0, 64:, 64:] = 255
+    meta = [{"tag": "counting", "include": [{"class": "cup", "count": 2}], "exclude": [{"class": "cup", "count": 3}],
+             "prompt": "a photo of two cups"}]
+    with_nms = R.GenEvalReward(ckpt, device="cpu")
+    scores, info = with_nms(img, meta)
+    assert len(info["detections"][0]) == 1 and scores.tolist() == [0.5]  # count credit 1 - |2 - 1| / 2
+    without = R.GenEvalReward(ckpt, device="cpu", config=R.GenEvalConfig(nms_iou=1.01))
+    scores, info = without(img, meta)
+    assert len(info["detections"][0]) == 2 and scores.tolist() == [1.0] and info["strict"] == [True]
+    boxes = [d["box"] for d in info["detections"][0]]
+    assert boxes[0] == boxes[1] and np.allclose(boxes[0], (48, 48, 96, 96), atol=0.1)  # centre ~1, size ~1, clamped
 
 
 def test_owlvit_matches_transformers(tmp_path):
