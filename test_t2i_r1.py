@@ -586,7 +586,7 @@ def test_geneval_position_rules():
     assert not wrong["strict"] and wrong["dense"] == pytest.approx(0.75)  # cat: count 1, position 0
     missing_ref = R.geneval_score([_det("cat", (0, 0, 10, 10))], meta)
     assert not missing_ref["strict"] and missing_ref["dense"] == pytest.approx(0.25)  # dog 0; cat (1 + 0) / 2
-    # two cats must both be left of the dog; only the most confident one... both counted when count is 2
+    # count 2: both cats must be left of the dog; one is, so strict fails and position credit is 1/2
     meta2 = {"tag": "position", "include": [{"class": "dog", "count": 1},
                                             {"class": "cat", "count": 2, "position": ["left of", 0]}], "prompt": ""}
     cats = [_det("cat", (0, 0, 10, 10), 0.9), _det("cat", (100, 0, 110, 10), 0.8)]
