@@ -220,14 +220,19 @@ def read_state_dict(path):
 
 
 _OPENCLIP_NAMES = [  # OpenCLIP name piece -> ours, in order: each visual.* rule before its text namesake
-    ("visual.conv1.", "vision_model.embeddings.patch_embedding."), ("visual.class_embedding",
-    "vision_model.embeddings.class_embedding"), ("visual.positional_embedding",
-    "vision_model.embeddings.position_embedding.weight"), ("visual.ln_pre.", "vision_model.pre_layrnorm."),
-    ("visual.ln_post.", "vision_model.post_layernorm."), ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm."),
+    ("visual.ln_post.", "vision_model.post_layernorm."),
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
     ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-    ("ln_final.", "text_model.final_layer_norm."), ("attn.out_proj.", "self_attn.out_proj."), ("ln_1.", "layer_norm1."),
-    ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
-    ("visual.transformer.resblocks.", "vision_model.encoder.layers."), ("transformer.resblocks.", "text_model.encoder.layers.")]
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+    ("attn.out_proj.", "self_attn.out_proj."), ("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
+]
 
 
 def openclip_to_hf(sd):

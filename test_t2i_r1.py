@@ -289,7 +289,8 @@ def test_missing_files_fail_at_construction(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"aesthetic: needs the 'clip' checkpoint.*--reward-ckpt clip="):
         R.RewardEnsemble({"aesthetic": 1}, {"aesthetic": ckpt["aesthetic"]}, device="cpu")
     os.remove(os.path.join(ckpt["geneval"], "merges.txt"))
-    with pytest.raises(FileNotFoundError, match=r"geneval: vocab.json \+ merges.txt or tokenizer.json not found.*owlvit"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"geneval: vocab.json \+ merges.txt or tokenizer.json not found.*owlvit"):
         R.GenEvalReward(ckpt, device="cpu")
     with pytest.raises(FileNotFoundError, match=r"pickscore: .*yuvalkirstain/PickScore_v1"):
         R.PickScore({"pickscore": str(tmp_path / "nowhere")}, device="cpu")
@@ -480,7 +481,8 @@ def test_clip_matches_transformers(tmp_path):
             t = ref.get_text_features(input_ids=ids)
             i = ref.get_image_features(pixel_values=px)
             t, i = getattr(t, "pooler_output", t), getattr(i, "pooler_output", i)  # transformers 4 vs 5
-            err_t, err_i = (ours.encode_text(ids) - t).abs().max().item(), (ours.encode_image(px) - i).abs().max().item()
+            err_t = (ours.encode_text(ids) - t).abs().max().item()
+            err_i = (ours.encode_image(px) - i).abs().max().item()
         print(f"\nCLIP ({act}) vs transformers: text max abs err {err_t:.2e}, image {err_i:.2e}")
         assert err_t <= 1e-4 and err_i <= 1e-4, act
 
@@ -640,7 +642,8 @@ def test_geneval_color_step_on_crops(tmp_path):
     reward._ensure_loaded()
     reward.clip, reward.tok = stub, stub.tokenizer
     dets = [_det("car", (105, 12, 145, 48), 0.9), _det("car", (2, 2, 48, 58), 0.8), _det("car", (55, 5, 95, 55), 0.2)]
-    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 2, "color": "white"}], "prompt": "two white cars"}
+    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 2, "color": "white"}],
+            "prompt": "two white cars"}
     reward.add_colors(img, dets, meta)
     assert [d["color"] for d in dets] == ["white", "red", None]
     r = R.geneval_score(dets, meta)
