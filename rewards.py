@@ -1,0 +1,1069 @@
+"""Rewards for T2I-R1: one CLIP implementation, the reward models built on it, and the GenEval rule engine.
+
+Top to bottom:
+  1. CLIP: a pre-LN ViT and a causal text transformer with a dataclass config and presets. The module tree
+     is named like transformers' CLIPModel so its checkpoints load as they are; OpenCLIP checkpoints (HPS)
+     are renamed into the same tree. The CLIP BPE tokenizer (via `tokenizers`) and image preprocessing.
+  2. OWL-ViT detection heads on the same CLIP towers, and class-wise NMS.
+  3. The GenEval rule engine (strict pass/fail as GenEval computes it, plus a dense score for RL).
+  4. Rewards, all called as `reward(images, metadata) -> (scores (B,) float32, info dict of per-image lists)`:
+     clip, pickscore, hps, aesthetic, geneval, shapes.
+  5. Selection and weights from the command line, the reward ensemble, `sum` / `group` combination,
+     evaluation extras (diversity, mean aesthetic).
+
+Where this departs from the reference code, and why:
+  - Every model's resize is PIL bicubic on uint8 pixels (OpenAI CLIP, HF and OpenCLIP do the same up to
+    rounding; HPS's own code resizes float tensors with torchvision, a difference near 1/255 per pixel).
+  - Text is normalised the way transformers' fast CLIP tokenizer does it (NFC, collapse whitespace,
+    lowercase); OpenAI/OpenCLIP also run ftfy and html.unescape, which only matters for broken unicode or
+    HTML entities in a prompt.
+  - RGBA input: the alpha channel is dropped (what PIL's convert("RGB") does), not composited.
+  - geneval: GenEval detects with Mask2Former; we use OWL-ViT (open vocabulary, torch-only, 613 MB).
+    OWL-ViT has no masks, so colour is classified on the box crop without greying the background
+    (GenEval's own code path when it has no mask). OWL-ViT's post-processing has no NMS; we add
+    class-wise NMS at IoU 0.5. See GenEvalConfig for the score threshold.
+  - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
+    already 224, which would hand a non-square tensor to a fixed-size ViT.
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# -----------------------------------------------------------------------------------------------------
+# 1. CLIP
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 768  # size of the shared image/text embedding (the projections' output)
+    image_size: int = 224
+    patch_size: int = 14
+    vision_width: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_mlp: int = 4096
+    vocab_size: int = 49408
+    context_length: int = 77  # text positions; OWL-ViT has 16
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_mlp: int = 3072
+    act: str = "quick_gelu"  # OpenAI CLIP and OWL-ViT; LAION's ViT-H/14 (PickScore, HPS) uses exact "gelu"
+    eps: float = 1e-5
+
+
+PRESETS = {
+    "clip-vit-large-patch14": CLIPConfig(),
+    "vit-h-14": CLIPConfig(embed_dim=1024, vision_width=1280, vision_layers=32, vision_heads=16, vision_mlp=5120,
+                           text_width=1024, text_layers=24, text_heads=16, text_mlp=4096, act="gelu"),
+    "owlvit-base-patch32": CLIPConfig(embed_dim=512, image_size=768, patch_size=32, vision_width=768,
+                                      vision_layers=12, vision_heads=12, vision_mlp=3072, context_length=16,
+                                      text_width=512, text_layers=12, text_heads=8, text_mlp=2048),
+    "tiny": CLIPConfig(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
+                       vision_mlp=64, vocab_size=1000, text_width=16, text_layers=2, text_heads=2, text_mlp=32),
+}
+
+# transformers' defaults (ViT-B/32 sizes) for the fields a config.json may leave out, as
+# google/owlvit-base-patch32's does
+_HF_DEFAULTS = {"clip": CLIPConfig(embed_dim=512, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                                   vision_mlp=3072, text_width=512, text_heads=8, text_mlp=2048)}
+_HF_DEFAULTS["owlvit"] = replace(_HF_DEFAULTS["clip"], image_size=768, context_length=16)
+_HF_FIELDS = {  # our field: (sub-config or None for the top level, transformers' name)
+    "embed_dim": (None, "projection_dim"), "image_size": ("vision_config", "image_size"),
+    "patch_size": ("vision_config", "patch_size"), "vision_width": ("vision_config", "hidden_size"),
+    "vision_layers": ("vision_config", "num_hidden_layers"), "vision_heads": ("vision_config", "num_attention_heads"),
+    "vision_mlp": ("vision_config", "intermediate_size"), "vocab_size": ("text_config", "vocab_size"),
+    "context_length": ("text_config", "max_position_embeddings"), "text_width": ("text_config", "hidden_size"),
+    "text_layers": ("text_config", "num_hidden_layers"), "text_heads": ("text_config", "num_attention_heads"),
+    "text_mlp": ("text_config", "intermediate_size"), "eps": ("vision_config", "layer_norm_eps")}
+
+
+def config_from_hf(cfg: dict) -> CLIPConfig:
+    """CLIPConfig from a transformers config.json dict (CLIPModel or OwlViTForObjectDetection)."""
+    c = _HF_DEFAULTS["owlvit" if cfg.get("model_type") == "owlvit" else "clip"]
+    found = {ours: (cfg if sub is None else cfg.get(sub) or {}).get(key) for ours, (sub, key) in _HF_FIELDS.items()}
+    acts = {(cfg.get(sub) or {}).get("hidden_act") for sub in ("text_config", "vision_config")} - {None}
+    if len(acts) > 1:
+        raise ValueError(f"config.json: text and vision towers use different activations {sorted(acts)}")
+    found["act"] = acts.pop() if acts else None
+    return replace(c, **{k: v for k, v in found.items() if v is not None})
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
+        self.v_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x, causal):
+        B, T, C = x.shape
+        split = lambda t: t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, H, T, C/H)
+        y = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                           is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Layer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, width, heads, mlp, act, eps):
+        super().__init__()
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(width, eps=eps), nn.LayerNorm(width, eps=eps)
+        self.self_attn = Attention(width, heads)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(width, mlp), fc2=nn.Linear(mlp, width)))
+        self.act = act
+
+    def forward(self, x, causal):
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        h = self.mlp["fc1"](self.layer_norm2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
+        return x + self.mlp["fc2"](h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, width, layers, heads, mlp, act, eps):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(width, heads, mlp, act, eps) for _ in range(layers))
+
+    def forward(self, x, causal=False):
+        for layer in self.layers:
+            x = layer(x, causal)
+        return x
+
+
+class TextTower(nn.Module):
+    def __init__(self, c: CLIPConfig):
+        super().__init__()
+        self.embeddings = nn.ModuleDict(dict(token_embedding=nn.Embedding(c.vocab_size, c.text_width),
+                                             position_embedding=nn.Embedding(c.context_length, c.text_width)))
+        self.encoder = Encoder(c.text_width, c.text_layers, c.text_heads, c.text_mlp, c.act, c.eps)
+        self.final_layer_norm = nn.LayerNorm(c.text_width, eps=c.eps)
+
+    def forward(self, ids):  # ids (B, T) -> pooled (B, text_width)
+        T = ids.shape[1]
+        x = self.embeddings["token_embedding"](ids) + self.embeddings["position_embedding"].weight[:T]  # (B, T, W)
+        x = self.final_layer_norm(self.encoder(x, causal=True))
+        # pool at end-of-text: it has the largest id, and causal attention keeps the padding after it out
+        return x[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, c: CLIPConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(c.vision_width))
+        self.patch_embedding = nn.Conv2d(3, c.vision_width, c.patch_size, stride=c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.vision_width)
+
+    def forward(self, pixels):  # (B, 3, S, S) -> (B, 1 + P, W), patches in raster order
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, P, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+
+
+class VisionTower(nn.Module):
+    def __init__(self, c: CLIPConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.vision_width, eps=c.eps)  # [sic], the published key
+        self.encoder = Encoder(c.vision_width, c.vision_layers, c.vision_heads, c.vision_mlp, c.act, c.eps)
+        self.post_layernorm = nn.LayerNorm(c.vision_width, eps=c.eps)
+
+    def forward(self, pixels):  # -> tokens (B, 1 + P, W) before post_layernorm, pooled (B, W)
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
+        return x, self.post_layernorm(x[:, 0])
+
+
+class CLIP(nn.Module):
+    def __init__(self, c: CLIPConfig):
+        super().__init__()
+        self.config = c
+        self.text_model, self.vision_model = TextTower(c), VisionTower(c)
+        self.visual_projection = nn.Linear(c.vision_width, c.embed_dim, bias=False)
+        self.text_projection = nn.Linear(c.text_width, c.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    def encode_text(self, ids):  # (B, T) -> (B, E), not normalised
+        return self.text_projection(self.text_model(ids))
+
+    def encode_image(self, pixels):  # (B, 3, S, S) -> (B, E), not normalised
+        return self.visual_projection(self.vision_model(pixels)[1])
+
+
+# ---- checkpoints
+
+
+def read_state_dict(path):
+    """Tensors of a safetensors file or a torch pickle ({'state_dict': ...} and 'module.' prefixes unwrapped)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files from torch < 1.6 (no zip container) cannot be memory-mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+_OPENCLIP_NAMES = [  # OpenCLIP name piece -> ours, in order: each visual.* rule before its text namesake
+    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm."),
+    ("visual.ln_post.", "vision_model.post_layernorm."),
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+    ("attn.out_proj.", "self_attn.out_proj."), ("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
+]
+
+
+def openclip_to_hf(sd):
+    """Rename an OpenCLIP CLIP state dict (HPS) into the HF CLIPModel tree used here."""
+    out = {}
+    for k, v in sd.items():
+        if k in ("visual.proj", "text_projection"):  # stored (in, out) for x @ proj; a Linear weight is (out, in)
+            out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = v.t()
+            continue
+        name = k
+        for old, new in _OPENCLIP_NAMES:
+            name = name.replace(old, new)
+        if ".attn.in_proj_" in name:  # packed (3W, W) and (3W,): q, k, v in that order
+            head, kind = name.split(".attn.in_proj_")
+            for proj, part in zip("qkv", v.chunk(3, dim=0)):
+                out[f"{head}.self_attn.{proj}_proj.{kind}"] = part
+        else:
+            out[name] = v  # unknown keys pass through unchanged, so the key check reports them
+    return out
+
+
+def _listing(title, items, limit=20):
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def load_weights(model, sd, path):
+    """Strict load: missing, unexpected or mis-shaped keys raise one error that lists them and names the file."""
+    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "attn_mask"))}  # derived buffers
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    shaped = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in sorted(set(sd) & set(want))
+              if sd[k].shape != want[k].shape]
+    if missing or unexpected or shaped:
+        msg = f"{path}: checkpoint does not match {type(model).__name__}"
+        for title, items in [("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)]:
+            msg += _listing(title, items) if items else ""
+        raise ValueError(msg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def read_config(folder, preset):
+    """config.json in the folder when present (published HF repos and tiny test checkpoints), else the preset."""
+    p = os.path.join(folder, "config.json")
+    if os.path.isfile(p):
+        with open(p) as f:
+            return config_from_hf(json.load(f))
+    return PRESETS[preset]
+
+
+def load_clip(weights, config: CLIPConfig, device="cpu", dtype=torch.float32) -> CLIP:
+    """A CLIP from an HF CLIPModel file or an OpenCLIP pickle (detected by its 'visual.' keys)."""
+    sd = read_state_dict(weights)
+    if any(k.startswith("visual.") for k in sd):
+        sd = openclip_to_hf(sd)
+    with torch.device("meta"):  # no random init of a billion parameters we overwrite anyway
+        model = CLIP(config)
+    return load_weights(model, sd, weights).to(device, dtype)
+
+
+# ---- tokenizer
+
+
+def _byte_alphabet():
+    """The 256 printable stand-ins byte-level BPE uses for bytes, in the order CLIP's vocabulary lists them."""
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    hidden = [b for b in range(256) if b not in shown]
+    return [chr(b) for b in shown] + [chr(256 + i) for i in range(len(hidden))]
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE: ids = [SOT] + bpe(text) + [EOT], truncated to the context, padded with 0."""
+
+    SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, tok, sot_id, eot_id, context_length=77):
+        tok.no_truncation()
+        tok.no_padding()
+        self.tok, self.sot, self.eot, self.context_length = tok, sot_id, eot_id, context_length
+
+    @classmethod
+    def from_bpe(cls, vocab: dict, merges: list, context_length=77):
+        from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            unk_token="<|endoftext|>", fuse_unk=False))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(cls.SPLIT), behavior="removed", invert=True),  # keep the matches only
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        return cls(tok, vocab["<|startoftext|>"], vocab["<|endoftext|>"], context_length)
+
+    @classmethod
+    def from_folder(cls, folder, context_length=77):
+        """tokenizer.json (openai/clip-*, PickScore), vocab.json + merges.txt (OWL-ViT), or OpenAI's
+        bpe_simple_vocab_16e6.txt.gz (shipped inside the open_clip package), in that order."""
+        p = lambda name: os.path.join(folder, name)
+        if os.path.isfile(p("tokenizer.json")):
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(p("tokenizer.json"))
+            return cls(tok, tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>"), context_length)
+        if os.path.isfile(p("vocab.json")) and os.path.isfile(p("merges.txt")):
+            with open(p("vocab.json"), encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(p("merges.txt"), encoding="utf-8") as f:
+                merges = [tuple(line.split()) for line in f.read().split("\n")
+                          if line.strip() and not line.startswith("#version")]
+            return cls.from_bpe(vocab, merges, context_length)
+        if os.path.isfile(p("bpe_simple_vocab_16e6.txt.gz")):
+            with gzip.open(p("bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
+                lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]  # CLIP uses the first 48894 merges only
+            merges = [tuple(line.split()) for line in lines]
+            base = _byte_alphabet()
+            words = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
+            words += ["<|startoftext|>", "<|endoftext|>"]
+            return cls.from_bpe({w: i for i, w in enumerate(words)}, merges, context_length)
+        raise FileNotFoundError(f"no CLIP tokenizer (tokenizer.json, vocab.json + merges.txt, "
+                                f"bpe_simple_vocab_16e6.txt.gz) in {folder}")
+
+    def __call__(self, texts) -> torch.Tensor:  # list of N strings -> (N, context_length) int64
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, enc in enumerate(self.tok.encode_batch(texts, add_special_tokens=False)):
+            ids = [self.sot] + enc.ids[:self.context_length - 2] + [self.eot]
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+# ---- images
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _rgb(a, what):
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 pixels, got dtype {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{what}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    return np.ascontiguousarray(a[..., :3])  # RGBA: alpha dropped, as PIL's convert("RGB") does
+
+
+def as_rgb_list(images) -> list:
+    """Images -> list of (H, W, 3) uint8 numpy arrays.
+
+    Accepts a uint8 torch tensor or numpy array (B, H, W, 3) (the project's convention), (B, H, W) grayscale,
+    (B, H, W, 1), (B, H, W, 4) RGBA (alpha dropped), or a list of PIL images / (H, W[, C]) arrays or tensors of
+    different sizes."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            raise ValueError(f"images: expected dtype torch.uint8, got {images.dtype}")
+        images = images.detach().cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise ValueError(f"images: expected dtype uint8, got {images.dtype}")
+        if images.ndim not in (3, 4):
+            raise ValueError(f"images: expected (B, H, W) or (B, H, W, C), got shape {images.shape}")
+        images = list(images)
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"images: expected a tensor, array or list of images, got {type(images).__name__}")
+    if len(images) == 0:
+        raise ValueError("images: empty batch")
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, Image.Image):
+            im = np.asarray(im.convert("RGB"))
+        elif isinstance(im, torch.Tensor):
+            im = im.detach().cpu().numpy()
+        out.append(_rgb(im, f"images[{i}]"))
+    return out
+
+
+def _to_pixels(pils):  # list of PIL RGB images of one size -> (B, 3, S, S) float32, CLIP-normalised
+    x = torch.from_numpy(np.stack([np.asarray(p) for p in pils])).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def clip_preprocess(images, size=224):
+    """CLIP / PickScore: bicubic resize of the short side to `size`, centre crop, normalise."""
+    pils = []
+    for a in as_rgb_list(images):
+        h, w = a.shape[:2]
+        s = size / min(h, w)
+        nh, nw = (size, int(w * s)) if h <= w else (int(h * s), size)
+        im = Image.fromarray(a).resize((nw, nh), Image.BICUBIC)
+        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+        pils.append(im.crop((left, top, left + size, top + size)))
+    return _to_pixels(pils)
+
+
+def hps_preprocess(images, size=224):
+    """HPSv2: bicubic resize of the long side to `size`, zero (black) padding centred to a square, normalise."""
+    pils = []
+    for a in as_rgb_list(images):
+        h, w = a.shape[:2]
+        s = size / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(Image.fromarray(a).resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+        pils.append(canvas)
+    return _to_pixels(pils)
+
+
+def owlvit_preprocess(images, size=768):
+    """OWL-ViT: plain bicubic resize to size x size (aspect not kept, so boxes scale back per axis)."""
+    return _to_pixels([Image.fromarray(a).resize((size, size), Image.BICUBIC) for a in as_rgb_list(images)])
+
+
+# -----------------------------------------------------------------------------------------------------
+# 2. OWL-ViT
+
+
+def owlvit_box_bias(grid):
+    """Box prior per patch, in logit space: centre at the patch's bottom-right corner, size one patch."""
+    c = torch.arange(1, grid + 1, dtype=torch.float32) / grid
+    cy, cx = torch.meshgrid(c, c, indexing="ij")  # (g, g): row i, column j, raster order like the patches
+    b = torch.cat([torch.stack([cx, cy], -1).reshape(-1, 2), torch.full((grid * grid, 2), 1.0 / grid)], -1)
+    return torch.log(b + 1e-4) - torch.log1p(-b + 1e-4)  # (P, 4) inverse sigmoid, offset to stay finite at 1
+
+
+class OwlViT(nn.Module):
+    """OWL-ViT detector (transformers' OwlViTForObjectDetection key layout)."""
+
+    def __init__(self, c: CLIPConfig):
+        super().__init__()
+        self.config, w = c, c.vision_width
+        self.owlvit = CLIP(c)
+        self.class_head = nn.ModuleDict(dict(dense0=nn.Linear(w, c.text_width), logit_shift=nn.Linear(w, 1),
+                                             logit_scale=nn.Linear(w, 1)))
+        self.box_head = nn.ModuleDict(dict(dense0=nn.Linear(w, w), dense1=nn.Linear(w, w), dense2=nn.Linear(w, 4)))
+        self.layer_norm = nn.LayerNorm(w, eps=c.eps)
+
+    def forward(self, pixels, query_ids):
+        """pixels (B, 3, S, S), query_ids (Q, T) -> logits (B, P, Q), boxes (B, P, 4) as (cx, cy, w, h) in [0, 1]."""
+        tokens, _ = self.owlvit.vision_model(pixels)
+        tokens = self.owlvit.vision_model.post_layernorm(tokens)  # on every token, not only the class token
+        feats = self.layer_norm(tokens[:, 1:] * tokens[:, :1])  # (B, P, W) patches modulated by the class token
+        q = F.normalize(self.owlvit.encode_text(query_ids), dim=-1)  # (Q, E)
+        e = self.class_head["dense0"](feats)
+        e = e / (e.norm(dim=-1, keepdim=True) + 1e-6)  # (B, P, E)
+        logits = (e @ q.t() + self.class_head["logit_shift"](feats)) * (
+            F.elu(self.class_head["logit_scale"](feats)) + 1)
+        h = F.gelu(self.box_head["dense0"](feats))
+        h = self.box_head["dense2"](F.gelu(self.box_head["dense1"](h)))  # (B, P, 4)
+        grid = self.config.image_size // self.config.patch_size
+        # bias and sigmoid in fp32: in bf16 a box edge would move by ~3 px at 768
+        return logits, torch.sigmoid(h.float() + owlvit_box_bias(grid).to(h.device))
+
+
+def load_owlvit(weights, config: CLIPConfig, device="cpu", dtype=torch.float32) -> OwlViT:
+    sd = {k.replace(".pre_layernorm.", ".pre_layrnorm."): v for k, v in read_state_dict(weights).items()}
+    with torch.device("meta"):
+        model = OwlViT(config)
+    return load_weights(model, sd, weights).to(device, dtype)
+
+
+def box_iou(a, b):
+    """(N, 4), (M, 4) boxes as x0, y0, x1, y1 -> (N, M) IoU (continuous coordinates)."""
+    area = lambda t: (t[:, 2] - t[:, 0]).clamp(min=0) * (t[:, 3] - t[:, 1]).clamp(min=0)
+    lt, rb = torch.max(a[:, None, :2], b[None, :, :2]), torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (area(a)[:, None] + area(b)[None] - inter).clamp(min=1e-9)
+
+
+def nms(boxes, scores, iou_threshold=0.5):
+    """Greedy NMS: keep the best box, drop boxes overlapping it by IoU > threshold, repeat. -> kept indices."""
+    order = scores.argsort(descending=True)
+    iou = box_iou(boxes, boxes)
+    keep, dropped = [], torch.zeros(len(scores), dtype=torch.bool)
+    for i in order.tolist():
+        if not dropped[i]:
+            keep.append(i)
+            dropped |= iou[i] > iou_threshold
+    return torch.tensor(keep, dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------------------------------
+# 3. GenEval rules
+#
+# Detection: {"class": str, "box": (x0, y0, x1, y1) pixels, "score": float, "color": str or None}
+# Metadata:  {"tag": ..., "prompt": ..., "include": [{"class", "count", "color"?, "position"?: [relation, index]}],
+#             "exclude": [{"class", "count"}]?}; y grows downward.
+
+GENEVAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+GENEVAL_COLOR_TEMPLATES = ["a photo of a {c} {o}", "a photo of a {c}-colored {o}", "a photo of a {c} object"]
+
+
+def relative_position(box_a, box_b, shrink=0.1):
+    """Relations of A to B as GenEval computes them -> subset of {"left of", "right of", "above", "below"}.
+
+    offset = centre(A) - centre(B); per axis it shrinks towards 0 by shrink * (size of A + size of B) on that
+    axis (clamped at 0, sign kept); a shrunk offset of ~0 means no relation; otherwise the shrunk offset is
+    divided by the length of the original offset and compared with +-0.5."""
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    sizes = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
+    shrunk = np.maximum(np.abs(offset) - shrink * sizes, 0) * np.sign(offset)
+    if np.all(np.abs(shrunk) < 1e-3):
+        return set()
+    dx, dy = shrunk / np.linalg.norm(offset)
+    return {r for r, hit in [("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5),
+                             ("below", dy > 0.5)] if hit}
+
+
+def geneval_score(detections, metadata):
+    """Strict GenEval verdict and a dense score in [0, 1] for one image -> {"strict", "dense", "reasons"}.
+
+    Strict (GenEval): include clauses are ANDed. A clause takes the `count` most confident detections of its
+    class and fails with fewer; with "color", at least `count` of them must have that colour; with
+    "position" [relation, i], every one of them must stand in `relation` to every object matched by include
+    clause i, and fails if clause i failed. An exclude clause fails once its class has `count` detections
+    (GenEval's counting prompts exclude count + 1, which makes counts exact).
+
+    Dense: per include clause with n = count, found = all detections of the class, top = the n best:
+      count    = max(0, 1 - |n - found| / n)               (too many is penalised like too few)
+      color    = #(top with the asked colour) / n           (only if the clause asks a colour)
+      position = #(pairs (a in top, b in top of clause i) with the relation) / (n * count_i)  (if asked)
+      clause   = mean of the parts it has.
+    An exclude clause of a class no include clause names scores 1 if found < count else 0 (a class that is
+    included already pays for overshooting in its count part). dense = mean over clauses (1 if none)."""
+    by_class = {}
+    for d in sorted(detections, key=lambda d: -float(d["score"])):
+        by_class.setdefault(d["class"], []).append(d)
+    include, exclude = metadata.get("include", []), metadata.get("exclude", [])
+    strict, reasons, matched, clause_scores = True, [], [], []
+    for c in include:
+        n, found = c["count"], by_class.get(c["class"], [])
+        top, ok = found[:n], len(found) >= n
+        if not ok:
+            reasons.append(f"expected {c['class']} >= {n}, found {len(found)}")
+        parts = [max(0.0, 1 - abs(n - len(found)) / n)]
+        if "color" in c:
+            hits = sum(d.get("color") == c["color"] for d in top)
+            parts.append(hits / n)
+            if ok and hits < n:
+                ok = False
+                reasons.append(f"expected {n} {c['color']} {c['class']}, found {hits}")
+        if "position" in c:
+            rel, ref = c["position"]
+            ref_top = by_class.get(include[ref]["class"], [])[:include[ref]["count"]]
+            good = sum(rel in relative_position(a["box"], b["box"]) for a in top for b in ref_top)
+            parts.append(good / (n * include[ref]["count"]))
+            if ok and (matched[ref] is None or good < len(top) * len(matched[ref])):
+                ok = False
+                reasons.append(f"expected {c['class']} {rel} {include[ref]['class']}")
+        strict &= ok
+        matched.append(top if ok else None)
+        clause_scores.append(sum(parts) / len(parts))
+    included = {c["class"] for c in include}
+    for c in exclude:
+        found = len(by_class.get(c["class"], []))
+        if found >= c["count"]:
+            strict = False
+            reasons.append(f"expected {c['class']} < {c['count']}, found {found}")
+        if c["class"] not in included:
+            clause_scores.append(float(found < c["count"]))
+    dense = sum(clause_scores) / len(clause_scores) if clause_scores else 1.0
+    return {"strict": bool(strict), "dense": float(dense), "reasons": reasons}
+
+
+def geneval_summary(records):
+    """records: iterable of (tag, strict) pairs or dicts with "tag" and "strict" ->
+    {"per_tag": {tag: accuracy}, "count": {tag: images}, "overall": mean of the tag accuracies (GenEval score)}."""
+    hits, count = {}, {}
+    for r in records:
+        tag, ok = (r["tag"], r["strict"]) if isinstance(r, dict) else r
+        hits[tag] = hits.get(tag, 0) + bool(ok)
+        count[tag] = count.get(tag, 0) + 1
+    per_tag = {t: hits[t] / count[t] for t in count}
+    return {"per_tag": per_tag, "count": count,
+            "overall": sum(per_tag.values()) / len(per_tag) if per_tag else float("nan")}
+
+
+@torch.no_grad()
+def classify_colors(clip, tokenizer, image, boxes, object_class, device="cpu", dtype=torch.float32, classifier=None):
+    """GenEval's colour step: CLIP zero-shot over GENEVAL_COLORS on each box crop -> list of colour names.
+
+    Text side (as GenEval via clip_benchmark): per colour, the three templates are encoded, each normalised,
+    averaged and renormalised. Image side: the crop (box clamped to the image, at least 1 px) goes through
+    the CLIP preprocessing; prediction = argmax of cosine similarity."""
+    if classifier is None:
+        classifier = color_classifier(clip, tokenizer, object_class, device)
+    if len(boxes) == 0:
+        return []
+    h, w = image.shape[:2]
+    crops = []
+    for x0, y0, x1, y1 in boxes:
+        x0, y0 = min(max(int(x0), 0), w - 1), min(max(int(y0), 0), h - 1)
+        x1, y1 = max(min(int(math.ceil(x1)), w), x0 + 1), max(min(int(math.ceil(y1)), h), y0 + 1)
+        crops.append(image[y0:y1, x0:x1])
+    size = getattr(getattr(clip, "config", None), "image_size", 224)
+    emb = F.normalize(clip.encode_image(clip_preprocess(crops, size).to(device, dtype)).float(), dim=-1)
+    return [GENEVAL_COLORS[i] for i in (emb @ classifier.t()).argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def color_classifier(clip, tokenizer, object_class, device="cpu"):  # -> (10, E) unit text embeddings
+    rows = []
+    for color in GENEVAL_COLORS:
+        ids = tokenizer([t.format(c=color, o=object_class) for t in GENEVAL_COLOR_TEMPLATES]).to(device)
+        rows.append(F.normalize(F.normalize(clip.encode_text(ids).float(), dim=-1).mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+# -----------------------------------------------------------------------------------------------------
+# 4. Rewards: reward(images, metadata) -> (scores (B,) float32 on CPU, info {key: list of B values})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    files: tuple  # one entry per needed file: alternatives, first found wins; "a + b" means both
+    where: str  # where it is published
+
+
+_CLIP_FILES = (("model.safetensors", "pytorch_model.bin"), ("tokenizer.json", "vocab.json + merges.txt"))
+CHECKPOINTS = {
+    "clip": Checkpoint(_CLIP_FILES, "https://huggingface.co/openai/clip-vit-large-patch14"),
+    "pickscore": Checkpoint(_CLIP_FILES, "https://huggingface.co/yuvalkirstain/PickScore_v1"),
+    "hps": Checkpoint((("HPS_v2.1_compressed.pt",),
+                       ("tokenizer.json", "vocab.json + merges.txt", "bpe_simple_vocab_16e6.txt.gz")),
+                      "https://huggingface.co/xswu/HPSv2 (HPS_v2.1_compressed.pt); put the CLIP tokenizer.json of "
+                      "https://huggingface.co/openai/clip-vit-large-patch14 beside it (same BPE as OpenCLIP)"),
+    "aesthetic": Checkpoint((("sac+logos+ava1-l14-linearMSE.pth",),),
+                            "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                            "sac+logos+ava1-l14-linearMSE.pth"),
+    "geneval": Checkpoint((("model.safetensors", "pytorch_model.bin"), ("vocab.json + merges.txt", "tokenizer.json")),
+                          "https://huggingface.co/google/owlvit-base-patch32"),
+}
+# which checkpoints each reward reads: aesthetic and geneval's colour step also need CLIP ViT-L/14 (--reward-ckpt clip=)
+NEEDS = {"clip": ("clip",), "pickscore": ("pickscore",), "hps": ("hps",), "aesthetic": ("aesthetic", "clip"),
+         "geneval": ("geneval", "clip"), "shapes": ()}
+
+
+def find_checkpoint(reward, key, ckpt):
+    """Paths of checkpoint `key`'s files for `reward`, from ckpt[key] (a folder, or the weight file itself).
+    Raises FileNotFoundError naming the reward, the file and where it is published."""
+    spec, path = CHECKPOINTS[key], ckpt.get(key)
+    if not path:
+        raise FileNotFoundError(f"{reward}: needs the '{key}' checkpoint ({spec.files[0][0]}); pass "
+                                f"--reward-ckpt {key}=PATH; download from {spec.where}")
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    found = []
+    for i, group in enumerate(spec.files):
+        if i == 0 and os.path.isfile(path):
+            found.append(path)
+            continue
+        for alt in group:
+            names = alt.split(" + ")
+            if all(os.path.isfile(os.path.join(folder, n)) for n in names):
+                found.append(os.path.join(folder, names[0]))
+                break
+        else:
+            raise FileNotFoundError(f"{reward}: {' or '.join(group)} not found in {path}; download from {spec.where}")
+    return found
+
+
+def default_dtype(device):
+    """Precision policy: bf16 (fp16 where bf16 is missing) on GPU, fp32 on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_batch(images, metadata):
+    images = as_rgb_list(images)
+    if not isinstance(metadata, (list, tuple)) or len(metadata) != len(images):
+        raise ValueError(f"metadata: expected a list of {len(images)} dicts (one per image), got {metadata!r:.120}")
+    for i, m in enumerate(metadata):
+        if not isinstance(m, dict) or "prompt" not in m:
+            raise ValueError(f"metadata[{i}]: expected a dict with a 'prompt' key, got {m!r:.120}")
+    return images, list(metadata)
+
+
+def check_finite(name, scores):
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"reward '{name}' returned non-finite scores {scores[bad[:8]].tolist()} at batch "
+                                 f"positions {bad[:8]}; refusing to train on them")
+
+
+class Reward:
+    """Base: validates files at construction, loads models on first call, checks inputs and outputs."""
+    name = ""
+
+    def __init__(self, ckpt=None, device=None, dtype=None, cache=None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or default_dtype(self.device)
+        self.cache = {} if cache is None else cache  # shared by an ensemble so ViT-L/14 loads once
+        self.files = {key: find_checkpoint(self.name, key, ckpt or {}) for key in NEEDS[self.name]}
+        self.loaded = False
+
+    def __call__(self, images, metadata):
+        images, metadata = check_batch(images, metadata)
+        self._ensure_loaded()
+        with torch.no_grad():
+            scores, info = self.score(images, metadata)
+        scores = scores.float().cpu()
+        check_finite(self.name, scores)
+        return scores, info
+
+    def _ensure_loaded(self):
+        if not self.loaded:
+            self.load()
+            self.loaded = True
+
+    def load(self):
+        pass
+
+    def clip_model(self, key, preset):  # -> (CLIP, CLIPTokenizer), cached per file, device and dtype
+        weights, tok_file = self.files[key]
+        cache_key = ("clip", weights, str(self.device), self.dtype)
+        if cache_key not in self.cache:
+            cfg = read_config(os.path.dirname(weights), preset)
+            self.cache[cache_key] = (load_clip(weights, cfg, self.device, self.dtype),
+                                     CLIPTokenizer.from_folder(os.path.dirname(tok_file), cfg.context_length))
+        return self.cache[cache_key]
+
+    def cosine(self, clip, tok, pixels, prompts):  # -> (B,) float32 cosine of image and prompt embeddings
+        img = F.normalize(clip.encode_image(pixels.to(self.device, self.dtype)).float(), dim=-1)
+        txt = F.normalize(clip.encode_text(tok(prompts).to(self.device)).float(), dim=-1)
+        return (img * txt).sum(-1)
+
+
+class ClipScore(Reward):
+    """CLIPScore, OpenAI CLIP ViT-L/14: max(100 * cos(image, prompt), 0)."""
+    name, preset, preprocess = "clip", "clip-vit-large-patch14", staticmethod(clip_preprocess)
+
+    def load(self):
+        self.clip, self.tok = self.clip_model(self.name, self.preset)
+
+    def score(self, images, metadata):
+        cos = self.cosine(self.clip, self.tok, self.preprocess(images, self.clip.config.image_size),
+                          [m["prompt"] for m in metadata]).cpu()
+        return self.from_cosine(cos), {"cos": cos.tolist()}
+
+    def from_cosine(self, cos):
+        return (100 * cos).clamp(min=0)
+
+    @torch.no_grad()
+    def image_embeddings(self, images):  # -> (B, E) float32 unit vectors (for diversity)
+        self._ensure_loaded()
+        pixels = self.preprocess(images, self.clip.config.image_size).to(self.device, self.dtype)
+        return F.normalize(self.clip.encode_image(pixels).float(), dim=-1).cpu()
+
+
+class PickScore(ClipScore):
+    """PickScore_v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): exp(logit_scale) * cos."""
+    name, preset = "pickscore", "vit-h-14"
+
+    def from_cosine(self, cos):
+        return self.clip.logit_scale.float().exp().cpu() * cos
+
+
+class HPS(ClipScore):
+    """HPSv2.1 (OpenCLIP ViT-H/14 fine-tuned on HPD v2): cos(image, prompt), no scale."""
+    name, preset, preprocess = "hps", "vit-h-14", staticmethod(hps_preprocess)
+
+    def from_cosine(self, cos):
+        return cos
+
+
+class Aesthetic(Reward):
+    """LAION aesthetic predictor v2: a linear MLP on the unit CLIP ViT-L/14 image embedding (AVA 1-10 scale)."""
+    name = "aesthetic"
+
+    def load(self):
+        self.clip, _ = self.clip_model("clip", "clip-vit-large-patch14")
+        dims = [self.clip.config.embed_dim, 1024, 128, 64, 16, 1]
+        # published keys layers.{0,2,4,6,7}: the Identity slots are the training-time dropouts
+        layers = [nn.Linear(dims[0], 1024), nn.Identity(), nn.Linear(1024, 128), nn.Identity(),
+                  nn.Linear(128, 64), nn.Identity(), nn.Linear(64, 16), nn.Linear(16, 1)]
+        self.head = nn.Module()
+        self.head.layers = nn.Sequential(*layers)
+        path = self.files["aesthetic"][0]
+        load_weights(self.head, read_state_dict(path), path).float().to(self.device)  # tiny: kept in fp32
+
+    def score(self, images, metadata):
+        pixels = clip_preprocess(images, self.clip.config.image_size).to(self.device, self.dtype)
+        emb = F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+        return self.head.layers(emb).squeeze(-1), {}
+
+
+@dataclass
+class GenEvalConfig:
+    # OWL-ViT's sigmoid scores are not on the scale of GenEval's Mask2Former thresholds (0.3, and 0.9 for
+    # counting). 0.1 is the text-query threshold of transformers' own OWL-ViT example for base-patch32. It was
+    # NOT calibrated on real images in this repo (no weights here): check detections on GenEval prompts (and
+    # the counting threshold in particular) before trusting the scores.
+    threshold: float = 0.1
+    counting_threshold: float = 0.1  # used for tag "counting", as GenEval keeps a separate one
+    nms_iou: float = 0.5  # class-wise; OWL-ViT predicts one box per patch, so an object gets several
+    max_objects: int = 16  # per class, as GenEval
+    query: str = "a photo of a {}"  # text query per class, OWL-ViT's prompt style
+    score: str = "dense"  # what the reward returns: "dense" in [0, 1] or "strict" in {0, 1}
+
+
+def _clauses(m):
+    return m.get("include", []) + m.get("exclude", [])
+
+
+class RuleReward(Reward):
+    """Base of the rewards scored by the GenEval rule engine."""
+
+    def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
+        super().__init__(ckpt, device, dtype, cache)
+        self.cfg = config or GenEvalConfig()
+
+    def rule_scores(self, dets, metadata):
+        res = [geneval_score(d, m) for d, m in zip(dets, metadata)]
+        scores = torch.tensor([float(r[self.cfg.score]) for r in res])
+        return scores, {"strict": [r["strict"] for r in res], "dense": [r["dense"] for r in res],
+                        "reasons": [r["reasons"] for r in res], "detections": dets}
+
+
+class GenEvalReward(RuleReward):
+    """GenEval rules on OWL-ViT detections with CLIP ViT-L/14 colours; see geneval_score for the scores."""
+    name = "geneval"
+
+    def load(self):
+        weights, tok_file = self.files["geneval"]
+        c = read_config(os.path.dirname(weights), "owlvit-base-patch32")
+        self.owl = load_owlvit(weights, c, self.device, self.dtype)
+        self.owl_tok = CLIPTokenizer.from_folder(os.path.dirname(tok_file), c.context_length)
+        self.clip, self.tok = self.clip_model("clip", "clip-vit-large-patch14")
+        self.color_heads = {}  # object class -> (10, E) colour classifier
+
+    def detect(self, images, metadata):
+        """-> per image, detections of the classes its metadata names (threshold, one class per box, NMS)."""
+        classes = sorted({c["class"] for m in metadata for c in _clauses(m)})
+        if not classes:
+            return [[] for _ in images]
+        column = {c: i for i, c in enumerate(classes)}
+        queries = self.owl_tok([self.cfg.query.format(c) for c in classes]).to(self.device)
+        pixels = owlvit_preprocess(images, self.owl.config.image_size).to(self.device, self.dtype)
+        logits, boxes = self.owl(pixels, queries)  # (B, P, Q), (B, P, 4)
+        probs, boxes = torch.sigmoid(logits.float()).cpu(), boxes.float().cpu()
+        out = []
+        for img, m, p, bx in zip(images, metadata, probs, boxes):
+            names = sorted({c["class"] for c in _clauses(m)})
+            if not names:
+                out.append([])
+                continue
+            # each box goes to its best class among this prompt's classes, as OWL-ViT's post-processing does
+            score, label = p[:, [column[n] for n in names]].max(-1)  # (P,)
+            thr = self.cfg.counting_threshold if m.get("tag") == "counting" else self.cfg.threshold
+            h, w = img.shape[:2]
+            cx, cy, bw, bh = bx.unbind(-1)
+            xyxy = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+            xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
+            xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
+            dets = []
+            for k, name in enumerate(names):
+                idx = ((label == k) & (score > thr)).nonzero().flatten()
+                for i in idx[nms(xyxy[idx], score[idx], self.cfg.nms_iou)][:self.cfg.max_objects].tolist():
+                    dets.append({"class": name, "box": tuple(xyxy[i].tolist()), "score": score[i].item(),
+                                 "color": None})
+            out.append(dets)
+        return out
+
+    def add_colors(self, image, dets, metadata):
+        """Colour the `count` best detections of every include clause that asks for a colour (in place)."""
+        for c in metadata.get("include", []):
+            if "color" not in c:
+                continue
+            top = sorted([d for d in dets if d["class"] == c["class"]], key=lambda d: -d["score"])[:c["count"]]
+            if not top:
+                continue
+            if c["class"] not in self.color_heads:
+                self.color_heads[c["class"]] = color_classifier(self.clip, self.tok, c["class"], self.device)
+            colors = classify_colors(self.clip, self.tok, image, [d["box"] for d in top], c["class"],
+                                     self.device, self.dtype, self.color_heads[c["class"]])
+            for d, color in zip(top, colors):
+                d["color"] = color
+
+    def score(self, images, metadata):
+        dets = self.detect(images, metadata)
+        for img, d, m in zip(images, dets, metadata):
+            self.add_colors(img, d, m)
+        return self.rule_scores(dets, metadata)
+
+
+class ShapesReward(RuleReward):
+    """GenEval rules on the exact detector of the synthetic shapes world (shapes.detect)."""
+    name = "shapes"
+
+    def load(self):
+        import shapes  # imported late: only this reward needs it
+        self.detect = shapes.detect
+
+    def score(self, images, metadata):
+        return self.rule_scores([self.detect(img) for img in images], metadata)
+
+
+# -----------------------------------------------------------------------------------------------------
+# 5. Selection, weights, combination, evaluation extras
+
+REWARDS = {"clip": ClipScore, "pickscore": PickScore, "hps": HPS, "aesthetic": Aesthetic,
+           "geneval": GenEvalReward, "shapes": ShapesReward}
+
+
+def parse_rewards(spec: str) -> dict:
+    """'hps:1,geneval:1,aesthetic:0.5' -> {"hps": 1.0, "geneval": 1.0, "aesthetic": 0.5}; weight defaults to 1."""
+    weights = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, w = (s.strip() for s in item.partition(":"))
+        if name not in REWARDS:
+            raise ValueError(f"--rewards: unknown reward '{name}'; choose from {', '.join(REWARDS)}")
+        if name in weights:
+            raise ValueError(f"--rewards: '{name}' given twice")
+        try:
+            weights[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"--rewards: weight of '{name}' is not a number: '{w}'") from None
+        if not math.isfinite(weights[name]):
+            raise ValueError(f"--rewards: weight of '{name}' must be finite, got {w}")
+    if not weights:
+        raise ValueError("--rewards: no reward given")
+    return weights
+
+
+def parse_reward_ckpt(items) -> dict:
+    """['hps=PATH', 'clip=PATH'] (or one string with spaces/commas between them) -> {"hps": PATH, ...}."""
+    if isinstance(items, str):
+        items = items.replace(",", " ").split()
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--reward-ckpt: expected NAME=PATH, got '{item}'")
+        if name not in CHECKPOINTS:
+            raise ValueError(f"--reward-ckpt: unknown checkpoint '{name}'; choose from {', '.join(CHECKPOINTS)}")
+        out[name] = os.path.expanduser(path)
+    return out
+
+
+def add_reward_args(parser: argparse.ArgumentParser, default_rewards="hps:1"):
+    """--rewards, --reward-ckpt and --reward-combine, shared by train.py and sample.py."""
+    parser.add_argument("--rewards", default=default_rewards,
+                        help="comma-separated NAME[:WEIGHT] from " + ", ".join(REWARDS) + " (weight 1 by default)")
+    parser.add_argument("--reward-ckpt", nargs="*", default=[], metavar="NAME=PATH",
+                        help="checkpoint folder (or weight file) per reward: clip (also used by aesthetic and "
+                             "geneval's colours), pickscore, hps, aesthetic, geneval (OWL-ViT)")
+    parser.add_argument("--reward-combine", choices=["sum", "group"], default="sum",
+                        help="sum: weighted sum (T2I-R1); group: normalise each reward within its group first")
+    return parser
+
+
+def combine_rewards(scores: dict, weights: dict, mode="sum", group_size=None):
+    """Weighted combination of per-reward scores (B,) -> (B,).
+
+    sum:   sum_k w_k * r_k (T2I-R1 adds its rewards unweighted).
+    group: sum_k w_k * (r_k - mean_g) / (std_g + 1e-4), mean and unbiased std over each group of group_size
+           consecutive samples (the G images of one prompt), so no reward dominates by its scale alone."""
+    total = None
+    for name, w in weights.items():
+        r = scores[name].float()
+        check_finite(name, r)
+        if mode == "group":
+            if not group_size or group_size < 2 or r.numel() % group_size:
+                raise ValueError(f"group combination needs group_size >= 2 dividing the batch ({r.numel()}), "
+                                 f"got {group_size}")
+            g = r.view(-1, group_size)  # (prompts, G)
+            r = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten()
+        elif mode != "sum":
+            raise ValueError(f"combine mode must be 'sum' or 'group', got '{mode}'")
+        total = w * r if total is None else total + w * r
+    return total
+
+
+class RewardEnsemble:
+    """The chosen rewards with their weights. Construction checks every file (fails at start-up, not at step
+    500); models load on first use; scoring runs in batches and refuses NaN/inf."""
+
+    def __init__(self, weights: dict, ckpt: dict, device=None, dtype=None, batch_size=16, geneval=None):
+        cache = {}
+        self.weights, self.batch_size = dict(weights), batch_size
+        self.rewards = {}
+        for name in self.weights:
+            extra = {"config": geneval} if name in ("geneval", "shapes") and geneval is not None else {}
+            self.rewards[name] = REWARDS[name](ckpt, device, dtype, cache, **extra)
+
+    @classmethod
+    def from_args(cls, args, **kw):
+        return cls(parse_rewards(args.rewards), parse_reward_ckpt(args.reward_ckpt), **kw)
+
+    def __call__(self, images, metadata):
+        """-> scores {name: (B,) float32}, info {name: {key: list of B values}}."""
+        images, metadata = check_batch(images, metadata)
+        scores, info = {}, {}
+        for name, reward in self.rewards.items():
+            parts, merged = [], {}
+            for i in range(0, len(images), self.batch_size):
+                s, inf = reward(images[i:i + self.batch_size], metadata[i:i + self.batch_size])
+                parts.append(s)
+                for k, v in inf.items():
+                    merged.setdefault(k, []).extend(v)
+            scores[name], info[name] = torch.cat(parts), merged
+        return scores, info
+
+    def combine(self, scores, mode="sum", group_size=None):
+        return combine_rewards(scores, self.weights, mode, group_size)
+
+
+def diversity(embeddings_per_prompt) -> float:
+    """Mean over prompts of the mean pairwise cosine distance (1 - cos) among one prompt's image embeddings.
+    Input: a list of (N_i, E) tensors or one (P, N, E) tensor; prompts with fewer than 2 images are skipped."""
+    vals = []
+    for e in embeddings_per_prompt:
+        if e.shape[0] < 2:
+            continue
+        e = F.normalize(e.float(), dim=-1)
+        i, j = torch.triu_indices(e.shape[0], e.shape[0], 1)
+        vals.append((1 - (e[i] * e[j]).sum(-1)).mean())
+    if not vals:
+        raise ValueError("diversity: needs at least one prompt with 2 or more images")
+    return torch.stack(vals).mean().item()
+
+
+def mean_aesthetic(reward: Aesthetic, images, batch_size=16) -> float:
+    """Mean LAION aesthetic score of a set of images (metadata is not used by this reward)."""
+    images = as_rgb_list(images)
+    scores = [reward(images[i:i + batch_size], [{"prompt": ""}] * len(images[i:i + batch_size]))[0]
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(scores).mean().item()
