@@ -2,3 +2,156 @@
 
 Run: python -m pytest -q test_t2i_r1.py
 """
+
+# ---- shapes world ----
+# The synthetic world of shapes.py: renderer, GenEval prompts and split, plans, detector, T2I-R1 conversion.
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import shapes as S
+
+
+def _relations(a, b):
+    """GenEval's position arithmetic for box a relative to box b -> ({relations}, dx, dy). Test-only: the rule
+    engine proper lives in rewards.py."""
+    ca = np.array([(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
+    cb = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
+    dims = np.array([a[2] - a[0] + b[2] - b[0], a[3] - a[1] + b[3] - b[1]], dtype=float)
+    offset = ca - cb
+    shrunk = np.maximum(np.abs(offset) - 0.1 * dims, 0) * np.sign(offset)
+    dx, dy = shrunk / np.linalg.norm(offset)
+    rel = {r for r, hit in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)) if hit}
+    return rel, dx, dy
+
+
+def _strict_pass(dets, meta):
+    """GenEval's strict rule on a list of detections (test-only checker)."""
+    chosen = []
+    for clause in meta["include"]:
+        found = [d for d in dets if d["class"] == clause["class"]][:clause["count"]]
+        if len(found) < clause["count"]:
+            return False
+        if "color" in clause and any(d["color"] != clause["color"] for d in found):
+            return False
+        if "position" in clause:
+            relation, j = clause["position"]
+            if not any(relation in _relations(d["box"], t["box"])[0] for d in found for t in chosen[j]):
+                return False
+        chosen.append(found)
+    return all(sum(d["class"] == c["class"] for d in dets) < c["count"] for c in meta.get("exclude", []))
+
+
+def test_shapes_masks_touch_every_side_of_their_box():
+    for s in range(S.MIN_PIXELS, 50):
+        for shape in S.SHAPES:
+            m = S.shape_mask(shape, s)
+            assert m[0].any() and m[-1].any() and m[:, 0].any() and m[:, -1].any(), (shape, s)
+
+
+def test_shapes_scenes_and_images_are_deterministic():
+    meta = S.color_attr("red", "circle", "blue", "square")
+    a, b = S.sample_scene(meta, 7), S.sample_scene(meta, np.random.default_rng(7))
+    assert a == b and np.array_equal(S.render(a), S.render(b)) and S.plan_of(a) == S.plan_of(b)
+    others = {S.plan_of(S.sample_scene(meta, seed)) for seed in range(20)}
+    assert len(others) > 5  # many scenes, so many plans, satisfy one prompt
+
+
+def test_shapes_scenes_satisfy_their_metadata():
+    for seed in range(3):
+        for meta in S.all_prompts():
+            scene = S.sample_scene(meta, seed)
+            objs = scene.objects
+            assert len(objs) == sum(c["count"] for c in meta["include"])  # exactly the prompt's objects
+            assert _strict_pass(scene.detections(), meta), (meta, scene)
+            gap = round(S.GAP * scene.size)
+            for i, a in enumerate(objs):  # no overlap, with a gap
+                assert 0 <= a.box[0] < a.box[2] <= scene.size and 0 <= a.box[1] < a.box[3] <= scene.size
+                for b in objs[i + 1:]:
+                    assert (a.box[0] >= b.box[2] + gap or b.box[0] >= a.box[2] + gap
+                            or a.box[1] >= b.box[3] + gap or b.box[1] >= a.box[3] + gap)
+            if meta["tag"] == "position":  # the asked relation with margin, and no other
+                relation, _ = meta["include"][1]["position"]
+                rel, dx, dy = _relations(objs[1].box, objs[0].box)
+                assert rel == {relation}
+                assert max(abs(dx), abs(dy)) >= 0.7
+            if meta["tag"] == "counting":  # one more would fail, one fewer too
+                assert not _strict_pass(scene.detections()[1:], meta)
+                assert not _strict_pass(scene.detections() + scene.detections()[:1], meta)
+    # the checker is not vacuous: the opposite relation fails on the same scene
+    scene = S.sample_scene(S.position("circle", "left of", "square"), 0)
+    assert not _strict_pass(scene.detections(), S.position("circle", "right of", "square"))
+
+
+def test_shapes_prompts_follow_geneval_layout():
+    assert S.position("dog", "right of", "teddy bear") == {
+        "tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                       {"class": "dog", "count": 1, "position": ["right of", 0]}],
+        "prompt": "a photo of a dog right of a teddy bear"}
+    assert S.counting("circle", 3) == {"tag": "counting", "include": [{"class": "circle", "count": 3}],
+                                       "exclude": [{"class": "circle", "count": 4}],
+                                       "prompt": "a photo of three circles"}
+    assert S.colors("orange", "square")["prompt"] == "a photo of an orange square"
+    assert S.color_attr("red", "circle", "blue", "square")["prompt"] == "a photo of a red circle and a blue square"
+    assert {m["tag"] for m in S.all_prompts()} == set(S.TAGS)
+
+
+def test_shapes_split_holds_out_what_it_claims(tmp_path):
+    train, test = S.prompt_sets()
+    everything = S.all_prompts()
+    assert len({m["prompt"] for m in everything}) == len(everything)
+    # train is exactly the prompts without a held-out combination
+    assert [m for m in everything if not S.is_held_out(m)] == train
+    train_text = " | ".join(m["prompt"] for m in train)
+    for color, shape in S.HELD_OUT_PAIRS:
+        assert f"{color} {shape}" not in train_text
+        assert any(f"{color} {shape}" in m["prompt"] for m in test)
+    for a, relation, b in S.HELD_OUT_LAYOUTS:
+        assert S.position(a, relation, b) not in train and S.position(a, relation, b) in test
+    for shape, n in S.HELD_OUT_COUNTS:
+        assert S.counting(shape, n) not in train and S.counting(shape, n) in test
+    # every colour and every shape is still seen in training, just not in the held-out pairs
+    assert {c["color"] for m in train if m["tag"] == "colors" for c in m["include"]} == set(S.COLORS)
+    assert {c["class"] for m in train if m["tag"] == "colors" for c in m["include"]} == set(S.SHAPES)
+    # the tags that can hold out are wholly novel in test; every tag is tested
+    assert all(S.is_held_out(m) for m in test if m["tag"] in ("colors", "position", "color_attr"))
+    assert {m["tag"] for m in test} == set(S.TAGS)
+    # random colours avoid the held-out pairs when asked to
+    for seed, meta in enumerate(train):
+        for o in S.sample_scene(meta, seed, avoid=S.HELD_OUT_PAIRS).objects:
+            assert (o.color, o.shape) not in S.HELD_OUT_PAIRS
+    # written files round-trip and are deterministic
+    paths = S.write_prompt_sets(tmp_path / "a")
+    again = S.write_prompt_sets(tmp_path / "b")
+    for p, q, metas in zip(paths, again, (train, test)):
+        assert open(p).read() == open(q).read()
+        assert [json.loads(line) for line in open(p)] == metas
+
+
+def test_shapes_plans_describe_the_scene_and_parse_back():
+    from tokenizers import pre_tokenizers
+    vocab = set(S.vocabulary())
+    splitter = pre_tokenizers.Whitespace()
+    for seed, meta in enumerate(S.all_prompts()):
+        scene = S.sample_scene(meta, seed)
+        plan = S.plan_of(scene)
+        parsed = S.parse_plan(plan)
+        expect = {(o.color, o.shape, S.place_of(o.box, scene.size)) for o in scene.objects}
+        assert len(parsed) == len(scene.objects) and set(parsed) == expect
+        text = f"{meta['prompt']}. {plan}"
+        assert set(S.split_words(text)) <= vocab, text
+        assert [w for w, _ in splitter.pre_tokenize_str(text)] == S.split_words(text)  # same word rule
+    assert S.place_of((0, 0, 10, 10), 64) == "top left" and S.place_of((27, 27, 37, 37), 64) == "center"
+    assert S.place_of((50, 27, 60, 37), 64) == "right" and S.place_of((27, 54, 37, 64), 64) == "bottom"
+    # reading order: top row first, then left to right
+    scene = S.Scene([S.Obj("square", "blue", (40, 40, 60, 60)), S.Obj("circle", "red", (2, 2, 14, 14))], 64)
+    assert S.plan_of(scene) == "red circle top left, blue square bottom right"
+    # junk is skipped, plurals and missing places tolerated
+    assert S.parse_plan("um red circle top left and ,, blah BLUE squares , green triangle zzz right top") == [
+        ("red", "circle", "top left"), ("blue", "square", None), ("green", "triangle", "top right")]
+    assert S.parse_plan("") == [] and S.parse_plan("red blue circle center") == [("blue", "circle", "center")]
+

@@ -1,0 +1,353 @@
+"""The shapes world: a synthetic compositional image domain small enough to run T2I-R1 on two CPU cores.
+
+Real T2I-R1 trains Janus-Pro-7B on 7k text prompts with four large reward models. Here the same method runs
+end to end on a world we fully control:
+
+- images: flat-coloured circles, squares and triangles (1 to 4, never touching) on a light grey background;
+- prompts: GenEval's six templates ("a photo of a red circle and a blue square") with GenEval's metadata,
+  split into a train set and a held-out test set of unseen combinations;
+- plans: the semantic-level chain of thought of this world, "red circle top left, blue square right";
+- an exact detector, which plays the part of GenEval's Mask2Former: it recovers every object of a clean
+  render exactly and degrades gracefully on the blurry, colour-drifted images a small VQ decoder produces.
+
+The GenEval rule engine that turns detections + metadata into a reward lives in rewards.py, not here.
+This file also converts T2I-R1's own prompt file to GenEval metadata where its fields allow.
+
+Departures from GenEval: six colours, not ten (pink is red mixed with the light background, i.e. what a
+blurred red edge looks like; brown is a dark orange of the same hue; black and white have no hue and white
+is the background), three shapes, and colour is judged from the object's own pixels (no CLIP crop classifier). Conventions used throughout: image arrays are uint8 (H, W, 3), y grows
+downwards, and boxes are (x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# The world: shapes, colours, relations, places
+
+SHAPES = ("circle", "square", "triangle")
+# Hues spread round the colour wheel (red 0, orange 29, yellow 57, green 132, blue 221, purple 278 degrees)
+# at high chroma. The detector classifies by hue, which mixing with a neutral background leaves unchanged,
+# so blurred edges never read as another colour.
+COLORS = {
+    "red": (220, 30, 30),
+    "orange": (240, 125, 20),
+    "yellow": (230, 220, 20),
+    "green": (30, 180, 60),
+    "blue": (30, 90, 220),
+    "purple": (150, 50, 210),
+}
+BACKGROUND = (240, 240, 240)  # neutral: zero chroma, far from every palette colour
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# 3x3 grid of places by box centre, row-major; the middle row/column has no word of its own.
+PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+
+# Object sizes (side of the square box) and the empty margin kept between boxes, as fractions of the image side.
+# Never under 8 pixels: a 6-pixel circle is pixelised into a rounded square that no detector can call a circle.
+MIN_SIZE, MAX_SIZE, GAP, MIN_PIXELS = 0.16, 0.34, 0.06, 8
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    box: tuple  # (x0, y0, x1, y1) pixels, x1/y1 exclusive
+
+    @property
+    def center(self):
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+
+@dataclass
+class Scene:
+    objects: list  # of Obj
+    size: int = 64  # images are size x size
+
+    def detections(self):
+        """Ground truth in detect()'s output format (score 1), e.g. to test a rule engine without a detector."""
+        return [{"class": o.shape, "color": o.color, "box": tuple(o.box), "score": 1.0} for o in self.objects]
+
+
+# -----------------------------------------------------------------------------
+# Rendering
+
+def shape_mask(shape, s):
+    """Boolean (s, s) mask of `shape` drawn in an s x s cell. Every shape touches all four sides of its cell,
+    so the cell is exactly the bounding box of the drawn pixels (the detector relies on this)."""
+    c = np.arange(s) + 0.5  # pixel centres
+    yy, xx = np.meshgrid(c, c, indexing="ij")  # (s, s)
+    if shape == "square":
+        return np.ones((s, s), dtype=bool)
+    if shape == "circle":
+        return (xx - s / 2) ** 2 + (yy - s / 2) ** 2 <= (s / 2) ** 2
+    if shape == "triangle":
+        # apex up, base on the bottom row; the half-width is taken at each row's lower edge so the apex row is lit
+        return np.abs(xx - s / 2) <= (yy + 0.5) / 2
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene):
+    """Scene -> uint8 (size, size, 3). Hard edges (no anti-aliasing): a clean render's pixels are exactly the
+    palette, which is what lets the detector recover boxes exactly; the VQ decoder will blur them anyway."""
+    img = np.empty((scene.size, scene.size, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.box
+        img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = COLORS[o.color]
+    return img
+
+
+# -----------------------------------------------------------------------------
+# Prompts with GenEval metadata
+
+def _a(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def single_object(shape):
+    return {"tag": "single_object", "include": [{"class": shape, "count": 1}], "prompt": f"a photo of {_a(shape)}"}
+
+
+def two_object(a, b):
+    return {"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            "prompt": f"a photo of {_a(a)} and {_a(b)}"}
+
+
+def counting(shape, n):
+    # the exclude clause makes the count exact, as in GenEval: n + 1 of them fails
+    return {"tag": "counting", "include": [{"class": shape, "count": n}], "exclude": [{"class": shape, "count": n + 1}],
+            "prompt": f"a photo of {NUMBER_WORDS[n]} {shape}s"}
+
+
+def colors(color, shape):
+    return {"tag": "colors", "include": [{"class": shape, "count": 1, "color": color}],
+            "prompt": f"a photo of {_a(color + ' ' + shape)}"}
+
+
+def position(a, relation, b):
+    # GenEval layout: the reference object b is clause 0, the subject a carries [relation, 0]
+    return {"tag": "position", "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
+            "prompt": f"a photo of {_a(a)} {relation} {_a(b)}"}
+
+
+def color_attr(c1, s1, c2, s2):
+    return {"tag": "color_attr", "include": [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}],
+            "prompt": f"a photo of {_a(c1 + ' ' + s1)} and {_a(c2 + ' ' + s2)}"}
+
+
+def all_prompts():
+    """Every prompt of the world (240 of them), in a fixed order. GenEval's own restrictions apply: two_object,
+    position and color_attr name two different shapes, and color_attr two different colours."""
+    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    out = [single_object(s) for s in SHAPES]
+    out += [two_object(a, b) for a, b in pairs]
+    out += [counting(s, n) for s in SHAPES for n in NUMBER_WORDS]
+    out += [colors(c, s) for c in COLORS for s in SHAPES]
+    out += [position(a, r, b) for a, b in pairs for r in RELATIONS]
+    out += [color_attr(c1, a, c2, b) for a, b in pairs for c1 in COLORS for c2 in COLORS if c1 != c2]
+    return out
+
+
+# What the test set holds out. Each colour loses one shape and each shape two colours, so every colour and
+# every shape is still seen in training, only never together.
+HELD_OUT_PAIRS = {("red", "triangle"), ("blue", "triangle"), ("orange", "square"), ("green", "square"),
+                  ("yellow", "circle"), ("purple", "circle")}
+# Three layouts, each in both wordings ("circle left of square" is the same picture as "square right of
+# circle", so holding out only one wording would test paraphrase, not composition).
+HELD_OUT_LAYOUTS = {("circle", "left of", "square"), ("square", "right of", "circle"),
+                    ("triangle", "above", "circle"), ("circle", "below", "triangle"),
+                    ("square", "above", "triangle"), ("triangle", "below", "square")}
+HELD_OUT_COUNTS = {("triangle", 4)}
+
+
+def is_held_out(meta):
+    """True when a prompt uses a held-out (colour, shape) pair, layout or count: it then never appears in training."""
+    inc = meta["include"]
+    for c in inc:
+        if (c.get("color"), c["class"]) in HELD_OUT_PAIRS or (c["class"], c["count"]) in HELD_OUT_COUNTS:
+            return True
+        if "position" in c:
+            relation, j = c["position"]
+            if (c["class"], relation, inc[j]["class"]) in HELD_OUT_LAYOUTS:
+                return True
+    return False
+
+
+def prompt_sets():
+    """(train, test) lists of GenEval metadata, deterministic.
+    train: every prompt with no held-out combination (131 prompts).
+    test: every held-out prompt (colors 6, position 6, color_attr 96, counting 1), plus all the
+    single_object, two_object and other counting prompts (18), which cannot hold anything out in a world
+    of three shapes and so repeat training prompts; is_held_out() tells the two kinds apart. Score the test
+    set per tag and average the tags, as GenEval does, so color_attr's size does not dominate."""
+    train, test = [], []
+    for m in all_prompts():
+        held = is_held_out(m)
+        if not held:
+            train.append(m)
+        if held or m["tag"] in ("single_object", "two_object", "counting"):
+            test.append(m)
+    return train, test
+
+
+def write_prompt_sets(out_dir):
+    """Write train.jsonl and test.jsonl (one metadata dict per line) into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, metas in zip(("train", "test"), prompt_sets()):
+        path = os.path.join(out_dir, f"{name}.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metas)
+        paths.append(path)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Scenes that satisfy a prompt
+
+def _relation_holds(relation, a, b):
+    """A sufficient, margin-keeping condition for GenEval's `relation` of box a to box b: a lies wholly on that
+    side of b, and the centre offset across the axis is at most half the offset along it. Then GenEval's shrunk,
+    normalised offset is at least 0.8 / sqrt(1.25) = 0.72 along the axis (it needs 0.5) and at most 0.45 across
+    it, so exactly the asked relation holds. The rule engine itself is in rewards.py."""
+    ax0, ay0, ax1, ay1 = a
+    bx0, by0, bx1, by1 = b
+    ox, oy = (ax0 + ax1 - bx0 - bx1) / 2, (ay0 + ay1 - by0 - by1) / 2
+    if relation == "left of":
+        return ax1 <= bx0 and abs(oy) <= -ox / 2
+    if relation == "right of":
+        return ax0 >= bx1 and abs(oy) <= ox / 2
+    if relation == "above":
+        return ay1 <= by0 and abs(ox) <= -oy / 2
+    if relation == "below":
+        return ay0 >= by1 and abs(ox) <= oy / 2
+    raise ValueError(f"unknown relation {relation!r}")
+
+
+def sample_scene(meta, rng, size=64, avoid=()):
+    """A random scene holding exactly the objects `meta` asks for, with every unspecified attribute random.
+    rng: numpy Generator (or an int seed). avoid: (colour, shape) pairs that random colours never take; pass
+    HELD_OUT_PAIRS when making training data so held-out pairs are not seen even in unprompted colours.
+    Position clauses are satisfied with margin (see _relation_holds); exclude clauses hold because nothing else
+    is drawn. Objects come in include-clause order."""
+    rng = np.random.default_rng(rng)
+    wanted = []  # (shape, colour or None, clause index) per object
+    for i, clause in enumerate(meta["include"]):
+        if clause["class"] not in SHAPES or clause.get("color", "red") not in COLORS:  # red: any valid colour
+            raise ValueError(f"clause {clause} is not in the shapes world")
+        wanted += [(clause["class"], clause.get("color"), i)] * clause["count"]
+    for clause in meta.get("exclude", []):
+        have = sum(w[0] == clause["class"] for w in wanted)
+        assert have < clause["count"], f"metadata excludes what it includes: {meta}"
+    # (subject object index, relation, reference object index), using each clause's first object
+    first = {}
+    for k, w in enumerate(wanted):
+        first.setdefault(w[2], k)
+    relations = [(first[i], c["position"][0], first[c["position"][1]])
+                 for i, c in enumerate(meta["include"]) if "position" in c]
+    lo = max(MIN_PIXELS, round(MIN_SIZE * size))
+    hi, gap = max(lo, round(MAX_SIZE * size)), max(1, round(GAP * size))
+    for _ in range(1000):
+        boxes = []
+        for s in rng.integers(lo, hi + 1, size=len(wanted)):
+            for _ in range(50):  # drop boxes at random until one keeps its distance from the others
+                x, y = rng.integers(0, size - s + 1, size=2)
+                b = (int(x), int(y), int(x + s), int(y + s))
+                if all(b[0] >= o[2] + gap or o[0] >= b[2] + gap or b[1] >= o[3] + gap or o[1] >= b[3] + gap
+                       for o in boxes):
+                    boxes.append(b)
+                    break
+            else:
+                break
+        if len(boxes) == len(wanted) and all(_relation_holds(r, boxes[a], boxes[b]) for a, r, b in relations):
+            break
+    else:
+        raise RuntimeError(f"could not lay out {meta['prompt']!r} at size {size}")
+    objects = []
+    for (shape, color, _), box in zip(wanted, boxes):
+        if color is None:
+            choices = [c for c in COLORS if (c, shape) not in avoid]
+            color = choices[rng.integers(len(choices))]
+        objects.append(Obj(shape, color, box))
+    return Scene(objects, size)
+
+
+# -----------------------------------------------------------------------------
+# Plans: the semantic-level chain of thought of this world
+
+def split_words(text):
+    """The word-level tokenisation every part of the project shares: runs of letters, and ',' '.' as words."""
+    return re.findall(r"[a-z]+|[,.]", text.lower())
+
+
+def place_of(box, size):
+    """Which ninth of the image holds the box centre, as one of PLACES."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return PLACES[3 * min(int(3 * cy / size), 2) + min(int(3 * cx / size), 2)]
+
+
+def plan_of(scene):
+    """The plan describing a scene: 'colour shape place' per object in reading order (grid row, then x),
+    joined by ', '. Many scenes satisfy one prompt, so one prompt has many plans."""
+    def order(o):
+        return (PLACES.index(place_of(o.box, scene.size)) // 3, o.center[0], o.center[1])
+    return ", ".join(f"{o.color} {o.shape} {place_of(o.box, scene.size)}" for o in sorted(scene.objects, key=order))
+
+
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
+
+
+def parse_plan(text):
+    """Plan text -> list of (colour, shape, place or None). An object starts at a colour word followed by a shape
+    word; place words after it (until a comma or the next object) give its place. Anything else is skipped,
+    so sampled plans with junk in them still parse as far as they make sense."""
+    items, open_item = [], False
+    words = split_words(text)
+    for i, w in enumerate(words):
+        if w in COLORS and i + 1 < len(words) and words[i + 1] in _SHAPE_WORDS:
+            items.append([w, _SHAPE_WORDS[words[i + 1]], []])
+            open_item = True
+        elif w == ",":
+            open_item = False
+        elif open_item and w in ("top", "bottom", "left", "right", "center"):
+            items[-1][2].append(w)
+    out = []
+    for color, shape, where in items:
+        row = next((w for w in where if w in ("top", "bottom")), "")
+        col = next((w for w in where if w in ("left", "right")), "")
+        place = f"{row} {col}".strip() or ("center" if "center" in where else None)
+        out.append((color, shape, place))
+    return out
+
+
+def vocabulary():
+    """Every word (split_words units) that can appear in a prompt, a plan, or the image prompt
+    '{prompt}. {plan}', sorted."""
+    words = {"a", "an", "photo", "of", "and", ",", "."}
+    words |= set(COLORS) | set(_SHAPE_WORDS) | set(NUMBER_WORDS.values())
+    words |= {w for r in RELATIONS for w in r.split()} | {w for p in PLACES for w in p.split()}
+    return sorted(words)
+
+
+# -----------------------------------------------------------------------------
+# Command line. Only the prompt sets for now; the pretraining of the tiny base model is to be added here.
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prompts"]:
+        for path in write_prompt_sets(argv[1] if len(argv) > 1 else "data/shapes"):
+            print("wrote", path)
+    else:
+        print("usage: python shapes.py prompts [out_dir]   (writes train.jsonl and test.jsonl)")
+
+
+if __name__ == "__main__":
+    main()
