@@ -46,11 +46,45 @@ def _strict_pass(dets, meta):
     return all(sum(d["class"] == c["class"] for d in dets) < c["count"] for c in meta.get("exclude", []))
 
 
+def _same_objects(scene, dets):
+    return sorted((o.shape, o.color, tuple(o.box)) for o in scene.objects) == \
+        sorted((d["class"], d["color"], d["box"]) for d in dets)
+
+
+def _iou(a, b):
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _found_all(scene, dets, min_iou=0.5):
+    """Every object found once with its class and colour, box IoU >= min_iou, and nothing else."""
+    left = list(dets)
+    for o in scene.objects:
+        match = next((d for d in left if d["class"] == o.shape and d["color"] == o.color
+                      and _iou(d["box"], o.box) >= min_iou), None)
+        if match is None:
+            return False
+        left.remove(match)
+    return not left
+
+
 def test_shapes_masks_touch_every_side_of_their_box():
     for s in range(S.MIN_PIXELS, 50):
         for shape in S.SHAPES:
             m = S.shape_mask(shape, s)
             assert m[0].any() and m[-1].any() and m[:, 0].any() and m[:, -1].any(), (shape, s)
+
+
+def test_shapes_detector_recovers_clean_renders_exactly():
+    for size in (64, 32, 96):
+        metas = S.all_prompts() if size == 64 else S.all_prompts()[::7]
+        scenes = [S.sample_scene(m, seed, size=size) for seed in range(2) for m in metas]
+        images = np.stack([S.render(s) for s in scenes])
+        for scene, dets in zip(scenes, S.detect_batch(images)):
+            assert _same_objects(scene, dets), (scene, dets)
+            assert all(0 < d["score"] <= 1 and d["score"] > 0.5 for d in dets)
 
 
 def test_shapes_scenes_and_images_are_deterministic():
@@ -154,4 +188,67 @@ def test_shapes_plans_describe_the_scene_and_parse_back():
     assert S.parse_plan("um red circle top left and ,, blah BLUE squares , green triangle zzz right top") == [
         ("red", "circle", "top left"), ("blue", "square", None), ("green", "triangle", "top right")]
     assert S.parse_plan("") == [] and S.parse_plan("red blue circle center") == [("blue", "circle", "center")]
+
+
+def _blur(img, sigma):
+    r = int(3 * sigma)
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    f = img.astype(np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0)] * 3
+        pad[axis] = (r, r)
+        p = np.pad(f, pad, mode="edge")
+        f = sum(w * np.take(p, range(i, i + img.shape[axis]), axis=axis) for i, w in enumerate(k))
+    return np.clip(np.rint(f), 0, 255).astype(np.uint8)
+
+
+def _jpeg(img, quality):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return np.array(Image.open(buf).convert("RGB"))
+
+
+def _down_up(img, factor):
+    s = img.shape[0]
+    small = Image.fromarray(img).resize((s // factor, s // factor), Image.BILINEAR)
+    return np.array(small.resize((s, s), Image.BILINEAR))
+
+
+def test_shapes_detector_survives_degraded_renders():
+    rng = np.random.default_rng(0)
+    scenes = [S.sample_scene(m, 100 + i) for i, m in enumerate(S.all_prompts()[::2])]
+    clean = [S.render(s) for s in scenes]
+    degradations = {
+        "blur": lambda x: _blur(x, 1.0),
+        "noise": lambda x: np.clip(x + rng.normal(0, 15, x.shape), 0, 255).astype(np.uint8),
+        "colour shift": lambda x: np.clip(x.astype(int) + rng.integers(-20, 21, 3), 0, 255).astype(np.uint8),
+        "desaturate": lambda x: (0.5 * x + 0.5 * x.mean(-1, keepdims=True)).astype(np.uint8),
+        "jpeg": lambda x: _jpeg(x, 50),
+        "down-up": lambda x: _down_up(x, 2),
+        "all at once": lambda x: _jpeg(np.clip(_blur(x, 0.8) + rng.normal(0, 8, x.shape) + rng.integers(-15, 16, 3),
+                                               0, 255).astype(np.uint8), 75),
+    }
+    for name, degrade in degradations.items():
+        dets = S.detect_batch(np.stack([degrade(x) for x in clean]))
+        ok = np.mean([_found_all(s, d) for s, d in zip(scenes, dets)])
+        assert ok >= 0.98, (name, ok)
+    # speckle (isolated coloured pixels) is not an object
+    speckled = clean[0].copy()
+    speckled[rng.integers(0, 64, 40), rng.integers(0, 64, 40)] = S.COLORS["red"]
+    assert _found_all(scenes[0], S.detect(speckled))
+
+
+def test_shapes_detect_batch_api():
+    import torch
+    scenes = [S.sample_scene(m, i) for i, m in enumerate(S.all_prompts()[:6])]
+    images = np.stack([S.render(s) for s in scenes])  # (B, H, W, 3) uint8
+    batch = S.detect_batch(torch.from_numpy(images))
+    assert batch == [S.detect(x) for x in images] == S.detect_batch(images)
+    assert all(set(d) == {"class", "color", "box", "score"} for dets in batch for d in dets)
+    assert all([d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True) for dets in batch)
+    assert S.detect(np.full((64, 64, 3), 240, np.uint8)) == []
+    assert S.detect_batch(np.zeros((0, 64, 64, 3), np.uint8)) == []
+    with pytest.raises(AssertionError):
+        S.detect(images[0].astype(np.float32))
 
