@@ -465,6 +465,74 @@ def detect(image, **kwargs):
 
 
 # -----------------------------------------------------------------------------
+# T2I-R1's prompt file -> GenEval metadata
+
+# Localities in T2I-R1's file that GenEval's arithmetic can check; "next to", "near" and "on side of" cannot.
+# "on top of" (resting on) is read as "above": the smaller object's centre is higher in the picture.
+_LOCALITIES = {"left of": "left of", "on the left of": "left of", "right of": "right of",
+               "on the right of": "right of", "above": "above", "on the top of": "above", "on top of": "above",
+               "below": "below", "on the bottom of": "below"}
+
+
+def from_t2i_r1(row):
+    """One T2I-R1 prompt-file record (dict) -> GenEval metadata, or None when its fields cannot be checked
+    by GenEval's rules. The prompt text is kept as is. Which fields decide:
+    spatial_info with a checkable locality and two different objects -> position;
+    numeracy_info -> counting (every object counted exactly, as GenEval does);
+    attr_nouns that are all '<GenEval colour> <noun>' and appear in the prompt -> colors / color_attr
+    (the file has some attr_nouns that contradict their prompt, e.g. 'red towel' for 'a white towel');
+    task_type 'object' with one or two nouns -> single_object / two_object. Anything else (shape, texture,
+    non-spatial, most complex prompts) -> None."""
+    prompt, text = row["prompt"], row["prompt"].lower()
+    meta = None
+    if row.get("spatial_info"):
+        sp = row["spatial_info"]
+        relation = _LOCALITIES.get(sp["locality"].strip().lower())
+        if relation and sp["obj1"] != sp["obj2"]:
+            meta = {"tag": "position", "include": [{"class": sp["obj2"], "count": 1},
+                                                    {"class": sp["obj1"], "count": 1, "position": [relation, 0]}]}
+    elif row.get("numeracy_info"):
+        info = row["numeracy_info"]
+        if len({i["obj_name"] for i in info}) == len(info) and all(int(i["num"]) >= 1 for i in info):
+            meta = {"tag": "counting", "include": [{"class": i["obj_name"], "count": int(i["num"])} for i in info],
+                    "exclude": [{"class": i["obj_name"], "count": int(i["num"]) + 1} for i in info]}
+    elif row.get("attr_nouns"):
+        include = []
+        for phrase in row["attr_nouns"]:
+            color, _, noun = phrase.strip().lower().partition(" ")
+            # the phrase must really be in the prompt (singular or plural) with a GenEval colour in front
+            if color not in GENEVAL_COLORS or not noun or not re.search(rf"\b{re.escape(phrase.lower())}(s|es)?\b", text):
+                return None
+            include.append({"class": noun, "count": 1, "color": color})
+        meta = {"tag": "colors" if len(include) == 1 else "color_attr", "include": include}
+    elif row.get("task_type") == "object" and 1 <= len(row.get("nouns", [])) <= 2:
+        nouns = row["nouns"]
+        if len(set(nouns)) == len(nouns):
+            meta = {"tag": "single_object" if len(nouns) == 1 else "two_object",
+                    "include": [{"class": c, "count": 1} for c in nouns]}
+    if meta is not None:
+        meta["prompt"] = prompt
+    return meta
+
+
+def load_t2i_r1(path):
+    """Convert a T2I-R1 prompt file (JSON lines). Returns (metadata list, {task_type: [converted, total]})."""
+    metas, counts = [], {}
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            meta = from_t2i_r1(row)
+            tally = counts.setdefault(row.get("task_type", "?"), [0, 0])
+            tally[0] += meta is not None
+            tally[1] += 1
+            if meta is not None:
+                metas.append(meta)
+    return metas, counts
+
+
+# -----------------------------------------------------------------------------
 # Command line. Only the prompt sets for now; the pretraining of the tiny base model is to be added here.
 
 def main(argv=None):

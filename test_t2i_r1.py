@@ -252,3 +252,59 @@ def test_shapes_detect_batch_api():
     with pytest.raises(AssertionError):
         S.detect(images[0].astype(np.float32))
 
+
+def test_shapes_t2i_r1_prompts_convert_to_geneval():
+    lines = [
+        '{"prompt": "a photo of a car below a zebra", "nouns": ["car", "zebra"], "spatial_info": {"obj1": "car", '
+        '"obj2": "zebra", "locality": "below"}, "task_type": "spatial"}',
+        '{"task_type": "spatial", "prompt": "a bowl on the left of a man", "nouns": ["bowl", "man"], '
+        '"spatial_info": {"obj1": "bowl", "obj2": "man", "locality": "on the left of"}}',
+        '{"task_type": "complex", "prompt": "The black mug was on top of the white coaster.", '
+        '"nouns": ["mug", "coaster"], "spatial_info": {"obj1": "mug", "obj2": "coaster", "locality": "on top of"}}',
+        '{"task_type": "spatial", "prompt": "a mouse next to a backpack", "nouns": ["mouse", "backpack"], '
+        '"spatial_info": {"obj1": "mouse", "obj2": "backpack", "locality": "next to"}}',
+        '{"task_type": "numeracy", "prompt": "two plates and three microphones", "nouns": ["plate", "microphone"], '
+        '"numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "microphone", "num": 3}]}',
+        '{"task_type": "color", "prompt": "a green duck and a yellow frog", "nouns": ["duck", "frog"], '
+        '"attr_nouns": ["green duck", "yellow frog"]}',
+        '{"task_type": "color", "prompt": "A red bathroom has a white towel on the bar.", '
+        '"nouns": ["bathroom", "towel", "bar"], "attr_nouns": ["red towel"]}',
+        '{"task_type": "color", "prompt": "a gold clock and a red train", "nouns": ["clock", "train"], '
+        '"attr_nouns": ["gold clock", "red train"]}',
+        '{"task_type": "color", "prompt": "A room with white walls.", "nouns": ["room", "wall"], '
+        '"attr_nouns": ["white wall"]}',
+        '{"prompt": "a photo of a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"], "task_type": "object"}',
+        '{"task_type": "texture", "prompt": "a wooden desk and a leather shoes", "nouns": ["desk", "shoe"], '
+        '"attr_nouns": ["wooden desk", "leather shoe"]}',
+        '{"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]}',
+    ]
+    got = [S.from_t2i_r1(json.loads(line)) for line in lines]
+    assert got[0] == {"tag": "position", "include": [{"class": "zebra", "count": 1},
+                                                     {"class": "car", "count": 1, "position": ["below", 0]}],
+                      "prompt": "a photo of a car below a zebra"}
+    assert got[1]["include"][1] == {"class": "bowl", "count": 1, "position": ["left of", 0]}
+    assert got[2]["include"] == [{"class": "coaster", "count": 1}, {"class": "mug", "count": 1, "position": ["above", 0]}]
+    assert got[3] is None  # "next to" has no GenEval relation
+    assert got[4] == {"tag": "counting", "include": [{"class": "plate", "count": 2}, {"class": "microphone", "count": 3}],
+                      "exclude": [{"class": "plate", "count": 3}, {"class": "microphone", "count": 4}],
+                      "prompt": "two plates and three microphones"}
+    assert got[5] == {"tag": "color_attr", "include": [{"class": "duck", "count": 1, "color": "green"},
+                                                       {"class": "frog", "count": 1, "color": "yellow"}],
+                      "prompt": "a green duck and a yellow frog"}
+    assert got[6] is None  # attr_nouns contradict the prompt
+    assert got[7] is None  # gold is not a GenEval colour
+    assert got[8] == {"tag": "colors", "include": [{"class": "wall", "count": 1, "color": "white"}],
+                      "prompt": "A room with white walls."}
+    assert got[9]["tag"] == "two_object" and got[9]["include"][1] == {"class": "teddy bear", "count": 1}
+    assert got[10] is None and got[11] is None
+
+
+def test_shapes_t2i_r1_file_counts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "one hamburger", "nouns": ["hamburger"], "task_type": "numeracy", '
+                    '"numeracy_info": [{"obj_name": "hamburger", "num": 1}]}\n\n'
+                    '{"task_type": "shape", "prompt": "an oval mirror", "nouns": ["mirror"], "attr_nouns": ["oval mirror"]}')
+    metas, counts = S.load_t2i_r1(path)
+    assert counts == {"numeracy": [1, 1], "shape": [0, 1]}
+    assert metas == [{"tag": "counting", "include": [{"class": "hamburger", "count": 1}],
+                      "exclude": [{"class": "hamburger", "count": 2}], "prompt": "one hamburger"}]
