@@ -15,8 +15,10 @@ This file also converts T2I-R1's own prompt file to GenEval metadata where its f
 
 Departures from GenEval: six colours, not ten (pink is red mixed with the light background, i.e. what a
 blurred red edge looks like; brown is a dark orange of the same hue; black and white have no hue and white
-is the background), three shapes, and colour is judged from the object's own pixels (no CLIP crop classifier). Conventions used throughout: image arrays are uint8 (H, W, 3), y grows
-downwards, and boxes are (x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
+is the background), three shapes, and colour is judged from the object's own pixels (no CLIP crop classifier).
+
+Conventions used throughout: image arrays are uint8 (H, W, 3), y grows downwards, and boxes are
+(x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
 """
 import json
 import os
@@ -122,8 +124,8 @@ def two_object(a, b):
 
 def counting(shape, n):
     # the exclude clause makes the count exact, as in GenEval: n + 1 of them fails
-    return {"tag": "counting", "include": [{"class": shape, "count": n}], "exclude": [{"class": shape, "count": n + 1}],
-            "prompt": f"a photo of {NUMBER_WORDS[n]} {shape}s"}
+    return {"tag": "counting", "include": [{"class": shape, "count": n}],
+            "exclude": [{"class": shape, "count": n + 1}], "prompt": f"a photo of {NUMBER_WORDS[n]} {shape}s"}
 
 
 def colors(color, shape):
@@ -133,12 +135,14 @@ def colors(color, shape):
 
 def position(a, relation, b):
     # GenEval layout: the reference object b is clause 0, the subject a carries [relation, 0]
-    return {"tag": "position", "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
+    return {"tag": "position",
+            "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
             "prompt": f"a photo of {_a(a)} {relation} {_a(b)}"}
 
 
 def color_attr(c1, s1, c2, s2):
-    return {"tag": "color_attr", "include": [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}],
+    return {"tag": "color_attr",
+            "include": [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}],
             "prompt": f"a photo of {_a(c1 + ' ' + s1)} and {_a(c2 + ' ' + s2)}"}
 
 
@@ -240,9 +244,10 @@ def sample_scene(meta, rng, size=64, avoid=()):
     rng = np.random.default_rng(rng)
     wanted = []  # (shape, colour or None, clause index) per object
     for i, clause in enumerate(meta["include"]):
-        if clause["class"] not in SHAPES or clause.get("color", "red") not in COLORS:  # red: any valid colour
+        color = clause.get("color")
+        if clause["class"] not in SHAPES or (color is not None and color not in COLORS):
             raise ValueError(f"clause {clause} is not in the shapes world")
-        wanted += [(clause["class"], clause.get("color"), i)] * clause["count"]
+        wanted += [(clause["class"], color, i)] * clause["count"]
     for clause in meta.get("exclude", []):
         have = sum(w[0] == clause["class"] for w in wanted)
         assert have < clause["count"], f"metadata excludes what it includes: {meta}"
@@ -254,10 +259,10 @@ def sample_scene(meta, rng, size=64, avoid=()):
                  for i, c in enumerate(meta["include"]) if "position" in c]
     lo = max(MIN_PIXELS, round(MIN_SIZE * size))
     hi, gap = max(lo, round(MAX_SIZE * size)), max(1, round(GAP * size))
-    for _ in range(1000):
+    for attempt in range(1000):  # rejection sampling: fresh sizes and places until everything fits
         boxes = []
         for s in rng.integers(lo, hi + 1, size=len(wanted)):
-            for _ in range(50):  # drop boxes at random until one keeps its distance from the others
+            for drop in range(50):  # drop the box at random until it keeps its distance from the others
                 x, y = rng.integers(0, size - s + 1, size=2)
                 b = (int(x), int(y), int(x + s), int(y + s))
                 if all(b[0] >= o[2] + gap or o[0] >= b[2] + gap or b[1] >= o[3] + gap or o[1] >= b[3] + gap
@@ -266,7 +271,7 @@ def sample_scene(meta, rng, size=64, avoid=()):
                     break
             else:
                 break
-        if len(boxes) == len(wanted) and all(_relation_holds(r, boxes[a], boxes[b]) for a, r, b in relations):
+        if len(boxes) == len(wanted) and all(_relation_holds(r, boxes[i], boxes[j]) for i, r, j in relations):
             break
     else:
         raise RuntimeError(f"could not lay out {meta['prompt']!r} at size {size}")
@@ -501,7 +506,8 @@ def from_t2i_r1(row):
         for phrase in row["attr_nouns"]:
             color, _, noun = phrase.strip().lower().partition(" ")
             # the phrase must really be in the prompt (singular or plural) with a GenEval colour in front
-            if color not in GENEVAL_COLORS or not noun or not re.search(rf"\b{re.escape(phrase.lower())}(s|es)?\b", text):
+            in_prompt = re.search(rf"\b{re.escape(phrase.strip().lower())}(s|es)?\b", text)
+            if color not in GENEVAL_COLORS or not noun or not in_prompt:
                 return None
             include.append({"class": noun, "count": 1, "color": color})
         meta = {"tag": "colors" if len(include) == 1 else "color_attr", "include": include}

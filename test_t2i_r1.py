@@ -25,7 +25,8 @@ def _relations(a, b):
     offset = ca - cb
     shrunk = np.maximum(np.abs(offset) - 0.1 * dims, 0) * np.sign(offset)
     dx, dy = shrunk / np.linalg.norm(offset)
-    rel = {r for r, hit in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)) if hit}
+    tests = (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5))
+    rel = {r for r, hit in tests if hit}
     return rel, dx, dy
 
 
@@ -283,9 +284,11 @@ def test_shapes_t2i_r1_prompts_convert_to_geneval():
                                                      {"class": "car", "count": 1, "position": ["below", 0]}],
                       "prompt": "a photo of a car below a zebra"}
     assert got[1]["include"][1] == {"class": "bowl", "count": 1, "position": ["left of", 0]}
-    assert got[2]["include"] == [{"class": "coaster", "count": 1}, {"class": "mug", "count": 1, "position": ["above", 0]}]
+    assert got[2]["include"] == [{"class": "coaster", "count": 1},
+                                 {"class": "mug", "count": 1, "position": ["above", 0]}]
     assert got[3] is None  # "next to" has no GenEval relation
-    assert got[4] == {"tag": "counting", "include": [{"class": "plate", "count": 2}, {"class": "microphone", "count": 3}],
+    assert got[4] == {"tag": "counting",
+                      "include": [{"class": "plate", "count": 2}, {"class": "microphone", "count": 3}],
                       "exclude": [{"class": "plate", "count": 3}, {"class": "microphone", "count": 4}],
                       "prompt": "two plates and three microphones"}
     assert got[5] == {"tag": "color_attr", "include": [{"class": "duck", "count": 1, "color": "green"},
@@ -303,7 +306,8 @@ def test_shapes_t2i_r1_file_counts(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "one hamburger", "nouns": ["hamburger"], "task_type": "numeracy", '
                     '"numeracy_info": [{"obj_name": "hamburger", "num": 1}]}\n\n'
-                    '{"task_type": "shape", "prompt": "an oval mirror", "nouns": ["mirror"], "attr_nouns": ["oval mirror"]}')
+                    '{"task_type": "shape", "prompt": "an oval mirror", "nouns": ["mirror"], '
+                    '"attr_nouns": ["oval mirror"]}')
     metas, counts = S.load_t2i_r1(path)
     assert counts == {"numeracy": [1, 1], "shape": [0, 1]}
     assert metas == [{"tag": "counting", "include": [{"class": "hamburger", "count": 1}],
