@@ -473,7 +473,8 @@ def detect(image, **kwargs):
 # T2I-R1's prompt file -> GenEval metadata
 
 # Localities in T2I-R1's file that GenEval's arithmetic can check; "next to", "near" and "on side of" cannot.
-# "on top of" (resting on) is read as "above": the smaller object's centre is higher in the picture.
+# "on top of" (resting on) is read as "above": the object on top has its centre higher in the picture
+# (a flat object lying on a much bigger one can still miss GenEval's margin).
 _LOCALITIES = {"left of": "left of", "on the left of": "left of", "right of": "right of",
                "on the right of": "right of", "above": "above", "on the top of": "above", "on top of": "above",
                "below": "below", "on the bottom of": "below"}
