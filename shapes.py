@@ -1,0 +1,556 @@
+"""The shapes world: a synthetic compositional image domain small enough to run T2I-R1 on two CPU cores.
+
+Real T2I-R1 trains Janus-Pro-7B on 7k text prompts with four large reward models. Here the same method runs
+end to end on a world we fully control:
+
+- images: flat-coloured circles, squares and triangles (1 to 4, never touching) on a light grey background;
+- prompts: GenEval's six templates ("a photo of a red circle and a blue square") with GenEval's metadata,
+  split into a train set and a held-out test set of unseen combinations;
+- plans: the semantic-level chain of thought of this world, "red circle top left, blue square right";
+- an exact detector, which plays the part of GenEval's Mask2Former: it recovers every object of a clean
+  render exactly and degrades gracefully on the blurry, colour-drifted images a small VQ decoder produces.
+
+The GenEval rule engine that turns detections + metadata into a reward lives in rewards.py, not here.
+This file also converts T2I-R1's own prompt file to GenEval metadata where its fields allow.
+
+Departures from GenEval: six colours, not ten (pink is red mixed with the light background, i.e. what a
+blurred red edge looks like; brown is a dark orange of the same hue; black and white have no hue and white
+is the background), three shapes, and colour is judged from the object's own pixels (no CLIP crop classifier).
+
+Conventions used throughout: image arrays are uint8 (H, W, 3), y grows downwards, and boxes are
+(x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# The world: shapes, colours, relations, places
+
+SHAPES = ("circle", "square", "triangle")
+# Hues spread round the colour wheel (red 0, orange 29, yellow 57, green 132, blue 221, purple 278 degrees)
+# at high chroma. The detector classifies by hue, which mixing with a neutral background leaves unchanged,
+# so blurred edges never read as another colour.
+COLORS = {
+    "red": (220, 30, 30),
+    "orange": (240, 125, 20),
+    "yellow": (230, 220, 20),
+    "green": (30, 180, 60),
+    "blue": (30, 90, 220),
+    "purple": (150, 50, 210),
+}
+BACKGROUND = (240, 240, 240)  # neutral: zero chroma, far from every palette colour
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# 3x3 grid of places by box centre, row-major; the middle row/column has no word of its own.
+PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+
+# Object sizes (side of the square box) and the empty margin kept between boxes, as fractions of the image side.
+# Never under 8 pixels: a 6-pixel circle is pixelised into a rounded square that no detector can call a circle.
+MIN_SIZE, MAX_SIZE, GAP, MIN_PIXELS = 0.16, 0.34, 0.06, 8
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    box: tuple  # (x0, y0, x1, y1) pixels, x1/y1 exclusive
+
+    @property
+    def center(self):
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+
+@dataclass
+class Scene:
+    objects: list  # of Obj
+    size: int = 64  # images are size x size
+
+    def detections(self):
+        """Ground truth in detect()'s output format (score 1), e.g. to test a rule engine without a detector."""
+        return [{"class": o.shape, "color": o.color, "box": tuple(o.box), "score": 1.0} for o in self.objects]
+
+
+# -----------------------------------------------------------------------------
+# Rendering
+
+def shape_mask(shape, s):
+    """Boolean (s, s) mask of `shape` drawn in an s x s cell. Every shape touches all four sides of its cell,
+    so the cell is exactly the bounding box of the drawn pixels (the detector relies on this)."""
+    c = np.arange(s) + 0.5  # pixel centres
+    yy, xx = np.meshgrid(c, c, indexing="ij")  # (s, s)
+    if shape == "square":
+        return np.ones((s, s), dtype=bool)
+    if shape == "circle":
+        return (xx - s / 2) ** 2 + (yy - s / 2) ** 2 <= (s / 2) ** 2
+    if shape == "triangle":
+        # apex up, base on the bottom row; the half-width is taken at each row's lower edge so the apex row is lit
+        return np.abs(xx - s / 2) <= (yy + 0.5) / 2
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene):
+    """Scene -> uint8 (size, size, 3). Hard edges (no anti-aliasing): a clean render's pixels are exactly the
+    palette, which is what lets the detector recover boxes exactly; the VQ decoder will blur them anyway."""
+    img = np.empty((scene.size, scene.size, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.box
+        img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = COLORS[o.color]
+    return img
+
+
+# -----------------------------------------------------------------------------
+# Prompts with GenEval metadata
+
+def _a(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def single_object(shape):
+    return {"tag": "single_object", "include": [{"class": shape, "count": 1}], "prompt": f"a photo of {_a(shape)}"}
+
+
+def two_object(a, b):
+    return {"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            "prompt": f"a photo of {_a(a)} and {_a(b)}"}
+
+
+def counting(shape, n):
+    # the exclude clause makes the count exact, as in GenEval: n + 1 of them fails
+    return {"tag": "counting", "include": [{"class": shape, "count": n}],
+            "exclude": [{"class": shape, "count": n + 1}], "prompt": f"a photo of {NUMBER_WORDS[n]} {shape}s"}
+
+
+def colors(color, shape):
+    return {"tag": "colors", "include": [{"class": shape, "count": 1, "color": color}],
+            "prompt": f"a photo of {_a(color + ' ' + shape)}"}
+
+
+def position(a, relation, b):
+    # GenEval layout: the reference object b is clause 0, the subject a carries [relation, 0]
+    return {"tag": "position",
+            "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
+            "prompt": f"a photo of {_a(a)} {relation} {_a(b)}"}
+
+
+def color_attr(c1, s1, c2, s2):
+    return {"tag": "color_attr",
+            "include": [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}],
+            "prompt": f"a photo of {_a(c1 + ' ' + s1)} and {_a(c2 + ' ' + s2)}"}
+
+
+def all_prompts():
+    """Every prompt of the world (240 of them), in a fixed order. GenEval's own restrictions apply: two_object,
+    position and color_attr name two different shapes, and color_attr two different colours."""
+    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    out = [single_object(s) for s in SHAPES]
+    out += [two_object(a, b) for a, b in pairs]
+    out += [counting(s, n) for s in SHAPES for n in NUMBER_WORDS]
+    out += [colors(c, s) for c in COLORS for s in SHAPES]
+    out += [position(a, r, b) for a, b in pairs for r in RELATIONS]
+    out += [color_attr(c1, a, c2, b) for a, b in pairs for c1 in COLORS for c2 in COLORS if c1 != c2]
+    return out
+
+
+# What the test set holds out. Each colour loses one shape and each shape two colours, so every colour and
+# every shape is still seen in training, only never together.
+HELD_OUT_PAIRS = {("red", "triangle"), ("blue", "triangle"), ("orange", "square"), ("green", "square"),
+                  ("yellow", "circle"), ("purple", "circle")}
+# Three layouts, each in both wordings ("circle left of square" is the same picture as "square right of
+# circle", so holding out only one wording would test paraphrase, not composition).
+HELD_OUT_LAYOUTS = {("circle", "left of", "square"), ("square", "right of", "circle"),
+                    ("triangle", "above", "circle"), ("circle", "below", "triangle"),
+                    ("square", "above", "triangle"), ("triangle", "below", "square")}
+HELD_OUT_COUNTS = {("triangle", 4)}
+
+
+def is_held_out(meta):
+    """True when a prompt uses a held-out (colour, shape) pair, layout or count: it then never appears in training."""
+    inc = meta["include"]
+    for c in inc:
+        if (c.get("color"), c["class"]) in HELD_OUT_PAIRS or (c["class"], c["count"]) in HELD_OUT_COUNTS:
+            return True
+        if "position" in c:
+            relation, j = c["position"]
+            if (c["class"], relation, inc[j]["class"]) in HELD_OUT_LAYOUTS:
+                return True
+    return False
+
+
+def prompt_sets():
+    """(train, test) lists of GenEval metadata, deterministic.
+    train: every prompt with no held-out combination (131 prompts).
+    test: every held-out prompt (colors 6, position 6, color_attr 96, counting 1), plus all the
+    single_object, two_object and other counting prompts (18), which cannot hold anything out in a world
+    of three shapes and so repeat training prompts; is_held_out() tells the two kinds apart. Score the test
+    set per tag and average the tags, as GenEval does, so color_attr's size does not dominate."""
+    train, test = [], []
+    for m in all_prompts():
+        held = is_held_out(m)
+        if not held:
+            train.append(m)
+        if held or m["tag"] in ("single_object", "two_object", "counting"):
+            test.append(m)
+    return train, test
+
+
+def write_prompt_sets(out_dir):
+    """Write train.jsonl and test.jsonl (one metadata dict per line) into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, metas in zip(("train", "test"), prompt_sets()):
+        path = os.path.join(out_dir, f"{name}.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metas)
+        paths.append(path)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Scenes that satisfy a prompt
+
+def _relation_holds(relation, a, b):
+    """A sufficient, margin-keeping condition for GenEval's `relation` of box a to box b: a lies wholly on that
+    side of b, and the centre offset across the axis is at most half the offset along it. Then GenEval's shrunk,
+    normalised offset is at least 0.8 / sqrt(1.25) = 0.72 along the axis (it needs 0.5) and at most 0.45 across
+    it, so exactly the asked relation holds. The rule engine itself is in rewards.py."""
+    ax0, ay0, ax1, ay1 = a
+    bx0, by0, bx1, by1 = b
+    ox, oy = (ax0 + ax1 - bx0 - bx1) / 2, (ay0 + ay1 - by0 - by1) / 2
+    if relation == "left of":
+        return ax1 <= bx0 and abs(oy) <= -ox / 2
+    if relation == "right of":
+        return ax0 >= bx1 and abs(oy) <= ox / 2
+    if relation == "above":
+        return ay1 <= by0 and abs(ox) <= -oy / 2
+    if relation == "below":
+        return ay0 >= by1 and abs(ox) <= oy / 2
+    raise ValueError(f"unknown relation {relation!r}")
+
+
+def sample_scene(meta, rng, size=64, avoid=()):
+    """A random scene holding exactly the objects `meta` asks for, with every unspecified attribute random.
+    rng: numpy Generator (or an int seed). avoid: (colour, shape) pairs that random colours never take; pass
+    HELD_OUT_PAIRS when making training data so held-out pairs are not seen even in unprompted colours.
+    Position clauses are satisfied with margin (see _relation_holds); exclude clauses hold because nothing else
+    is drawn. Objects come in include-clause order."""
+    rng = np.random.default_rng(rng)
+    wanted = []  # (shape, colour or None, clause index) per object
+    for i, clause in enumerate(meta["include"]):
+        color = clause.get("color")
+        if clause["class"] not in SHAPES or (color is not None and color not in COLORS):
+            raise ValueError(f"clause {clause} is not in the shapes world")
+        wanted += [(clause["class"], color, i)] * clause["count"]
+    for clause in meta.get("exclude", []):
+        have = sum(w[0] == clause["class"] for w in wanted)
+        assert have < clause["count"], f"metadata excludes what it includes: {meta}"
+    # (subject object index, relation, reference object index), using each clause's first object
+    first = {}
+    for k, w in enumerate(wanted):
+        first.setdefault(w[2], k)
+    relations = [(first[i], c["position"][0], first[c["position"][1]])
+                 for i, c in enumerate(meta["include"]) if "position" in c]
+    lo = max(MIN_PIXELS, round(MIN_SIZE * size))
+    hi, gap = max(lo, round(MAX_SIZE * size)), max(1, round(GAP * size))
+    for attempt in range(1000):  # rejection sampling: fresh sizes and places until everything fits
+        boxes = []
+        for s in rng.integers(lo, hi + 1, size=len(wanted)):
+            for drop in range(50):  # drop the box at random until it keeps its distance from the others
+                x, y = rng.integers(0, size - s + 1, size=2)
+                b = (int(x), int(y), int(x + s), int(y + s))
+                if all(b[0] >= o[2] + gap or o[0] >= b[2] + gap or b[1] >= o[3] + gap or o[1] >= b[3] + gap
+                       for o in boxes):
+                    boxes.append(b)
+                    break
+            else:
+                break
+        if len(boxes) == len(wanted) and all(_relation_holds(r, boxes[i], boxes[j]) for i, r, j in relations):
+            break
+    else:
+        raise RuntimeError(f"could not lay out {meta['prompt']!r} at size {size}")
+    objects = []
+    for (shape, color, _), box in zip(wanted, boxes):
+        if color is None:
+            choices = [c for c in COLORS if (c, shape) not in avoid]
+            color = choices[rng.integers(len(choices))]
+        objects.append(Obj(shape, color, box))
+    return Scene(objects, size)
+
+
+# -----------------------------------------------------------------------------
+# Plans: the semantic-level chain of thought of this world
+
+def split_words(text):
+    """The word-level tokenisation every part of the project shares: runs of letters, and ',' '.' as words."""
+    return re.findall(r"[a-z]+|[,.]", text.lower())
+
+
+def place_of(box, size):
+    """Which ninth of the image holds the box centre, as one of PLACES."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return PLACES[3 * min(int(3 * cy / size), 2) + min(int(3 * cx / size), 2)]
+
+
+def plan_of(scene):
+    """The plan describing a scene: 'colour shape place' per object in reading order (grid row, then x),
+    joined by ', '. Many scenes satisfy one prompt, so one prompt has many plans."""
+    def order(o):
+        return (PLACES.index(place_of(o.box, scene.size)) // 3, o.center[0], o.center[1])
+    return ", ".join(f"{o.color} {o.shape} {place_of(o.box, scene.size)}" for o in sorted(scene.objects, key=order))
+
+
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
+
+
+def parse_plan(text):
+    """Plan text -> list of (colour, shape, place or None). An object starts at a colour word followed by a shape
+    word; place words after it (until a comma or the next object) give its place. Anything else is skipped,
+    so sampled plans with junk in them still parse as far as they make sense."""
+    items, open_item = [], False
+    words = split_words(text)
+    for i, w in enumerate(words):
+        if w in COLORS and i + 1 < len(words) and words[i + 1] in _SHAPE_WORDS:
+            items.append([w, _SHAPE_WORDS[words[i + 1]], []])
+            open_item = True
+        elif w == ",":
+            open_item = False
+        elif open_item and w in ("top", "bottom", "left", "right", "center"):
+            items[-1][2].append(w)
+    out = []
+    for color, shape, where in items:
+        row = next((w for w in where if w in ("top", "bottom")), "")
+        col = next((w for w in where if w in ("left", "right")), "")
+        place = f"{row} {col}".strip() or ("center" if "center" in where else None)
+        out.append((color, shape, place))
+    return out
+
+
+def vocabulary():
+    """Every word (split_words units) that can appear in a prompt, a plan, or the image prompt
+    '{prompt}. {plan}', sorted."""
+    words = {"a", "an", "photo", "of", "and", ",", "."}
+    words |= set(COLORS) | set(_SHAPE_WORDS) | set(NUMBER_WORDS.values())
+    words |= {w for r in RELATIONS for w in r.split()} | {w for p in PLACES for w in p.split()}
+    return sorted(words)
+
+
+# -----------------------------------------------------------------------------
+# The exact detector
+
+def _hue_chroma(rgb):
+    """float (..., 3) -> hue in degrees [0, 360) and chroma (max - min), both (...)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    chroma = mx - mn
+    c = np.where(chroma > 0, chroma, 1.0)
+    hue = np.where(mx == r, ((g - b) / c) % 6, np.where(mx == g, (b - r) / c + 2, (r - g) / c + 4))
+    return 60.0 * hue, chroma
+
+
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (K, 3)
+_PALETTE_HUE, _PALETTE_CHROMA = _hue_chroma(_PALETTE)
+_PALETTE_CONTRAST = np.linalg.norm(_PALETTE - np.array(BACKGROUND, dtype=np.float32), axis=-1)  # (K,)
+# Shape models: mean and spread of (fill ratio = area / box area, centroid height in the box from the top),
+# measured on clean and degraded renders. Circles and squares are symmetric (centroid at 0.5, very stable);
+# pixelised triangles fill a little more than 0.5 (0.6 at 10 px) and blur rounds their apex, hence the wider spread.
+_SHAPE_MEAN = np.array([(0.79, 0.50), (0.98, 0.50), (0.62, 0.625)])  # (shapes, 2), in SHAPES order
+_SHAPE_SPREAD = np.array([(0.04, 0.015), (0.04, 0.015), (0.08, 0.03)])
+
+
+def _components(fg):
+    """4-connected components of a (B, H, W) bool mask -> int64 (B, H, W) labels, -1 off the mask, each
+    component labelled by the smallest flat index among its pixels. Min-label propagation to the four
+    neighbours plus pointer jumping (a label is the index of a pixel of the same component, so following it
+    is a shortcut); converges in a few dozen vectorised sweeps for objects of this size, no scipy needed."""
+    big = fg.size
+    lab = np.where(fg, np.arange(fg.size).reshape(fg.shape), big)
+    while True:
+        m = lab.copy()
+        np.minimum(m[:, 1:], lab[:, :-1], out=m[:, 1:])
+        np.minimum(m[:, :-1], lab[:, 1:], out=m[:, :-1])
+        np.minimum(m[:, :, 1:], lab[:, :, :-1], out=m[:, :, 1:])
+        np.minimum(m[:, :, :-1], lab[:, :, 1:], out=m[:, :, :-1])
+        m[~fg] = big
+        flat = m.reshape(-1)
+        on = flat < big
+        flat[on] = flat[flat[on]]  # pointer jump
+        if np.array_equal(m, lab):
+            return np.where(fg, lab, -1)
+        lab = m
+
+
+def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_score=0.1):
+    """Detect the objects of a batch of images, uint8 (B, H, W, 3) numpy or torch. Returns one list per image
+    of {"class", "color", "box", "score"} dicts, highest score first; box is (x0, y0, x1, y1), x1/y1 exclusive.
+
+    1. Each pixel takes the palette colour nearest in hue. It is an object pixel when its chroma is at least
+       `min_chroma`, and its distance from the background colour (contrast) at least `min_contrast`, of that
+       palette colour's own. Objects are 4-connected components of object pixels (renders keep a gap between
+       objects); components under `min_area` of the image are speckle.
+    2. Blur and colour drift move any fixed threshold, so each component is measured against its own strength:
+       coverage = contrast / (the component's 90th-percentile contrast). The object is its pixels at half
+       coverage or more: a symmetric blur leaves the half-way contour of a straight edge in place, so boxes
+       stay put. Contrast, unlike chroma, keeps the luminance edge that JPEG-like codecs preserve best.
+    3. Colour: the majority over the object's pixels. Shape: the most likely of three Gaussian models of
+       (fill ratio = area / box area, centroid height within the box).
+    Score = colour agreement x shape posterior x squareness of the box, in (0, 1]; under `min_score` is dropped.
+    A clean render has coverage 0 or 1 and exact palette hues, so it is recovered exactly."""
+    if hasattr(images, "detach"):  # a torch tensor, without importing torch here
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, "expected uint8 (B, H, W, 3)"
+    B, H, W, _ = images.shape
+    rgb = images.astype(np.float32)
+    hue, chroma = _hue_chroma(rgb)  # (B, H, W) each
+    dist = np.abs(hue[..., None] - _PALETTE_HUE)  # (B, H, W, K)
+    color_idx = np.minimum(dist, 360 - dist).argmin(-1)  # (B, H, W)
+    # background = median of the neutral (low-chroma) pixels, so a global colour cast is not contrast
+    neutral = chroma < min_chroma * _PALETTE_CHROMA.min()
+    bg = np.array([np.median(x[m], axis=0) if m.any() else BACKGROUND for x, m in zip(rgb, neutral)],
+                  dtype=np.float32).reshape(B, 3)
+    contrast = np.linalg.norm(rgb - bg[:, None, None, :], axis=-1)  # (B, H, W)
+    fg = (chroma >= min_chroma * _PALETTE_CHROMA[color_idx]) & (contrast >= min_contrast * _PALETTE_CONTRAST[color_idx])
+    labels = _components(fg)
+
+    # Per-pixel arrays over object pixels, then per-component reductions over segments sorted by component.
+    ys, xs = np.nonzero(fg)[1:]  # (N,) each, C order like labels[fg]
+    uniq, inv = np.unique(labels[fg], return_inverse=True)  # n components; inv: (N,) component of each pixel
+    n, K = len(uniq), len(COLORS)
+    strength, col = contrast[fg], color_idx[fg]
+    order = np.lexsort((strength, inv))  # by component, then by contrast
+    count = np.bincount(inv, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    core = strength[order][starts + ((count - 1) * 0.9).astype(np.int64)] if n else strength[:0]  # (n,)
+    half = strength >= 0.5 * core[inv]  # (N,) the object proper
+
+    def seg(reduce, values):  # reduce values over each component's segment
+        return reduce.reduceat(values[order], starts) if n else values[:0]
+    x0 = seg(np.minimum, np.where(half, xs, W))
+    x1 = seg(np.maximum, np.where(half, xs, -1)) + 1
+    y0 = seg(np.minimum, np.where(half, ys, H))
+    y1 = seg(np.maximum, np.where(half, ys, -1)) + 1
+    area = np.bincount(inv, weights=half, minlength=n)
+    cy = np.bincount(inv, weights=half * (ys + 0.5), minlength=n) / np.maximum(area, 1)
+    votes = np.bincount(inv * K + col, weights=half, minlength=n * K).reshape(n, K)
+
+    w, h = x1 - x0, y1 - y0
+    fill = area / np.maximum(w * h, 1)
+    cy_rel = (cy - y0) / np.maximum(h, 1)
+    z = (np.stack([fill, cy_rel], -1)[:, None, :] - _SHAPE_MEAN) / _SHAPE_SPREAD  # (n, shapes, 2)
+    loglik = -0.5 * (z ** 2).sum(-1) - np.log(_SHAPE_SPREAD.prod(-1))  # (n, shapes), diagonal Gaussians
+    posterior = np.exp(loglik - loglik.max(-1, keepdims=True))
+    posterior /= posterior.sum(-1, keepdims=True)
+    shape_idx = posterior.argmax(-1)
+    color_frac = votes.max(-1) / np.maximum(votes.sum(-1), 1e-6)
+    squareness = np.exp(-0.5 * (np.log(np.maximum(w, 1) / np.maximum(h, 1)) / 0.25) ** 2)
+    score = np.clip(color_frac * posterior.max(-1) * squareness, 1e-6, 1.0)
+
+    out = [[] for _ in range(B)]
+    names = list(COLORS)
+    keep = (count >= min_area * H * W) & (score >= min_score)
+    for k in np.nonzero(keep)[0]:
+        out[uniq[k] // (H * W)].append({"class": SHAPES[shape_idx[k]], "color": names[votes[k].argmax()],
+                                        "box": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])),
+                                        "score": float(score[k])})
+    for dets in out:
+        dets.sort(key=lambda d: -d["score"])
+    return out
+
+
+def detect(image, **kwargs):
+    """detect_batch for one uint8 (H, W, 3) image."""
+    return detect_batch(np.asarray(image)[None], **kwargs)[0]
+
+
+# -----------------------------------------------------------------------------
+# T2I-R1's prompt file -> GenEval metadata
+
+# Localities in T2I-R1's file that GenEval's arithmetic can check; "next to", "near" and "on side of" cannot.
+# "on top of" (resting on) is read as "above": the object on top has its centre higher in the picture
+# (a flat object lying on a much bigger one can still miss GenEval's margin).
+_LOCALITIES = {"left of": "left of", "on the left of": "left of", "right of": "right of",
+               "on the right of": "right of", "above": "above", "on the top of": "above", "on top of": "above",
+               "below": "below", "on the bottom of": "below"}
+
+
+def from_t2i_r1(row):
+    """One T2I-R1 prompt-file record (dict) -> GenEval metadata, or None when its fields cannot be checked
+    by GenEval's rules. The prompt text is kept as is. Which fields decide:
+    spatial_info with a checkable locality and two different objects -> position;
+    numeracy_info -> counting (every object counted exactly, as GenEval does);
+    attr_nouns that are all '<GenEval colour> <noun>' and appear in the prompt -> colors / color_attr
+    (the file has some attr_nouns that contradict their prompt, e.g. 'red towel' for 'a white towel');
+    task_type 'object' with one or two nouns -> single_object / two_object. Anything else (shape, texture,
+    non-spatial, most complex prompts) -> None."""
+    prompt, text = row["prompt"], row["prompt"].lower()
+    meta = None
+    if row.get("spatial_info"):
+        sp = row["spatial_info"]
+        relation = _LOCALITIES.get(sp["locality"].strip().lower())
+        if relation and sp["obj1"] != sp["obj2"]:
+            meta = {"tag": "position", "include": [{"class": sp["obj2"], "count": 1},
+                                                    {"class": sp["obj1"], "count": 1, "position": [relation, 0]}]}
+    elif row.get("numeracy_info"):
+        info = row["numeracy_info"]
+        if len({i["obj_name"] for i in info}) == len(info) and all(int(i["num"]) >= 1 for i in info):
+            meta = {"tag": "counting", "include": [{"class": i["obj_name"], "count": int(i["num"])} for i in info],
+                    "exclude": [{"class": i["obj_name"], "count": int(i["num"]) + 1} for i in info]}
+    elif row.get("attr_nouns"):
+        include = []
+        for phrase in row["attr_nouns"]:
+            color, _, noun = phrase.strip().lower().partition(" ")
+            # the phrase must really be in the prompt (singular or plural) with a GenEval colour in front
+            in_prompt = re.search(rf"\b{re.escape(phrase.strip().lower())}(s|es)?\b", text)
+            if color not in GENEVAL_COLORS or not noun or not in_prompt:
+                return None
+            include.append({"class": noun, "count": 1, "color": color})
+        meta = {"tag": "colors" if len(include) == 1 else "color_attr", "include": include}
+    elif row.get("task_type") == "object" and 1 <= len(row.get("nouns", [])) <= 2:
+        nouns = row["nouns"]
+        if len(set(nouns)) == len(nouns):
+            meta = {"tag": "single_object" if len(nouns) == 1 else "two_object",
+                    "include": [{"class": c, "count": 1} for c in nouns]}
+    if meta is not None:
+        meta["prompt"] = prompt
+    return meta
+
+
+def load_t2i_r1(path):
+    """Convert a T2I-R1 prompt file (JSON lines). Returns (metadata list, {task_type: [converted, total]})."""
+    metas, counts = [], {}
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            meta = from_t2i_r1(row)
+            tally = counts.setdefault(row.get("task_type", "?"), [0, 0])
+            tally[0] += meta is not None
+            tally[1] += 1
+            if meta is not None:
+                metas.append(meta)
+    return metas, counts
+
+
+# -----------------------------------------------------------------------------
+# Command line. Only the prompt sets for now; the pretraining of the tiny base model is to be added here.
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prompts"]:
+        for path in write_prompt_sets(argv[1] if len(argv) > 1 else "data/shapes"):
+            print("wrote", path)
+    else:
+        print("usage: python shapes.py prompts [out_dir]   (writes train.jsonl and test.jsonl)")
+
+
+if __name__ == "__main__":
+    main()
