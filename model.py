@@ -411,7 +411,10 @@ class Janus(nn.Module):
         os.makedirs(folder, exist_ok=True)
         dtype = self.language_model.lm_head.weight.dtype
         _write_json(os.path.join(folder, "config.json"), config_to_dict(self.cfg, dtype))
-        state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items()}
+        state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items() if ".lora_" not in k}
+        for name, module in self.named_modules():  # adapters (train.LoRALinear) are saved merged
+            if hasattr(module, "merged_weight"):
+                state[name.replace("_orig_mod.", "") + ".weight"] = module.merged_weight()
         if self.cfg.tie_word_embeddings:
             state.pop("language_model.lm_head.weight")
         save_state_dict(state, folder, weights=weights, shards=shards)

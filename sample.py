@@ -110,6 +110,66 @@ def load(ckpt, device=None, dtype=None):
     return Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt), ckpt
 
 
+def generate(janus, tok, items, *, n=4, batch_size=4, seed=0, reasoning_prompt=R.REASONING_PROMPT,
+             compile=False, show_progress=True, **sampling):
+    """Sample n images for each item ({"prompt": ..., metadata}), batch_size prompts at a time, with one
+    generator seeded once (the same seed and batch size give the same output).
+    Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
+    device = janus.language_model.lm_head.weight.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    bar = R.Progress(len(batches) * janus.cfg.image_tokens, desc="image tokens") if show_progress else None
+    records, images = [], []
+    for b, batch in enumerate(batches):
+        s = R.sample_t2i(janus, tok, [it["prompt"] for it in batch], n=n, reasoning_prompt=reasoning_prompt,
+                         generator=g, compile=compile, progress=bar and (lambda i, N: bar.update(1)), **sampling)
+        images.append(decode_images(janus, s.codes))
+        for r in range(len(s.prompts)):
+            j, k = divmod(r, n)
+            records.append({"index": b * batch_size + j, "sample": k, "prompt": s.prompts[r], "plan": s.plans[r],
+                            "image_tokens": s.codes[r].tolist(), "metadata": batch[j]})
+    return records, torch.cat(images)
+
+
+def score(scorer, images, records, group_size=None):
+    """Score images with a rewards.RewardEnsemble; per-image scores go into the records. Returns a summary:
+    mean of every reward, GenEval per-tag accuracy and overall score for the rule rewards (geneval, shapes)
+    on prompts that carry a tag, and, when a CLIP checkpoint is at hand, the diversity of each prompt's images."""
+    import rewards
+    scores, info = scorer(images, [r["metadata"] for r in records])
+    summary = {"images": len(records), "rewards": {k: float(v.mean()) for k, v in scores.items()}}
+    for name, v in scores.items():
+        strict = info[name].get("strict")
+        for i, rec in enumerate(records):
+            rec.setdefault("scores", {})[name] = float(v[i])
+            if strict is not None:
+                rec.setdefault("strict", {})[name] = bool(strict[i])
+        tagged = [(rec["metadata"]["tag"], rec["strict"][name]) for rec in records
+                  if strict is not None and "tag" in rec["metadata"]]
+        if tagged:
+            summary[f"geneval_{name}"] = rewards.geneval_summary(tagged)
+    clip = scorer.rewards.get("clip")
+    if clip is not None and group_size and group_size > 1:
+        emb = clip.image_embeddings(images).view(-1, group_size, clip.clip.config.projection_dim)
+        summary["diversity"] = rewards.diversity(emb)
+    return summary
+
+
+def format_summary(summary) -> str:
+    """The summary as markdown: GenEval per-tag accuracy tables, then the mean rewards."""
+    lines = []
+    for key, g in summary.items():
+        if key.startswith("geneval_"):
+            tags = sorted(g["per_tag"])
+            lines += [f"GenEval ({key[8:]} detector), strict accuracy per tag:", "",
+                      "| " + " | ".join(tags) + " | overall |", "|---" * (len(tags) + 1) + "|",
+                      "| " + " | ".join(f"{g['per_tag'][t]:.3f}" for t in tags) + f" | {g['overall']:.3f} |", ""]
+    lines.append("mean rewards: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["rewards"].items()))
+    if "diversity" in summary:
+        lines.append(f"diversity (mean pairwise CLIP cosine distance within a prompt): {summary['diversity']:.4f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="Janus-Pro folder (default: the shapes world base)")
@@ -123,8 +183,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--score", default=None, help="comma-separated rewards to score with, e.g. shapes or geneval,clip")
-    p.add_argument("--reward-ckpt", nargs="*", default=[], metavar="NAME=PATH", help="reward checkpoint files")
+    p.add_argument("--score", default=None, metavar="NAMES",
+                   help="score with these rewards (e.g. shapes, or geneval,clip,aesthetic) and print GenEval accuracy")
+    p.add_argument("--reward-ckpt", nargs="*", default=[], metavar="NAME=PATH", help="reward checkpoints, see README")
     add_sampling_args(p)
     args = p.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
@@ -141,42 +202,29 @@ def main(argv=None):
         import shapes
         items = shapes.example_prompts()
     scorer = None
-    if args.score:  # build (and check the files of) the rewards before spending time on sampling
+    if args.score:  # build the rewards (and check their files) before spending time on sampling
         import rewards
-        scorer = rewards.build_rewards(args.score, args.reward_ckpt, device=janus.language_model.lm_head.weight.device)
+        scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.score), rewards.parse_reward_ckpt(args.reward_ckpt),
+                                        device=janus.language_model.lm_head.weight.device)
     reasoning = R.load_reasoning_prompt(args.reasoning_prompt, ckpt)
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")}
     settings["ckpt"] = ckpt
 
-    g = torch.Generator(device=janus.language_model.lm_head.weight.device).manual_seed(args.seed)
-    batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
-    bar = R.Progress(len(batches) * janus.cfg.image_tokens, desc="image tokens")
-    records, all_images, t0 = [], [], time.time()
-    for b, batch in enumerate(batches):
-        s = R.sample_t2i(janus, tok, [it["prompt"] for it in batch], n=args.n, reasoning_prompt=reasoning,
-                         generator=g, compile=args.compile, progress=lambda i, N: bar.update(1),
-                         **sampling_kwargs(args))
-        images = decode_images(janus, s.codes)
-        for j, item in enumerate(batch):
-            idx = b * args.batch_size + j
-            rows = range(j * args.n, (j + 1) * args.n)
-            for k, r in enumerate(rows):
-                file = f"{idx:04d}_{k}.png"
-                save_png(images[r].numpy(), os.path.join(args.out, file))
-                records.append({"index": idx, "sample": k, "prompt": item["prompt"], "plan": s.plans[r],
-                                "image_tokens": s.codes[r].tolist(), "file": file, "seed": args.seed,
-                                "metadata": item, "settings": settings})
-            save_png(make_grid(images[rows.start:rows.stop].numpy()), os.path.join(args.out, f"grid_{idx:04d}.png"))
-        all_images.append(images)
+    t0 = time.time()
+    records, images = generate(janus, tok, items, n=args.n, batch_size=args.batch_size, seed=args.seed,
+                               reasoning_prompt=reasoning, compile=args.compile, **sampling_kwargs(args))
     elapsed = time.time() - t0
+    for rec, img in zip(records, images):
+        rec["file"] = f"{rec['index']:04d}_{rec['sample']}.png"
+        rec["seed"], rec["settings"] = args.seed, settings
+        save_png(img.numpy(), os.path.join(args.out, rec["file"]))
+    for i in range(0, len(images), args.n):
+        save_png(make_grid(images[i:i + args.n].numpy()), os.path.join(args.out, f"grid_{i // args.n:04d}.png"))
     print(f"{len(records)} images in {elapsed:.1f}s ({len(records) / elapsed:.2f} images/s) -> {args.out}")
-
     if scorer is not None:
-        import rewards
-        images = torch.cat(all_images)
-        summary = rewards.evaluate(scorer, images, [r["metadata"] for r in records], records, group_size=args.n)
-        print(rewards.format_summary(summary))
+        summary = score(scorer, images, records, group_size=args.n)
+        print(format_summary(summary))
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     with open(os.path.join(args.out, "samples.jsonl"), "w") as f:

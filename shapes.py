@@ -540,16 +540,269 @@ def load_t2i_r1(path):
 
 
 # -----------------------------------------------------------------------------
-# Command line. Only the prompt sets for now; the pretraining of the tiny base model is to be added here.
+# The tiny base: a VQ, a word-level tokenizer and a small Janus, pretrained on rendered scenes.
+# Everything is the real machinery (vq.VQModel, model.Janus, model.Tokenizer, saved with save_pretrained),
+# only small. The Janus learns three things at once, in one mix:
+#   (a) reasoning request about a prompt -> a plan of a scene satisfying it (the semantic level),
+#   (b) "prompt. plan" -> the image tokens of that scene (the token level, after a plan),
+#   (c) "prompt" -> the image tokens (the token level alone, for --no-cot and the "token" ablation),
+# with the prompt replaced by pad tokens 10% of the time, as Janus-Pro's unconditional rows look, so that
+# classifier-free guidance works.
+
+# the reasoning request of this world, saved as reasoning_prompt.txt and picked up by the sampler
+REASONING_TEMPLATE = "describe the objects of {prompt}"
+BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes-base")
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    image_size: int = 64
+    scenes: int = 6000             # rendered training scenes (each used by all three tasks)
+    # the VQ: 64x64 -> 8x8 codes
+    vq_steps: int = 1000
+    vq_batch: int = 16
+    vq_lr: float = 2e-3
+    codebook_size: int = 1024
+    restart_every: int = 50        # steps after which unused codes are restarted
+    # the Janus
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    lm_steps: int = 1200
+    lm_batch: int = 32
+    lm_lr: float = 2e-3
+    cond_dropout: float = 0.1
+
+
+def vq_config(c: PretrainConfig):
+    from vq import VQConfig
+    return VQConfig(image_size=c.image_size, codebook_size=c.codebook_size, codebook_embed_dim=8, ch=32,
+                    encoder_ch_mult=(1, 1, 2, 2), decoder_ch_mult=(1, 1, 2, 2), z_channels=32, num_res_blocks=1)
+
+
+def make_tokenizer():
+    """A word-level tokenizer.json (through `tokenizers`) with Janus-Pro's special-token strings."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from model import Tokenizer
+    specials = [Tokenizer.BOS, Tokenizer.EOS, Tokenizer.PAD, Tokenizer.BOI, Tokenizer.EOI, "<|User|>", "<|Assistant|>"]
+    words = ["<unk>", ":"] + sorted(set(vocabulary()) | set(split_words(REASONING_TEMPLATE.replace("{prompt}", ""))))
+    tk = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(specials)
+    return tk
+
+
+def _scene_meta(rng, train):
+    """A training prompt, tags drawn uniformly (color_attr would otherwise be two thirds of the data)."""
+    by_tag = {}
+    for m in train:
+        by_tag.setdefault(m["tag"], []).append(m)
+    tags = sorted(by_tag)
+    pool = by_tag[tags[rng.integers(len(tags))]]
+    return pool[rng.integers(len(pool))]
+
+
+def render_dataset(c: PretrainConfig, rng):
+    """(metadata, plan text, uint8 image) for c.scenes random scenes of training prompts.
+
+    Held-out colour-shape pairs are never named by a training prompt, but they may appear in a scene
+    where the prompt leaves the colour free ("a photo of a triangle" drawn red), and so in its plan. The
+    VQ has to be able to draw every object, and it is the plan that lets the model carry a new prompt
+    ("a red triangle") over to a scene it knows: the semantic level's job in T2I-R1."""
+    train, _ = prompt_sets()
+    out = []
+    for _ in range(c.scenes):
+        meta = _scene_meta(rng, train)
+        scene = sample_scene(meta, rng, size=c.image_size)
+        out.append((meta, plan_of(scene), render(scene)))
+    return out
+
+
+def train_vq(c: PretrainConfig, images, log=print):
+    """A VQ trained to reconstruct the scenes: l2-normalised codebook, straight-through gradients, L1 + MSE.
+    Codes left unused for `restart_every` steps are restarted on random latents of the current batch, which
+    keeps most of the codebook in use (without it a few hundred codes do all the work and edges blur)."""
+    import torch
+    import torch.nn.functional as F
+    from t2i_r1 import Progress
+    from vq import VQModel, from_uint8
+    torch.manual_seed(c.seed)
+    vq = VQModel(vq_config(c))
+    opt = torch.optim.Adam(vq.parameters(), lr=c.vq_lr)
+    data = from_uint8(torch.as_tensor(np.stack(images)))  # (N, 3, S, S) in [-1, 1]
+    g = torch.Generator().manual_seed(c.seed)
+    bar, losses = Progress(c.vq_steps, "VQ"), []
+    used = torch.zeros(c.codebook_size, dtype=torch.bool)
+    for step in range(c.vq_steps):
+        # whole images, not crops: with 32 channels GroupNorm(32) normalises each channel over the image,
+        # so crops would teach the decoder statistics it never meets on whole images (colours drift)
+        x = data[torch.randint(len(data), (c.vq_batch,), generator=g)]
+        for p in opt.param_groups:
+            p["lr"] = c.vq_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / c.vq_steps))
+        z = vq.quant_conv(vq.encoder(x))                                   # (B, 8, h, w)
+        zn = F.normalize(z, dim=1)
+        codes = vq.quantize.codes(z.detach())                              # (B, h*w)
+        e = vq.quantize.entries(codes, z.shape[-1])                        # (B, 8, h, w), unit vectors
+        recon = vq.decoder(vq.post_quant_conv(zn + (e - zn).detach()))    # straight-through
+        # objects are a small part of the picture: weigh their pixels (and a rim around them) 5x, or the
+        # loss is spent on the flat background and small shapes come out as coloured blobs
+        fg = (x - x[:, :, :1, :1]).abs().amax(1, keepdim=True).gt(0.05).float()
+        wgt = 1 + 4 * F.max_pool2d(fg, 5, stride=1, padding=2)
+        err = recon - x
+        rec = (wgt * (err.abs() + err * err)).mean() / wgt.mean()
+        loss = rec + F.mse_loss(e, zn.detach()) + 0.25 * F.mse_loss(zn, e.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        used[codes.flatten()] = True
+        if (step + 1) % c.restart_every == 0 and step < 0.8 * c.vq_steps:
+            dead = (~used).nonzero().flatten()
+            if len(dead):
+                lat = zn.detach().permute(0, 2, 3, 1).reshape(-1, zn.shape[1])   # (B*h*w, 8)
+                pick = torch.randint(len(lat), (len(dead),), generator=g)
+                with torch.no_grad():
+                    vq.quantize.embedding.weight[dead] = lat[pick] + 0.01 * torch.randn(len(dead), lat.shape[1], generator=g)
+            used.zero_()
+        losses.append(rec.item())
+        bar.update(note=f"recon {np.mean(losses[-20:]):.4f}")
+    return vq.eval(), losses
+
+
+def _sequences(tok, items, c, rng):
+    """Token sequences of the three tasks for a batch of (meta, plan, codes) items.
+    Returns (text prompts, text completions, image prompts, image completions)."""
+    from model import chat_prompt, image_prompt
+    from t2i_r1 import image_prompt_text, unconditional
+    text_p, text_c, img_p, img_c = [], [], [], []
+    for meta, plan, codes in items:
+        kind = rng.random()
+        if kind < 0.3:      # (a) the plan
+            text_p.append(tok.encode(chat_prompt(REASONING_TEMPLATE.format(prompt=meta["prompt"]))))
+            text_c.append(tok.encode(plan, bos=False) + [tok.eos_id])
+        else:               # (b) after the plan, or (c) from the prompt alone
+            ids = tok.encode(image_prompt(image_prompt_text(meta["prompt"], plan if kind < 0.8 else "")))
+            img_p.append(unconditional(ids, tok.pad_id) if rng.random() < c.cond_dropout else ids)
+            img_c.append(codes)
+    return text_p, text_c, img_p, img_c
+
+
+def train_janus(c: PretrainConfig, tok, vq, data, log=print):
+    """The tiny Janus on the three-task mix; the log-likelihoods are t2i_r1.completion_logprobs, the same
+    function the RL loss uses."""
+    import torch
+    from model import Janus, JanusConfig
+    from t2i_r1 import Progress, completion_logprobs
+    torch.manual_seed(c.seed)
+    cfg = JanusConfig(vocab_size=tok.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_head,
+                      n_embd=c.n_embd, intermediate_size=int(8 * c.n_embd / 3) // 8 * 8,
+                      max_position_embeddings=512, vq=vq.cfg)
+    janus = Janus(cfg)
+    janus.gen_vision_model.load_state_dict(vq.state_dict())
+    janus.gen_vision_model.requires_grad_(False)
+    params = [p for p in janus.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lm_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    rng = np.random.default_rng(c.seed + 1)
+    bar, losses = Progress(c.lm_steps, "Janus"), {"text": [], "image": []}
+    janus.train()
+    for step in range(c.lm_steps):
+        for p in opt.param_groups:  # warm-up, then cosine to a tenth
+            p["lr"] = c.lm_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + np.cos(np.pi * step / c.lm_steps)))
+        batch = [data[i] for i in rng.integers(len(data), size=c.lm_batch)]
+        text_p, text_c, img_p, img_c = _sequences(tok, batch, c, rng)
+        terms = []
+        for kind, p_, c_ in (("text", text_p, text_c), ("image", img_p, img_c)):
+            if p_:
+                logp, mask = completion_logprobs(janus, p_, c_, kind, pad_id=tok.pad_id)
+                nll = -(logp * mask).sum() / mask.sum()
+                terms.append(nll * len(p_) / c.lm_batch)
+                losses[kind].append(nll.item())
+        loss = sum(terms)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.update(note=f"plan nll {np.mean(losses['text'][-20:]):.3f}  image nll {np.mean(losses['image'][-20:]):.3f}")
+    return janus.eval(), losses
+
+
+def pretrain(out_dir=BASE_DIR, c: PretrainConfig = None, log=print):
+    """Render scenes, train the VQ, encode the scenes, train the Janus, save everything with save_pretrained
+    (config.json + model.safetensors + tokenizer.json + reasoning_prompt.txt). Returns the losses."""
+    import time
+    import torch
+    from model import Tokenizer
+    from vq import from_uint8
+    c = c or PretrainConfig()
+    t0 = time.time()
+    rng = np.random.default_rng(c.seed)
+    log(f"shapes world: pretraining the tiny base into {out_dir} (seed {c.seed})")
+    scenes = render_dataset(c, rng)
+    vq, vq_losses = train_vq(c, [img for _, _, img in scenes], log)
+    with torch.no_grad():
+        images = from_uint8(torch.as_tensor(np.stack([img for _, _, img in scenes])))
+        codes = torch.cat([vq.encode(images[i:i + 256]) for i in range(0, len(images), 256)])
+    tmp = out_dir.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    make_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
+    tok = Tokenizer(os.path.join(tmp, "tokenizer.json"))
+    data = [(meta, plan, cd.tolist()) for (meta, plan, _), cd in zip(scenes, codes)]
+    janus, lm_losses = train_janus(c, tok, vq, data, log)
+    janus.save_pretrained(tmp, tokenizer=tok)
+    with open(os.path.join(tmp, "reasoning_prompt.txt"), "w") as f:
+        f.write(REASONING_TEMPLATE + "\n")
+    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+        json.dump({"config": c.__dict__, "seconds": round(time.time() - t0, 1),
+                   "vq_recon_mse_last": float(np.mean(vq_losses[-20:])),
+                   "plan_nll_last": float(np.mean(lm_losses["text"][-20:])),
+                   "image_nll_last": float(np.mean(lm_losses["image"][-20:]))}, f, indent=2)
+    if os.path.exists(out_dir):
+        import shutil
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    log(f"shapes world: base saved to {out_dir} in {time.time() - t0:.0f}s")
+    return {"vq": vq_losses, **lm_losses}
+
+
+def ensure_base(path=BASE_DIR):
+    """The shapes base folder, pretrained first (and said so) when it is not there yet."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        print(f"no shapes base at {path}: pretraining it now (about 10 minutes on 2 CPU cores)")
+        pretrain(path)
+    return path
+
+
+def example_prompts():
+    """One held-out test prompt per tag: sample.py's default prompts."""
+    _, test = prompt_sets()
+    seen, out = set(), []
+    for m in test:
+        if m["tag"] not in seen:
+            seen.add(m["tag"])
+            out.append(m)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line
 
 def main(argv=None):
-    import sys
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["prompts"]:
-        for path in write_prompt_sets(argv[1] if len(argv) > 1 else "data/shapes"):
+    import argparse
+    p = argparse.ArgumentParser(description="The shapes world: prompt sets and the tiny pretrained base.")
+    sub = p.add_subparsers(dest="cmd")
+    sp = sub.add_parser("prompts", help="write train.jsonl and test.jsonl")
+    sp.add_argument("out_dir", nargs="?", default="data/shapes")
+    pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)")
+    pp.add_argument("--out", default=BASE_DIR)
+    for f in PretrainConfig.__dataclass_fields__.values():
+        pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    args = p.parse_args(argv if argv is not None else (None if len(__import__("sys").argv) > 1 else ["pretrain"]))
+    if args.cmd == "prompts":
+        for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     else:
-        print("usage: python shapes.py prompts [out_dir]   (writes train.jsonl and test.jsonl)")
+        c = PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__})
+        pretrain(args.out, c)
 
 
 if __name__ == "__main__":

@@ -1764,3 +1764,155 @@ def test_shapes_t2i_r1_file_counts(tmp_path):
     assert counts == {"numeracy": [1, 1], "shape": [0, 1]}
     assert metas == [{"tag": "counting", "include": [{"class": "hamburger", "count": 1}],
                       "exclude": [{"class": "hamburger", "count": 2}], "prompt": "one hamburger"}]
+
+
+# ---- BiCoT-GRPO training loop (train.py) ------------------------------------------------------
+
+import train as T
+
+
+@pytest.fixture(scope="session")
+def random_base(tmp_path_factory):
+    """A random tiny Janus with the shapes world's tokenizer and reasoning template, saved like the base."""
+    folder = tmp_path_factory.mktemp("random_base")
+    tk = S.make_tokenizer()
+    tk.save(str(folder / "tokenizer.json"))
+    tok = M.Tokenizer(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = M.preset("tiny", vocab_size=tok.vocab_size, n_embd=32, n_head=2, n_kv_head=2, intermediate_size=64,
+                   vq=dict(image_size=4, codebook_size=8, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+                           z_channels=32, num_res_blocks=1))  # 2x2 image tokens: each one moves the reward
+    m = M.Janus(cfg)
+    with torch.no_grad():
+        # the image path is frozen during RL, so give it unit-scale weights: with GPT-style 0.02 init the image
+        # logits barely move whatever the trainable decoder does
+        m.gen_embed.weight.normal_()
+        for w in (m.gen_aligner.layers[0].weight, m.gen_aligner.layers[2].weight,
+                  m.gen_head.output_mlp_projector.weight, m.gen_head.vision_head.weight):
+            w.normal_(0, w.shape[1] ** -0.5)
+    m.save_pretrained(folder, tokenizer=tok)
+    (folder / "reasoning_prompt.txt").write_text(S.REASONING_TEMPLATE)
+    return str(folder)
+
+
+class Redness(RW.Reward):
+    """A test reward a random model can improve on: how red the decoded image is, on average."""
+    name = "redness"
+
+    def score(self, images, metadata):
+        # a spatial contrast (red in the top-left quarter against the rest): the VQ decoder's GroupNorm
+        # normalises away whole-image colour shifts, so a random model could not move a plain mean
+        red = torch.as_tensor(np.stack(images)).float()[..., 0] / 255  # (B, H, W)
+        h, w = red.shape[1] // 2, red.shape[2] // 2
+        return red[:, :h, :w].mean((1, 2)) - red.mean((1, 2)), {}
+
+
+@pytest.fixture
+def redness(monkeypatch):
+    monkeypatch.setitem(RW.REWARDS, "redness", Redness)
+    monkeypatch.setitem(RW.NEEDS, "redness", ())
+
+
+def train_args(base, out, *extra):
+    return ["--ckpt", base, "--out", str(out), "--rewards", "redness", "--group-size", "4", "--prompts-per-step", "4",
+            "--rollout-batch", "2", "--micro-batch", "4", "--max-plan-tokens", "6", "--eval-every", "0",
+            "--sample-every", "0", "--lr", "3e-3", *extra]
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "ckpt", "model.safetensors"))
+
+
+def test_a_few_steps_raise_the_reward(random_base, redness, tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")  # one fixed shapes prompt
+    _, metrics, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--prompts", str(tmp_path / "p.jsonl"),
+                                                    "--steps", "15", "--group-size", "8", "--prompts-per-step", "4",
+                                                    "--rollout-batch", "4", "--micro-batch", "32")),
+                            log=lambda *a, **k: None)
+    r = np.array([m["reward"] for m in metrics])
+    noise = np.mean([m["reward_std"] for m in metrics[:3]]) / np.sqrt(3 * 32)  # std error of a 3-step mean
+    assert r[-3:].mean() > r[:3].mean() + 4 * noise, r
+    assert all(math.isfinite(m["loss"]) and m["kl"] >= 0 for m in metrics)
+
+
+def test_resume_continues_to_the_same_parameters(random_base, redness, tmp_path):
+    quiet = dict(log=lambda *a, **k: None)
+    T.train(T.parse_args(train_args(random_base, tmp_path / "a", "--steps", "4", "--save-every", "2")), **quiet)
+    T.train(T.parse_args(train_args(random_base, tmp_path / "b", "--steps", "2", "--save-every", "2")), **quiet)
+    T.train(T.parse_args(["--out", str(tmp_path / "b"), "--resume", "--steps", "4"]), **quiet)
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = M.Janus.from_pretrained(random_base).state_dict()
+    assert not torch.equal(a["language_model.model.layers.0.mlp.up_proj.weight"],
+                           base["language_model.model.layers.0.mlp.up_proj.weight"])
+    # the VQ and the image embedding/head stay frozen, as in T2I-R1
+    for k in ("gen_head.vision_head.weight", "gen_embed.weight", "gen_vision_model.decoder.conv_out.weight"):
+        assert torch.equal(a[k], base[k])
+    lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness, tmp_path, monkeypatch):
+    quiet = dict(log=lambda *a, **k: None)
+    real, calls = M.save_state_dict, []
+    def dying_save(state, folder, **kw):  # the second save dies half-way through writing its weights
+        calls.append(folder)
+        if len(calls) == 2:
+            path = os.path.join(folder, "model.safetensors")
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt("killed while saving")
+        return real(state, folder, **kw)
+    monkeypatch.setattr(M, "save_state_dict", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "4", "--save-every", "2")), **quiet)
+    monkeypatch.setattr(M, "save_state_dict", real)
+    ckpt = T.find_checkpoint(str(tmp_path / "run"))
+    assert ckpt.endswith("ckpt")
+    M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
+    assert torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)["step"] == 2
+    T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume"]), **quiet)
+    T.train(T.parse_args(train_args(random_base, tmp_path / "ref", "--steps", "4", "--save-every", "2")), **quiet)
+    a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ddp_worker(rank, port, args, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    RW.REWARDS["redness"], RW.NEEDS["redness"] = Redness, ()
+    T.train(T.parse_args(args), log=lambda *a, **k: None)
+
+
+def test_two_gloo_processes_match_one(random_base, redness, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = train_args(random_base, tmp_path / "one", "--steps", "2")
+    T.train(T.parse_args(one), log=lambda *a, **k: None)
+    two = train_args(random_base, tmp_path / "two", "--steps", "2")
+    mp.spawn(_ddp_worker, args=(port, two, str(tmp_path / "two")), nprocs=2, join=True)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    base = M.Janus.from_pretrained(random_base).state_dict()
+    assert not torch.equal(a["language_model.lm_head.weight"], base["language_model.lm_head.weight"])
+
+
+def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):
+    policy, _, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--lora-rank", "4")),
+                           log=lambda *a, **k: None)
+    base = M.Janus.from_pretrained(random_base)
+    layer = policy.language_model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, T.LoRALinear) and layer.lora_B.abs().sum() > 0
+    assert torch.equal(layer.weight, base.language_model.model.layers[0].self_attn.q_proj.weight)
+    x = torch.randint(0, base.cfg.vocab_size, (1, 5))
+    with torch.no_grad(), T.adapters_off(policy):  # the reference policy is the base model
+        torch.testing.assert_close(policy(policy.embed_text(x)), base(base.embed_text(x)))
+    saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))  # merged: loads with no adapter code
+    with torch.no_grad():
+        torch.testing.assert_close(saved(saved.embed_text(x)), policy(policy.embed_text(x)), rtol=0, atol=1e-5)
