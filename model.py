@@ -402,21 +402,23 @@ class Janus(nn.Module):
             model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
         return model.eval()
 
-    def save_pretrained(self, folder, tokenizer=None, weights="safetensors", shards=1):
+    def save_pretrained(self, folder, tokenizer=None, weights="safetensors", shards=1, state=None):
         """Write config.json + weights in deepseek's original layout (+ tokenizer files).
 
         weights: "safetensors" (model.safetensors) or "bin" (pytorch_model.bin, as Janus-Pro ships);
-        shards > 1 writes the sharded form with its index, as Janus-Pro-7B ships.
+        shards > 1 writes the sharded form with its index, as Janus-Pro-7B ships. state: the tensors to
+        write instead of this module's own (e.g. gathered from FSDP shards).
         """
         os.makedirs(folder, exist_ok=True)
-        dtype = self.language_model.lm_head.weight.dtype
+        if state is None:
+            state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items() if ".lora_" not in k}
+            for name, module in self.named_modules():  # adapters (train.LoRALinear) are saved merged
+                if hasattr(module, "merged_weight"):
+                    state[name.replace("_orig_mod.", "") + ".weight"] = module.merged_weight()
+        dtype = state["language_model.model.embed_tokens.weight"].dtype
         _write_json(os.path.join(folder, "config.json"), config_to_dict(self.cfg, dtype))
-        state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items() if ".lora_" not in k}
-        for name, module in self.named_modules():  # adapters (train.LoRALinear) are saved merged
-            if hasattr(module, "merged_weight"):
-                state[name.replace("_orig_mod.", "") + ".weight"] = module.merged_weight()
-        if self.cfg.tie_word_embeddings:
-            state.pop("language_model.lm_head.weight")
+        if self.cfg.tie_word_embeddings:  # stored once, as tied checkpoints are
+            state = {k: v for k, v in state.items() if k != "language_model.lm_head.weight"}
         save_state_dict(state, folder, weights=weights, shards=shards)
         if tokenizer is not None:
             tokenizer.save(folder)

@@ -21,6 +21,7 @@ Departures from T2I-R1's trainer:
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -83,6 +84,7 @@ class TrainConfig:
     device: str = None
     seed: int = 0
     compile: bool = False          # torch.compile the sampling decode steps
+    fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
     sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
     eval_every: int = 50           # held-out evaluation (also at the start and the end)
@@ -157,6 +159,42 @@ def all_sum(x: torch.Tensor, world):
     if world > 1:
         dist.all_reduce(x)
     return x
+
+
+@contextlib.contextmanager
+def gathered(module):
+    """FSDP2: every parameter whole on every process, for code that calls submodules outside a forward
+    (sampling, log-probs of the reference). Collective: all processes enter. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield module
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def grad_sync(module, sync):
+    """Skip the gradient all-reduce on all micro-batches but the last (DDP: no_sync; FSDP2: a flag)."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+
+
+def shard(root, janus):
+    """FSDP2 over processes: each decoder layer is a unit, the rest (embeddings, heads, VQ) the root's."""
+    from torch.distributed.fsdp import fully_shard
+    for block in janus.language_model.model.layers:
+        fully_shard(block)
+    fully_shard(root)
+    # FSDP2 finds its root on the first forward; sampling calls the layers before any root forward does
+    root._get_fsdp_state()._lazy_init()
+    return root
 
 
 # -----------------------------------------------------------------------------
@@ -237,14 +275,14 @@ class PolicyLoss(nn.Module):
 # checkpoints: save_pretrained (merged weights, loadable anywhere) + train_state.pt, written atomically
 
 
-def save_checkpoint(out, policy, tok, opt, step, cfg, reasoning_src, metrics):
+def save_checkpoint(out, policy, tok, opt_state, step, cfg, reasoning_src, metrics, model_state=None):
     path, tmp, old = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp"), os.path.join(out, "ckpt.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, tokenizer=tok)
+    policy.save_pretrained(tmp, tokenizer=tok, state=model_state)
     if reasoning_src and os.path.isfile(os.path.join(reasoning_src, "reasoning_prompt.txt")):
         shutil.copy(os.path.join(reasoning_src, "reasoning_prompt.txt"), tmp)
-    lora = {k: v for k, v in policy.state_dict().items() if ".lora_" in k}
-    torch.save({"step": step, "optimizer": opt.state_dict(), "config": asdict(cfg), "lora": lora or None,
+    lora = {k: v for k, v in policy.state_dict().items() if ".lora_" in k} if model_state is None else {}
+    torch.save({"step": step, "optimizer": opt_state, "config": asdict(cfg), "lora": lora or None,
                 "metrics": metrics}, os.path.join(tmp, "train_state.pt"))
     # the previous checkpoint stays whole until the new one is: a crash leaves ckpt, or ckpt.old
     if os.path.isdir(path):
@@ -340,7 +378,7 @@ def lr_at(cfg: TrainConfig, step):
     return cfg.lr * warm * decay
 
 
-def train(cfg: TrainConfig, log=print):
+def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     if cfg.levels not in ("both", "semantic", "token"):
         raise ValueError(f"levels must be both, semantic or token, got {cfg.levels!r}")
     if cfg.image_logp not in ("cond", "cfg") or cfg.loss_norm not in ("token", "sequence"):
@@ -386,17 +424,31 @@ def train(cfg: TrainConfig, log=print):
     if cfg.beta > 0 and cfg.lora_rank == 0:
         ref = (Janus.from_pretrained(base, device=device, dtype=torch.float32) if full_ft_resume
                else copy.deepcopy(policy)).eval().requires_grad_(False)
+    loss_module = PolicyLoss(policy, cfg, tok.pad_id)
+    if cfg.fsdp:
+        if world < 2 or cfg.lora_rank:
+            raise ValueError("--fsdp shards a full fine-tune over several processes: run it with torchrun, without LoRA")
+        shard(loss_module, policy)
+        if ref is not None:
+            shard(ref, ref)
+    elif world > 1:  # unused: with levels=token the text head, with an empty micro-batch part anything
+        loss_module = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=True)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, metrics = 0, []
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(loss_module, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
         start, metrics = state["step"], [m for m in state["metrics"] if m["step"] <= state["step"]]
+        if rank == 0:  # lines written after the checkpoint by the interrupted run are dropped
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in metrics)
         log(f"resumed from {resume_from} at step {start}")
-    loss_module = PolicyLoss(policy, cfg, tok.pad_id)
-    if world > 1:  # unused: with levels=token the text head, with an empty micro-batch part anything
-        loss_module = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=True)
     log(f"policy: {policy.n_params() / 1e6:.2f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable"
+        f"{' (sharded)' if cfg.fsdp else ''}"
         f"{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; {len(train_items)} training prompts; "
         f"{world} process(es) on {device}")
 
@@ -411,14 +463,20 @@ def train(cfg: TrainConfig, log=print):
     evals = []
 
     def run_eval(step):
-        if eval_items is None or rank != 0:
+        if eval_items is None:
             return
         t0 = time.time()
-        summary = evaluate(policy, tok, eval_items, cfg, scorer, reasoning, autocast)
+        with gathered(loss_module):
+            summary = evaluate(policy, tok, eval_items, cfg, scorer, reasoning, autocast) if rank == 0 else None
+        if rank != 0:
+            return
         evals.append((f"step {step}", summary))
         g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
         metrics.append({"step": step, "eval_overall": g["overall"] if g else float("nan"),
-                        **{f"eval_{k}": v for k, v in summary["rewards"].items()}})
+                        **{f"eval_{k}": v for k, v in summary["rewards"].items()},
+                        **({f"eval_{t}": a for t, a in g["per_tag"].items()} if g else {})})
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics[-1]) + "\n")
         log(f"eval at step {step} ({time.time() - t0:.0f}s):\n{eval_table([(f'step {step}', summary)])}")
 
     if start == 0:
@@ -427,7 +485,8 @@ def train(cfg: TrainConfig, log=print):
         t0 = time.time()
         items = step_prompts(train_items, cfg, step)
         chunks = [(c, items[c * cfg.rollout_batch:(c + 1) * cfg.rollout_batch]) for c in range(chunks_per_step)]
-        samples, images = rollout(policy, tok, chunks[rank::world], cfg, step, scorer, reasoning, device, autocast)
+        with gathered(loss_module):
+            samples, images = rollout(policy, tok, chunks[rank::world], cfg, step, scorer, reasoning, device, autocast)
         t_roll = time.time() - t0
 
         # the whole step's token (or sequence) count, so micro-batches and processes add up to one mean
@@ -438,9 +497,10 @@ def train(cfg: TrainConfig, log=print):
         n_total = all_sum(local, world)[0 if cfg.loss_norm == "token" else 1].item()
         mbs = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
         with torch.no_grad(), autocast:
-            old = [sample_logprobs(policy, mb, cfg, tok.pad_id)[0] for mb in mbs] if cfg.mu > 1 else [None] * len(mbs)
+            with gathered(loss_module):
+                old = [sample_logprobs(policy, mb, cfg, tok.pad_id)[0] for mb in mbs] if cfg.mu > 1 else [None] * len(mbs)
             if cfg.beta > 0:
-                with (adapters_off(policy) if ref is None else contextlib.nullcontext()):
+                with (adapters_off(policy) if ref is None else gathered(ref)):
                     refs = [sample_logprobs(ref or policy, mb, cfg, tok.pad_id)[0] for mb in mbs]
             else:
                 refs = [None] * len(mbs)
@@ -450,8 +510,7 @@ def train(cfg: TrainConfig, log=print):
         for _ in range(cfg.mu):
             opt.zero_grad(set_to_none=True)
             for i, mb in enumerate(mbs):
-                sync = i == len(mbs) - 1 or world == 1
-                with (contextlib.nullcontext() if sync else loss_module.no_sync()), autocast:
+                with grad_sync(loss_module, i == len(mbs) - 1), autocast:
                     loss, st = loss_module(mb, old[i], refs[i], n_total)
                 # DDP averages gradients over processes; the loss is already this process's share of the mean
                 (loss * world).backward()
@@ -461,6 +520,7 @@ def train(cfg: TrainConfig, log=print):
                 acc["clip"] += st["clip_frac"] * st["tokens"]
                 acc["rmin"], acc["rmax"] = min(acc["rmin"], st["ratio_min"]), max(acc["rmax"], st["ratio_max"])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
             opt.step()
 
         # logs, gathered over processes
@@ -494,8 +554,16 @@ def train(cfg: TrainConfig, log=print):
                         f.write(json.dumps({x: s[x] for x in ("prompt", "plan", "reward", "advantage", "scores")}) + "\n")
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
             run_eval(step + 1)
-        if rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
-            save_checkpoint(cfg.out, policy, tok, opt, step + 1, cfg, base, metrics)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            model_state, opt_state = None, opt.state_dict()
+            if cfg.fsdp:  # gather the shards (collective), rank 0 writes
+                from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                     get_optimizer_state_dict)
+                o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                model_state = {k.removeprefix("janus."): v for k, v in get_model_state_dict(loss_module, options=o).items()}
+                opt_state = get_optimizer_state_dict(loss_module, opt, options=o)
+            if rank == 0:
+                save_checkpoint(cfg.out, policy, tok, opt_state, step + 1, cfg, base, metrics, model_state)
         if world > 1:
             dist.barrier()
 
