@@ -558,18 +558,18 @@ BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints
 class PretrainConfig:
     seed: int = 0
     image_size: int = 64
-    scenes: int = 6000             # rendered training scenes (each used by all three tasks)
+    scenes: int = 10000            # rendered training scenes (each used by all three tasks)
     # the VQ: 64x64 -> 8x8 codes
     vq_steps: int = 1000
     vq_batch: int = 16
     vq_lr: float = 2e-3
-    codebook_size: int = 1024
+    codebook_size: int = 256       # more codes draw sharper edges but are harder for the tiny Janus to model
     restart_every: int = 50        # steps after which unused codes are restarted
     # the Janus
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
-    lm_steps: int = 1200
+    lm_steps: int = 2400
     lm_batch: int = 32
     lm_lr: float = 2e-3
     cond_dropout: float = 0.1

@@ -1903,6 +1903,30 @@ def test_two_gloo_processes_match_one(random_base, redness, tmp_path):
     assert not torch.equal(a["language_model.lm_head.weight"], base["language_model.lm_head.weight"])
 
 
+def test_fsdp_over_two_gloo_processes_matches_one(random_base, redness, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    T.train(T.parse_args(train_args(random_base, tmp_path / "one", "--steps", "2")), log=lambda *a, **k: None)
+    two = train_args(random_base, tmp_path / "two", "--steps", "2", "--fsdp")
+    mp.spawn(_ddp_worker, args=(port, two, str(tmp_path / "two")), nprocs=2, join=True)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # the gathered optimizer state resumes a sharded run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, ["--out", str(tmp_path / "two"), "--resume", "--steps", "3"], None),
+             nprocs=2, join=True)
+    T.train(T.parse_args(["--out", str(tmp_path / "one"), "--resume", "--steps", "3"]), log=lambda *a, **k: None)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
 def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):
     policy, _, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--lora-rank", "4")),
                            log=lambda *a, **k: None)
@@ -1916,3 +1940,25 @@ def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_pa
     saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))  # merged: loads with no adapter code
     with torch.no_grad():
         torch.testing.assert_close(saved(saved.embed_text(x)), policy(policy.embed_text(x)), rtol=0, atol=1e-5)
+
+
+# ---- shapes world: pretraining the tiny base -------------------------------------------------
+
+
+def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
+    c = S.PretrainConfig(scenes=200, vq_steps=40, vq_batch=8, codebook_size=64, restart_every=20, n_layer=2,
+                         n_embd=64, n_head=2, lm_steps=60, lm_batch=16, lm_lr=3e-3)
+    losses = S.pretrain(str(tmp_path / "base"), c, log=lambda *a, **k: None)
+    for k in ("vq", "text", "image"):
+        assert np.mean(losses[k][-8:]) < 0.8 * np.mean(losses[k][:8]), (k, losses[k][:8], losses[k][-8:])
+    folder = tmp_path / "base"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "reasoning_prompt.txt"} <= set(os.listdir(folder))
+    assert not (tmp_path / "base.tmp").exists()
+    janus, tok = M.Janus.from_pretrained(str(folder)), M.Tokenizer.from_pretrained(str(folder))
+    assert janus.cfg.vq.image_size == 64 and janus.cfg.image_tokens == 64 and janus.cfg.vq.codebook_size == 64
+    reasoning = R.load_reasoning_prompt(ckpt=str(folder))
+    assert reasoning == S.REASONING_TEMPLATE
+    import sample as SA
+    records, images = SA.generate(janus, tok, [S.colors("red", "circle")], n=2, reasoning_prompt=reasoning,
+                                  max_plan_tokens=12, show_progress=False)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
