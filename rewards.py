@@ -25,7 +25,6 @@ Where this departs from the reference code, and why:
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """
-import argparse
 import gzip
 import json
 import math
@@ -734,6 +733,7 @@ class Reward:
 
     def __call__(self, images, metadata):
         images, metadata = check_batch(images, metadata)
+        self.check_metadata(metadata)
         self._ensure_loaded()
         with torch.no_grad():
             scores, info = self.score(images, metadata)
@@ -747,6 +747,9 @@ class Reward:
             self.loaded = True
 
     def load(self):
+        pass
+
+    def check_metadata(self, metadata):
         pass
 
     def clip_model(self, key, preset):  # -> (CLIP, CLIPTokenizer), cached per file, device and dtype
@@ -847,6 +850,14 @@ class RuleReward(Reward):
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
         super().__init__(ckpt, device, dtype, cache)
         self.cfg = config or GenEvalConfig()
+
+    def check_metadata(self, metadata):
+        # a prompt without clauses would pass every rule: a silent 1.0, so refuse it
+        bare = [m.get("prompt", "") for m in metadata if not m.get("include")]
+        if bare:
+            raise ValueError(f"{self.name}: {len(bare)} prompt(s) without GenEval metadata (no 'include' clauses), "
+                             f"e.g. {bare[0]!r}; score this reward on JSON lines with GenEval metadata, such as "
+                             f"the files `python shapes.py prompts` writes")
 
     def rule_scores(self, dets, metadata):
         res = [geneval_score(d, m) for d, m in zip(dets, metadata)]
@@ -978,18 +989,6 @@ def parse_reward_ckpt(items) -> dict:
     return out
 
 
-def add_reward_args(parser: argparse.ArgumentParser, default_rewards="hps:1"):
-    """--rewards, --reward-ckpt and --reward-combine, shared by train.py and sample.py."""
-    parser.add_argument("--rewards", default=default_rewards,
-                        help="comma-separated NAME[:WEIGHT] from " + ", ".join(REWARDS) + " (weight 1 by default)")
-    parser.add_argument("--reward-ckpt", nargs="*", default=[], metavar="NAME=PATH",
-                        help="checkpoint folder (or weight file) per reward: clip (also used by aesthetic and "
-                             "geneval's colours), pickscore, hps, aesthetic, geneval (OWL-ViT)")
-    parser.add_argument("--reward-combine", choices=["sum", "group"], default="sum",
-                        help="sum: weighted sum (T2I-R1); group: normalise each reward within its group first")
-    return parser
-
-
 def combine_rewards(scores: dict, weights: dict, mode="sum", group_size=None):
     """Weighted combination of per-reward scores (B,) -> (B,).
 
@@ -1024,9 +1023,10 @@ class RewardEnsemble:
             extra = {"config": geneval} if name in ("geneval", "shapes") and geneval is not None else {}
             self.rewards[name] = REWARDS[name](ckpt, device, dtype, cache, **extra)
 
-    @classmethod
-    def from_args(cls, args, **kw):
-        return cls(parse_rewards(args.rewards), parse_reward_ckpt(args.reward_ckpt), **kw)
+    def check_metadata(self, metadata):
+        """Fail before any sampling when a reward cannot score these prompts (GenEval rules without metadata)."""
+        for reward in self.rewards.values():
+            reward.check_metadata(metadata)
 
     def __call__(self, images, metadata):
         """-> scores {name: (B,) float32}, info {name: {key: list of B values}}."""

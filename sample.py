@@ -206,6 +206,7 @@ def main(argv=None):
         import rewards
         scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.score), rewards.parse_reward_ckpt(args.reward_ckpt),
                                         device=janus.language_model.lm_head.weight.device)
+        scorer.check_metadata(items)
     reasoning = R.load_reasoning_prompt(args.reasoning_prompt, ckpt)
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")}

@@ -3,7 +3,6 @@
 Run: python -m pytest -q test_t2i_r1.py
 """
 
-import argparse
 import io
 import json
 import math
@@ -556,6 +555,10 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="empty.txt holds no prompts"):
         S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "empty.txt")])
+    with pytest.raises(ValueError, match="without GenEval metadata"):  # before any sampling
+        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--score", "shapes",
+                "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
@@ -1408,18 +1411,20 @@ def test_shapes_reward_uses_shapes_detect(monkeypatch):
     scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), meta)
     assert calls == [(16, 16, 3)] * 2
     assert scores.tolist() == [1.0, 0.5] and info["strict"] == [True, False]
+    # a plain prompt has no clauses and would pass every rule: refused, naming the prompt, before detecting
+    with pytest.raises(ValueError, match="shapes: 1 prompt.*'a red circle'"):
+        reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], {"prompt": "a red circle"}])
+    assert len(calls) == 2
 
 
 # ---- rewards: command line, combination, evaluation extras
 
 
 def test_reward_args_parsing():
-    p = RW.add_reward_args(argparse.ArgumentParser())
-    args = p.parse_args(["--rewards", "hps:1,geneval, aesthetic:0.5", "--reward-ckpt", "hps=/a/b", "clip=~/c"])
-    assert RW.parse_rewards(args.rewards) == {"hps": 1.0, "geneval": 1.0, "aesthetic": 0.5}
-    assert RW.parse_reward_ckpt(args.reward_ckpt) == {"hps": "/a/b", "clip": os.path.expanduser("~/c")}
+    assert RW.parse_rewards("hps:1,geneval, aesthetic:0.5") == {"hps": 1.0, "geneval": 1.0, "aesthetic": 0.5}
+    assert RW.parse_reward_ckpt(["hps=/a/b", "clip=~/c"]) == {"hps": "/a/b", "clip": os.path.expanduser("~/c")}
     assert RW.parse_reward_ckpt("hps=/a,clip=/b") == {"hps": "/a", "clip": "/b"}
-    assert p.parse_args([]).reward_combine == "sum"
+    assert T.parse_args([]).reward_combine == "sum"
     for bad, match in [("hps:x", "not a number"), ("nope:1", "unknown reward"), ("hps,hps", "twice"), ("", "no reward"),
                        ("hps:nan", "finite")]:
         with pytest.raises(ValueError, match=match):
