@@ -15,7 +15,10 @@ Departures from T2I-R1's trainer:
   number of GPUs do not change it (T2I-R1 averages per micro-batch);
 - every random draw is keyed by (seed, step, sampling call), so a resumed or re-sharded run samples the
   same images as an uninterrupted one;
-- optional LoRA, whose reference policy is the same model with the adapters switched off.
+- optional LoRA, whose reference policy is the same model with the adapters switched off;
+- image tokens are scored by default under the guided (CFG) distribution they were sampled from
+  (`--image-logp cfg`); T2I-R1 scores them with the conditional forward alone (`--image-logp cond`), which
+  lowered the reward in our shapes runs (README, "Results on the shapes world").
 """
 
 import argparse
@@ -60,7 +63,7 @@ class TrainConfig:
     beta: float = 0.01             # KL weight
     clip_eps: float = 0.2
     loss_norm: str = "token"       # token: one mean over every token (T2I-R1); sequence: per sample, then mean
-    image_logp: str = "cond"       # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
+    image_logp: str = "cfg"        # cfg: the guided distribution sampled; cond: conditional forward only (T2I-R1)
     # sampling (rollouts and evaluation)
     cfg: float = 5.0
     temperature: float = 1.0
@@ -70,8 +73,8 @@ class TrainConfig:
     max_plan_tokens: int = 64
     reasoning_prompt: str = None   # file with a {prompt} placeholder; default: the checkpoint's, else ours
     # optimisation
-    steps: int = 150
-    lr: float = 2e-5
+    steps: int = 200
+    lr: float = 3e-5
     schedule: str = "constant"     # constant | linear (to 0, T2I-R1) | cosine (to 0)
     warmup: int = 0
     weight_decay: float = 0.0
@@ -88,7 +91,7 @@ class TrainConfig:
     # logs, evaluation, checkpoints
     sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
     eval_every: int = 50           # held-out evaluation (also at the start and the end)
-    eval_n: int = 4                # images per held-out prompt
+    eval_n: int = 8                # images per held-out prompt
     save_every: int = 50
     resume: bool = False
 
@@ -405,6 +408,9 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         shapes.prompt_sets()[1] if cfg.ckpt is None else None)
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
                                     device=device)
+    scorer.check_metadata(train_items)
+    if eval_items is not None:
+        scorer.check_metadata(eval_items)
     reasoning = R.load_reasoning_prompt(cfg.reasoning_prompt, base)
 
     # models: the policy in float32 (bf16 autocast on GPU), frozen VQ and image embedding/head as in T2I-R1
