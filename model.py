@@ -14,7 +14,8 @@ Departures from the reference code:
 - rotary angles are computed from the positions on the fly (no cached tables, no length limit);
 - a padded query row attends to itself so that left-padded batches never produce NaN (the reference
   relies on the same trick inside transformers' mask code);
-- `text_logits`/`image_logits` return float32.
+- `text_logits`/`image_logits` return float32;
+- on CPU, a linear layer fed a few rows (a decode step) computes (W x^T)^T instead of x W^T (`Linear`).
 """
 
 import json
@@ -241,14 +242,35 @@ class KVCache:
         return new
 
 
+SMALL_ROWS = 64
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint keys) with a faster CPU path for a few rows.
+
+    A decode step multiplies 2 to 16 rows (a few prompts, conditional + unconditional) by every weight, so it
+    is bound by reading the weights. On CPU, MKL's GEMM reads a weight several times faster as the left
+    operand, W x^T, than as the transposed right one, x W^T (`python bench.py speed` shows the effect: the
+    `F.linear` column). The products are the same, summed in another order, so outputs agree to float
+    rounding. Many rows (prefill, training) and GPUs take F.linear."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.numel() > SMALL_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        y = (self.weight @ x.reshape(-1, x.shape[-1]).t()).t().contiguous()  # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: JanusConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.q_proj = Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, cache=None, layer=0, input_pos=None):
         B, T, _ = x.shape
@@ -266,9 +288,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: JanusConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        self.gate_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -299,17 +321,17 @@ class Janus(nn.Module):
                 embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
                 norm=RMSNorm(cfg.n_embd, cfg.rms_norm_eps))),
-            lm_head=nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)))
+            lm_head=Linear(cfg.n_embd, cfg.vocab_size, bias=False)))
         if cfg.tie_word_embeddings:
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
         self.gen_vision_model = VQModel(cfg.vq)
         self.gen_embed = nn.Embedding(cfg.vq.codebook_size, cfg.vq.codebook_embed_dim)
         self.gen_aligner = nn.Module()
         self.gen_aligner.layers = nn.Sequential(
-            nn.Linear(cfg.vq.codebook_embed_dim, cfg.n_embd), nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
+            Linear(cfg.vq.codebook_embed_dim, cfg.n_embd), nn.GELU(), Linear(cfg.n_embd, cfg.n_embd))
         self.gen_head = nn.Module()
-        self.gen_head.output_mlp_projector = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.gen_head.vision_head = nn.Linear(cfg.n_embd, cfg.vq.codebook_size)
+        self.gen_head.output_mlp_projector = Linear(cfg.n_embd, cfg.n_embd)
+        self.gen_head.vision_head = Linear(cfg.n_embd, cfg.vq.codebook_size)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -546,7 +568,12 @@ def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -
             if tuple(t.shape) != tuple(expected[name].shape):
                 misshaped.append(f"{key} ({where}): {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
                 continue
-            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            if t.device.type == "cpu" and t.data_ptr() % 64:
+                # safetensors maps tensors at 8-byte offsets; CPU GEMM kernels round differently on such
+                # addresses, so a checkpoint would compute other last bits depending on its file format
+                t = t.clone()
+            state[name] = t
             origin[name] = where
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if model.cfg.tie_word_embeddings and head not in state and embed in state:
