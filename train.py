@@ -582,6 +582,9 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
             f.write(table + "\n")
         plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
     if world > 1:
+        # leave together, DDP's reducer first: gloo aborts a process whose peer closes the group under it
+        dist.barrier()
+        del loss_module
         dist.destroy_process_group()
     return policy, metrics, evals
 
