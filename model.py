@@ -279,7 +279,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, input_pos, k, v)                                # (B, nkv, S, hd)
+            k, v = cache.update(layer, input_pos, k, v)                        # (B, nkv, max_len, hd)
+            S = attn_mask.shape[-1]  # the slots this call attends to: all, or the filled head (kv_len)
+            k, v = k[:, :, :S], v[:, :, :S]                                    # (B, nkv, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -370,12 +372,15 @@ class Janus(nn.Module):
         p = self.language_model.lm_head.weight
         return KVCache(self.cfg, batch, max_len, device=p.device, dtype=p.dtype)
 
-    def forward(self, x, positions=None, mask=None, cache=None, input_pos=None):
+    def forward(self, x, positions=None, mask=None, cache=None, input_pos=None, kv_len=None):
         """x (B, T, H) embeddings -> final-normed hidden states (B, T, H).
 
         mask: (B, S) bool, True where a key slot holds a real token (False for left padding), with S = T
             without a cache and S = cache.max_len with one. None means every slot is real.
         cache, input_pos: a KVCache and the (T,) slots where this call's keys and values are written.
+        kv_len: with a cache, attend to its first kv_len slots only (they must include input_pos): eager
+            decoding then skips the empty tail of the cache. None attends to every slot, the static shape
+            a compiled step needs.
         positions: (B, T) rotary positions; by default counted from each row's first real token.
         """
         B, T, _ = x.shape
@@ -390,12 +395,12 @@ class Janus(nn.Module):
                 positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, input_pos]
         attn_mask = None
         if mask is not None or cache is not None:
-            S = T if cache is None else cache.max_len
+            S = T if cache is None else kv_len or cache.max_len
             slots = torch.arange(S, device=x.device)
             attn_mask = slots <= input_pos[:, None]                                    # (T, S) causal
             if mask is not None:
                 # a padded query sees itself, so no softmax row is empty (an empty row gives NaN)
-                attn_mask = (attn_mask & mask[:, None, :]) | (slots == input_pos[:, None])  # (B, T, S)
+                attn_mask = (attn_mask & mask[:, None, :S]) | (slots == input_pos[:, None])  # (B, T, S)
             attn_mask = attn_mask.unsqueeze(-3)                                        # (B|1, 1, T, S)
         cos, sin = rotary(positions, self.cfg.head_dim, self.cfg.rope_theta)
         lm = self.language_model.model

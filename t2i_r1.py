@@ -91,19 +91,21 @@ def unconditional(ids, pad_id):
 # decode steps (the only code torch.compile sees)
 
 
-def text_step(janus: Janus, tokens, cache, input_pos, positions, mask):
-    """tokens (B,) fed at slot input_pos (1,) -> next-token logits (B, vocab) float32."""
-    h = janus(janus.embed_text(tokens[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos)
+def text_step(janus: Janus, tokens, cache, input_pos, positions, mask, kv_len=None):
+    """tokens (B,) fed at slot input_pos (1,) -> next-token logits (B, vocab) float32. kv_len: see Janus.forward."""
+    h = janus(janus.embed_text(tokens[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
+              kv_len=kv_len)
     return janus.text_logits(h[:, -1])
 
 
-def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weight):
+def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weight, kv_len=None):
     """codes (B,) fed to the conditional and the unconditional rows -> guided logits (B, codebook) float32.
 
     Rows of the cache are [cond (B); uncond (B)], or only cond when there is no guidance (cfg_weight None).
     """
     rows = codes if cfg_weight is None else torch.cat([codes, codes])
-    h = janus(janus.embed_image(rows[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos)
+    h = janus(janus.embed_image(rows[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
+              kv_len=kv_len)
     return guide(janus.image_logits(h[:, -1]), cfg_weight)
 
 
@@ -131,12 +133,19 @@ def decode_fn(step, compile):
     return _compiled[key]
 
 
+def kv_len(slot, compile):
+    """The decode step's kv_len argument: eager steps attend to the filled slots only (the cache's empty tail
+    is half of it on average); a compiled step keeps the static full length, so it never recompiles."""
+    return () if compile else (slot + 1,)
+
+
 def _prefill(janus, ids, mask, extra):
     """Run the prompt through a fresh cache with room for `extra` more tokens; return (h_last, cache, mask)."""
     B, T = ids.shape
     cache = janus.new_cache(B, T + extra)
     full_mask = torch.cat([mask, torch.ones(B, extra, dtype=torch.bool, device=ids.device)], 1)  # (B, T+extra)
-    h = janus(janus.embed_text(ids), mask=full_mask, cache=cache, input_pos=torch.arange(T, device=ids.device))
+    h = janus(janus.embed_text(ids), mask=full_mask, cache=cache, input_pos=torch.arange(T, device=ids.device),
+              kv_len=T)
     return h[:, -1:], cache, full_mask
 
 
@@ -168,7 +177,7 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
         pos = torch.tensor([T + i], device=device)
-        logits = step(janus, tok, cache, pos, lengths + i, mask)
+        logits = step(janus, tok, cache, pos, lengths + i, mask, *kv_len(T + i, compile))
     result = []
     for row in out.tolist():
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
@@ -203,7 +212,7 @@ def generate_images(janus: Janus, prompts, *, pad_id, n=1, cfg_weight=5.0, tempe
         codes[:, i] = sample_from_logits(logits, temperature, top_k, None, generator)
         if i < N - 1:
             pos = torch.tensor([T + i], device=device)
-            logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w)
+            logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w, *kv_len(T + i, compile))
         if progress is not None:
             progress(i + 1, N)
     return codes
