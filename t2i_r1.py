@@ -133,12 +133,6 @@ def decode_fn(step, compile):
     return _compiled[key]
 
 
-def kv_len(slot, compile):
-    """The decode step's kv_len argument: eager steps attend to the filled slots only (the cache's empty tail
-    is half of it on average); a compiled step keeps the static full length, so it never recompiles."""
-    return () if compile else (slot + 1,)
-
-
 def _prefill(janus, ids, mask, extra):
     """Run the prompt through a fresh cache with room for `extra` more tokens; return (h_last, cache, mask)."""
     B, T = ids.shape
@@ -177,7 +171,8 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
         pos = torch.tensor([T + i], device=device)
-        logits = step(janus, tok, cache, pos, lengths + i, mask, *kv_len(T + i, compile))
+        # eager steps attend to the filled slots only; a compiled step keeps the static length (no recompiles)
+        logits = step(janus, tok, cache, pos, lengths + i, mask, None if compile else T + i + 1)
     result = []
     for row in out.tolist():
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
@@ -212,7 +207,7 @@ def generate_images(janus: Janus, prompts, *, pad_id, n=1, cfg_weight=5.0, tempe
         codes[:, i] = sample_from_logits(logits, temperature, top_k, None, generator)
         if i < N - 1:
             pos = torch.tensor([T + i], device=device)
-            logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w, *kv_len(T + i, compile))
+            logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w, None if compile else T + i + 1)
         if progress is not None:
             progress(i + 1, N)
     return codes
