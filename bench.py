@@ -3,6 +3,8 @@
   python bench.py speed --size cpu-768 --batch 1 4 --hf     # CPU: image-token throughput, ours vs transformers
   python bench.py speed --size janus-pro-1b --batch 1 16    # GPU: eager vs compiled, bandwidth floor
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
+  python bench.py train --preset janus-pro-1b               # GPU: seconds and peak memory of a BiCoT-GRPO step
+  python bench.py train --preset janus-pro-7b --lora-rank 64
 
 Speed compares, in one run and on one machine: our sampler eager, with the compiled decode step, eager
 with every linear layer through F.linear (what model.Linear's CPU path buys), and without the KV cache
@@ -229,6 +231,46 @@ def bench_speed(args):
               f"| {name} | {gbs:.0f} | {wbytes / 1e9:.2f} | {floor_ms:.3f} | {ms:.3f} | {ms / floor_ms:.2f} |")
 
 
+def bench_train(args):
+    """A few BiCoT-GRPO steps of train.py on random weights of a preset: seconds per step and peak memory.
+    The checkpoint gets the shapes world's tokenizer and prompts and the `shapes` reward, so nothing needs a
+    download; random weights write random plans (decoded without their unknown ids) and noise images."""
+    import json
+    import shutil
+    import shapes
+    import train as T
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = M.preset(args.preset)
+    folder = tempfile.mkdtemp(prefix=f"{args.preset}-train-")
+    try:
+        write_random_checkpoint(cfg, folder, weights="safetensors", shards=1)
+        shapes.make_tokenizer().save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in shapes.prompt_sets()[0])
+        argv = ["--ckpt", folder, "--prompts", os.path.join(folder, "prompts.jsonl"), "--out",
+                os.path.join(folder, "run"), "--rewards", "shapes", "--steps", str(args.steps),
+                "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
+                "--rollout-batch", str(args.prompts_per_step), "--micro-batch", str(args.micro_batch),
+                "--max-plan-tokens", str(args.max_plan_tokens), "--lora-rank", str(args.lora_rank),
+                "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--device", str(device)]
+        argv += ["--grad-checkpointing"] if args.grad_checkpointing else []
+        argv += ["--compile"] if args.compile else []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _, metrics, _ = T.train(T.parse_args(argv), log=lambda *a, **k: None)
+        steps = [m for m in metrics if "reward" in m][1:] or [m for m in metrics if "reward" in m]  # 1st: warm-up
+        sec = sum(m["seconds"] for m in steps) / len(steps)
+        roll = sum(m["rollout_seconds"] for m in steps) / len(steps)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
+        print(f"\n| preset | training | G x prompts | device | s / step | of which rollout (s) | peak memory (GiB) |"
+              f"\n|---|---|---|---|---|---|---|\n| {args.preset} | {what} | {args.group_size} x {args.prompts_per_step} "
+              f"| {name} | {sec:.2f} | {roll:.2f} | {peak:.2f} |")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "load-child":
         load_child(sys.argv[2], sys.argv[3])
@@ -253,5 +295,16 @@ if __name__ == "__main__":
     ps.add_argument("--vocab-size", type=int, default=102400)
     ps.add_argument("--device", default=None)
     ps.add_argument("--dtype", default=None)
+    pt = sub.add_parser("train", help="seconds and peak memory of BiCoT-GRPO steps on random weights")
+    pt.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS))
+    pt.add_argument("--steps", type=int, default=3)
+    pt.add_argument("--group-size", type=int, default=8)
+    pt.add_argument("--prompts-per-step", type=int, default=2)
+    pt.add_argument("--micro-batch", type=int, default=4)
+    pt.add_argument("--max-plan-tokens", type=int, default=96)
+    pt.add_argument("--lora-rank", type=int, default=0)
+    pt.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    pt.add_argument("--compile", action="store_true")
+    pt.add_argument("--device", default=None)
     args = p.parse_args()
-    {"load": bench_load, "speed": bench_speed}[args.cmd](args)
+    {"load": bench_load, "speed": bench_speed, "train": bench_train}[args.cmd](args)

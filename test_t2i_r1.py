@@ -1987,3 +1987,15 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     records, images = SA.generate(janus, tok, [S.colors("red", "circle")], n=2, reasoning_prompt=reasoning,
                                   max_plan_tokens=12, show_progress=False)
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
+
+
+def test_bench_train_measures_steps_on_random_weights(capsys):
+    import argparse
+    import bench
+    args = argparse.Namespace(preset="tiny", steps=2, group_size=4, prompts_per_step=2, micro_batch=4,
+                              max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu")
+    bench.bench_train(args)
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4" and row[3].strip() == "4 x 2"
+    sec, roll, peak = (float(x) for x in row[5:8])
+    assert 0 < roll <= sec and peak > 0
