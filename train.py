@@ -18,7 +18,7 @@ Departures from T2I-R1's trainer:
 - optional LoRA, whose reference policy is the same model with the adapters switched off;
 - image tokens are scored by default under the guided (CFG) distribution they were sampled from
   (`--image-logp cfg`); T2I-R1 scores them with the conditional forward alone (`--image-logp cond`), which
-  lowered the reward in our shapes runs (README, "Results on the shapes world").
+  did no better in our shapes runs (README, "Results on the shapes world").
 """
 
 import argparse
