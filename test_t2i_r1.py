@@ -365,7 +365,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # ---- fidelity against transformers' Janus port (optional: skips without transformers) ----
 
 
-def test_matches_transformers_janus(tmp_path):
+def tiny_hf_janus(noise, **vision):
+    """transformers' JanusForConditionalGeneration at a tiny random size (GQA), every weight (norms and
+    biases too) moved by `noise` * N(0, 1); skips the test when transformers or its Janus is missing."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "JanusForConditionalGeneration"):
         pytest.skip("this transformers has no Janus")
@@ -374,15 +376,20 @@ def test_matches_transformers_janus(tmp_path):
     torch.manual_seed(0)
     text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-                               patch_size=16, projection_dim=64)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=16,
+                               projection_dim=64, **vision)
     vqc = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1, 2],
                            num_res_blocks=1, latent_channels=32, projection_dim=64, image_token_embed_dim=64)
     ref = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vqc,
                                                     tie_word_embeddings=False)).eval()
     with torch.no_grad():
         for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # norms, biases and all
+            p.add_(noise * torch.randn_like(p))
+    return ref
+
+
+def test_matches_transformers_janus(tmp_path):
+    ref = tiny_hf_janus(0.05, image_size=64)
     ref.save_pretrained(tmp_path)
     ours = M.Janus.from_pretrained(tmp_path, device="cpu")
     g = torch.Generator().manual_seed(0)
@@ -583,24 +590,10 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
 def test_sample_matches_transformers_janus_generate(tmp_path):
     """`sample.py --no-cot --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
     `generate` in image mode (guidance 5, greedy), on the same random weights."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "JanusForConditionalGeneration"):
-        pytest.skip("this transformers has no Janus")
-    from transformers import (GenerationConfig, JanusConfig, JanusForConditionalGeneration, JanusVisionConfig,
-                              JanusVQVAEConfig, LlamaConfig)
+    # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
+    ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
+    from transformers import GenerationConfig
     import sample as S
-    torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=96,
-                               patch_size=16, projection_dim=64, num_image_tokens=36)
-    vqc = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1, 2],
-                           num_res_blocks=1, latent_channels=32, projection_dim=64, image_token_embed_dim=64)
-    ref = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vqc,
-                                                    tie_word_embeddings=False)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # peaked distributions: a wrong token cannot hide in a near-tie
     ref.save_pretrained(tmp_path / "ckpt")
     tok = make_word_tokenizer(tmp_path / "ckpt")
     prompts = ["a red circle", "a photo of a blue square"]
