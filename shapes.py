@@ -45,14 +45,18 @@ COLORS = {
 BACKGROUND = (240, 240, 240)  # neutral: zero chroma, far from every palette colour
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+TAGS = GENEVAL_TAGS + ("reasoning",)  # reasoning: prompts the plan must resolve (this world's WISE)
 # 3x3 grid of places by box centre, row-major; the middle row/column has no word of its own.
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 
-# Object sizes (side of the square box) and the empty margin kept between boxes, as fractions of the image side.
-# Never under 8 pixels: a 6-pixel circle is pixelised into a rounded square that no detector can call a circle.
-MIN_SIZE, MAX_SIZE, GAP, MIN_PIXELS = 0.16, 0.34, 0.06, 8
+# Objects sit on a CELLS x CELLS grid of the image: at 64 pixels one cell is one VQ code (8 x 8 pixels), so
+# an object covers whole codes and is drawn by a fixed set of them wherever it stands. Off-grid objects cut
+# codes at every offset, and a 2-million-parameter drawer then makes blobs out of them (the first base did).
+CELLS = 8
+OBJECT_CELLS = (2, 3)  # an object's side, in cells (16 or 24 pixels at 64)
+GAP_CELLS = 1          # free cells kept between two objects, so they never touch
 
 
 @dataclass
@@ -80,18 +84,19 @@ class Scene:
 # -----------------------------------------------------------------------------
 # Rendering
 
-def shape_mask(shape, s):
-    """Boolean (s, s) mask of `shape` drawn in an s x s cell. Every shape touches all four sides of its cell,
-    so the cell is exactly the bounding box of the drawn pixels (the detector relies on this)."""
-    c = np.arange(s) + 0.5  # pixel centres
-    yy, xx = np.meshgrid(c, c, indexing="ij")  # (s, s)
+def shape_mask(shape, w, h=None):
+    """Boolean (h, w) mask of `shape` drawn to fill a w x h box (h = w by default): a circle is the inscribed
+    ellipse, a triangle stands on the bottom edge with its apex at the top centre. Every shape touches all four
+    sides of its box, so the box is exactly the bounding box of the drawn pixels (the detector relies on this)."""
+    h = w if h is None else h
+    yy, xx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")  # (h, w) pixel centres
     if shape == "square":
-        return np.ones((s, s), dtype=bool)
+        return np.ones((h, w), dtype=bool)
     if shape == "circle":
-        return (xx - s / 2) ** 2 + (yy - s / 2) ** 2 <= (s / 2) ** 2
+        return ((2 * xx - w) / w) ** 2 + ((2 * yy - h) / h) ** 2 <= 1
     if shape == "triangle":
-        # apex up, base on the bottom row; the half-width is taken at each row's lower edge so the apex row is lit
-        return np.abs(xx - s / 2) <= (yy + 0.5) / 2
+        # the half-width is taken at each row's lower edge, and the apex row keeps its middle pixel(s) lit
+        return np.abs(2 * xx - w) <= np.maximum((yy + 0.5) * w / h, 1)
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -102,7 +107,7 @@ def render(scene):
     img[:] = BACKGROUND
     for o in scene.objects:
         x0, y0, x1, y1 = o.box
-        img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = COLORS[o.color]
+        img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0, y1 - y0)] = COLORS[o.color]
     return img
 
 
@@ -146,9 +151,46 @@ def color_attr(c1, s1, c2, s2):
             "prompt": f"a photo of {_a(c1 + ' ' + s1)} and {_a(c2 + ' ' + s2)}"}
 
 
+# Reasoning prompts: the objects are described indirectly, by what a reader is expected to know (a triangle has
+# three corners, the sky is blue), and the metadata holds what they resolve to. The base learns these
+# facts only as text, from reasoning request -> plan pairs; its drawer was trained on direct prompts and
+# plans. So the plan is where an indirect prompt becomes an explicit one, as in T2I-R1 on WISE.
+CORNERS = {"triangle": "three", "square": "four", "circle": "no"}          # "the shape with three corners"
+THINGS = {"red": "a cherry", "orange": "a pumpkin", "yellow": "a lemon",  # "the color of a lemon"
+          "green": "grass", "blue": "the sky", "purple": "a plum"}
+CORNER_COUNTS = {3: "triangle", 4: "square"}                               # "as many as a square has corners"
+
+
+def riddle(kind, shape, color=None, count=None):
+    """A reasoning prompt and its resolved GenEval metadata (tag "reasoning", `riddle` says what is indirect):
+    kind "shape":       "a photo of the shape with three corners"                     -> one triangle
+    kind "color":       "a photo of a circle the color of the sky"                    -> one blue circle
+    kind "shape+color": "a photo of the shape with four corners, the color of grass"  -> one green square
+    kind "count":       "a photo of as many circles as a square has corners"          -> exactly four circles"""
+    clause = {"class": shape, "count": 1}
+    meta = {"tag": "reasoning", "riddle": kind, "include": [clause]}
+    the_shape = f"the shape with {CORNERS[shape]} corners"
+    if kind == "shape":
+        meta["prompt"] = f"a photo of {the_shape}"
+    elif kind == "color":
+        clause["color"] = color
+        meta["prompt"] = f"a photo of {_a(shape)} the color of {THINGS[color]}"
+    elif kind == "shape+color":
+        clause["color"] = color
+        meta["prompt"] = f"a photo of {the_shape}, the color of {THINGS[color]}"
+    elif kind == "count":
+        clause["count"] = count
+        meta["exclude"] = [{"class": shape, "count": count + 1}]
+        meta["prompt"] = f"a photo of as many {shape}s as a {CORNER_COUNTS[count]} has corners"
+    else:
+        raise ValueError(f"unknown riddle kind {kind!r}")
+    return meta
+
+
 def all_prompts():
-    """Every prompt of the world (240 of them), in a fixed order. GenEval's own restrictions apply: two_object,
-    position and color_attr name two different shapes, and color_attr two different colours."""
+    """Every prompt of the world (240 GenEval ones, then 45 reasoning ones), in a fixed order. GenEval's own
+    restrictions apply: two_object, position and color_attr name two different shapes, and color_attr two
+    different colours."""
     pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
     out = [single_object(s) for s in SHAPES]
     out += [two_object(a, b) for a, b in pairs]
@@ -156,6 +198,9 @@ def all_prompts():
     out += [colors(c, s) for c in COLORS for s in SHAPES]
     out += [position(a, r, b) for a, b in pairs for r in RELATIONS]
     out += [color_attr(c1, a, c2, b) for a, b in pairs for c1 in COLORS for c2 in COLORS if c1 != c2]
+    out += [riddle("shape", s) for s in SHAPES]
+    out += [riddle(kind, s, color=c) for kind in ("color", "shape+color") for c in COLORS for s in SHAPES]
+    out += [riddle("count", s, count=n) for s in SHAPES for n in CORNER_COUNTS]
     return out
 
 
@@ -184,28 +229,39 @@ def is_held_out(meta):
     return False
 
 
+VAL_FRACTION = 0.2  # of the training prompts of each tag with at least 10 of them
+
+
 def prompt_sets():
-    """(train, test) lists of GenEval metadata, deterministic.
-    train: every prompt with no held-out combination (131 prompts).
-    test: every held-out prompt (colors 6, position 6, color_attr 96, counting 1), plus all the
-    single_object, two_object and other counting prompts (18), which cannot hold anything out in a world
-    of three shapes and so repeat training prompts; is_held_out() tells the two kinds apart. Score the test
-    set per tag and average the tags, as GenEval does, so color_attr's size does not dominate."""
+    """(train, val, test) lists of GenEval metadata, deterministic.
+    test: every held-out prompt (colors 6, position 6, color_attr 96, counting 1, reasoning 13), plus the
+    single_object, two_object, other counting and shape-riddle prompts (21), which cannot hold anything out
+    in a world of three shapes and so repeat training prompts; is_held_out() tells the two kinds apart.
+    val: a fifth of the other prompts of each large tag (colors, position, color_attr, reasoning), carved
+    out for choosing hyperparameters: RL never trains on them (pretraining saw them).
+    train: the rest. Score per tag and average the tags, as GenEval does, so color_attr's size does not
+    dominate; reasoning is reported beside GenEval's six tags, not inside their mean."""
     train, test = [], []
     for m in all_prompts():
         held = is_held_out(m)
         if not held:
             train.append(m)
-        if held or m["tag"] in ("single_object", "two_object", "counting"):
+        if held or m["tag"] in ("single_object", "two_object", "counting") or m.get("riddle") == "shape":
             test.append(m)
-    return train, test
+    rng = np.random.default_rng(2024)
+    val = []
+    for tag in TAGS:
+        pool = [i for i, m in enumerate(train) if m["tag"] == tag and m.get("riddle") != "shape"]
+        if len(pool) >= 10:
+            val += [int(i) for i in rng.choice(pool, round(VAL_FRACTION * len(pool)), replace=False)]
+    return [m for i, m in enumerate(train) if i not in set(val)], [train[i] for i in sorted(val)], test
 
 
 def write_prompt_sets(out_dir):
-    """Write train.jsonl and test.jsonl (one metadata dict per line) into out_dir; returns their paths."""
+    """Write train.jsonl, val.jsonl and test.jsonl (one metadata dict per line) into out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for name, metas in zip(("train", "test"), prompt_sets()):
+    for name, metas in zip(("train", "val", "test"), prompt_sets()):
         path = os.path.join(out_dir, f"{name}.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metas)
@@ -257,16 +313,15 @@ def sample_scene(meta, rng, size=64, avoid=()):
         first.setdefault(w[2], k)
     relations = [(first[i], c["position"][0], first[c["position"][1]])
                  for i, c in enumerate(meta["include"]) if "position" in c]
-    lo = max(MIN_PIXELS, round(MIN_SIZE * size))
-    hi, gap = max(lo, round(MAX_SIZE * size)), max(1, round(GAP * size))
+    cell = size // CELLS
     for attempt in range(1000):  # rejection sampling: fresh sizes and places until everything fits
-        boxes = []
-        for s in rng.integers(lo, hi + 1, size=len(wanted)):
+        boxes = []  # in cells
+        for s in rng.choice(OBJECT_CELLS, size=len(wanted)):
             for drop in range(50):  # drop the box at random until it keeps its distance from the others
-                x, y = rng.integers(0, size - s + 1, size=2)
+                x, y = rng.integers(0, CELLS - s + 1, size=2)
                 b = (int(x), int(y), int(x + s), int(y + s))
-                if all(b[0] >= o[2] + gap or o[0] >= b[2] + gap or b[1] >= o[3] + gap or o[1] >= b[3] + gap
-                       for o in boxes):
+                if all(b[0] >= o[2] + GAP_CELLS or o[0] >= b[2] + GAP_CELLS or b[1] >= o[3] + GAP_CELLS
+                       or o[1] >= b[3] + GAP_CELLS for o in boxes):
                     boxes.append(b)
                     break
             else:
@@ -275,6 +330,7 @@ def sample_scene(meta, rng, size=64, avoid=()):
             break
     else:
         raise RuntimeError(f"could not lay out {meta['prompt']!r} at size {size}")
+    boxes = [tuple(cell * v for v in b) for b in boxes]
     objects = []
     for (shape, color, _), box in zip(wanted, boxes):
         if color is None:
@@ -337,6 +393,9 @@ def vocabulary():
     '{prompt}. {plan}', sorted."""
     words = {"a", "an", "photo", "of", "and", ",", "."}
     words |= set(COLORS) | set(_SHAPE_WORDS) | set(NUMBER_WORDS.values())
+    riddles = [riddle("count", "circle", count=3), riddle("shape+color", "circle", color="red")]
+    words |= {w for m in riddles for w in split_words(m["prompt"])} | set(CORNERS.values())
+    words |= {w for t in THINGS.values() for w in split_words(t)}
     words |= {w for r in RELATIONS for w in r.split()} | {w for p in PLACES for w in p.split()}
     return sorted(words)
 
@@ -357,13 +416,6 @@ def _hue_chroma(rgb):
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (K, 3)
 _PALETTE_HUE, _PALETTE_CHROMA = _hue_chroma(_PALETTE)
 _PALETTE_CONTRAST = np.linalg.norm(_PALETTE - np.array(BACKGROUND, dtype=np.float32), axis=-1)  # (K,)
-# Shape models: mean and spread of (fill ratio = area / box area, centroid height in the box from the top),
-# measured on clean and degraded renders. Circles and squares are symmetric (centroid at 0.5, very stable);
-# pixelised triangles fill a little more than 0.5 (0.6 at 10 px) and blur rounds their apex, hence the wider spread.
-_SHAPE_MEAN = np.array([(0.79, 0.50), (0.98, 0.50), (0.62, 0.625)])  # (shapes, 2), in SHAPES order
-_SHAPE_SPREAD = np.array([(0.04, 0.015), (0.04, 0.015), (0.08, 0.03)])
-
-
 def _components(fg):
     """4-connected components of a (B, H, W) bool mask -> int64 (B, H, W) labels, -1 off the mask, each
     component labelled by the smallest flat index among its pixels. Min-label propagation to the four
@@ -386,22 +438,26 @@ def _components(fg):
         lab = m
 
 
-def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_score=0.1):
+def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_iou=0.8, min_margin=0.05,
+                 min_purity=0.8, max_aspect=1.25):
     """Detect the objects of a batch of images, uint8 (B, H, W, 3) numpy or torch. Returns one list per image
     of {"class", "color", "box", "score"} dicts, highest score first; box is (x0, y0, x1, y1), x1/y1 exclusive.
 
     1. Each pixel takes the palette colour nearest in hue. It is an object pixel when its chroma is at least
        `min_chroma`, and its distance from the background colour (contrast) at least `min_contrast`, of that
-       palette colour's own. Objects are 4-connected components of object pixels (renders keep a gap between
-       objects); components under `min_area` of the image are speckle.
+       palette colour's own. Candidates are 4-connected components of object pixels (renders keep a gap
+       between objects); components under `min_area` of the image are speckle.
     2. Blur and colour drift move any fixed threshold, so each component is measured against its own strength:
        coverage = contrast / (the component's 90th-percentile contrast). The object is its pixels at half
        coverage or more: a symmetric blur leaves the half-way contour of a straight edge in place, so boxes
        stay put. Contrast, unlike chroma, keeps the luminance edge that JPEG-like codecs preserve best.
-    3. Colour: the majority over the object's pixels. Shape: the most likely of three Gaussian models of
-       (fill ratio = area / box area, centroid height within the box).
-    Score = colour agreement x shape posterior x squareness of the box, in (0, 1]; under `min_score` is dropped.
-    A clean render has coverage 0 or 1 and exact palette hues, so it is recovered exactly."""
+    3. Shape: the object's pixels are compared with each ideal shape drawn in its box (shape_mask); the score
+       is the best intersection-over-union. Colour: the majority over the object's pixels.
+    Only what a person would name is returned: a box about square (aspect <= `max_aspect`; two merged objects
+    make a long box), a template IoU of at least `min_iou` that beats the next shape by `min_margin` (a circle
+    and a square overlap by 0.785, so a blob between them names neither), and one colour on at least
+    `min_purity` of the pixels (no colour bleeding). Everything else is dropped: a blob counts as nothing.
+    A clean render has coverage 0 or 1 and exact palette hues, so it is recovered exactly, with score 1."""
     if hasattr(images, "detach"):  # a torch tensor, without importing torch here
         images = images.detach().cpu().numpy()
     images = np.asarray(images)
@@ -436,32 +492,43 @@ def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_
     x1 = seg(np.maximum, np.where(half, xs, -1)) + 1
     y0 = seg(np.minimum, np.where(half, ys, H))
     y1 = seg(np.maximum, np.where(half, ys, -1)) + 1
-    area = np.bincount(inv, weights=half, minlength=n)
-    cy = np.bincount(inv, weights=half * (ys + 0.5), minlength=n) / np.maximum(area, 1)
     votes = np.bincount(inv * K + col, weights=half, minlength=n * K).reshape(n, K)
-
+    purity = votes.max(-1) / np.maximum(votes.sum(-1), 1e-6)
     w, h = x1 - x0, y1 - y0
-    fill = area / np.maximum(w * h, 1)
-    cy_rel = (cy - y0) / np.maximum(h, 1)
-    z = (np.stack([fill, cy_rel], -1)[:, None, :] - _SHAPE_MEAN) / _SHAPE_SPREAD  # (n, shapes, 2)
-    loglik = -0.5 * (z ** 2).sum(-1) - np.log(_SHAPE_SPREAD.prod(-1))  # (n, shapes), diagonal Gaussians
-    posterior = np.exp(loglik - loglik.max(-1, keepdims=True))
-    posterior /= posterior.sum(-1, keepdims=True)
-    shape_idx = posterior.argmax(-1)
-    color_frac = votes.max(-1) / np.maximum(votes.sum(-1), 1e-6)
-    squareness = np.exp(-0.5 * (np.log(np.maximum(w, 1) / np.maximum(h, 1)) / 0.25) ** 2)
-    score = np.clip(color_frac * posterior.max(-1) * squareness, 1e-6, 1.0)
+    aspect = np.maximum(w, h) / np.maximum(np.minimum(w, h), 1)
 
     out = [[] for _ in range(B)]
     names = list(COLORS)
-    keep = (count >= min_area * H * W) & (score >= min_score)
-    for k in np.nonzero(keep)[0]:
-        out[uniq[k] // (H * W)].append({"class": SHAPES[shape_idx[k]], "color": names[votes[k].argmax()],
+    candidates = (count >= min_area * H * W) & (purity >= min_purity) & (aspect <= max_aspect) & (w > 1) & (h > 1)
+    for k in np.nonzero(candidates)[0]:
+        px = order[starts[k]:starts[k] + count[k]]
+        px = px[half[px]]
+        mask = np.zeros((h[k], w[k]), dtype=bool)
+        mask[ys[px] - y0[k], xs[px] - x0[k]] = True
+        ious = np.array([_iou(mask, _template(s, int(w[k]), int(h[k]))) for s in SHAPES])
+        best, second = np.sort(ious)[::-1][:2]
+        if best < min_iou or best - second < min_margin:
+            continue
+        out[uniq[k] // (H * W)].append({"class": SHAPES[int(ious.argmax())], "color": names[votes[k].argmax()],
                                         "box": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])),
-                                        "score": float(score[k])})
+                                        "score": float(best)})
     for dets in out:
         dets.sort(key=lambda d: -d["score"])
     return out
+
+
+_TEMPLATES = {}
+
+
+def _template(shape, w, h):
+    if (shape, w, h) not in _TEMPLATES:
+        _TEMPLATES[shape, w, h] = shape_mask(shape, w, h)
+    return _TEMPLATES[shape, w, h]
+
+
+def _iou(a, b):
+    inter = np.count_nonzero(a & b)
+    return inter / max(np.count_nonzero(a) + np.count_nonzero(b) - inter, 1)
 
 
 def detect(image, **kwargs):
@@ -594,7 +661,7 @@ def make_tokenizer():
 
 
 def _scene_meta(rng, train):
-    """A training prompt, tags drawn uniformly (color_attr would otherwise be two thirds of the data)."""
+    """A training prompt, tags drawn uniformly (color_attr would otherwise be half of the data)."""
     by_tag = {}
     for m in train:
         by_tag.setdefault(m["tag"], []).append(m)
@@ -610,7 +677,8 @@ def render_dataset(c: PretrainConfig, rng):
     where the prompt leaves the colour free ("a photo of a triangle" drawn red), and so in its plan. The
     VQ has to be able to draw every object, and it is the plan that lets the model carry a new prompt
     ("a red triangle") over to a scene it knows: the semantic level's job in T2I-R1."""
-    train, _ = prompt_sets()
+    train, val, _ = prompt_sets()
+    train = train + val  # val is carved out of RL's prompts, not out of what the base has seen
     out = []
     for _ in range(c.scenes):
         meta = _scene_meta(rng, train)
@@ -677,6 +745,10 @@ def _sequences(tok, items, c, rng):
     text_p, text_c, img_p, img_c = [], [], [], []
     for meta, plan, codes in items:
         kind = rng.random()
+        # reasoning prompts are never drawn from the prompt alone: the drawer, like Janus-Pro's, learns from
+        # explicit captions, and what "the color of the sky" means is known to the text side only
+        if meta["tag"] == "reasoning" and kind >= 0.8:
+            kind = 0.3 + 0.5 * (kind - 0.8) / 0.2
         if kind < 0.3:      # (a) the plan
             text_p.append(tok.encode(chat_prompt(REASONING_TEMPLATE.format(prompt=meta["prompt"]))))
             text_c.append(tok.encode(plan, bos=False) + [tok.eos_id])
@@ -784,22 +856,148 @@ def example_prompts():
 
 
 # -----------------------------------------------------------------------------
+# Diagnostics of a base: where its errors come from
+
+
+def plan_detections(plan, size=64):
+    """A plan read as detections: each (colour, shape, place) becomes a point at the centre of its ninth of
+    the image, so the GenEval rules can judge the plan itself (its counts, colours and relations)."""
+    dets = []
+    for color, shape, place in parse_plan(plan):
+        k = PLACES.index(place) if place in PLACES else 4
+        cy, cx = (k // 3 + 0.5) * size / 3, (k % 3 + 0.5) * size / 3
+        dets.append({"class": shape, "color": color, "box": (cx - 0.5, cy - 0.5, cx + 0.5, cy + 0.5), "score": 1.0})
+    return dets
+
+
+def diagnose(ckpt, items, n=16, seed=0, log=print):
+    """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
+    base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
+    ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
+    images from its own plans and from the prompt alone. Returns {row name: geneval summary}."""
+    import torch
+    import rewards
+    import sample
+    from model import Janus, Tokenizer, image_prompt
+    from t2i_r1 import generate_images, image_prompt_text, load_reasoning_prompt
+    from vq import from_uint8
+    janus, tok = Janus.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
+    reasoning = load_reasoning_prompt(ckpt=ckpt)
+    rng = np.random.default_rng(seed)
+    metas = [m for m in items for _ in range(n)]
+    scenes = [sample_scene(m, rng) for m in metas]
+    rows = {}
+
+    def judge(name, detections):
+        rows[name] = rewards.geneval_summary([(m["tag"], rewards.geneval_score(d, m)["strict"])
+                                              for m, d in zip(metas, detections)])
+        log(f"{name:<28} " + " ".join(f"{t} {rows[name]['per_tag'][t]:.3f}" for t in TAGS if t in rows[name]["per_tag"])
+            + f" | GenEval overall {rows[name]['overall']:.3f}")
+    clean = np.stack([render(s) for s in scenes])
+    judge("true scenes", detect_batch(clean))
+    with torch.no_grad():
+        codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(clean[i:i + 256])))
+                           for i in range(0, len(clean), 256)])
+    judge("VQ ceiling", detect_batch(sample.decode_images(janus, codes)))
+    g = torch.Generator().manual_seed(seed)
+    ids = [tok.encode(image_prompt(image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
+    codes = torch.cat([generate_images(janus, ids[i:i + 64], pad_id=tok.pad_id, generator=g)
+                       for i in range(0, len(ids), 64)])
+    judge("drawn from true plans", detect_batch(sample.decode_images(janus, codes)))
+    for cot in (True, False):
+        records, images = sample.generate(janus, tok, items, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
+                                          reasoning_prompt=reasoning, show_progress=False, cot=cot, max_plan_tokens=64)
+        if cot:
+            judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
+        judge("drawn from own plans" if cot else "drawn from the prompt alone", detect_batch(images))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The ablation report: runs of train.py grouped by level, mean and spread over their seeds
+
+
+def _eval_file(run, split, which):
+    """A run's first ("base") or last evaluation summary on split, as train.py writes them into run/eval/."""
+    folder = os.path.join(run, "eval")
+    files = sorted(f for f in os.listdir(folder) if f.startswith(split + "_")) if os.path.isdir(folder) else []
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no {split} evaluation: is {run} a finished train.py run?")
+    with open(os.path.join(folder, files[0] if which == "base" else files[-1])) as f:
+        return json.load(f)
+
+
+def _tag_scores(summary):
+    g = next(v for k, v in summary.items() if k.startswith("geneval_"))
+    return {**g["per_tag"], "overall": g["overall"]}
+
+
+def report(runs, split="test"):
+    """Markdown tables of the paper's ablation from finished train.py run folders: per tag, the mean over the
+    runs of each level (their seeds) +- the sample standard deviation. The base rows are the runs' own step-0
+    evaluations: with plans for semantic and both, without for token (as each run samples)."""
+    groups = {}
+    for run in runs:
+        with open(os.path.join(run, "config.json")) as f:
+            levels = json.load(f)["levels"]
+        groups.setdefault(levels, []).append(run)
+    rows = []
+    with_plan = groups.get("both", []) + groups.get("semantic", [])
+    if with_plan:
+        rows.append(("base, with its plans", [_tag_scores(_eval_file(r, split, "base")) for r in with_plan]))
+    if groups.get("token"):
+        rows.append(("base, no plan", [_tag_scores(_eval_file(r, split, "base")) for r in groups["token"]]))
+    for levels, name in (("semantic", "semantic level only"), ("token", "token level only"),
+                         ("both", "both levels (T2I-R1)")):
+        if groups.get(levels):
+            rows.append((f"{name}, {len(groups[levels])} seeds",
+                         [_tag_scores(_eval_file(r, split, "final")) for r in groups[levels]]))
+    cols = [t for t in GENEVAL_TAGS + ("overall", "reasoning") if any(t in s for _, ss in rows for s in ss)]
+    def cell(values):
+        v = np.array(values)
+        return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    head = "| | " + " | ".join("GenEval overall" if c == "overall" else c for c in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    lines += ["| " + name + " | " + " | ".join(cell([s[c] for s in ss]) for c in cols) + " |" for name, ss in rows]
+    final = {levels: [_tag_scores(_eval_file(r, split, "final")) for r in rs] for levels, rs in groups.items()}
+    if {"both", "token", "semantic"} <= set(final):
+        mean = {k: {c: np.mean([s[c] for s in ss]) for c in cols} for k, ss in final.items()}
+        lines += ["", "What each level adds (difference of the means):", "", head, lines[1]]
+        lines += [f"| semantic level (both - token) | " + " | ".join(f"{mean['both'][c] - mean['token'][c]:+.3f}"
+                                                                     for c in cols) + " |",
+                  f"| token level (both - semantic) | " + " | ".join(f"{mean['both'][c] - mean['semantic'][c]:+.3f}"
+                                                                    for c in cols) + " |"]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(description="The shapes world: prompt sets and the tiny pretrained base.")
     sub = p.add_subparsers(dest="cmd")
-    sp = sub.add_parser("prompts", help="write train.jsonl and test.jsonl")
+    sp = sub.add_parser("prompts", help="write train.jsonl, val.jsonl and test.jsonl")
     sp.add_argument("out_dir", nargs="?", default="data/shapes")
     pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)")
     pp.add_argument("--out", default=BASE_DIR)
     for f in PretrainConfig.__dataclass_fields__.values():
         pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    dp = sub.add_parser("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base")
+    dp.add_argument("--ckpt", default=BASE_DIR)
+    dp.add_argument("--split", default="test", choices=["train", "val", "test"])
+    dp.add_argument("--n", type=int, default=16, help="images per prompt")
+    rp = sub.add_parser("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
+    rp.add_argument("runs", nargs="+", help="run folders (train.py --out)")
+    rp.add_argument("--split", default="test", choices=["test", "val"])
     args = p.parse_args(argv if argv is not None else (None if len(__import__("sys").argv) > 1 else ["pretrain"]))
     if args.cmd == "prompts":
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
+    elif args.cmd == "diagnose":
+        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n)
+    elif args.cmd == "report":
+        print(report(args.runs, args.split))
     else:
         c = PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__})
         pretrain(args.out, c)

@@ -1540,10 +1540,15 @@ def _found_all(scene, dets, min_iou=0.5):
 
 
 def test_shapes_masks_touch_every_side_of_their_box():
-    for s in range(S.MIN_PIXELS, 50):
+    for w, h in [(s, s) for s in range(4, 50)] + [(12, 20), (31, 9)]:
         for shape in S.SHAPES:
-            m = S.shape_mask(shape, s)
-            assert m[0].any() and m[-1].any() and m[:, 0].any() and m[:, -1].any(), (shape, s)
+            m = S.shape_mask(shape, w, h)
+            assert m.shape == (h, w) and m[0].any() and m[-1].any() and m[:, 0].any() and m[:, -1].any(), (shape, w, h)
+    # the shapes are what their names say: a square fills its box, a circle pi/4 of it, a triangle half
+    for shape, fill in (("square", 1.0), ("circle", np.pi / 4), ("triangle", 0.5)):
+        assert S.shape_mask(shape, 200).mean() == pytest.approx(fill, abs=0.01), shape
+    tri = S.shape_mask("triangle", 200)
+    assert tri[0].sum() <= 2 and tri[-1].all()  # apex up, base down
 
 
 def test_shapes_detector_recovers_clean_renders_exactly():
@@ -1571,9 +1576,12 @@ def test_shapes_scenes_satisfy_their_metadata():
             objs = scene.objects
             assert len(objs) == sum(c["count"] for c in meta["include"])  # exactly the prompt's objects
             assert _strict_pass(scene.detections(), meta), (meta, scene)
-            gap = round(S.GAP * scene.size)
-            for i, a in enumerate(objs):  # no overlap, with a gap
+            cell = scene.size // S.CELLS
+            gap = S.GAP_CELLS * cell
+            for i, a in enumerate(objs):  # on the grid, no overlap, with a gap
                 assert 0 <= a.box[0] < a.box[2] <= scene.size and 0 <= a.box[1] < a.box[3] <= scene.size
+                assert all(v % cell == 0 for v in a.box) and a.box[2] - a.box[0] == a.box[3] - a.box[1]
+                assert (a.box[2] - a.box[0]) // cell in S.OBJECT_CELLS
                 for b in objs[i + 1:]:
                     assert (a.box[0] >= b.box[2] + gap or b.box[0] >= a.box[2] + gap
                             or a.box[1] >= b.box[3] + gap or b.box[1] >= a.box[3] + gap)
@@ -1604,25 +1612,38 @@ def test_shapes_prompts_follow_geneval_layout():
 
 
 def test_shapes_split_holds_out_what_it_claims(tmp_path):
-    train, test = S.prompt_sets()
+    train, val, test = S.prompt_sets()
     everything = S.all_prompts()
     assert len({m["prompt"] for m in everything}) == len(everything)
-    # train is exactly the prompts without a held-out combination
-    assert [m for m in everything if not S.is_held_out(m)] == train
-    train_text = " | ".join(m["prompt"] for m in train)
+    # train + val is exactly the prompts without a held-out combination; val is carved from them
+    trainable = [m for m in everything if not S.is_held_out(m)]
+    assert sorted(train + val, key=everything.index) == trainable
+    seen = {m["prompt"] for m in train}
+    assert not seen & {m["prompt"] for m in val} and not seen & {m["prompt"] for m in test if S.is_held_out(m)}
+    assert not {m["prompt"] for m in val} & {m["prompt"] for m in test}
+    assert {m["tag"] for m in val} == {"colors", "position", "color_attr", "reasoning"}
+    train_text = " | ".join(m["prompt"] for m in train + val)
     for color, shape in S.HELD_OUT_PAIRS:
         assert f"{color} {shape}" not in train_text
         assert any(f"{color} {shape}" in m["prompt"] for m in test)
     for a, relation, b in S.HELD_OUT_LAYOUTS:
-        assert S.position(a, relation, b) not in train and S.position(a, relation, b) in test
+        assert S.position(a, relation, b) not in train + val and S.position(a, relation, b) in test
     for shape, n in S.HELD_OUT_COUNTS:
-        assert S.counting(shape, n) not in train and S.counting(shape, n) in test
+        assert S.counting(shape, n) not in train + val and S.counting(shape, n) in test
     # every colour and every shape is still seen in training, just not in the held-out pairs
     assert {c["color"] for m in train if m["tag"] == "colors" for c in m["include"]} == set(S.COLORS)
     assert {c["class"] for m in train if m["tag"] == "colors" for c in m["include"]} == set(S.SHAPES)
     # the tags that can hold out are wholly novel in test; every tag is tested
     assert all(S.is_held_out(m) for m in test if m["tag"] in ("colors", "position", "color_attr"))
-    assert {m["tag"] for m in test} == set(S.TAGS)
+    assert {m["tag"] for m in test} == set(S.TAGS) == set(S.GENEVAL_TAGS) | {"reasoning"}
+    # reasoning: a riddle whose answer is a held-out pair or count is never trained on, though each thing
+    # ("the sky") and each riddle form is
+    riddles = [m for m in test if m["tag"] == "reasoning" and m["riddle"] != "shape"]
+    assert len(riddles) == 13 and all(S.is_held_out(m) for m in riddles)
+    assert "a photo of a triangle the color of the sky" in {m["prompt"] for m in riddles}
+    for thing in S.THINGS.values():
+        assert any(f"the color of {thing}" in p for p in seen), thing
+    assert {m["riddle"] for m in train if m["tag"] == "reasoning"} == {"shape", "color", "shape+color", "count"}
     # random colours avoid the held-out pairs when asked to
     for seed, meta in enumerate(train):
         for o in S.sample_scene(meta, seed, avoid=S.HELD_OUT_PAIRS).objects:
@@ -1630,9 +1651,77 @@ def test_shapes_split_holds_out_what_it_claims(tmp_path):
     # written files round-trip and are deterministic
     paths = S.write_prompt_sets(tmp_path / "a")
     again = S.write_prompt_sets(tmp_path / "b")
-    for p, q, metas in zip(paths, again, (train, test)):
+    assert [os.path.basename(p) for p in paths] == ["train.jsonl", "val.jsonl", "test.jsonl"]
+    for p, q, metas in zip(paths, again, (train, val, test)):
         assert open(p).read() == open(q).read()
         assert [json.loads(line) for line in open(p)] == metas
+
+
+def test_shapes_reasoning_prompts_resolve_to_what_they_describe():
+    by_prompt = {m["prompt"]: m for m in S.all_prompts() if m["tag"] == "reasoning"}
+    assert len(by_prompt) == 45
+    # written out by hand: what a reader resolves each riddle to
+    expect = {
+        "a photo of the shape with three corners": [{"class": "triangle", "count": 1}],
+        "a photo of the shape with four corners": [{"class": "square", "count": 1}],
+        "a photo of the shape with no corners": [{"class": "circle", "count": 1}],
+        "a photo of a circle the color of the sky": [{"class": "circle", "count": 1, "color": "blue"}],
+        "a photo of a square the color of grass": [{"class": "square", "count": 1, "color": "green"}],
+        "a photo of a triangle the color of a lemon": [{"class": "triangle", "count": 1, "color": "yellow"}],
+        "a photo of a circle the color of a cherry": [{"class": "circle", "count": 1, "color": "red"}],
+        "a photo of a square the color of a pumpkin": [{"class": "square", "count": 1, "color": "orange"}],
+        "a photo of a triangle the color of a plum": [{"class": "triangle", "count": 1, "color": "purple"}],
+        "a photo of the shape with three corners, the color of the sky":
+            [{"class": "triangle", "count": 1, "color": "blue"}],
+        "a photo of the shape with no corners, the color of grass": [{"class": "circle", "count": 1, "color": "green"}],
+        "a photo of as many circles as a triangle has corners": [{"class": "circle", "count": 3}],
+        "a photo of as many squares as a square has corners": [{"class": "square", "count": 4}],
+    }
+    for prompt, include in expect.items():
+        assert by_prompt[prompt]["include"] == include, prompt
+    assert by_prompt["a photo of as many circles as a triangle has corners"]["exclude"] == [{"class": "circle", "count": 4}]
+    # the resolved metadata is checked by the same rules as GenEval's: a true scene passes, a literal misreading fails
+    meta = by_prompt["a photo of a circle the color of the sky"]
+    assert _strict_pass(S.sample_scene(meta, 0).detections(), meta)
+    wrong = S.Scene([S.Obj("circle", "green", (8, 8, 24, 24))])
+    assert not _strict_pass(wrong.detections(), meta)
+    meta = by_prompt["a photo of as many circles as a triangle has corners"]
+    scene = S.sample_scene(meta, 0)
+    assert len(scene.objects) == 3 and _strict_pass(scene.detections(), meta)
+    assert not _strict_pass(scene.detections() + scene.detections()[:1], meta)
+
+
+def test_shapes_detector_names_only_what_a_person_would():
+    def draw(mask_fn, color="red"):
+        img = np.full((64, 64, 3), S.BACKGROUND, np.uint8)
+        m = np.zeros((64, 64), bool)
+        mask_fn(m)
+        img[m] = S.COLORS[color]
+        return img
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    def circle(m, cx=24, cy=24, r=12):
+        m |= (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    def blob(m):  # a lumpy, star-ish outline: neither round nor square
+        ang, rad = np.arctan2(yy - 32, xx - 32), np.hypot(xx - 32, yy - 32)
+        m |= rad <= 12 * (1 + 0.3 * np.sin(5 * ang))
+    def rounded_square(m):  # half-way between a circle and a square
+        m |= (np.abs(xx - 32) / 12) ** 3.2 + (np.abs(yy - 32) / 12) ** 3.2 <= 1
+    def two_touching(m):  # two squares merged into one long box
+        m[16:32, 8:24] = True
+        m[16:32, 24:40] = True
+    def dented_square(m):  # a square with a bite out of a corner
+        m[16:40, 16:40] = True
+        m[16:28, 28:40] = False
+    assert [d["class"] for d in S.detect(draw(circle))] == ["circle"]
+    for name, fn in (("blob", blob), ("rounded square", rounded_square), ("merged", two_touching),
+                     ("dented", dented_square)):
+        assert S.detect(draw(fn)) == [], name
+    # colour bleeding: a square half red, half purple is neither
+    img = draw(lambda m: m.__setitem__((slice(16, 40), slice(16, 40)), True))
+    img[16:40, 28:40] = S.COLORS["purple"]
+    assert S.detect(img) == []
+    img[16:40, 16:40] = S.COLORS["purple"]
+    assert [(d["class"], d["color"]) for d in S.detect(img)] == [("square", "purple")]
 
 
 def test_shapes_plans_describe_the_scene_and_parse_back():
@@ -1842,7 +1931,7 @@ def final_weights(out):
 
 def test_a_few_steps_raise_the_reward(random_base, redness, tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")  # one fixed shapes prompt
-    _, metrics, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--prompts", str(tmp_path / "p.jsonl"),
+    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--prompts", str(tmp_path / "p.jsonl"),
                                                     "--steps", "15", "--group-size", "8", "--prompts-per-step", "4",
                                                     "--rollout-batch", "4", "--micro-batch", "32")),
                             log=lambda *a, **k: None)
@@ -1946,7 +2035,7 @@ def test_fsdp_over_two_gloo_processes_matches_one(random_base, redness, tmp_path
 
 
 def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):
-    policy, _, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--lora-rank", "4")),
+    policy, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--lora-rank", "4")),
                            log=lambda *a, **k: None)
     base = M.Janus.from_pretrained(random_base)
     layer = policy.language_model.model.layers[0].self_attn.q_proj

@@ -48,7 +48,9 @@ class TrainConfig:
     # model and prompts (None: the shapes world, its base pretrained first when absent)
     ckpt: str = None               # starting policy, a Janus-Pro folder
     prompts: str = None            # training prompts: plain lines, or JSON lines with "prompt" (+ GenEval metadata)
-    eval_prompts: str = None       # held-out prompts evaluated every eval_every steps
+    eval_prompts: str = None       # held-out test prompts, evaluated at the start and the end (the report)
+    val_prompts: str = None        # validation prompts, evaluated every eval_every steps (choose settings here)
+    test_eval: bool = True         # evaluate the test prompts (off while choosing settings on val)
     out: str = "runs/shapes"
     # rewards (rewards.py): NAME:WEIGHT list, checkpoint folders, how they add up
     rewards: str = "shapes"
@@ -90,8 +92,8 @@ class TrainConfig:
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
     sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
-    eval_every: int = 50           # held-out evaluation (also at the start and the end)
-    eval_n: int = 8                # images per held-out prompt
+    eval_every: int = 50           # validation evaluation (also at the start and the end)
+    eval_n: int = 16               # images per evaluated prompt
     save_every: int = 50
     resume: bool = False
 
@@ -335,8 +337,8 @@ def eval_table(rows):
     return "\n".join(lines + [eval_row(n, s) for n, s in rows])
 
 
-def plot_curves(metrics, path, keys=("reward", "eval_overall")):
-    """A small line chart (PIL only) of the mean reward per step and the held-out accuracy at evaluations."""
+def plot_curves(metrics, path, keys=("reward", "val_overall", "test_overall")):
+    """A small line chart (PIL only) of the mean reward per step and the GenEval accuracy at evaluations."""
     from PIL import Image, ImageDraw
     W, H, pad = 640, 360, 40
     img = Image.new("RGB", (W, H), "white")
@@ -347,7 +349,7 @@ def plot_curves(metrics, path, keys=("reward", "eval_overall")):
         img.save(path)
         return
     x_max = max(1, max(m["step"] for m in metrics))
-    colors = {"reward": (31, 119, 180), "eval_overall": (214, 39, 40)}
+    colors = {"reward": (31, 119, 180), "val_overall": (214, 39, 40), "test_overall": (44, 160, 44)}
     series = {k: [(m["step"], m[k]) for m in metrics if k in m] for k in keys}
     lo = min(min(v for _, v in s) for s in series.values() if s)
     hi = max(max(v for _, v in s) for s in series.values() if s)
@@ -366,7 +368,7 @@ def plot_curves(metrics, path, keys=("reward", "eval_overall")):
     d.text((pad, H - pad + 8), f"step 0 .. {x_max}", fill="black")
     d.text((4, pad // 2), f"{hi:.2f}", fill="black")
     d.text((4, H - pad - 10), f"{lo:.2f}", fill="black")
-    d.text((W // 2, H - pad + 8), "mean train reward (blue), held-out GenEval (red)", fill="black")
+    d.text((W // 3, H - pad + 8), "train reward (blue), GenEval on val (red) and test (green)", fill="black")
     img.save(path)
 
 
@@ -403,14 +405,16 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     base = cfg.ckpt or (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
     if world > 1:
         dist.barrier()  # rank 0 may have just pretrained the base
-    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else shapes.prompt_sets()[0]
-    eval_items = S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else (
-        shapes.prompt_sets()[1] if cfg.ckpt is None else None)
+    # the shapes world's defaults: RL on its train split, validation curves on val, the report on test
+    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets())) if cfg.ckpt is None else {}
+    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
+    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else world_sets.get("test"),
+                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else world_sets.get("val")}
+    eval_sets = {k: v for k, v in eval_sets.items() if v is not None and (k != "test" or cfg.test_eval)}
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
                                     device=device)
-    scorer.check_metadata(train_items)
-    if eval_items is not None:
-        scorer.check_metadata(eval_items)
+    for items in (train_items, *eval_sets.values()):
+        scorer.check_metadata(items)
     reasoning = R.load_reasoning_prompt(cfg.reasoning_prompt, base)
 
     # models: the policy in float32 (bf16 autocast on GPU), frozen VQ and image embedding/head as in T2I-R1
@@ -466,27 +470,29 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
-    evals = []
+    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
 
-    def run_eval(step):
-        if eval_items is None:
-            return
-        t0 = time.time()
-        with gathered(loss_module):
-            summary = evaluate(policy, tok, eval_items, cfg, scorer, reasoning, autocast) if rank == 0 else None
-        if rank != 0:
-            return
-        evals.append((f"step {step}", summary))
-        g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
-        metrics.append({"step": step, "eval_overall": g["overall"] if g else float("nan"),
-                        **{f"eval_{k}": v for k, v in summary["rewards"].items()},
-                        **({f"eval_{t}": a for t, a in g["per_tag"].items()} if g else {})})
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics[-1]) + "\n")
-        log(f"eval at step {step} ({time.time() - t0:.0f}s):\n{eval_table([(f'step {step}', summary)])}")
+    def run_eval(step, splits):
+        for split in [s for s in splits if s in eval_sets]:
+            t0 = time.time()
+            with gathered(loss_module):
+                summary = (evaluate(policy, tok, eval_sets[split], cfg, scorer, reasoning, autocast)
+                           if rank == 0 else None)
+            if rank != 0:
+                continue
+            with open(os.path.join(cfg.out, "eval", f"{split}_{step:05d}.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
+            metrics.append({"step": step, f"{split}_overall": g["overall"] if g else float("nan"),
+                            **{f"{split}_{k}": v for k, v in summary["rewards"].items()},
+                            **({f"{split}_{t}": a for t, a in g["per_tag"].items()} if g else {})})
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics[-1]) + "\n")
+            log(f"{split} evaluation at step {step} ({time.time() - t0:.0f}s):\n"
+                f"{eval_table([(f'step {step}', summary)])}")
 
     if start == 0:
-        run_eval(0)
+        run_eval(0, ("test", "val"))
     for step in range(start, cfg.steps):
         t0 = time.time()
         items = step_prompts(train_items, cfg, step)
@@ -558,8 +564,10 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                 with open(os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.jsonl"), "w") as f:
                     for s in samples[:k]:
                         f.write(json.dumps({x: s[x] for x in ("prompt", "plan", "reward", "advantage", "scores")}) + "\n")
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            run_eval(step + 1)
+        if step + 1 == cfg.steps:
+            run_eval(step + 1, ("test", "val"))
+        elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            run_eval(step + 1, ("val",))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
             model_state, opt_state = None, opt.state_dict()
             if cfg.fsdp:  # gather the shards (collective), rank 0 writes
@@ -573,20 +581,27 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         if world > 1:
             dist.barrier()
 
-    if rank == 0 and evals:
-        base_row = evals[0] if start == 0 else None
-        rows = ([("base", base_row[1])] if base_row else []) + [(f"after {cfg.steps} steps", evals[-1][1])]
-        table = eval_table(rows)
-        log("\nheld-out evaluation, before and after:\n" + table)
-        with open(os.path.join(cfg.out, "summary.md"), "w") as f:
-            f.write(table + "\n")
+    if rank == 0:
+        report = []
+        for split in eval_sets:
+            rows = [(name, json.load(open(p))) for name, p in
+                    (("base", os.path.join(cfg.out, "eval", f"{split}_00000.json")),
+                     (f"after {cfg.steps} steps", os.path.join(cfg.out, "eval", f"{split}_{cfg.steps:05d}.json")))
+                    if os.path.isfile(p)]
+            if rows:
+                report.append(f"{split} prompts ({len(eval_sets[split])}, {cfg.eval_n} images each), "
+                              f"before and after:\n\n{eval_table(rows)}\n")
+        if report:
+            log("\n" + "\n".join(report))
+            with open(os.path.join(cfg.out, "summary.md"), "w") as f:
+                f.write("\n".join(report))
         plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
     if world > 1:
         # leave together, DDP's reducer first: gloo aborts a process whose peer closes the group under it
         dist.barrier()
         del loss_module
         dist.destroy_process_group()
-    return policy, metrics, evals
+    return policy, metrics
 
 
 # -----------------------------------------------------------------------------
