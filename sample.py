@@ -11,6 +11,7 @@ Writes PNGs, one grid per prompt and samples.jsonl (one line per image) into --o
 import argparse
 import json
 import os
+import textwrap
 import time
 
 import numpy as np
@@ -48,16 +49,38 @@ def read_prompts(path):
     return out
 
 
-def make_grid(images, ncol=None, pad=2):
-    """uint8 (n, H, W, 3) -> one uint8 image with the n images in a grid, ncol per row."""
+def make_grid(images, ncol=None, pad=2, captions=None, min_width=160):
+    """uint8 (n, H, W, 3) -> one uint8 image with the n images in a grid, ncol per row. With captions (n
+    strings, lines split on newlines and wrapped), each image is shown at least min_width pixels wide
+    (nearest-neighbour upscaling, so small images stay crisp) with its caption under it."""
     images = np.asarray(images)
     n, H, W, C = images.shape
     ncol = ncol or int(np.ceil(np.sqrt(n)))
     nrow = int(np.ceil(n / ncol))
-    grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, C), 255, dtype=np.uint8)
+    lines, line_h = [[] for _ in range(n)], 11
+    if captions is not None:
+        scale = max(1, -(-min_width // W))
+        images = images.repeat(scale, 1).repeat(scale, 2)
+        H, W = H * scale, W * scale
+        per_line = max(8, W // 6)  # PIL's default bitmap font is 6 pixels wide
+        lines = [[line for part in str(cap).split("\n") for line in textwrap.wrap(part, per_line) or [""]]
+                 for cap in captions]
+    text_h = line_h * max((len(x) for x in lines), default=0)
+    grid = np.full((nrow * (H + text_h + pad) + pad, ncol * (W + pad) + pad, C), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, ncol)
-        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = img
+        y, x = pad + r * (H + text_h + pad), pad + c * (W + pad)
+        grid[y:y + H, x:x + W] = img
+    if text_h:
+        from PIL import ImageDraw
+        pil = Image.fromarray(grid)
+        draw = ImageDraw.Draw(pil)
+        for i, caption_lines in enumerate(lines):
+            r, c = divmod(i, ncol)
+            y, x = pad + r * (H + text_h + pad) + H, pad + c * (W + pad)
+            for k, line in enumerate(caption_lines):
+                draw.text((x + 1, y + k * line_h), line, fill=(0, 0, 0))
+        grid = np.array(pil)
     return grid
 
 

@@ -630,8 +630,7 @@ class PretrainConfig:
     vq_steps: int = 1000
     vq_batch: int = 16
     vq_lr: float = 2e-3
-    codebook_size: int = 256       # more codes draw sharper edges but are harder for the tiny Janus to model
-    restart_every: int = 50        # steps after which unused codes are restarted
+    codebook_size: int = 128       # at least the number of distinct cells (cell_contents: 109)
     # the Janus
     n_layer: int = 4
     n_embd: int = 128
@@ -687,10 +686,40 @@ def render_dataset(c: PretrainConfig, rng):
     return out
 
 
-def train_vq(c: PretrainConfig, images, log=print):
-    """A VQ trained to reconstruct the scenes: l2-normalised codebook, straight-through gradients, L1 + MSE.
-    Codes left unused for `restart_every` steps are restarted on random latents of the current batch, which
-    keeps most of the codebook in use (without it a few hundred codes do all the work and edges blur)."""
+def cell_contents(size=64):
+    """Every distinct cell a scene can hold (uint8 (K, cell, cell, 3), cell = size // CELLS), background
+    first: the code vocabulary of the shapes world's VQ, one code per cell content."""
+    cell = size // CELLS
+    seen = {}
+    for patch in [np.full((cell, cell, 3), BACKGROUND, np.uint8)] + [
+            render(Scene([Obj(shape, color, (0, 0, k * cell, k * cell))], size))[r * cell:(r + 1) * cell,
+                                                                                 q * cell:(q + 1) * cell]
+            for k in OBJECT_CELLS for shape in SHAPES for color in COLORS for r in range(k) for q in range(k)]:
+        seen.setdefault(patch.tobytes(), patch)
+    return np.stack(list(seen.values()))
+
+
+def tokenize(images, contents):
+    """Clean renders, uint8 (N, S, S, 3) -> codes (N, CELLS * CELLS): each cell's index in `contents`, raster
+    order. This is the tokenisation the VQ is trained to reproduce and the drawer learns to write."""
+    N, S = images.shape[:2]
+    cell = S // CELLS
+    index = {p.tobytes(): i for i, p in enumerate(contents)}
+    cells = images.reshape(N, CELLS, cell, CELLS, cell, 3).transpose(0, 1, 3, 2, 4, 5).reshape(N * CELLS * CELLS, -1)
+    try:
+        return np.array([index[c.tobytes()] for c in cells], dtype=np.int64).reshape(N, CELLS * CELLS)
+    except KeyError:
+        raise ValueError("an image holds a cell that is not in the vocabulary: not a clean render of this world")
+
+
+def train_vq(c: PretrainConfig, images, codes, log=print):
+    """A VQ whose codes are fixed in advance: `codes` (N, CELLS * CELLS) give every cell its content's code
+    (tokenize). The decoder learns to draw a code grid (L1 + MSE, object pixels weighted 5x), and the encoder
+    to find each cell's code (cross-entropy over the cosine similarity to the unit codebook entries, the
+    distance VQ-16's nearest-neighbour search uses), so vq.encode of a render gives back its codes.
+    A VQ trained only to reconstruct (the first base of this world) spread one cell content over up to 200
+    codes depending on the rest of the picture, since VQ-16's GroupNorm and attention see all of it; the tiny
+    drawer then had to model that noise and sampled mismatched pieces (blobs). Returns (vq, losses)."""
     import torch
     import torch.nn.functional as F
     from t2i_r1 import Progress
@@ -698,42 +727,34 @@ def train_vq(c: PretrainConfig, images, log=print):
     torch.manual_seed(c.seed)
     vq = VQModel(vq_config(c))
     opt = torch.optim.Adam(vq.parameters(), lr=c.vq_lr)
-    data = from_uint8(torch.as_tensor(np.stack(images)))  # (N, 3, S, S) in [-1, 1]
+    data = from_uint8(torch.as_tensor(np.asarray(images)))  # (N, 3, S, S) in [-1, 1]
+    targets = torch.as_tensor(codes)                         # (N, g*g)
+    grid = vq.cfg.grid
     g = torch.Generator().manual_seed(c.seed)
-    bar, losses = Progress(c.vq_steps, "VQ"), []
-    used = torch.zeros(c.codebook_size, dtype=torch.bool)
+    bar, losses = Progress(c.vq_steps, "VQ"), {"vq": [], "vq_code": []}
     for step in range(c.vq_steps):
-        # whole images, not crops: with 32 channels GroupNorm(32) normalises each channel over the image,
-        # so crops would teach the decoder statistics it never meets on whole images (colours drift)
-        x = data[torch.randint(len(data), (c.vq_batch,), generator=g)]
+        idx = torch.randint(len(data), (c.vq_batch,), generator=g)
+        x, t = data[idx], targets[idx]
         for p in opt.param_groups:
             p["lr"] = c.vq_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / c.vq_steps))
-        z = vq.quant_conv(vq.encoder(x))                                   # (B, 8, h, w)
-        zn = F.normalize(z, dim=1)
-        codes = vq.quantize.codes(z.detach())                              # (B, h*w)
-        e = vq.quantize.entries(codes, z.shape[-1])                        # (B, 8, h, w), unit vectors
-        recon = vq.decoder(vq.post_quant_conv(zn + (e - zn).detach()))    # straight-through
+        recon = vq.decoder(vq.post_quant_conv(vq.quantize.entries(t, grid)))  # (B, 3, S, S)
         # objects are a small part of the picture: weigh their pixels (and a rim around them) 5x, or the
-        # loss is spent on the flat background and small shapes come out as coloured blobs
+        # loss is spent on the flat background
         fg = (x - x[:, :, :1, :1]).abs().amax(1, keepdim=True).gt(0.05).float()
         wgt = 1 + 4 * F.max_pool2d(fg, 5, stride=1, padding=2)
         err = recon - x
         rec = (wgt * (err.abs() + err * err)).mean() / wgt.mean()
-        loss = rec + F.mse_loss(e, zn.detach()) + 0.25 * F.mse_loss(zn, e.detach())
+        z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)                 # (B, D, g, g)
+        e = F.normalize(vq.quantize.embedding.weight, dim=-1).detach()        # (K, D)
+        logits = torch.einsum("bdhw,kd->bhwk", z, e) * 10                     # cosine / 0.1
+        code_loss = F.cross_entropy(logits.reshape(-1, e.shape[0]), t.reshape(-1))
+        loss = rec + code_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        used[codes.flatten()] = True
-        if (step + 1) % c.restart_every == 0 and step < 0.8 * c.vq_steps:
-            dead = (~used).nonzero().flatten()
-            if len(dead):
-                lat = zn.detach().permute(0, 2, 3, 1).reshape(-1, zn.shape[1])   # (B*h*w, 8)
-                pick = torch.randint(len(lat), (len(dead),), generator=g)
-                with torch.no_grad():
-                    vq.quantize.embedding.weight[dead] = lat[pick] + 0.01 * torch.randn(len(dead), lat.shape[1], generator=g)
-            used.zero_()
-        losses.append(rec.item())
-        bar.update(note=f"recon {np.mean(losses[-20:]):.4f}")
+        losses["vq"].append(rec.item())
+        losses["vq_code"].append(code_loss.item())
+        bar.update(note=f"recon {np.mean(losses['vq'][-20:]):.4f}  code {np.mean(losses['vq_code'][-20:]):.4f}")
     return vq.eval(), losses
 
 
@@ -810,10 +831,16 @@ def pretrain(out_dir=BASE_DIR, c: PretrainConfig = None, log=print):
     rng = np.random.default_rng(c.seed)
     log(f"shapes world: pretraining the tiny base into {out_dir} (seed {c.seed})")
     scenes = render_dataset(c, rng)
-    vq, vq_losses = train_vq(c, [img for _, _, img in scenes], log)
-    with torch.no_grad():
-        images = from_uint8(torch.as_tensor(np.stack([img for _, _, img in scenes])))
-        codes = torch.cat([vq.encode(images[i:i + 256]) for i in range(0, len(images), 256)])
+    images = np.stack([img for _, _, img in scenes])
+    contents = cell_contents(c.image_size)
+    if len(contents) > c.codebook_size:
+        raise ValueError(f"codebook_size {c.codebook_size} is smaller than the {len(contents)} distinct cells")
+    codes = tokenize(images, contents)
+    vq, vq_losses = train_vq(c, images, codes, log)
+    with torch.no_grad():  # how often the trained encoder finds the code of a cell
+        probe = slice(0, min(len(images), 512))
+        encode_acc = float((vq.encode(from_uint8(torch.as_tensor(images[probe]))).numpy() == codes[probe]).mean())
+    log(f"VQ: {len(contents)} cell codes, encoder finds {encode_acc:.4f} of them")
     tmp = out_dir.rstrip("/") + ".tmp"
     os.makedirs(tmp, exist_ok=True)
     make_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
@@ -825,7 +852,7 @@ def pretrain(out_dir=BASE_DIR, c: PretrainConfig = None, log=print):
         f.write(REASONING_TEMPLATE + "\n")
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump({"config": c.__dict__, "seconds": round(time.time() - t0, 1),
-                   "vq_recon_mse_last": float(np.mean(vq_losses[-20:])),
+                   "vq_recon_last": float(np.mean(vq_losses["vq"][-20:])), "vq_encode_accuracy": encode_acc,
                    "plan_nll_last": float(np.mean(lm_losses["text"][-20:])),
                    "image_nll_last": float(np.mean(lm_losses["image"][-20:]))}, f, indent=2)
     if os.path.exists(out_dir):
@@ -833,7 +860,7 @@ def pretrain(out_dir=BASE_DIR, c: PretrainConfig = None, log=print):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     log(f"shapes world: base saved to {out_dir} in {time.time() - t0:.0f}s")
-    return {"vq": vq_losses, **lm_losses}
+    return {**vq_losses, **lm_losses}
 
 
 def ensure_base(path=BASE_DIR):
@@ -938,6 +965,8 @@ def report(runs, split="test"):
     evaluations: with plans for semantic and both, without for token (as each run samples)."""
     groups = {}
     for run in runs:
+        if not os.path.isfile(os.path.join(run, "config.json")):
+            raise FileNotFoundError(f"{run} is not a train.py run folder (no config.json)")
         with open(os.path.join(run, "config.json")) as f:
             levels = json.load(f)["levels"]
         groups.setdefault(levels, []).append(run)

@@ -1355,6 +1355,10 @@ def test_geneval_summary():
     s = RW.geneval_summary(recs)
     assert s["per_tag"] == {"counting": 0.5, "colors": 1.0, "position": 0.0}
     assert s["overall"] == pytest.approx(0.5) and s["count"]["counting"] == 2
+    # a tag outside GenEval's six (the shapes world's reasoning) is reported beside the overall score, not in it
+    s = RW.geneval_summary(recs + [("reasoning", True), ("reasoning", True)])
+    assert s["per_tag"]["reasoning"] == 1.0 and s["overall"] == pytest.approx(0.5)
+    assert RW.geneval_summary([("reasoning", True), ("reasoning", False)])["overall"] == 0.5
 
 
 class _ColorStubCLIP:
@@ -2053,22 +2057,92 @@ def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_pa
 
 
 def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
-    c = S.PretrainConfig(scenes=200, vq_steps=40, vq_batch=8, codebook_size=64, restart_every=20, n_layer=2,
-                         n_embd=64, n_head=2, lm_steps=60, lm_batch=16, lm_lr=3e-3)
+    c = S.PretrainConfig(scenes=200, vq_steps=40, vq_batch=8, n_layer=2, n_embd=64, n_head=2, lm_steps=60,
+                         lm_batch=16, lm_lr=3e-3)
     losses = S.pretrain(str(tmp_path / "base"), c, log=lambda *a, **k: None)
-    for k in ("vq", "text", "image"):
+    for k in ("vq", "vq_code", "text", "image"):
         assert np.mean(losses[k][-8:]) < 0.8 * np.mean(losses[k][:8]), (k, losses[k][:8], losses[k][-8:])
     folder = tmp_path / "base"
     assert {"config.json", "model.safetensors", "tokenizer.json", "reasoning_prompt.txt"} <= set(os.listdir(folder))
     assert not (tmp_path / "base.tmp").exists()
     janus, tok = M.Janus.from_pretrained(str(folder)), M.Tokenizer.from_pretrained(str(folder))
-    assert janus.cfg.vq.image_size == 64 and janus.cfg.image_tokens == 64 and janus.cfg.vq.codebook_size == 64
+    assert janus.cfg.vq.image_size == 64 and janus.cfg.image_tokens == 64 and janus.cfg.vq.codebook_size == 128
     reasoning = R.load_reasoning_prompt(ckpt=str(folder))
     assert reasoning == S.REASONING_TEMPLATE
     import sample as SA
     records, images = SA.generate(janus, tok, [S.colors("red", "circle")], n=2, reasoning_prompt=reasoning,
                                   max_plan_tokens=12, show_progress=False)
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
+    # the diagnostics run on it: true scenes pass by construction, everything else is a fraction
+    rows = S.diagnose(str(folder), [S.colors("red", "circle"), S.riddle("count", "square", count=3)], n=2,
+                      log=lambda *a, **k: None)
+    assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
+    assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
+                         "drawn from own plans", "drawn from the prompt alone"}
+    assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
+
+
+def test_shapes_tokens_are_cells_and_lossless():
+    contents = S.cell_contents()
+    assert contents.shape[1:] == (8, 8, 3) and (contents[0] == S.BACKGROUND).all()
+    assert len({c.tobytes() for c in contents}) == len(contents) <= S.PretrainConfig().codebook_size
+    scenes = [S.sample_scene(m, i) for i, m in enumerate(S.all_prompts()[::5])]
+    images = np.stack([S.render(s) for s in scenes])
+    codes = S.tokenize(images, contents)
+    assert codes.shape == (len(images), 64)
+    # putting each code's cell back in place rebuilds every render exactly
+    rebuilt = contents[codes].reshape(len(images), 8, 8, 8, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+    assert np.array_equal(rebuilt, images)
+    # one content, one code: the same object drawn elsewhere has the same codes
+    a = S.Scene([S.Obj("circle", "red", (0, 0, 16, 16))])
+    b = S.Scene([S.Obj("circle", "red", (40, 24, 56, 40)), S.Obj("square", "blue", (0, 0, 24, 24))])
+    ca, cb = S.tokenize(np.stack([S.render(a), S.render(b)]), contents)
+    assert sorted(ca[ca > 0]) == sorted(cb[[3 * 8 + 5, 3 * 8 + 6, 4 * 8 + 5, 4 * 8 + 6]])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        S.tokenize(_blur(images[0], 1.0)[None], contents)
+
+
+def test_shapes_plans_read_as_detections():
+    meta = S.position("circle", "left of", "square")
+    assert RW.geneval_score(S.plan_detections("red square right , blue circle left"), meta)["strict"]
+    assert not RW.geneval_score(S.plan_detections("red square left , blue circle right"), meta)["strict"]
+    assert not RW.geneval_score(S.plan_detections("blue circle left"), meta)["strict"]
+    meta = S.counting("triangle", 3)
+    assert RW.geneval_score(S.plan_detections("red triangle top , red triangle left , red triangle right"), meta)["strict"]
+    assert not RW.geneval_score(S.plan_detections("red triangle top , red triangle left"), meta)["strict"]
+
+
+def _fake_run(folder, levels, base, final, steps=10):
+    """A finished train.py run folder as shapes.report reads it: config.json and eval/test_*.json."""
+    os.makedirs(folder / "eval")
+    (folder / "config.json").write_text(json.dumps({"levels": levels}))
+    for step, acc in ((0, base), (steps, final)):
+        g = {"per_tag": acc, "overall": float(np.mean([v for t, v in acc.items() if t in S.GENEVAL_TAGS]))}
+        (folder / "eval" / f"test_{step:05d}.json").write_text(json.dumps({"rewards": {}, "geneval_shapes": g}))
+
+
+def test_shapes_report_averages_seeds_per_level(tmp_path):
+    tags = list(S.GENEVAL_TAGS)
+    def acc(v, reasoning):
+        return {**{t: v for t in tags}, "reasoning": reasoning}
+    runs = []
+    for levels, finals in (("both", (0.6, 0.8)), ("token", (0.5, 0.5)), ("semantic", (0.3, 0.4))):
+        for seed, f in enumerate(finals):
+            runs.append(tmp_path / f"{levels}{seed}")
+            _fake_run(runs[-1], levels, acc(0.2 if levels != "token" else 0.1, 0.3), acc(f, f / 2))
+    table = S.report([str(r) for r in runs])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+            if line.startswith("| ") and "±" in line or line.startswith("| semantic level") or line.startswith("| token level")}
+    # both levels: seeds 0.6 and 0.8 -> mean 0.7, sample std 0.141; reasoning 0.3 and 0.4 -> 0.35 +- 0.071
+    assert rows["both levels (T2I-R1), 2 seeds"][0] == "0.700 ± 0.141"
+    assert rows["both levels (T2I-R1), 2 seeds"][-1] == "0.350 ± 0.071"
+    assert rows["base, with its plans"][0] == "0.200 ± 0.000" and rows["base, no plan"][0] == "0.100 ± 0.000"
+    assert rows["semantic level (both - token)"][0] == "+0.200" and rows["token level (both - semantic)"][0] == "+0.350"
+    with pytest.raises(FileNotFoundError, match="not a train.py run folder"):
+        S.report([str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"levels": "both"}))
+    with pytest.raises(FileNotFoundError, match="no test evaluation"):
+        S.report([str(tmp_path)])  # a run that never evaluated
 
 
 def test_bench_train_measures_steps_on_random_weights(capsys):

@@ -559,7 +559,8 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                 f.write(json.dumps(m) + "\n")
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 k = min(len(samples), 4 * cfg.group_size)
-                S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size),
+                captions = [f"{s['prompt']}\nplan: {s['plan'] or '(none)'}\nreward {s['reward']:.2f}" for s in samples[:k]]
+                S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size, captions=captions),
                            os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.png"))
                 with open(os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.jsonl"), "w") as f:
                     for s in samples[:k]:
