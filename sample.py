@@ -150,9 +150,17 @@ def score(scorer, images, records, group_size=None):
             summary[f"geneval_{name}"] = rewards.geneval_summary(tagged)
     clip = scorer.rewards.get("clip")
     if clip is not None and group_size and group_size > 1:
-        emb = clip.image_embeddings(images).view(-1, group_size, clip.clip.config.projection_dim)
+        emb = clip.image_embeddings(images).view(-1, group_size, clip.clip.config.embed_dim)  # (prompts, n, E)
         summary["diversity"] = rewards.diversity(emb)
     return summary
+
+
+def write_records(records, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 def format_summary(summary) -> str:
@@ -224,14 +232,14 @@ def main(argv=None):
     for i in range(0, len(images), args.n):
         save_png(make_grid(images[i:i + args.n].numpy()), os.path.join(args.out, f"grid_{i // args.n:04d}.png"))
     print(f"{len(records)} images in {elapsed:.1f}s ({len(records) / elapsed:.2f} images/s) -> {args.out}")
+    # the samples are on disk before scoring starts, so a failing reward model loses none of them
+    write_records(records, os.path.join(args.out, "samples.jsonl"))
     if scorer is not None:
         summary = score(scorer, images, records, group_size=args.n)
         print(format_summary(summary))
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        write_records(records, os.path.join(args.out, "samples.jsonl"))  # now with each image's scores
     return records
 
 

@@ -1992,3 +1992,35 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4" and row[3].strip() == "4 x 2"
     sec, roll, peak = (float(x) for x in row[5:8])
     assert 0 < roll <= sec and peak > 0
+
+
+def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, monkeypatch):
+    """`--score clip` with several images per prompt (diversity needs the embedding width) in sample.py and in
+    train.py's evaluation; the samples are written before scoring, so a failing reward loses none."""
+    import sample as SA
+    c = _tiny_cfg()
+    _write_hf_clip(tmp_path / "clip", c, _clip_sd(c, seed=1))
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    common = ["--ckpt", random_base, "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--max-plan-tokens", "4",
+              "--score", "clip", "--reward-ckpt", f"clip={tmp_path / 'clip'}"]
+    recs = SA.main(common + ["--out", str(tmp_path / "a")])
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert 0 <= summary["diversity"] <= 2 and summary["images"] == 4
+    lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [l["scores"]["clip"] for l in lines] == [r["scores"]["clip"] for r in recs]
+
+    def broken(*a, **k):
+        raise RuntimeError("reward model died")
+    monkeypatch.setattr(SA, "score", broken)
+    with pytest.raises(RuntimeError, match="died"):
+        SA.main(common + ["--out", str(tmp_path / "b")])
+    lines = [json.loads(l) for l in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert [l["image_tokens"] for l in lines] == [r["image_tokens"] for r in recs]  # same seed, same samples
+    assert all((tmp_path / "b" / l["file"]).exists() for l in lines)
+    monkeypatch.undo()
+
+    _, metrics, evals = T.train(T.parse_args(train_args(
+        random_base, tmp_path / "run", "--steps", "1", "--rewards", "clip", "--reward-ckpt", f"clip={tmp_path / 'clip'}",
+        "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")), log=lambda *a, **k: None)
+    assert [name for name, _ in evals] == ["step 0", "step 1"]
+    assert all(0 <= s["diversity"] <= 2 and "clip" in s["rewards"] for _, s in evals)
