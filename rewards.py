@@ -1003,8 +1003,8 @@ def combine_rewards(scores: dict, weights: dict, mode="sum", group_size=None):
             if not group_size or group_size < 2 or r.numel() % group_size:
                 raise ValueError(f"group combination needs group_size >= 2 dividing the batch ({r.numel()}), "
                                  f"got {group_size}")
-            g = r.view(-1, group_size)  # (prompts, G)
-            r = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten()
+            from t2i_r1 import group_advantages  # the same normalisation as the advantages, flat groups exactly 0
+            r = group_advantages(r, group_size)
         elif mode != "sum":
             raise ValueError(f"combine mode must be 'sum' or 'group', got '{mode}'")
         total = w * r if total is None else total + w * r

@@ -294,16 +294,20 @@ class Progress:
 
 def group_advantages(rewards, group_size):
     """rewards (B,) in groups of group_size consecutive samples -> (r - group mean) / (group std + 1e-4),
-    unbiased std. A group whose rewards are all equal gets zero advantage (never NaN)."""
+    unbiased std, float32. A group whose rewards are all equal gets exactly zero advantage (never NaN)."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"non-finite rewards at samples {bad}: {rewards[bad].tolist()}")
-    r = rewards.view(-1, group_size)
+    # float64: a float32 mean of equal values rounds (0.1 x 8 gives a mean 1 ulp off, and A = -7e-5 for
+    # every sample of a flat group); flat groups are also zeroed explicitly, whatever the rounding
+    r = rewards.double().view(-1, group_size)                        # (groups, G)
     std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-    return ((r - r.mean(1, keepdim=True)) / (std + 1e-4)).view(-1)
+    adv = (r - r.mean(1, keepdim=True)) / (std + 1e-4)
+    flat = (r == r[:, :1]).all(1, keepdim=True)                      # (groups, 1)
+    return adv.masked_fill(flat, 0.0).float().view(-1)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.01, norm="token", n_total=None):

@@ -659,6 +659,14 @@ def test_group_advantages():
     # group 1: mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + 1e-4); group 2: all equal -> zeros, no NaN
     torch.testing.assert_close(a, torch.tensor([-1, 0, 1, 0, 0, 0]) / torch.tensor([1 + 1e-4] * 3 + [1] * 3))
     assert torch.isfinite(R.group_advantages(torch.ones(4), 4)).all()
+    # flat groups of rewards that float32 cannot hold exactly: the mean rounds, the advantage must not
+    for v, G in [(0.1, 8), (1 / 3, 3), (0.7, 8), (2.3, 16), (1e-3, 5), (123.456, 7)]:
+        rewards = torch.cat([torch.full((G,), v), torch.tensor([0.0] * (G - 1) + [1.0])])
+        a = R.group_advantages(rewards, G)
+        assert a[:G].eq(0).all(), (v, G, a[:G])
+        assert a[G:].ne(0).all() and a.dtype == torch.float32
+        combined = RW.combine_rewards({"r": rewards}, {"r": 1.0}, "group", group_size=G)
+        assert combined[:G].eq(0).all(), (v, G, combined[:G])
     assert R.group_advantages(torch.tensor([3.0, 4.0]), 1).eq(0).all()
     with pytest.raises(ValueError, match=r"non-finite rewards at samples \[1\]"):
         R.group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2)
