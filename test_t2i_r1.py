@@ -491,6 +491,13 @@ def test_text_generation_matches_plain_forwards_and_stops_at_eos():
     out = R.generate_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=PAD, n=2, max_new_tokens=8, temperature=0)
     assert out[0] == out[1] == ref[:cut]
     assert len(out) == 4
+    # a sampled token that happens to be the pad token stays in the plan (the plan's log-probs are later
+    # computed in the context it was sampled in); only what follows EOS is cut
+    pad = ref[1]
+    assert pad not in ref[:1] and pad != eos
+    out = R.generate_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=pad, n=2, max_new_tokens=8, temperature=0)
+    assert out[0] == out[1] == ref[:cut]
+    assert R.generate_text(m, [prompt], eos_id=-1, pad_id=pad, max_new_tokens=8, temperature=0)[0] == ref
 
 
 def test_seeds_reproduce_and_differ():
