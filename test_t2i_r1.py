@@ -2039,3 +2039,23 @@ def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, mon
         "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")), log=lambda *a, **k: None)
     assert [name for name, _ in evals] == ["step 0", "step 1"]
     assert all(0 <= s["diversity"] <= 2 and "clip" in s["rewards"] for _, s in evals)
+
+
+def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
+    """T2I-R1 samples image tokens with CFG but scores them with the conditional forward alone; that is the
+    default, and --image-logp cfg scores them under the guided distribution."""
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(5, 7))
+    g = torch.Generator().manual_seed(0)
+    batch = [{"reasoning_ids": p, "plan_ids": [5, 6], "image_prompt_ids": p,
+              "codes": torch.randint(0, m.cfg.vq.codebook_size, (4,), generator=g).tolist()} for p in prompts]
+    codes = [b["codes"] for b in batch]
+    cond, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD)
+    guided, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD, cfg_weight=5.0,
+                                      uncond_prompts=[R.unconditional(p, PAD) for p in prompts])
+    with torch.no_grad():
+        default = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token"]), PAD)[0]
+        cfg = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token", "--image-logp", "cfg"]), PAD)[0]
+    torch.testing.assert_close(default, cond)
+    torch.testing.assert_close(cfg, guided)
+    assert not torch.allclose(cond, guided)
