@@ -1909,55 +1909,117 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single")
+
+
+def _record_collectives(calls):
+    """Wrap torch.distributed's tensor collectives: each call appends (name, device of every tensor given)."""
+    import torch.distributed as dist
+
+    def devices(x):
+        if isinstance(x, torch.Tensor):
+            return [str(x.device)]
+        if isinstance(x, (list, tuple)):
+            return [d for v in x for d in devices(v)]
+        return []
+    for name in COLLECTIVES:
+        def wrapped(*a, _real=getattr(dist, name), _name=name, **k):
+            calls.append((_name, devices(list(a) + list(k.values()))))
+            return _real(*a, **k)
+        setattr(dist, name, wrapped)
+
+
 def _ddp_worker(rank, port, args, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     RW.REWARDS["redness"], RW.NEEDS["redness"] = Redness, ()
+    calls = []
+    _record_collectives(calls)
     T.train(T.parse_args(args), log=lambda *a, **k: None)
+    if out:
+        with open(os.path.join(out, f"collectives-{rank}.json"), "w") as f:
+            json.dump(calls, f)
     # everything is on disk; skip interpreter teardown, where gloo's threads now and then abort the process
     os._exit(0)
 
 
-def test_two_gloo_processes_match_one(random_base, redness, tmp_path):
+def _free_port():
     import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    one = train_args(random_base, tmp_path / "one", "--steps", "2")
+        return s.getsockname()[1]
+
+
+def test_process_group_has_a_backend_for_cpu_and_cuda_tensors(monkeypatch):
+    """On CUDA the group must also take CPU tensors (an NCCL-only group crashed at the first step), and each
+    process must own the GPU of its LOCAL_RANK before the group is created."""
+    import torch.distributed as dist
+    events = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: events.append(("init", backend)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", str(d))))
+    rank, world, device = T.dist_setup(torch.device("cuda"))
+    assert (rank, world, str(device)) == (1, 2, "cuda:1")
+    assert events[0] == ("set_device", "cuda:1") and events[1][0] == "init"
+    backends = dict(part.split(":") for part in events[1][1].split(","))
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}
+    events.clear()
+    assert T.dist_setup(torch.device("cpu"))[2] == torch.device("cpu") and events == [("init", "gloo")]
+
+
+def _check_collectives(out, device):
+    """Every tensor handed to a collective by either process lived on that process's training device."""
+    for rank in range(2):
+        calls = json.loads(open(os.path.join(out, f"collectives-{rank}.json")).read())
+        want = device if device == "cpu" else f"cuda:{rank}"
+        assert calls and any(name == "all_reduce" for name, _ in calls)
+        wrong = [(name, d) for name, devs in calls for d in devs if d != want]
+        assert not wrong, (rank, wrong[:5])
+
+
+# each process needs its own GPU: NCCL refuses two ranks on one card
+TWO_PROCESS_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 else [])
+
+
+@pytest.mark.parametrize("device", TWO_PROCESS_DEVICES)
+def test_two_processes_match_one(random_base, redness, tmp_path, device):
+    import torch.multiprocessing as mp
+    one = train_args(random_base, tmp_path / "one", "--steps", "2", "--device", device)
     T.train(T.parse_args(one), log=lambda *a, **k: None)
-    two = train_args(random_base, tmp_path / "two", "--steps", "2")
-    mp.spawn(_ddp_worker, args=(port, two, str(tmp_path / "two")), nprocs=2, join=True)
+    two = train_args(random_base, tmp_path / "two", "--steps", "2", "--device", device)
+    mp.spawn(_ddp_worker, args=(_free_port(), two, str(tmp_path / "two")), nprocs=2, join=True)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6 if device == "cpu" else 1e-4)
     base = M.Janus.from_pretrained(random_base).state_dict()
     assert not torch.equal(a["language_model.lm_head.weight"], base["language_model.lm_head.weight"])
+    _check_collectives(tmp_path / "two", device)
 
 
-def test_fsdp_over_two_gloo_processes_matches_one(random_base, redness, tmp_path):
-    import socket
+@pytest.mark.parametrize("device", TWO_PROCESS_DEVICES)
+def test_fsdp_over_two_processes_matches_one(random_base, redness, tmp_path, device):
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    T.train(T.parse_args(train_args(random_base, tmp_path / "one", "--steps", "2")), log=lambda *a, **k: None)
-    two = train_args(random_base, tmp_path / "two", "--steps", "2", "--fsdp")
-    mp.spawn(_ddp_worker, args=(port, two, str(tmp_path / "two")), nprocs=2, join=True)
+    tol = dict(rtol=0, atol=1e-6 if device == "cpu" else 1e-4)
+    T.train(T.parse_args(train_args(random_base, tmp_path / "one", "--steps", "2", "--device", device)),
+            log=lambda *a, **k: None)
+    two = train_args(random_base, tmp_path / "two", "--steps", "2", "--fsdp", "--device", device)
+    mp.spawn(_ddp_worker, args=(_free_port(), two, str(tmp_path / "two")), nprocs=2, join=True)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], **tol)
+    _check_collectives(tmp_path / "two", device)
     # the gathered optimizer state resumes a sharded run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, ["--out", str(tmp_path / "two"), "--resume", "--steps", "3"], None),
+    mp.spawn(_ddp_worker, args=(_free_port(), ["--out", str(tmp_path / "two"), "--resume", "--steps", "3"], None),
              nprocs=2, join=True)
     T.train(T.parse_args(["--out", str(tmp_path / "one"), "--resume", "--steps", "3"]), log=lambda *a, **k: None)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], **tol)
 
 
 def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):

@@ -152,16 +152,27 @@ def adapters_off(janus: Janus):
 
 
 def dist_setup(device):
+    """Join the process group torchrun describes. Returns (rank, world, device): on CUDA each process takes
+    the GPU of its LOCAL_RANK before the group exists, so NCCL binds the right card."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+        # NCCL reduces CUDA tensors only; gloo serves any CPU tensor a collective may still meet (FSDP's
+        # CPU-offloaded state dicts), so the group has one backend per device type
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world, device) if world > 1 else (0, 1, device)
 
 
-def all_sum(x: torch.Tensor, world):
-    if world > 1:
-        dist.all_reduce(x)
-    return x
+def all_sum(x: torch.Tensor, world, device):
+    """Sum x over processes -> a CPU tensor. The collective gets a copy on the training device: the counts
+    and logs are built on the CPU, which NCCL would refuse."""
+    if world == 1:
+        return x
+    y = x.to(device)
+    dist.all_reduce(y)
+    return y.cpu()
 
 
 @contextlib.contextmanager
@@ -390,10 +401,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         raise ValueError("group_size must be at least 2: advantages are relative to the group")
     import rewards
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = dist_setup(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    rank, world, device = dist_setup(device)
     log = log if rank == 0 else (lambda *a, **k: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)
@@ -500,7 +508,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         n_plan = [len(s["plan_ids"]) for s in samples] if cfg.levels != "token" else [0] * len(samples)
         n_img = [len(s["codes"]) if cfg.levels != "semantic" else 0 for s in samples]
         local = torch.tensor([float(sum(n_plan) + sum(n_img)), float(sum(a + b > 0 for a, b in zip(n_plan, n_img)))])
-        n_total = all_sum(local, world)[0 if cfg.loss_norm == "token" else 1].item()
+        n_total = all_sum(local, world, device)[0 if cfg.loss_norm == "token" else 1].item()
         mbs = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
         with torch.no_grad(), autocast:
             with gathered(loss_module):
@@ -533,9 +541,9 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         names = list(samples[0]["scores"])
         cols = [[s["reward"] for s in samples]] + [[s["scores"][k] for s in samples] for k in names]
         x = torch.tensor(cols, dtype=torch.float64)                      # (1 + rewards, samples)
-        sums = all_sum(torch.stack([x.sum(1), (x * x).sum(1)]), world)  # (2, 1 + rewards)
+        sums = all_sum(torch.stack([x.sum(1), (x * x).sum(1)]), world, device)  # (2, 1 + rewards)
         tot = all_sum(torch.tensor([len(samples), sum(n_plan), acc["tokens"], acc["kl"], acc["clip"], acc["loss"]],
-                                   dtype=torch.float64), world).tolist()
+                                   dtype=torch.float64), world, device).tolist()
         n, mean = tot[0], (sums[0] / tot[0]).tolist()
         std = (sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt().tolist()
         m = {"step": step + 1, "reward": mean[0], "reward_std": std[0],
