@@ -674,11 +674,12 @@ class Tokenizer:
                      "tokenizer_class": "LlamaTokenizerFast"})
 
 
-def chat_prompt(text: str, system: str = "") -> str:
-    """deepseek's SFT chat format for one user turn, ready for the assistant's answer."""
-    return (system + "\n\n" if system else "") + f"<|User|>: {text}\n\n<|Assistant|>:"
+def chat_prompt(text: str, system: str = "", user: str = "<|User|>", assistant: str = "<|Assistant|>") -> str:
+    """deepseek's SFT chat format for one user turn, ready for the assistant's answer. Janus-Pro's demos name
+    the roles <|User|> and <|Assistant|>; T2I-R1's code passes plain User and Assistant."""
+    return (system + "\n\n" if system else "") + f"{user}: {text}\n\n{assistant}:"
 
 
-def image_prompt(text: str, system: str = "") -> str:
+def image_prompt(text: str, system: str = "", **roles) -> str:
     """The chat prompt followed by <begin_of_image>: the model answers with image tokens."""
-    return chat_prompt(text, system) + Tokenizer.BOI
+    return chat_prompt(text, system, **roles) + Tokenizer.BOI

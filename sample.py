@@ -82,7 +82,11 @@ def add_sampling_args(p):
     p.add_argument("--max-plan-tokens", type=int, default=96)
     p.add_argument("--no-cot", action="store_true", help="skip the plan: the image prompt is the prompt itself")
     p.add_argument("--reasoning-prompt", default=None,
-                   help="file holding the reasoning request with a {prompt} placeholder")
+                   help="file holding the reasoning request with a {prompt} (or T2I-R1's {}) placeholder")
+    p.add_argument("--chat-format", default=None, choices=sorted(R.CHAT_FORMATS),
+                   help="how the requests are written: t2i-r1 (its system prompt, roles User/Assistant) or janus "
+                        "(<|User|>/<|Assistant|>); default: janus for a checkpoint with its own "
+                        "reasoning_prompt.txt (the shapes world), else t2i-r1")
 
 
 def sampling_kwargs(args):
@@ -217,13 +221,14 @@ def main(argv=None):
                                         device=janus.language_model.lm_head.weight.device)
         scorer.check_metadata(items)
     reasoning = R.load_reasoning_prompt(args.reasoning_prompt, ckpt)
+    chat = args.chat_format or R.default_chat_format(ckpt)
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")}
-    settings["ckpt"] = ckpt
+    settings["ckpt"], settings["chat_format"] = ckpt, chat
 
     t0 = time.time()
     records, images = generate(janus, tok, items, n=args.n, batch_size=args.batch_size, seed=args.seed,
-                               reasoning_prompt=reasoning, compile=args.compile, **sampling_kwargs(args))
+                               reasoning_prompt=reasoning, chat=chat, compile=args.compile, **sampling_kwargs(args))
     elapsed = time.time() - t0
     for rec, img in zip(records, images):
         rec["file"] = f"{rec['index']:04d}_{rec['sample']}.png"

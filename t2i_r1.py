@@ -9,7 +9,8 @@ Both prefill once into a static KV cache and then run a one-token decode step, w
 wraps in torch.compile(fullgraph=True); several samples of one prompt share its prefill.
 
 Departures from the paper's code:
-- the reasoning request is our own wording (replaceable from a file, see `load_reasoning_prompt`);
+- the reasoning request is our own wording (T2I-R1's file is accepted as it is, see `load_reasoning_prompt`);
+  the chat around it is T2I-R1's by default (its system prompt, roles User/Assistant, `CHAT_FORMATS`);
 - conditional and unconditional rows are stacked ([cond; uncond]) rather than interleaved: the same
   arithmetic, simpler indexing;
 - prompts of different lengths are batched with left padding and an attention mask (the reference
@@ -27,25 +28,88 @@ from torch.utils.checkpoint import checkpoint
 
 from model import Janus, Tokenizer, chat_prompt, image_prompt
 
-# Our wording of the semantic-level request; {prompt} is replaced by the user's prompt.
+# Our wording of the semantic-level request; {prompt} is replaced by the user's prompt. T2I-R1's own request
+# is a file in its repository (data/prompt/reasoning_prompt.txt, placeholder {}): pass it with --reasoning-prompt.
 REASONING_PROMPT = (
     "You will draw an image for the prompt below. First write its plan: every object the prompt names, "
     "each with the attributes the prompt gives it (color, number, shape, texture, size) and the relations "
     "the prompt states between them (where each one is, what they do). Use at most 50 words, add nothing "
     "the prompt does not say, and write the description alone, without any preamble.\nPrompt: {prompt}")
+PLACEHOLDERS = ("{prompt}", "{}")  # ours, and T2I-R1's (it fills its template with str.format(prompt))
 
 
 def load_reasoning_prompt(path=None, ckpt=None) -> str:
-    """The reasoning template: an explicit file, else the checkpoint's own `reasoning_prompt.txt`, else ours."""
+    """The reasoning template: an explicit file, else the checkpoint's own `reasoning_prompt.txt`, else ours.
+    The template holds the prompt's place with {prompt} or, as T2I-R1's file does, with {}."""
     if path is None and ckpt is not None and os.path.isfile(os.path.join(ckpt, "reasoning_prompt.txt")):
         path = os.path.join(ckpt, "reasoning_prompt.txt")
     if path is None:
         return REASONING_PROMPT
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reasoning prompt file {path} not found")
     with open(path) as f:
-        text = f.read().strip()
-    if "{prompt}" not in text:
-        raise ValueError(f"reasoning prompt file {path} must contain the placeholder {{prompt}}")
+        text = f.read().strip()  # T2I-R1 strips the filled request too, so edges never matter
+    found = [p for p in PLACEHOLDERS if p in text]
+    if len(found) != 1:
+        raise ValueError(f"reasoning prompt file {path} must hold the prompt's place with exactly one kind of "
+                         f"placeholder, {{prompt}} or {{}}; found {found or 'none'}")
     return text
+
+
+def fill_request(template: str, prompt: str) -> str:
+    """The reasoning request for one prompt (a plain replace: other braces in the template stay as written)."""
+    key = next(p for p in PLACEHOLDERS if p in template)
+    return template.replace(key, prompt)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How requests are wrapped in deepseek's SFT layout, `[system\n\n]{user}: {text}\n\n{assistant}:`.
+    The plan request may carry a system prompt; the image request never does."""
+    user: str
+    assistant: str
+    plan_system: str = ""
+    raw_join: bool = False  # image text f"{prompt}. {plan as decoded}" (T2I-R1); else one period, plan stripped
+
+    def request_text(self, template: str, prompt: str) -> str:
+        return chat_prompt(fill_request(template, prompt).strip(), self.plan_system, self.user, self.assistant)
+
+    def image_text(self, prompt: str, plan: str = "") -> str:
+        """The image request (ending with <begin_of_image>) for a prompt and its decoded plan ("" for none)."""
+        if not plan.strip():
+            text = prompt.strip()
+        elif self.raw_join:
+            text = f"{prompt}. {plan}".strip()
+        else:
+            text = image_prompt_text(prompt, plan)
+        return image_prompt(text, user=self.user, assistant=self.assistant)
+
+
+CHAT_FORMATS = {
+    # T2I-R1's trainer and inference script: this system prompt before the plan request, roles named User and
+    # Assistant in both requests, the image request "{prompt}. {plan}" with the plan as decoded
+    "t2i-r1": ChatFormat("User", "Assistant", raw_join=True, plan_system=(
+        "You are a helpful assistant that receives an image prompt and generate a visualization of the prompt.")),
+    # Janus-Pro's demos, and the format the shapes world's base was pretrained on
+    "janus": ChatFormat("<|User|>", "<|Assistant|>"),
+}
+
+
+def default_chat_format(ckpt=None) -> str:
+    """A checkpoint that carries its own reasoning_prompt.txt (the shapes world's base, and runs trained from
+    it) was trained on that request in Janus-Pro's format ("janus"); any other (Janus-Pro, T2I-R1's release,
+    runs from them) is asked as T2I-R1 asks ("t2i-r1")."""
+    own = ckpt is not None and os.path.isfile(os.path.join(os.path.expanduser(ckpt), "reasoning_prompt.txt"))
+    return "janus" if own else "t2i-r1"
+
+
+def chat_format(chat) -> ChatFormat:
+    if isinstance(chat, ChatFormat):
+        return chat
+    if chat not in CHAT_FORMATS:
+        raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {chat!r}")
+    return CHAT_FORMATS[chat]
 
 
 # -----------------------------------------------------------------------------
@@ -231,34 +295,38 @@ class Samples:
 
 
 def image_prompt_text(prompt: str, plan: str) -> str:
+    """The "janus" format's image text: the prompt, one period, the plan (T2I-R1 doubles a final period)."""
     plan = plan.strip()
     return f"{prompt.strip().rstrip('.')}. {plan}" if plan else prompt.strip()
 
 
 @torch.no_grad()
 def sample_t2i(janus: Janus, tok: Tokenizer, prompts, *, n=1, cot=True, reasoning_prompt=REASONING_PROMPT,
-               cfg_weight=5.0, temperature=1.0, top_k=None, text_temperature=1.0, text_top_k=None,
+               chat="t2i-r1", cfg_weight=5.0, temperature=1.0, top_k=None, text_temperature=1.0, text_top_k=None,
                text_top_p=None, max_plan_tokens=96, generator=None, compile=False, progress=None) -> Samples:
     """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with cot=False,
-    n images per prompt from the prompt alone, sharing one prefill)."""
+    n images per prompt from the prompt alone, sharing one prefill). chat: a CHAT_FORMATS name or a
+    ChatFormat, how both requests are written."""
+    fmt = chat_format(chat)
     for p in prompts:
         if not p or not p.strip():
             raise ValueError("empty prompt")
     rep = [p for p in prompts for _ in range(n)]
     if cot:
-        requests = [tok.encode(chat_prompt(reasoning_prompt.format(prompt=p))) for p in prompts]
+        requests = [tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts]
         plan_ids = generate_text(janus, requests, eos_id=tok.eos_id, pad_id=tok.pad_id, n=n,
                                  max_new_tokens=max_plan_tokens, temperature=text_temperature, top_k=text_top_k,
                                  top_p=text_top_p, generator=generator, compile=compile)
-        plans = [tok.decode(ids).strip() for ids in plan_ids]
+        decoded = [tok.decode(ids) for ids in plan_ids]
+        plans = [d.strip() for d in decoded]
         reasoning_ids = [r for r in requests for _ in range(n)]
-        image_ids = [tok.encode(image_prompt(image_prompt_text(p, plan))) for p, plan in zip(rep, plans)]
+        image_ids = [tok.encode(fmt.image_text(p, d)) for p, d in zip(rep, decoded)]
         codes = generate_images(janus, image_ids, pad_id=tok.pad_id, n=1, cfg_weight=cfg_weight,
                                 temperature=temperature, top_k=top_k, generator=generator, compile=compile,
                                 progress=progress)
     else:
         plans, plan_ids, reasoning_ids = [""] * len(rep), [[] for _ in rep], [[] for _ in rep]
-        distinct = [tok.encode(image_prompt(image_prompt_text(p, ""))) for p in prompts]
+        distinct = [tok.encode(fmt.image_text(p)) for p in prompts]
         image_ids = [d for d in distinct for _ in range(n)]
         codes = generate_images(janus, distinct, pad_id=tok.pad_id, n=n, cfg_weight=cfg_weight,
                                 temperature=temperature, top_k=top_k, generator=generator, compile=compile,

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -544,7 +545,7 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path)
     g = torch.Generator().manual_seed(0)
-    s = R.sample_t2i(m, tok, ["a red circle", "a blue square"], n=2, max_plan_tokens=5, generator=g)
+    s = R.sample_t2i(m, tok, ["a red circle", "a blue square"], n=2, max_plan_tokens=5, generator=g, chat="janus")
     assert s.codes.shape == (4, m.cfg.image_tokens) and len(s.plans) == 4
     assert s.prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]
     for i in range(4):
@@ -552,7 +553,7 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
         want = tok.encode(M.image_prompt(R.image_prompt_text(s.prompts[i], s.plans[i])))
         assert s.image_prompt_ids[i] == want and want[-1] == tok.boi_id
     assert R.image_prompt_text("a red circle.", " red circle left ") == "a red circle. red circle left"
-    s2 = R.sample_t2i(m, tok, ["a red circle"], n=3, cot=False, generator=g)
+    s2 = R.sample_t2i(m, tok, ["a red circle"], n=3, cot=False, generator=g, chat="janus")
     assert s2.plans == ["", "", ""] and s2.image_prompt_ids[0] == tok.encode(M.image_prompt("a red circle"))
     with pytest.raises(ValueError, match="empty prompt"):
         R.sample_t2i(m, tok, ["  "])
@@ -561,6 +562,58 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
         R.load_reasoning_prompt(str(tmp_path / "bad.txt"))
     (tmp_path / "reasoning_prompt.txt").write_text("plan {prompt}")
     assert R.load_reasoning_prompt(ckpt=str(tmp_path)) == "plan {prompt}"
+
+
+def byte_tokenizer(folder):
+    """A byte-level BPE without merges plus the deepseek special tokens: any text encodes, and decodes back
+    exactly, so a request can be compared with the text it should be."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([M.Tokenizer.BOS, M.Tokenizer.EOS, M.Tokenizer.PAD, M.Tokenizer.BOI, M.Tokenizer.EOI])
+    os.makedirs(folder, exist_ok=True)
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    return M.Tokenizer(os.path.join(folder, "tokenizer.json"))
+
+
+def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
+    """The plan request as T2I-R1's trainer builds it: its system prompt, a blank line, 'User: ' + the filled
+    template (stripped), a blank line, 'Assistant:'; the template file with T2I-R1's {} placeholder; the image
+    request 'User: {prompt}. {plan as decoded}' + 'Assistant:' + <begin_of_image>, no system prompt."""
+    system = "You are a helpful assistant that receives an image prompt and generate a visualization of the prompt."
+    # a template laid out like T2I-R1's file: {} in quotes, a trailing space and no final newline
+    (tmp_path / "request.txt").write_text('Describe the picture for "{}" in a few words.\nDescription: ')
+    template = R.load_reasoning_prompt(str(tmp_path / "request.txt"))
+    tok = byte_tokenizer(tmp_path / "tok")
+    m = tiny_model(vocab_size=tok.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    prompts = ["a red apple.", "two cups {on} a table"]
+    s = R.sample_t2i(m, tok, prompts, n=2, reasoning_prompt=template, chat="t2i-r1", max_plan_tokens=6, generator=g)
+    for i, p in enumerate(s.prompts):
+        want = f'{system}\n\nUser: Describe the picture for "{p}" in a few words.\nDescription:\n\nAssistant:'
+        assert s.reasoning_ids[i][0] == tok.bos_id and tok.tk.decode(s.reasoning_ids[i][1:]) == want
+        assert s.reasoning_ids[i] == tok.encode(want)
+        plan = tok.tk.decode(s.plan_ids[i], skip_special_tokens=True)
+        image = "User: " + f"{p}. {plan}".strip() + "\n\nAssistant:"
+        assert s.image_prompt_ids[i] == tok.encode(image) + [tok.boi_id]
+    s = R.sample_t2i(m, tok, prompts, n=1, cot=False, chat="t2i-r1", generator=g)
+    assert s.image_prompt_ids[1] == tok.encode("User: two cups {on} a table\n\nAssistant:") + [tok.boi_id]
+    # Janus-Pro's demos (and the shapes world): roles <|User|>/<|Assistant|>, no system prompt
+    s = R.sample_t2i(m, tok, prompts[:1], reasoning_prompt="plan {prompt}", chat="janus", max_plan_tokens=3,
+                     generator=g)
+    assert tok.tk.decode(s.reasoning_ids[0][1:]) == "<|User|>: plan a red apple.\n\n<|Assistant|>:"
+    # which format a checkpoint gets: its own reasoning_prompt.txt means it was trained on the janus format
+    assert R.default_chat_format(str(tmp_path)) == "t2i-r1" and R.default_chat_format(None) == "t2i-r1"
+    (tmp_path / "reasoning_prompt.txt").write_text("describe {prompt}")
+    assert R.default_chat_format(str(tmp_path)) == "janus"
+    for text, bad in [("no placeholder", "none"), ("both {} and {prompt}", "{prompt}")]:
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"bad.txt must hold .* found .*" + re.escape(bad)):
+            R.load_reasoning_prompt(str(tmp_path / "bad.txt"))
+    with pytest.raises(ValueError, match="chat format must be one of"):
+        R.sample_t2i(m, tok, prompts, chat="llama")
 
 
 def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
@@ -2054,8 +2107,9 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     reasoning = R.load_reasoning_prompt(ckpt=str(folder))
     assert reasoning == S.REASONING_TEMPLATE
     import sample as SA
+    assert R.default_chat_format(str(folder)) == "janus"  # it was pretrained on its own request, janus format
     records, images = SA.generate(janus, tok, [S.colors("red", "circle")], n=2, reasoning_prompt=reasoning,
-                                  max_plan_tokens=12, show_progress=False)
+                                  chat="janus", max_plan_tokens=12, show_progress=False)
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
 
 

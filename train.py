@@ -71,7 +71,8 @@ class TrainConfig:
     text_temperature: float = 1.0
     text_top_p: float = None
     max_plan_tokens: int = 64
-    reasoning_prompt: str = None   # file with a {prompt} placeholder; default: the checkpoint's, else ours
+    reasoning_prompt: str = None   # file with a {prompt} (or T2I-R1's {}) placeholder; default: the checkpoint's, else ours
+    chat_format: str = None        # t2i-r1 | janus; default janus for a checkpoint with its own reasoning_prompt.txt, else t2i-r1
     # optimisation
     steps: int = 200
     lr: float = 3e-5
@@ -226,7 +227,7 @@ def step_prompts(items, cfg: TrainConfig, step):
 
 
 @torch.no_grad()
-def rollout(policy, tok, chunks, cfg: TrainConfig, step, scorer, reasoning, device, autocast):
+def rollout(policy, tok, chunks, cfg: TrainConfig, step, scorer, reasoning, chat, device, autocast):
     """Sample, decode and score this rank's sampling calls. Returns a list of per-sample dicts and the
     decoded images (uint8)."""
     policy.eval()
@@ -235,7 +236,7 @@ def rollout(policy, tok, chunks, cfg: TrainConfig, step, scorer, reasoning, devi
         g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 1 + c))
         with autocast:
             s = R.sample_t2i(policy, tok, [it["prompt"] for it in items], n=cfg.group_size,
-                             cot=cfg.levels != "token", reasoning_prompt=reasoning, cfg_weight=cfg.cfg,
+                             cot=cfg.levels != "token", reasoning_prompt=reasoning, chat=chat, cfg_weight=cfg.cfg,
                              temperature=cfg.temperature, top_k=cfg.top_k, text_temperature=cfg.text_temperature,
                              text_top_p=cfg.text_top_p, max_plan_tokens=cfg.max_plan_tokens, generator=g,
                              compile=cfg.compile)
@@ -318,11 +319,11 @@ def find_checkpoint(out):
 # evaluation and reports
 
 
-def evaluate(policy, tok, items, cfg: TrainConfig, scorer, reasoning, autocast):
+def evaluate(policy, tok, items, cfg: TrainConfig, scorer, reasoning, chat, autocast):
     policy.eval()
     with autocast:
         records, images = S.generate(policy, tok, items, n=cfg.eval_n, batch_size=max(1, 64 // cfg.eval_n),
-                                     seed=cfg.seed + 1, reasoning_prompt=reasoning, show_progress=False,
+                                     seed=cfg.seed + 1, reasoning_prompt=reasoning, chat=chat, show_progress=False,
                                      cot=cfg.levels != "token", cfg_weight=cfg.cfg, temperature=cfg.temperature,
                                      top_k=cfg.top_k, text_temperature=cfg.text_temperature,
                                      text_top_p=cfg.text_top_p, max_plan_tokens=cfg.max_plan_tokens)
@@ -420,6 +421,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     if eval_items is not None:
         scorer.check_metadata(eval_items)
     reasoning = R.load_reasoning_prompt(cfg.reasoning_prompt, base)
+    chat = cfg.chat_format or R.default_chat_format(base)
 
     # models: the policy in float32 (bf16 autocast on GPU), frozen VQ and image embedding/head as in T2I-R1
     resume_from = find_checkpoint(cfg.out) if cfg.resume else None
@@ -481,7 +483,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
             return
         t0 = time.time()
         with gathered(loss_module):
-            summary = evaluate(policy, tok, eval_items, cfg, scorer, reasoning, autocast) if rank == 0 else None
+            summary = evaluate(policy, tok, eval_items, cfg, scorer, reasoning, chat, autocast) if rank == 0 else None
         if rank != 0:
             return
         evals.append((f"step {step}", summary))
@@ -500,7 +502,8 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         items = step_prompts(train_items, cfg, step)
         chunks = [(c, items[c * cfg.rollout_batch:(c + 1) * cfg.rollout_batch]) for c in range(chunks_per_step)]
         with gathered(loss_module):
-            samples, images = rollout(policy, tok, chunks[rank::world], cfg, step, scorer, reasoning, device, autocast)
+            samples, images = rollout(policy, tok, chunks[rank::world], cfg, step, scorer, reasoning, chat, device,
+                                      autocast)
         t_roll = time.time() - t0
 
         # the whole step's token (or sequence) count, so micro-batches and processes add up to one mean
