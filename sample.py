@@ -77,9 +77,12 @@ def add_sampling_args(p):
     p.add_argument("--temperature", type=float, default=1.0, help="image tokens; 0 = argmax")
     p.add_argument("--top-k", type=int, default=None, help="image tokens: keep the k most likely")
     p.add_argument("--text-temperature", type=float, default=1.0, help="plan tokens; 0 = argmax")
-    p.add_argument("--text-top-k", type=int, default=None)
-    p.add_argument("--text-top-p", type=float, default=None)
-    p.add_argument("--max-plan-tokens", type=int, default=96)
+    p.add_argument("--text-top-k", type=int, default=None,
+                   help="plan tokens: keep the k most likely, 0 = all (default: 50 for Janus-Pro as T2I-R1 "
+                        "samples, 0 for the shapes world)")
+    p.add_argument("--text-top-p", type=float, default=None, help="plan tokens: nucleus sampling mass")
+    p.add_argument("--max-plan-tokens", type=int, default=None,
+                   help="plans are cut here (default: 1024 for Janus-Pro, T2I-R1's limit; 64 for the shapes world)")
     p.add_argument("--no-cot", action="store_true", help="skip the plan: the image prompt is the prompt itself")
     p.add_argument("--reasoning-prompt", default=None,
                    help="file holding the reasoning request with a {prompt} (or T2I-R1's {}) placeholder")
@@ -221,7 +224,10 @@ def main(argv=None):
                                         device=janus.language_model.lm_head.weight.device)
         scorer.check_metadata(items)
     reasoning = R.load_reasoning_prompt(args.reasoning_prompt, ckpt)
-    chat = args.chat_format or R.default_chat_format(ckpt)
+    for k, v in R.sampling_defaults(ckpt).items():  # per-model defaults for the flags left unset
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    chat = args.chat_format
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")}
     settings["ckpt"], settings["chat_format"] = ckpt, chat

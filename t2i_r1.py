@@ -104,6 +104,22 @@ def default_chat_format(ckpt=None) -> str:
     return "janus" if own else "t2i-r1"
 
 
+# Sampling defaults per kind of checkpoint, for the flags sample.py and train.py leave unset. text_top_k 0: off.
+MODEL_DEFAULTS = {
+    # a model trained on its own request (the shapes world): short plans (a few words each object), plain sampling
+    "janus": dict(chat_format="janus", max_plan_tokens=64, text_top_k=0),
+    # Janus-Pro as T2I-R1 samples it: plans of up to 1024 tokens (its max_completion_length; its plans average
+    # about 97, so a shorter cap would cut many before EOS), drawn with transformers' generate defaults for an
+    # unset generation config: temperature 1, top-k 50
+    "t2i-r1": dict(chat_format="t2i-r1", max_plan_tokens=1024, text_top_k=50),
+}
+
+
+def sampling_defaults(ckpt=None) -> dict:
+    """chat_format, max_plan_tokens and text_top_k for a checkpoint folder (see default_chat_format)."""
+    return dict(MODEL_DEFAULTS[default_chat_format(ckpt)])
+
+
 def chat_format(chat) -> ChatFormat:
     if isinstance(chat, ChatFormat):
         return chat
@@ -315,7 +331,7 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, *, n=1, cot=True, reasonin
     if cot:
         requests = [tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts]
         plan_ids = generate_text(janus, requests, eos_id=tok.eos_id, pad_id=tok.pad_id, n=n,
-                                 max_new_tokens=max_plan_tokens, temperature=text_temperature, top_k=text_top_k,
+                                 max_new_tokens=max_plan_tokens, temperature=text_temperature, top_k=text_top_k or None,
                                  top_p=text_top_p, generator=generator, compile=compile)
         decoded = [tok.decode(ids) for ids in plan_ids]
         plans = [d.strip() for d in decoded]

@@ -2175,3 +2175,24 @@ def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
     torch.testing.assert_close(default, cond)
     torch.testing.assert_close(cfg, guided)
     assert not torch.allclose(cond, guided)
+
+
+def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, redness, tmp_path):
+    """Janus-Pro gets T2I-R1's plan settings (1024 tokens, top-k 50, its chat format), the shapes world short
+    plans; the step log reports the fraction of plans cut before EOS."""
+    janus = tmp_path / "janus"  # a Janus-Pro-like folder: no reasoning_prompt.txt of its own
+    os.makedirs(janus)
+    (janus / "config.json").write_text((open(os.path.join(random_base, "config.json")).read()))
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus)]))
+    assert (c.max_plan_tokens, c.text_top_k, c.chat_format) == (1024, 50, "t2i-r1")
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus), "--max-plan-tokens", "300", "--text-top-k", "0"]))
+    assert (c.max_plan_tokens, c.text_top_k) == (300, 0)
+    for args in ([], ["--ckpt", random_base]):  # the shapes world's base, and a folder with its own request
+        c = T.resolve_defaults(T.parse_args(args))
+        assert (c.max_plan_tokens, c.text_top_k, c.chat_format) == (64, 0, "janus")
+    lines = []
+    _, metrics, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "1",
+                                                    "--max-plan-tokens", "2")), log=lines.append)
+    assert metrics[0]["plan_cut_frac"] > 0.5 and metrics[0]["plan_tokens"] <= 2
+    step_line = next(l for l in lines if l.startswith("step 1/1"))
+    assert f"{metrics[0]['plan_cut_frac']:.2f} cut" in step_line and "| clip " not in step_line

@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -67,10 +67,11 @@ class TrainConfig:
     # sampling (rollouts and evaluation)
     cfg: float = 5.0
     temperature: float = 1.0
-    top_k: int = None
+    top_k: int = None              # image tokens: keep the k most likely (None: all, as Janus-Pro and T2I-R1)
     text_temperature: float = 1.0
+    text_top_k: int = None         # plan tokens (0: all); unset: 50 for Janus-Pro (T2I-R1), 0 for the shapes world
     text_top_p: float = None
-    max_plan_tokens: int = 64
+    max_plan_tokens: int = None    # unset: 1024 for Janus-Pro (T2I-R1's limit), 64 for the shapes world
     reasoning_prompt: str = None   # file with a {prompt} (or T2I-R1's {}) placeholder; default: the checkpoint's, else ours
     chat_format: str = None        # t2i-r1 | janus; default janus for a checkpoint with its own reasoning_prompt.txt, else t2i-r1
     # optimisation
@@ -238,7 +239,8 @@ def rollout(policy, tok, chunks, cfg: TrainConfig, step, scorer, reasoning, chat
             s = R.sample_t2i(policy, tok, [it["prompt"] for it in items], n=cfg.group_size,
                              cot=cfg.levels != "token", reasoning_prompt=reasoning, chat=chat, cfg_weight=cfg.cfg,
                              temperature=cfg.temperature, top_k=cfg.top_k, text_temperature=cfg.text_temperature,
-                             text_top_p=cfg.text_top_p, max_plan_tokens=cfg.max_plan_tokens, generator=g,
+                             text_top_k=cfg.text_top_k, text_top_p=cfg.text_top_p,
+                             max_plan_tokens=cfg.max_plan_tokens, generator=g,
                              compile=cfg.compile)
             imgs = S.decode_images(policy, s.codes)
         metas = [it for it in items for _ in range(cfg.group_size)]
@@ -326,7 +328,8 @@ def evaluate(policy, tok, items, cfg: TrainConfig, scorer, reasoning, chat, auto
                                      seed=cfg.seed + 1, reasoning_prompt=reasoning, chat=chat, show_progress=False,
                                      cot=cfg.levels != "token", cfg_weight=cfg.cfg, temperature=cfg.temperature,
                                      top_k=cfg.top_k, text_temperature=cfg.text_temperature,
-                                     text_top_p=cfg.text_top_p, max_plan_tokens=cfg.max_plan_tokens)
+                                     text_top_k=cfg.text_top_k, text_top_p=cfg.text_top_p,
+                                     max_plan_tokens=cfg.max_plan_tokens)
     return S.score(scorer, images, records, group_size=cfg.eval_n)
 
 
@@ -393,7 +396,15 @@ def lr_at(cfg: TrainConfig, step):
     return cfg.lr * warm * decay
 
 
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the per-model sampling settings left unset (None): the shapes world's for its base (cfg.ckpt None)
+    and checkpoints with their own reasoning_prompt.txt, T2I-R1's for Janus-Pro (t2i_r1.MODEL_DEFAULTS)."""
+    d = R.MODEL_DEFAULTS["janus"] if cfg.ckpt is None else R.sampling_defaults(cfg.ckpt)
+    return replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
+
+
 def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
+    cfg = resolve_defaults(cfg)
     if cfg.levels not in ("both", "semantic", "token"):
         raise ValueError(f"levels must be both, semantic or token, got {cfg.levels!r}")
     if cfg.image_logp not in ("cond", "cfg") or cfg.loss_norm not in ("token", "sequence"):
@@ -421,7 +432,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     if eval_items is not None:
         scorer.check_metadata(eval_items)
     reasoning = R.load_reasoning_prompt(cfg.reasoning_prompt, base)
-    chat = cfg.chat_format or R.default_chat_format(base)
+    chat = cfg.chat_format
 
     # models: the policy in float32 (bf16 autocast on GPU), frozen VQ and image embedding/head as in T2I-R1
     resume_from = find_checkpoint(cfg.out) if cfg.resume else None
@@ -523,7 +534,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                 refs = [None] * len(mbs)
         for pg in opt.param_groups:
             pg["lr"] = lr_at(cfg, step)
-        acc = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "clip": 0.0, "rmin": float("inf"), "rmax": 0.0}
+        acc = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "clipped": 0.0, "rmin": float("inf"), "rmax": 0.0}
         for _ in range(cfg.mu):
             opt.zero_grad(set_to_none=True)
             for i, mb in enumerate(mbs):
@@ -534,7 +545,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                 acc["loss"] += loss.item() / cfg.mu
                 acc["tokens"] += st["tokens"]
                 acc["kl"] += st["kl"] * st["tokens"]
-                acc["clip"] += st["clip_frac"] * st["tokens"]
+                acc["clipped"] += st["clip_frac"] * st["tokens"]
                 acc["rmin"], acc["rmax"] = min(acc["rmin"], st["ratio_min"]), max(acc["rmax"], st["ratio_max"])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
@@ -545,19 +556,23 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         cols = [[s["reward"] for s in samples]] + [[s["scores"][k] for s in samples] for k in names]
         x = torch.tensor(cols, dtype=torch.float64)                      # (1 + rewards, samples)
         sums = all_sum(torch.stack([x.sum(1), (x * x).sum(1)]), world, device)  # (2, 1 + rewards)
-        tot = all_sum(torch.tensor([len(samples), sum(n_plan), acc["tokens"], acc["kl"], acc["clip"], acc["loss"]],
-                                   dtype=torch.float64), world, device).tolist()
+        # a plan is cut when it reached max_plan_tokens without EOS
+        n_cut = sum(len(p) >= cfg.max_plan_tokens and p[-1] != tok.eos_id for p in (s["plan_ids"] for s in samples) if p)
+        tot = all_sum(torch.tensor([len(samples), sum(n_plan), acc["tokens"], acc["kl"], acc["clipped"], acc["loss"],
+                                    n_cut], dtype=torch.float64), world, device).tolist()
         n, mean = tot[0], (sums[0] / tot[0]).tolist()
         std = (sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt().tolist()
         m = {"step": step + 1, "reward": mean[0], "reward_std": std[0],
              **{f"reward_{k}": mean[1 + j] for j, k in enumerate(names)},
-             "kl": tot[3] / max(tot[2], 1), "clip_frac": tot[4] / max(tot[2], 1), "loss": tot[5],
-             "plan_tokens": tot[1] / n, "grad_norm": float(grad_norm), "ratio_min": acc["rmin"],
+             "kl": tot[3] / max(tot[2], 1), "clipped_frac": tot[4] / max(tot[2], 1), "loss": tot[5],
+             "plan_tokens": tot[1] / n, "plan_cut_frac": tot[6] / n, "grad_norm": float(grad_norm),
+             "ratio_min": acc["rmin"],
              "ratio_max": acc["rmax"], "lr": lr_at(cfg, step), "seconds": time.time() - t0, "rollout_seconds": t_roll}
         metrics.append(m)
         per = " ".join(f"{k} {m[f'reward_{k}']:.3f}" for k in names) if len(names) > 1 else ""
         log(f"step {step + 1}/{cfg.steps} | reward {m['reward']:.3f}±{m['reward_std']:.3f} {per}| kl {m['kl']:.4f} "
-            f"| loss {m['loss']:.4f} | plan {m['plan_tokens']:.1f} tok | clip {m['clip_frac']:.3f} "
+            f"| loss {m['loss']:.4f} | plan {m['plan_tokens']:.1f} tok, {m['plan_cut_frac']:.2f} cut "
+            f"| clipped {m['clipped_frac']:.3f} "
             f"| grad {m['grad_norm']:.2f} | {m['seconds']:.1f}s (rollout {t_roll:.1f}s)")
         if rank == 0:
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
