@@ -665,6 +665,16 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=True)
 
+    def unknown_words(self, text: str) -> list:
+        """The words of text this vocabulary maps to its unknown token: a word-level vocabulary (the shapes
+        world's) has one, a byte-level BPE (Janus-Pro's) none, so this is always empty there."""
+        unk = getattr(self.tk.model, "unk_token", None)
+        unk_id = self.tk.token_to_id(unk) if unk else None
+        if unk_id is None:
+            return []
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk_id]
+
     def save(self, folder):
         self.tk.save(os.path.join(folder, "tokenizer.json"))
         _write_json(os.path.join(folder, "special_tokens_map.json"),

@@ -480,6 +480,27 @@ _LOCALITIES = {"left of": "left of", "on the left of": "left of", "right of": "r
                "below": "below", "on the bottom of": "below"}
 
 
+def check_t2i_r1_row(row):
+    """Raise ValueError naming the field when a T2I-R1 prompt-file row (JSON object) cannot be read."""
+    def strings(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise ValueError(f"'prompt' must be a non-empty string, got {row.get('prompt')!r:.80}")
+    if "task_type" in row and not isinstance(row["task_type"], str):
+        raise ValueError(f"'task_type' must be a string, got {row['task_type']!r:.80}")
+    for key in ("nouns", "attr_nouns"):
+        if row.get(key) is not None and not strings(row[key]):
+            raise ValueError(f"'{key}' must be a list of strings, got {row[key]!r:.80}")
+    sp = row.get("spatial_info")
+    if sp and not (isinstance(sp, dict) and all(isinstance(sp.get(k), str) for k in ("obj1", "obj2", "locality"))):
+        raise ValueError(f"'spatial_info' needs the strings obj1, obj2 and locality, got {sp!r:.80}")
+    nu = row.get("numeracy_info")
+    if nu and not (isinstance(nu, list) and all(isinstance(i, dict) and isinstance(i.get("obj_name"), str)
+                                                and isinstance(i.get("num"), int) for i in nu)):
+        raise ValueError(f"'numeracy_info' must be a list of {{\"obj_name\": string, \"num\": integer}}, "
+                         f"got {nu!r:.80}")
+
+
 def from_t2i_r1(row):
     """One T2I-R1 prompt-file record (dict) -> GenEval metadata, or None when its fields cannot be checked
     by GenEval's rules. The prompt text is kept as is. Which fields decide:
@@ -488,7 +509,8 @@ def from_t2i_r1(row):
     attr_nouns that are all '<GenEval colour> <noun>' and appear in the prompt -> colors / color_attr
     (the file has some attr_nouns that contradict their prompt, e.g. 'red towel' for 'a white towel');
     task_type 'object' with one or two nouns -> single_object / two_object. Anything else (shape, texture,
-    non-spatial, most complex prompts) -> None."""
+    non-spatial, most complex prompts) -> None. A malformed row raises ValueError naming the field."""
+    check_t2i_r1_row(row)
     prompt, text = row["prompt"], row["prompt"].lower()
     meta = None
     if row.get("spatial_info"):
@@ -526,11 +548,14 @@ def load_t2i_r1(path):
     """Convert a T2I-R1 prompt file (JSON lines). Returns (metadata list, {task_type: [converted, total]})."""
     metas, counts = [], {}
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            meta = from_t2i_r1(row)
+            try:
+                row = json.loads(line)
+                meta = from_t2i_r1(row)
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                raise ValueError(f"{path}:{n}: {e}") from None
             tally = counts.setdefault(row.get("task_type", "?"), [0, 0])
             tally[0] += meta is not None
             tally[1] += 1

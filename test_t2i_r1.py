@@ -616,14 +616,23 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
         R.sample_t2i(m, tok, prompts, chat="llama")
 
 
-def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
+def cli_error(main, argv, capsys, prog):
+    """Run a script's main with bad input: it must exit with one `prog: error: ...` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
     import sample as S
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path / "ckpt")
     m.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "colors"}\n\na blue square\n')
     args = ["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--n", "2",
-            "--batch-size", "1", "--max-plan-tokens", "4", "--seed", "7"]
+            "--rollout-batch", "1", "--max-plan-tokens", "4", "--seed", "7"]
     recs = S.main(args + ["--out", str(tmp_path / "a")])
     assert len(recs) == 4 and recs[0]["metadata"]["tag"] == "colors" and recs[2]["prompt"] == "a blue square"
     lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
@@ -636,12 +645,15 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
     assert [r["image_tokens"] for r in again] == [r["image_tokens"] for r in recs]
     assert [r["plan"] for r in again] == [r["plan"] for r in recs]
     (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(ValueError, match="empty.txt holds no prompts"):
-        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "empty.txt")])
-    with pytest.raises(ValueError, match="without GenEval metadata"):  # before any sampling
-        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--score", "shapes",
-                "--out", str(tmp_path / "c")])
-    assert not (tmp_path / "c").exists()
+    ck = ["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c")]
+    assert "empty.txt holds no prompts" in cli_error(S.main, ck + ["--prompts", str(tmp_path / "empty.txt")],
+                                                     capsys, "sample.py")
+    msg = cli_error(S.main, ck + ["--prompt", "a red circle", "--rewards", "shapes"], capsys, "sample.py")
+    assert "carries GenEval metadata" in msg
+    assert "--n and --rollout-batch" in cli_error(S.main, ck + ["--n", "0"], capsys, "sample.py")
+    assert "no-such-folder does not exist" in cli_error(S.main, ["--ckpt", str(tmp_path / "no-such-folder")],
+                                                        capsys, "sample.py")
+    assert not (tmp_path / "c").exists()  # every error came before any sampling
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
@@ -658,8 +670,9 @@ def test_sample_matches_transformers_janus_generate(tmp_path):
     tok = make_word_tokenizer(tmp_path / "ckpt")
     prompts = ["a red circle", "a photo of a blue square"]
     (tmp_path / "p.txt").write_text("\n".join(prompts))
-    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--no-cot",
-                   "--temperature", "0", "--cfg", "5", "--n", "1", "--batch-size", "2", "--out", str(tmp_path / "o")])
+    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--levels", "token",
+                   "--chat-format", "janus", "--temperature", "0", "--cfg", "5", "--n", "1", "--rollout-batch", "2",
+                   "--out", str(tmp_path / "o")])
     gen = GenerationConfig(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id, do_sample=False, guidance_scale=5.0,
                            generation_kwargs={"boi_token_id": tok.boi_id})
     for rec, prompt in zip(recs, prompts):
@@ -1490,10 +1503,13 @@ def test_shapes_reward_uses_shapes_detect(monkeypatch):
     scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), meta)
     assert calls == [(16, 16, 3)] * 2
     assert scores.tolist() == [1.0, 0.5] and info["strict"] == [True, False]
-    # a plain prompt has no clauses and would pass every rule: refused, naming the prompt, before detecting
-    with pytest.raises(ValueError, match="shapes: 1 prompt.*'a red circle'"):
-        reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], {"prompt": "a red circle"}])
-    assert len(calls) == 2
+    # a plain prompt has no clauses and would pass every rule (a silent 1.0): the reward abstains on it
+    # (score 0, not checked, not even detected), and refuses a set of prompts none of which it can check
+    scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], {"prompt": "a red circle"}])
+    assert scores.tolist() == [1.0, 0.0] and info["checked"] == [True, False] and info["strict"] == [True, None]
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="shapes: none of the 1 prompt.*'a red circle'"):
+        reward.check_metadata([{"prompt": "a red circle"}])
 
 
 # ---- rewards: command line, combination, evaluation extras
@@ -2133,7 +2149,7 @@ def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, mon
     _write_hf_clip(tmp_path / "clip", c, _clip_sd(c, seed=1))
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
     common = ["--ckpt", random_base, "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--max-plan-tokens", "4",
-              "--score", "clip", "--reward-ckpt", f"clip={tmp_path / 'clip'}"]
+              "--rewards", "clip", "--reward-ckpt", f"clip={tmp_path / 'clip'}"]
     recs = SA.main(common + ["--out", str(tmp_path / "a")])
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert 0 <= summary["diversity"] <= 2 and summary["images"] == 4
@@ -2196,3 +2212,88 @@ def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, 
     assert metrics[0]["plan_cut_frac"] > 0.5 and metrics[0]["plan_tokens"] <= 2
     step_line = next(l for l in lines if l.startswith("step 1/1"))
     assert f"{metrics[0]['plan_cut_frac']:.2f} cut" in step_line and "| clip " not in step_line
+
+
+# T2I-R1's prompt file as published (data/geneval_and_t2i_data_final.json: JSON lines despite the name), a few
+# rows of each kind written here: convertible spatial, numeracy, colour and object rows; shape, texture and
+# non-spatial rows the GenEval rules cannot check
+T2I_R1_ROWS = [
+    {"prompt": "a photo of a car below a zebra", "nouns": ["car", "zebra"],
+     "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "below"}, "task_type": "spatial"},
+    {"task_type": "numeracy", "prompt": "two plates and three cups", "nouns": ["plate", "cup"],
+     "numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "cup", "num": 3}]},
+    {"task_type": "texture", "prompt": "a wooden desk and a leather shoe", "nouns": ["desk", "shoe"],
+     "attr_nouns": ["wooden desk", "leather shoe"]},
+    {"task_type": "color", "prompt": "a green duck and a yellow frog", "nouns": ["duck", "frog"],
+     "attr_nouns": ["green duck", "yellow frog"]},
+    {"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]},
+    {"prompt": "a photo of a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"], "task_type": "object"},
+]
+
+
+def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_they_cannot_check(tmp_path):
+    import sample as SA
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))  # no final newline, as published
+    items = SA.read_prompts(str(path))
+    assert [it["prompt"] for it in items] == [r["prompt"] for r in T2I_R1_ROWS]
+    assert [it.get("tag") for it in items] == ["position", "counting", None, "color_attr", None, "two_object"]
+    assert items[0]["include"][1] == {"class": "car", "count": 1, "position": ["below", 0]}
+    assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
+    # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
+    shapes_reward = RW.ShapesReward()
+    scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
+    assert info["checked"] == [True, True, False, True, False, True]
+    assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
+    ens = RW.RewardEnsemble({"shapes": 1.0}, {})
+    assert ens.unchecked(items) == {"shapes": [2, 4]}
+    report = SA.unchecked_report(ens, items, "training prompts")
+    assert report == [report[0]] and report[0].startswith("shapes: 2 of the 6 training prompts carry no GenEval")
+    assert "(T2I-R1 task types: non 1, texture 1)" in report[0]
+    # a prompt set none of whose rows a rule reward can check is refused
+    with pytest.raises(ValueError, match="shapes: none of the 2 prompt"):
+        ens.check_metadata([items[2], items[4]])
+    # malformed rows: the error names the file, the line and the field
+    bad = [({**T2I_R1_ROWS[0], "spatial_info": {"obj1": "car", "locality": "below"}}, "'spatial_info' needs"),
+           ({**T2I_R1_ROWS[1], "numeracy_info": [{"obj_name": "plate", "num": "two"}]}, "'numeracy_info' must be"),
+           ({"prompt": "a cat", "tag": "single_object", "include": [{"count": 1}]}, r"include\[0\] needs a 'class'"),
+           ({"prompt": "a cat", "include": [{"class": "cat", "count": 0}]}, r"include\[0\] needs a 'count'"),
+           ({"prompt": "a cat", "include": [{"class": "cat", "count": 1, "position": ["near", 0]}]},
+            r"include\[0\]: 'position' must be")]
+    for row, msg in bad:
+        path.write_text(json.dumps(T2I_R1_ROWS[0]) + "\n\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ":3: " + msg):
+            SA.read_prompts(str(path))
+        if "include" not in row:  # shapes.load_t2i_r1 reads T2I-R1 rows the same way
+            with pytest.raises(ValueError, match=":3: " + msg):
+                S.load_t2i_r1(str(path))
+
+
+def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base, tmp_path, capsys):
+    """The README's recipe (T2I-R1's prompt file, --rewards hps:1,geneval:1) on tiny published-layout files:
+    it reports the prompts the rules cannot check and trains; bad input stops it with one error line before
+    any model is loaded."""
+    ckpt, _ = _reward_folders(tmp_path / "rw")
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))
+    recipe = train_args(random_base, tmp_path / "run", "--prompts", str(path), "--rewards", "hps:1,geneval:1",
+                        "--reward-ckpt", f"hps={ckpt['hps']}", f"geneval={ckpt['geneval']}", f"clip={ckpt['clip']}",
+                        "--steps", "1")
+    lines = []
+    _, metrics, _ = T.train(T.parse_args(recipe), log=lines.append)
+    assert any(l.startswith("geneval: 2 of the 6 training prompts carry no GenEval metadata") for l in lines), lines
+    m = metrics[0]
+    assert math.isfinite(m["reward"]) and math.isfinite(m["reward_hps"]) and m["step"] == 1
+    # words the shapes world's vocabulary lacks are named
+    warning = next(l for l in lines if l.startswith("warning: "))
+    assert "'zebra'" in warning and "training prompts" in warning
+    # bad input: one command-line error, nothing loaded or written
+    out = tmp_path / "bad"
+    bad = train_args(random_base, out, "--prompts", str(path), "--rewards", "hps:1,geneval:1")
+    assert "needs the 'hps' checkpoint" in cli_error(T.main, bad, capsys, "train.py")
+    assert "--levels" in cli_error(T.main, bad + ["--levels", "plans"], capsys, "train.py")
+    assert "--group-size must be at least 2" in cli_error(T.main, bad + ["--group-size", "1"], capsys, "train.py")
+    assert "unknown reward 'hsp'" in cli_error(T.main, bad + ["--rewards", "hsp"], capsys, "train.py")
+    assert "reasoning prompt file" in cli_error(T.main, bad + ["--reasoning-prompt", str(tmp_path / "x.txt")],
+                                                 capsys, "train.py")
+    assert not out.exists()

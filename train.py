@@ -40,62 +40,63 @@ import torch.nn.functional as F
 
 import sample as S
 import t2i_r1 as R
-from model import Janus, Tokenizer
+from model import Janus, Tokenizer, load_config
 
 
 @dataclass
 class TrainConfig:
     # model and prompts (None: the shapes world, its base pretrained first when absent)
-    ckpt: str = None               # starting policy, a Janus-Pro folder
-    prompts: str = None            # training prompts: plain lines, or JSON lines with "prompt" (+ GenEval metadata)
-    eval_prompts: str = None       # held-out prompts evaluated every eval_every steps
-    out: str = "runs/shapes"
+    ckpt: str = None               # starting policy, a Janus-Pro folder (unset: the shapes world's base)
+    prompts: str = None            # plain lines, JSON lines with "prompt" + GenEval metadata, or T2I-R1's file
+    eval_prompts: str = None       # held-out prompts (e.g. GenEval's evaluation_metadata.jsonl)
+    out: str = "runs/shapes"       # run folder: logs, metrics.jsonl, samples, ckpt/
     # rewards (rewards.py): NAME:WEIGHT list, checkpoint folders, how they add up
-    rewards: str = "shapes"
-    reward_ckpt: list = field(default_factory=list)
+    rewards: str = "shapes"        # NAME[:WEIGHT],...: clip, pickscore, hps, aesthetic, geneval, shapes
+    reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: the reward checkpoints' folders (README, Rewards)
     reward_combine: str = "sum"    # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
     # the method
     levels: str = "both"           # both | semantic (plans trained, image tokens not) | token (no plan)
     group_size: int = 8            # G samples per prompt
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8      # prompts per optimizer step, each with group_size samples
     rollout_batch: int = 8         # prompts per sampling call
     mu: int = 1                    # policy updates per rollout batch (1: on-policy, the ratio is exactly 1)
     beta: float = 0.01             # KL weight
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2          # ratios clipped to [1 - eps, 1 + eps] (inactive with mu = 1)
     loss_norm: str = "token"       # token: one mean over every token (T2I-R1); sequence: per sample, then mean
     image_logp: str = "cond"       # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
     # sampling (rollouts and evaluation)
-    cfg: float = 5.0
-    temperature: float = 1.0
+    cfg: float = 5.0               # classifier-free guidance weight of image tokens (1: none)
+    temperature: float = 1.0       # image tokens; 0: argmax
     top_k: int = None              # image tokens: keep the k most likely (None: all, as Janus-Pro and T2I-R1)
-    text_temperature: float = 1.0
-    text_top_k: int = None         # plan tokens (0: all); unset: 50 for Janus-Pro (T2I-R1), 0 for the shapes world
-    text_top_p: float = None
+    text_temperature: float = 1.0  # plan tokens; 0: argmax
+    text_top_k: int = None         # plan tokens (0: all); unset: 50 for Janus-Pro (T2I-R1), 0 for shapes
+    text_top_p: float = None       # plan tokens: nucleus sampling mass (unset: off)
     max_plan_tokens: int = None    # unset: 1024 for Janus-Pro (T2I-R1's limit), 64 for the shapes world
-    reasoning_prompt: str = None   # file with a {prompt} (or T2I-R1's {}) placeholder; default: the checkpoint's, else ours
-    chat_format: str = None        # t2i-r1 | janus; default janus for a checkpoint with its own reasoning_prompt.txt, else t2i-r1
+    reasoning_prompt: str = None   # template file, {prompt} or {} placeholder; unset: the checkpoint's, else ours
+    chat_format: str = None        # t2i-r1 | janus; unset: janus if the checkpoint has a reasoning_prompt.txt
     # optimisation
-    steps: int = 200
-    lr: float = 3e-5
+    steps: int = 200               # optimizer steps
+    lr: float = 3e-5               # AdamW learning rate (T2I-R1: 1e-6 on Janus-Pro-7B)
     schedule: str = "constant"     # constant | linear (to 0, T2I-R1) | cosine (to 0)
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch: int = 32          # samples per forward/backward
+    warmup: int = 0                # linear warmup steps
+    weight_decay: float = 0.0      # AdamW weight decay
+    grad_clip: float = 1.0         # gradient norm clip
+    micro_batch: int = 32          # samples per forward/backward (gradients accumulate over the step)
     lora_rank: int = 0             # > 0: LoRA on every attention and MLP projection instead of full fine-tuning
-    lora_alpha: float = 16.0
-    grad_checkpointing: bool = False
+    lora_alpha: float = 16.0       # LoRA scale alpha / rank
+    grad_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, more time)
     # system
-    device: str = None
-    seed: int = 0
+    device: str = None             # cuda, cpu, ...; unset: CUDA when present (torchrun: GPU LOCAL_RANK)
+    dtype: str = None              # autocast over float32 weights: bfloat16 | float32; unset: bf16 on GPU
+    seed: int = 0                  # every random draw is keyed by (seed, step, sampling call)
     compile: bool = False          # torch.compile the sampling decode steps (GPU; slower than eager on CPU)
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
     sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
     eval_every: int = 50           # held-out evaluation (also at the start and the end)
     eval_n: int = 8                # images per held-out prompt
-    save_every: int = 50
-    resume: bool = False
+    save_every: int = 50           # checkpoint (also at the end)
+    resume: bool = False           # continue the run in out/ from its last checkpoint, with its saved settings
 
 
 # -----------------------------------------------------------------------------
@@ -244,14 +245,16 @@ def rollout(policy, tok, chunks, cfg: TrainConfig, step, scorer, reasoning, chat
                              compile=cfg.compile)
             imgs = S.decode_images(policy, s.codes)
         metas = [it for it in items for _ in range(cfg.group_size)]
-        scores, _ = scorer(imgs, metas)
+        scores, info = scorer(imgs, metas)
         total = scorer.combine(scores, mode=cfg.reward_combine, group_size=cfg.group_size)
         adv = R.group_advantages(total, cfg.group_size)
+        checked = {k: info[k].get("checked") or [True] * len(metas) for k in scores}  # rule rewards may abstain
         for i in range(len(metas)):
             samples.append({"prompt": s.prompts[i], "plan": s.plans[i], "reasoning_ids": s.reasoning_ids[i],
                             "plan_ids": s.plan_ids[i], "image_prompt_ids": s.image_prompt_ids[i],
                             "codes": s.codes[i].tolist(), "reward": float(total[i]), "advantage": float(adv[i]),
-                            "scores": {k: float(v[i]) for k, v in scores.items()}})
+                            "scores": {k: float(v[i]) for k, v in scores.items()},
+                            "checked": {k: checked[k][i] for k in scores}})
         images.append(imgs)
     return samples, torch.cat(images)
 
@@ -400,46 +403,120 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fill the per-model sampling settings left unset (None): the shapes world's for its base (cfg.ckpt None)
     and checkpoints with their own reasoning_prompt.txt, T2I-R1's for Janus-Pro (t2i_r1.MODEL_DEFAULTS)."""
     d = R.MODEL_DEFAULTS["janus"] if cfg.ckpt is None else R.sampling_defaults(cfg.ckpt)
+    # compute precision: bf16 autocast over float32 master weights on a GPU, float32 on a CPU
+    gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    d["dtype"] = "bfloat16" if gpu else "float32"
     return replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
 
 
-def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
-    cfg = resolve_defaults(cfg)
-    if cfg.levels not in ("both", "semantic", "token"):
-        raise ValueError(f"levels must be both, semantic or token, got {cfg.levels!r}")
-    if cfg.image_logp not in ("cond", "cfg") or cfg.loss_norm not in ("token", "sequence"):
-        raise ValueError("image_logp must be cond or cfg; loss_norm token or sequence")
-    if cfg.group_size < 2:
-        raise ValueError("group_size must be at least 2: advantages are relative to the group")
-    import rewards
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world, device = dist_setup(device)
-    log = log if rank == 0 else (lambda *a, **k: None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    torch.manual_seed(cfg.seed)
+# allowed values of the string settings (argparse choices and the checks for API callers)
+CHOICES = {"levels": ("both", "semantic", "token"), "loss_norm": ("token", "sequence"), "image_logp": ("cond", "cfg"),
+           "schedule": ("constant", "linear", "cosine"), "reward_combine": ("sum", "group"),
+           "chat_format": tuple(R.CHAT_FORMATS), "dtype": ("float32", "bfloat16")}
 
-    # data
+
+def check_config(cfg: TrainConfig):
+    """Every setting's value, alone and with the others; ValueError names the flag."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
+            raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    at_least = {"group_size": 2, "prompts_per_step": 1, "rollout_batch": 1, "mu": 1, "micro_batch": 1, "steps": 1,
+                "eval_n": 1, "max_plan_tokens": 1, "text_top_k": 0, "top_k": 1, "lora_rank": 0, "warmup": 0,
+                "sample_every": 0, "eval_every": 0, "save_every": 0}
+    for name, low in at_least.items():
+        v = getattr(cfg, name)
+        if v is not None and v < low:
+            why = ": advantages are relative to the group" if name == "group_size" else ""
+            raise ValueError(f"{flag(name)} must be at least {low}{why}, got {v}")
+    for name in ("lr", "clip_eps", "grad_clip", "lora_alpha"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("beta", "weight_decay", "temperature", "text_temperature"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.cfg) and cfg.cfg > 0):
+        raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {cfg.cfg}")
+    if cfg.text_top_p is not None and not 0 < cfg.text_top_p <= 1:
+        raise ValueError(f"--text-top-p must lie in (0, 1], got {cfg.text_top_p}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.fsdp and (world < 2 or cfg.lora_rank):
+        raise ValueError("--fsdp shards a full fine-tune over several processes: run it with torchrun, without LoRA")
+    calls = -(-cfg.prompts_per_step // cfg.rollout_batch)
+    if calls % world:
+        raise ValueError(f"--prompts-per-step / --rollout-batch = {calls} sampling calls per step do not split over "
+                         f"{world} processes")
+
+
+def train_device(cfg: TrainConfig):
+    """The device this process trains on: --device, else CUDA when present; under torchrun the GPU of LOCAL_RANK."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
+    """Everything that can be checked without a model, before pretraining, model loading or the first
+    evaluation: the settings, the checkpoint folder, the reasoning template, the prompt files and their
+    metadata, the rewards' names and files. Raises ValueError or FileNotFoundError naming what is wrong.
+    Returns the training and held-out prompts and the reward ensemble."""
+    import rewards
     import shapes
-    base = cfg.ckpt or (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
-    if world > 1:
-        dist.barrier()  # rank 0 may have just pretrained the base
+    check_config(cfg)
+    if cfg.ckpt is not None:
+        load_config(os.path.expanduser(cfg.ckpt))  # the folder, its config.json (weights are checked on load)
+        tok_file = os.path.join(os.path.expanduser(cfg.ckpt), "tokenizer.json")
+        if not os.path.isfile(tok_file):
+            raise FileNotFoundError(f"{tok_file} not found: a Janus-Pro folder needs its tokenizer.json")
+    if cfg.reasoning_prompt is not None:
+        R.load_reasoning_prompt(cfg.reasoning_prompt)
     train_items = S.read_prompts(cfg.prompts) if cfg.prompts else shapes.prompt_sets()[0]
     eval_items = S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else (
         shapes.prompt_sets()[1] if cfg.ckpt is None else None)
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
-                                    device=device)
+                                    device=train_device(cfg))
     scorer.check_metadata(train_items)
     if eval_items is not None:
         scorer.check_metadata(eval_items)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in (S.unchecked_report(scorer, train_items, "training prompts")
+                     + (S.unchecked_report(scorer, eval_items, "held-out prompts") if eval_items else [])):
+            log(line)
+    return {"train_items": train_items, "eval_items": eval_items, "scorer": scorer}
+
+
+def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None):
+    """Run BiCoT-GRPO. setup: what prepare(cfg) returned (main() runs it first, to report bad input as a
+    command-line error); None runs it here."""
+    cfg = resolve_defaults(cfg)
+    setup = setup or prepare(cfg, log)
+    train_items, eval_items, scorer = setup["train_items"], setup["eval_items"], setup["scorer"]
+    rank, world, device = dist_setup(train_device(cfg))
+    log = log if rank == 0 else (lambda *a, **k: None)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    torch.manual_seed(cfg.seed)
+
+    # the starting policy: the shapes world's base is pretrained first when absent
+    import shapes
+    base = os.path.expanduser(cfg.ckpt) if cfg.ckpt else (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
+    if world > 1:
+        dist.barrier()  # rank 0 may have just pretrained the base
     reasoning = R.load_reasoning_prompt(cfg.reasoning_prompt, base)
     chat = cfg.chat_format
+    tok = Tokenizer.from_pretrained(base)
+    for items, what in ((train_items, "training prompts"), (eval_items or [], "held-out prompts")):
+        warning = S.vocabulary_warning(tok, items, what)
+        if warning:
+            log(warning)
 
     # models: the policy in float32 (bf16 autocast on GPU), frozen VQ and image embedding/head as in T2I-R1
     resume_from = find_checkpoint(cfg.out) if cfg.resume else None
-    state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=False) if resume_from else None
+    state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=True) if resume_from else None
     full_ft_resume = state is not None and state["lora"] is None
     policy = Janus.from_pretrained(resume_from if full_ft_resume else base, device=device, dtype=torch.float32)
-    tok = Tokenizer.from_pretrained(base)
     for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
         part.requires_grad_(False)
     if cfg.lora_rank > 0:
@@ -453,8 +530,6 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                else copy.deepcopy(policy)).eval().requires_grad_(False)
     loss_module = PolicyLoss(policy, cfg, tok.pad_id)
     if cfg.fsdp:
-        if world < 2 or cfg.lora_rank:
-            raise ValueError("--fsdp shards a full fine-tune over several processes: run it with torchrun, without LoRA")
         shard(loss_module, policy)
         if ref is not None:
             shard(ref, ref)
@@ -479,10 +554,7 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         f"{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; {len(train_items)} training prompts; "
         f"{world} process(es) on {device}")
 
-    chunks_per_step = -(-cfg.prompts_per_step // cfg.rollout_batch)
-    if chunks_per_step % world:
-        raise ValueError(f"prompts_per_step / rollout_batch = {chunks_per_step} sampling calls per step do not "
-                         f"split over {world} processes")
+    chunks_per_step = -(-cfg.prompts_per_step // cfg.rollout_batch)  # split over processes: check_config
     os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -555,13 +627,16 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         names = list(samples[0]["scores"])
         cols = [[s["reward"] for s in samples]] + [[s["scores"][k] for s in samples] for k in names]
         x = torch.tensor(cols, dtype=torch.float64)                      # (1 + rewards, samples)
-        sums = all_sum(torch.stack([x.sum(1), (x * x).sum(1)]), world, device)  # (2, 1 + rewards)
+        # each reward's mean over the samples it checked (rule rewards abstain on prompts without metadata)
+        w = torch.tensor([[1.0] * len(samples)] + [[float(s["checked"][k]) for s in samples] for k in names],
+                         dtype=torch.float64)                            # (1 + rewards, samples)
+        sums = all_sum(torch.stack([(w * x).sum(1), (w * x * x).sum(1), w.sum(1)]), world, device)  # (3, 1 + rewards)
         # a plan is cut when it reached max_plan_tokens without EOS
         n_cut = sum(len(p) >= cfg.max_plan_tokens and p[-1] != tok.eos_id for p in (s["plan_ids"] for s in samples) if p)
         tot = all_sum(torch.tensor([len(samples), sum(n_plan), acc["tokens"], acc["kl"], acc["clipped"], acc["loss"],
                                     n_cut], dtype=torch.float64), world, device).tolist()
-        n, mean = tot[0], (sums[0] / tot[0]).tolist()
-        std = (sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt().tolist()
+        n, mean = tot[0], (sums[0] / sums[2]).tolist()                  # nan for a reward that checked nothing
+        std = (sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt().tolist()  # [0]: the total reward's
         m = {"step": step + 1, "reward": mean[0], "reward_std": std[0],
              **{f"reward_{k}": mean[1 + j] for j, k in enumerate(names)},
              "kl": tot[3] / max(tot[2], 1), "clipped_frac": tot[4] / max(tot[2], 1), "loss": tot[5],
@@ -620,28 +695,43 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True)):
 # given on this command line on top
 
 
-def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Every TrainConfig field as a flag; its help line is the field's comment, with its default."""
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = S.field_comments(TrainConfig)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        h = f"{helps.get(f.name, '')} (default: {'unset' if default is None else default})"
         if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
         elif f.name == "reward_ckpt":
-            p.add_argument(flag, nargs="*", default=argparse.SUPPRESS, metavar="NAME=PATH")
+            p.add_argument(flag, nargs="*", default=argparse.SUPPRESS, metavar="NAME=PATH", help=h)
         else:
-            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS)
-    given = vars(p.parse_args(argv))
+            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=CHOICES.get(f.name), help=h)
+    return p
+
+
+def parse_args(argv=None, parser=None) -> TrainConfig:
+    """Flags -> TrainConfig. With --resume, the run's saved settings, the flags given here on top."""
+    given = vars((parser or build_parser()).parse_args(argv))
     cfg = TrainConfig(**given)
     if cfg.resume:
         ckpt = find_checkpoint(cfg.out)
         if ckpt is not None:
-            saved = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)["config"]
+            saved = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)["config"]
             cfg = TrainConfig(**{**saved, **given})
     return cfg
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    parser = build_parser()
+    cfg = resolve_defaults(parse_args(argv, parser))
+    try:  # bad input is a command-line error, reported before any pretraining, model loading or evaluation
+        setup = prepare(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return train(cfg, setup=setup)
 
 
 if __name__ == "__main__":
