@@ -2297,3 +2297,22 @@ def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base
     assert "reasoning prompt file" in cli_error(T.main, bad + ["--reasoning-prompt", str(tmp_path / "x.txt")],
                                                  capsys, "train.py")
     assert not out.exists()
+
+
+def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out_prompts(random_base, redness,
+                                                                                       tmp_path, monkeypatch):
+    """train_state.pt is read with weights_only=True; a run without held-out prompts still writes summary.md
+    (its training rewards) and curves.png."""
+    quiet = dict(log=lambda *a, **k: None)
+    T.train(T.parse_args(train_args(random_base, tmp_path / "a", "--steps", "2", "--save-every", "1")), **quiet)
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "| steps | reward | reward_redness | kl | plan_tokens |" in summary and "| 1-2 |" in summary
+    assert Image.open(tmp_path / "a" / "curves.png").size == (640, 360)
+    real, seen = torch.load, []
+    def recording_load(f, *a, **k):
+        if str(f).endswith("train_state.pt"):
+            seen.append(k.get("weights_only"))
+        return real(f, *a, **k)
+    monkeypatch.setattr(torch, "load", recording_load)
+    _, metrics, _ = T.train(T.parse_args(["--out", str(tmp_path / "a"), "--resume", "--steps", "3"]), **quiet)
+    assert seen and all(w is True for w in seen) and [m["step"] for m in metrics] == [1, 2, 3]

@@ -353,6 +353,22 @@ def eval_table(rows):
     return "\n".join(lines + [eval_row(n, s) for n, s in rows])
 
 
+def train_table(step_metrics, k=10):
+    """Markdown: mean training reward (and per reward model), KL and plan length over the first and the last
+    k logged steps."""
+    if not step_metrics:
+        return "training: no steps logged"
+    names = [n for n in step_metrics[0] if n.startswith("reward_") and n != "reward_std"]
+    cols = ["reward", *names, "kl", "plan_tokens"]
+    def row(name, ms):
+        return f"| {name} | " + " | ".join(f"{np.nanmean([m[c] for m in ms]):.3f}" for c in cols) + " |"
+    first, last = step_metrics[:k], step_metrics[-k:]
+    return "\n".join([f"training, mean over {len(first)} steps:", "", "| steps | " + " | ".join(cols) + " |",
+                      "|---" * (len(cols) + 1) + "|",
+                      row(f"{first[0]['step']}-{first[-1]['step']}", first),
+                      row(f"{last[0]['step']}-{last[-1]['step']}", last)])
+
+
 def plot_curves(metrics, path, keys=("reward", "eval_overall")):
     """A small line chart (PIL only) of the mean reward per step and the held-out accuracy at evaluations."""
     from PIL import Image, ImageDraw
@@ -674,11 +690,14 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None
         if world > 1:
             dist.barrier()
 
-    if rank == 0 and evals:
-        base_row = evals[0] if start == 0 else None
-        rows = ([("base", base_row[1])] if base_row else []) + [(f"after {cfg.steps} steps", evals[-1][1])]
-        table = eval_table(rows)
-        log("\nheld-out evaluation, before and after:\n" + table)
+    if rank == 0:  # summary.md and curves.png, with or without held-out prompts
+        steps_done = [m for m in metrics if "reward" in m]
+        table = train_table(steps_done)
+        if evals:
+            base_row = evals[0] if start == 0 else None
+            rows = ([("base", base_row[1])] if base_row else []) + [(f"after {cfg.steps} steps", evals[-1][1])]
+            table = "held-out evaluation, before and after:\n\n" + eval_table(rows) + "\n\n" + table
+        log("\n" + table)
         with open(os.path.join(cfg.out, "summary.md"), "w") as f:
             f.write(table + "\n")
         plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
