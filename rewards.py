@@ -1087,8 +1087,9 @@ class RewardEnsemble:
         bare = [i for i, m in enumerate(metadata) if not checkable(m)]
         return {n: bare for n, r in self.rewards.items() if isinstance(r, RuleReward) and bare}
 
-    def __call__(self, images, metadata):
-        """-> scores {name: (B,) float32}, info {name: {key: list of B values}}."""
+    def __call__(self, images, metadata, progress=None):
+        """-> scores {name: (B,) float32}, info {name: {key: list of B values}}. progress(k) is called after
+        each batch of k images of each reward."""
         images, metadata = check_batch(images, metadata)
         scores, info = {}, {}
         for name, reward in self.rewards.items():
@@ -1098,6 +1099,8 @@ class RewardEnsemble:
                 parts.append(s)
                 for k, v in inf.items():
                     merged.setdefault(k, []).extend(v)
+                if progress is not None:
+                    progress(len(s))
             scores[name], info[name] = torch.cat(parts), merged
         return scores, info
 

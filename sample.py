@@ -179,14 +179,14 @@ def load(ckpt, device=None, dtype=None):
 
 
 def generate(janus, tok, items, *, n=4, batch_size=4, seed=0, reasoning_prompt=R.REASONING_PROMPT,
-             compile=False, show_progress=True, **sampling):
+             compile=False, show_progress=True, desc="image tokens", **sampling):
     """Sample n images for each item ({"prompt": ..., metadata}), batch_size prompts at a time, with one
     generator seeded once (the same seed and batch size give the same output).
     Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
     device = janus.language_model.lm_head.weight.device
     g = torch.Generator(device=device).manual_seed(seed)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    bar = R.Progress(len(batches) * janus.cfg.image_tokens, desc="image tokens") if show_progress else None
+    bar = R.Progress(len(batches) * janus.cfg.image_tokens, desc=desc) if show_progress else None
     records, images = [], []
     for b, batch in enumerate(batches):
         s = R.sample_t2i(janus, tok, [it["prompt"] for it in batch], n=n, reasoning_prompt=reasoning_prompt,
@@ -199,12 +199,13 @@ def generate(janus, tok, items, *, n=4, batch_size=4, seed=0, reasoning_prompt=R
     return records, torch.cat(images)
 
 
-def score(scorer, images, records, group_size=None):
+def score(scorer, images, records, group_size=None, show_progress=True, desc="scoring"):
     """Score images with a rewards.RewardEnsemble; per-image scores go into the records. Returns a summary:
     mean of every reward, GenEval per-tag accuracy and overall score for the rule rewards (geneval, shapes)
     on prompts that carry a tag, and, when a CLIP checkpoint is at hand, the diversity of each prompt's images."""
     import rewards
-    scores, info = scorer(images, [r["metadata"] for r in records])
+    bar = R.Progress(len(records) * len(scorer.rewards), desc=desc) if show_progress else None
+    scores, info = scorer(images, [r["metadata"] for r in records], progress=bar and bar.update)
     summary = {"images": len(records), "rewards": {}}
     for name, v in scores.items():
         # rule rewards abstain on prompts without GenEval metadata: their means and accuracies leave them out

@@ -352,12 +352,17 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, *, n=1, cot=True, reasonin
 
 
 # -----------------------------------------------------------------------------
-# a progress line for long runs (stderr, one line, rewritten in place)
+# progress of long stages (sampling, evaluation, scoring, pretraining), on stderr
 
 
 class Progress:
-    def __init__(self, total, desc="", stream=sys.stderr, every=0.5):
-        self.total, self.desc, self.stream, self.every = total, desc, stream, every
+    """On a terminal, one line rewritten in place every `every` seconds; otherwise (a log file, CI) whole
+    lines, at most one every `every_line` seconds, and always the last."""
+
+    def __init__(self, total, desc="", stream=None, every=0.5, every_line=30.0):
+        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if self.tty else every_line
         self.t0 = self.last = time.time()
         self.n = 0
 
@@ -368,9 +373,11 @@ class Progress:
             self.last = now
             rate = self.n / max(now - self.t0, 1e-9)
             eta = (self.total - self.n) / max(rate, 1e-9)
-            self.stream.write(f"\r{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}")
-            if self.n >= self.total:
-                self.stream.write("\n")
+            line = f"{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}".rstrip()
+            if self.tty:
+                self.stream.write("\r" + line + ("\n" if self.n >= self.total else ""))
+            else:
+                self.stream.write(line + "\n")
             self.stream.flush()
 
 

@@ -2141,7 +2141,30 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     assert 0 < roll <= sec and peak > 0
 
 
-def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, monkeypatch):
+def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
+    buf = io.StringIO()  # not a terminal: whole lines, the last one always
+    bar = R.Progress(5, "image tokens", stream=buf, every_line=0)
+    for _ in range(5):
+        bar.update()
+    lines = buf.getvalue().split("\n")
+    assert "\r" not in buf.getvalue() and lines[-1] == "" and len(lines) == 6 and lines[-2].startswith("image tokens 5/5")
+    buf = io.StringIO()
+    bar = R.Progress(5, "x", stream=buf, every_line=3600)
+    for _ in range(5):
+        bar.update()
+    assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("x 5/5")  # a long stage: a few lines
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    buf = Terminal()
+    bar = R.Progress(3, "x", stream=buf, every=0)
+    for _ in range(3):
+        bar.update()
+    assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
+
+
+def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, monkeypatch, capsys):
     """`--score clip` with several images per prompt (diversity needs the embedding width) in sample.py and in
     train.py's evaluation; the samples are written before scoring, so a failing reward loses none."""
     import sample as SA
@@ -2171,6 +2194,9 @@ def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, mon
         "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")), log=lambda *a, **k: None)
     assert [name for name, _ in evals] == ["step 0", "step 1"]
     assert all(0 <= s["diversity"] <= 2 and "clip" in s["rewards"] for _, s in evals)
+    err = capsys.readouterr().err  # the evaluation shows its progress, as whole lines in a log
+    assert "held-out evaluation: image tokens" in err and "held-out evaluation: scoring 4/4" in err
+    assert "\r" not in err
 
 
 def test_default_image_logprobs_are_conditional_as_in_t2i_r1():

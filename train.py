@@ -328,12 +328,13 @@ def evaluate(policy, tok, items, cfg: TrainConfig, scorer, reasoning, chat, auto
     policy.eval()
     with autocast:
         records, images = S.generate(policy, tok, items, n=cfg.eval_n, batch_size=max(1, 64 // cfg.eval_n),
-                                     seed=cfg.seed + 1, reasoning_prompt=reasoning, chat=chat, show_progress=False,
+                                     seed=cfg.seed + 1, reasoning_prompt=reasoning, chat=chat,
+                                     desc="held-out evaluation: image tokens",
                                      cot=cfg.levels != "token", cfg_weight=cfg.cfg, temperature=cfg.temperature,
                                      top_k=cfg.top_k, text_temperature=cfg.text_temperature,
                                      text_top_k=cfg.text_top_k, text_top_p=cfg.text_top_p,
                                      max_plan_tokens=cfg.max_plan_tokens)
-    return S.score(scorer, images, records, group_size=cfg.eval_n)
+    return S.score(scorer, images, records, group_size=cfg.eval_n, desc="held-out evaluation: scoring")
 
 
 def eval_row(name, summary):
