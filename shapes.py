@@ -811,16 +811,34 @@ def example_prompts():
 # -----------------------------------------------------------------------------
 # Command line
 
-def main(argv=None):
+# --help lines for the PretrainConfig fields that carry no comment of their own
+_PRETRAIN_HELP = {"seed": "seed of the scenes, the split of the data and the initialisation",
+                  "image_size": "image side in pixels", "vq_steps": "VQ training steps", "vq_batch": "VQ batch size",
+                  "vq_lr": "VQ learning rate", "n_layer": "Janus decoder layers", "n_embd": "Janus hidden size",
+                  "n_head": "Janus attention heads", "lm_steps": "Janus training steps",
+                  "lm_batch": "Janus batch size", "lm_lr": "Janus learning rate",
+                  "cond_dropout": "fraction of conditions replaced by pad tokens (for classifier-free guidance)"}
+
+
+def build_parser():
     import argparse
-    p = argparse.ArgumentParser(description="The shapes world: prompt sets and the tiny pretrained base.")
+    from sample import HelpFormatter, field_comments
+    p = argparse.ArgumentParser(prog="shapes.py", formatter_class=HelpFormatter,
+                                description="The shapes world: prompt sets and the tiny pretrained base.")
     sub = p.add_subparsers(dest="cmd")
-    sp = sub.add_parser("prompts", help="write train.jsonl and test.jsonl")
-    sp.add_argument("out_dir", nargs="?", default="data/shapes")
-    pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)")
-    pp.add_argument("--out", default=BASE_DIR)
+    sp = sub.add_parser("prompts", help="write train.jsonl and test.jsonl", formatter_class=HelpFormatter)
+    sp.add_argument("out_dir", nargs="?", default="data/shapes", help="folder for the two files")
+    pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)", formatter_class=HelpFormatter)
+    pp.add_argument("--out", default=BASE_DIR, help="folder of the base")
+    comments = field_comments(PretrainConfig)
     for f in PretrainConfig.__dataclass_fields__.values():
-        pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                        help=comments.get(f.name) or _PRETRAIN_HELP.get(f.name, "pretraining setting"))
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv if argv is not None else (None if len(__import__("sys").argv) > 1 else ["pretrain"]))
     if args.cmd == "prompts":
         for path in write_prompt_sets(args.out_dir):

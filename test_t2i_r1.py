@@ -2342,3 +2342,34 @@ def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out
     monkeypatch.setattr(torch, "load", recording_load)
     _, metrics, _ = T.train(T.parse_args(["--out", str(tmp_path / "a"), "--resume", "--steps", "3"]), **quiet)
     assert seen and all(w is True for w in seen) and [m["step"] for m in metrics] == [1, 2, 3]
+
+
+def test_every_flag_of_every_script_has_a_help_line_with_its_default():
+    import argparse
+    import bench
+    import sample as SA
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+    seen = 0
+    for script in (T, SA, bench, S):
+        for p in parsers(script.build_parser()):
+            fmt = p._get_formatter()
+            for a in p._actions:
+                if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                    continue
+                text = fmt._expand_help(a) if a.help else ""
+                assert a.help and "(default: " in text, (p.prog, a.dest, text)
+                seen += 1
+    assert seen > 80
+    # one name per idea across the scripts
+    flags = {s: {o for a in s.build_parser()._actions for o in a.option_strings} for s in (T, SA)}
+    for both in ("--rewards", "--reward-ckpt", "--rollout-batch", "--levels", "--dtype", "--text-top-k",
+                 "--max-plan-tokens", "--chat-format", "--reasoning-prompt", "--device", "--seed", "--out"):
+        assert all(both in f for f in flags.values()), both
+    assert not ({"--score", "--no-cot", "--batch-size"} & flags[SA])
+    assert bench.build_parser().parse_args(["speed", "--preset", "cpu-768"]).preset == "cpu-768"
