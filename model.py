@@ -420,6 +420,7 @@ class Janus(nn.Module):
         """Load a local Janus-Pro folder (any published layout). Default precision: bf16 on GPU, fp32 on CPU."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        path = os.path.expanduser(path)  # "~/models/Janus-Pro-1B" as written in a shell
         cfg = load_config(path)
         with torch.device("meta"):
             model = cls(cfg)
@@ -436,6 +437,7 @@ class Janus(nn.Module):
         shards > 1 writes the sharded form with its index, as Janus-Pro-7B ships. state: the tensors to
         write instead of this module's own (e.g. gathered from FSDP shards).
         """
+        folder = os.path.expanduser(folder)
         os.makedirs(folder, exist_ok=True)
         if state is None:
             state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items() if ".lora_" not in k}
@@ -481,6 +483,7 @@ def _write_json(path, obj):
 
 
 def load_config(path) -> JanusConfig:
+    path = os.path.expanduser(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     cfg_path = os.path.join(path, "config.json")
@@ -638,6 +641,7 @@ class Tokenizer:
 
     def __init__(self, file):
         from tokenizers import Tokenizer as HFTokenizer
+        file = os.path.expanduser(file)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"tokenizer file {file} not found")
         self.file = file
@@ -653,7 +657,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        return cls(os.path.join(path, "tokenizer.json"))
+        return cls(os.path.join(os.path.expanduser(path), "tokenizer.json"))
 
     def encode(self, text: str, bos: bool = True) -> list:
         """Exactly one BOS at the start (when asked), whatever the tokenizer's post-processor adds."""

@@ -175,6 +175,7 @@ def load(ckpt, device=None, dtype=None):
         import shapes
         ckpt = shapes.ensure_base()
     device, dtype = resolve_device(device, dtype)
+    ckpt = os.path.expanduser(ckpt)
     return Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt), ckpt
 
 

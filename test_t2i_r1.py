@@ -279,6 +279,18 @@ def write_tiny(tmp_path, weights="safetensors", shards=1):
     return m
 
 
+def test_home_relative_paths_load_as_written_in_a_shell(tmp_path, monkeypatch):
+    """Janus.from_pretrained("~/models/...") and the tokenizer expand ~, as README's snippets write them."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    m = tiny_model()
+    tok = make_word_tokenizer(tmp_path / "models" / "tiny")
+    m.save_pretrained("~/models/tiny", tokenizer=tok)
+    assert (tmp_path / "models" / "tiny" / "model.safetensors").exists()
+    again = M.Janus.from_pretrained("~/models/tiny", device="cpu")
+    assert torch.equal(again.language_model.lm_head.weight, m.language_model.lm_head.weight)
+    assert M.Tokenizer.from_pretrained("~/models/tiny").vocab_size == tok.vocab_size
+
+
 def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
     # no folder, no config, no weights
     with pytest.raises(FileNotFoundError, match="does not exist"):
