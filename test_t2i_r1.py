@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_t2i_r1.py
 """
 
+import contextlib
 import io
 import json
 import math
@@ -2385,3 +2386,81 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
         assert all(both in f for f in flags.values()), both
     assert not ({"--score", "--no-cot", "--batch-size"} & flags[SA])
     assert bench.build_parser().parse_args(["speed", "--preset", "cpu-768"]).preset == "cpu-768"
+
+
+def test_kl_term_gradient_matches_its_derivative():
+    """With zero advantages the loss is beta * mean k3, whose derivative in logp is beta (1 - exp(ref - logp))
+    per token: a KL with a wrong sign or estimator fails here."""
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 5) * 3).requires_grad_()
+    ref = -torch.rand(3, 5) * 3
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    beta = 0.3
+    for norm in ("token", "sequence"):
+        loss, stats = R.grpo_loss(logp, logp.detach(), ref, torch.zeros(3), mask, beta=beta, norm=norm)
+        g, = torch.autograd.grad(loss, logp)
+        per = beta * (1 - torch.exp(ref - logp.detach())) * mask           # d(beta k3)/d logp per token
+        want = per / mask.sum() if norm == "token" else per / mask.sum(1, keepdim=True) / 3
+        torch.testing.assert_close(g, want)
+        d = ref - logp.detach()
+        assert stats["kl"] == pytest.approx(float(((d.exp() - d - 1) * mask).sum() / mask.sum()), rel=1e-6)
+    # at the reference the KL and its gradient vanish
+    loss, _ = R.grpo_loss(ref.clone().requires_grad_(), ref, ref, torch.zeros(3), mask, beta=beta)
+    assert loss.item() == 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_steps_pass_the_reference_models_logprobs(random_base, redness, tmp_path, monkeypatch, lora):
+    """Every loss call gets the reference log-probs of its own samples under the starting model (a frozen copy,
+    or the same model with its LoRA adapters off); after the first update they differ from the policy's and
+    the logged KL is positive."""
+    calls, real = [], T.PolicyLoss.forward
+    def recording(self, batch, old_logp, ref_logp, n_total):
+        calls.append((batch, None if ref_logp is None else ref_logp.clone()))
+        return real(self, batch, old_logp, ref_logp, n_total)
+    monkeypatch.setattr(T.PolicyLoss, "forward", recording)
+    extra = ["--lora-rank", "4", "--lr", "3e-2"] if lora else []
+    _, metrics, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "3", *extra)),
+                            log=lambda *a, **k: None)
+    assert all(ref is not None for _, ref in calls)
+    base = M.Janus.from_pretrained(random_base)
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "x")))
+    pad = M.Tokenizer.from_pretrained(random_base).pad_id
+    with torch.no_grad():
+        for batch, ref in calls:
+            torch.testing.assert_close(ref, T.sample_logprobs(base, batch, cfg, pad)[0], rtol=0, atol=1e-5)
+    assert metrics[0]["kl"] == pytest.approx(0, abs=1e-9)  # the first step's policy is the reference
+    assert all(m["kl"] > 1e-6 for m in metrics[1:]), [m["kl"] for m in metrics]
+
+
+def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
+    """Each sample's request, plan, image prompt, codes and advantage belong together, and the log-prob pass
+    over a micro-batch of different prompts gives each sample the log-probs it gets alone."""
+    import rewards
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", "--group-size", "3")))
+    policy = M.Janus.from_pretrained(random_base)
+    tok = M.Tokenizer.from_pretrained(random_base)
+    reasoning = R.load_reasoning_prompt(ckpt=random_base)
+    prompts = [S.colors("red", "circle"), S.counting("square", 3), S.position("triangle", "left of", "circle")]
+    scorer = rewards.RewardEnsemble({"redness": 1.0}, {})
+    samples, images = T.rollout(policy, tok, [(0, prompts[:2]), (1, prompts[2:])], cfg, 0, scorer, reasoning,
+                                "janus", torch.device("cpu"), contextlib.nullcontext())
+    assert [s["prompt"] for s in samples] == [p["prompt"] for p in prompts for _ in range(3)]
+    fmt = R.CHAT_FORMATS["janus"]
+    for s in samples:
+        assert s["reasoning_ids"] == tok.encode(fmt.request_text(reasoning, s["prompt"]))
+        assert s["image_prompt_ids"] == tok.encode(fmt.image_text(s["prompt"], tok.decode(s["plan_ids"])))
+        assert s["plan"] == tok.decode(s["plan_ids"]).strip()
+    rewards_ = torch.tensor([s["reward"] for s in samples])
+    assert [s["advantage"] for s in samples] == pytest.approx(R.group_advantages(rewards_, 3).tolist())
+    redness = Redness()
+    assert [s["reward"] for s in samples] == pytest.approx(redness.score(list(images.numpy()), None)[0].tolist())
+    with torch.no_grad():
+        together, mask = T.sample_logprobs(policy, samples, cfg, tok.pad_id)
+        for i, s in enumerate(samples):
+            alone, m = T.sample_logprobs(policy, [s], cfg, tok.pad_id)
+            n = int(m.sum())
+            assert n == len(s["plan_ids"]) + len(s["codes"])
+            torch.testing.assert_close(together[i][mask[i]], alone[0][m[0]], rtol=0, atol=1e-5)
