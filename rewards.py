@@ -22,6 +22,9 @@ Where this departs from the reference code, and why:
     OWL-ViT has no masks, so colour is classified on the box crop without greying the background
     (GenEval's own code path when it has no mask). OWL-ViT's post-processing has no NMS; we add
     class-wise NMS at IoU 0.5. See GenEvalConfig for the score threshold.
+  - The rule rewards (geneval, shapes) abstain on a prompt without GenEval metadata: score 0, marked not
+    checked (see RuleReward); GenEval has no such prompts, and T2I-R1's GroundingDINO reward scores them by
+    object presence.
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """

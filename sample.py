@@ -134,22 +134,23 @@ def add_sampling_args(p):
     """Sampling settings shared by sample.py and train.py."""
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight (1 = none)")
     p.add_argument("--temperature", type=float, default=1.0, help="image tokens; 0 = argmax")
-    p.add_argument("--top-k", type=int, default=None, help="image tokens: keep the k most likely")
+    p.add_argument("--top-k", type=int, default=None, help="image tokens: keep the k most likely (unset: all)")
     p.add_argument("--text-temperature", type=float, default=1.0, help="plan tokens; 0 = argmax")
     p.add_argument("--text-top-k", type=int, default=None,
-                   help="plan tokens: keep the k most likely, 0 = all (default: 50 for Janus-Pro as T2I-R1 "
+                   help="plan tokens: keep the k most likely, 0 = all (unset: 50 for Janus-Pro as T2I-R1 "
                         "samples, 0 for the shapes world)")
-    p.add_argument("--text-top-p", type=float, default=None, help="plan tokens: nucleus sampling mass")
+    p.add_argument("--text-top-p", type=float, default=None, help="plan tokens: nucleus sampling mass (unset: off)")
     p.add_argument("--max-plan-tokens", type=int, default=None,
-                   help="plans are cut here (default: 1024 for Janus-Pro, T2I-R1's limit; 64 for the shapes world)")
+                   help="plans are cut here (unset: 1024 for Janus-Pro, T2I-R1's limit; 64 for the shapes world)")
     p.add_argument("--levels", default="both", choices=["both", "token"],
                    help="both: a plan, then the image from prompt and plan (T2I-R1); token: the image from the "
                         "prompt alone (train.py's --levels token)")
     p.add_argument("--reasoning-prompt", default=None,
-                   help="file holding the reasoning request with a {prompt} (or T2I-R1's {}) placeholder")
+                   help="file holding the reasoning request with a {prompt} (or T2I-R1's {}) placeholder (unset: "
+                        "the checkpoint's reasoning_prompt.txt, else t2i_r1.REASONING_PROMPT)")
     p.add_argument("--chat-format", default=None, choices=sorted(R.CHAT_FORMATS),
                    help="how the requests are written: t2i-r1 (its system prompt, roles User/Assistant) or janus "
-                        "(<|User|>/<|Assistant|>); default: janus for a checkpoint with its own "
+                        "(<|User|>/<|Assistant|>); unset: janus for a checkpoint with its own "
                         "reasoning_prompt.txt (the shapes world), else t2i-r1")
 
 

@@ -2,8 +2,9 @@
 
   python train.py                                   # shapes world on a CPU: base (pretrained if absent) -> RL -> table
   python train.py --levels semantic                 # the paper's ablation: only the plans are trained
-  python train.py --ckpt ~/models/Janus-Pro-1B --prompts prompts.jsonl --rewards hps:1,geneval:1 \\
-      --reward-ckpt hps=ckpt/hps geneval=ckpt/owlvit clip=ckpt/clip --lr 1e-6 --schedule linear
+  python train.py --ckpt ~/models/Janus-Pro-1B --prompts T2I-R1/data/geneval_and_t2i_data_final.json \\
+      --rewards hps:1,geneval:1 --reward-ckpt hps=ckpt/hps geneval=ckpt/owlvit clip=ckpt/clip \\
+      --prompts-per-step 16 --rollout-batch 2 --micro-batch 4 --lr 1e-6 --schedule linear   # README has the recipes
   torchrun --nproc_per_node 8 train.py --ckpt ...   # data parallel (DDP)
 
 One step: prompts_per_step prompts, group_size (plan, image) samples each -> rewards -> group-normalised
@@ -16,6 +17,9 @@ Departures from T2I-R1's trainer:
 - every random draw is keyed by (seed, step, sampling call), so a resumed or re-sharded run samples the
   same images as an uninterrupted one;
 - optional LoRA, whose reference policy is the same model with the adapters switched off;
+- rule rewards (geneval) abstain on prompts without GenEval metadata (T2I-R1's shape, texture and most
+  complex rows): a constant score within the group, so the other rewards set those advantages; T2I-R1's
+  GroundingDINO reward scores them by object presence instead;
 - `--image-logp cfg` (an option) scores image tokens under the guided distribution they were sampled from;
   the default is T2I-R1's conditional forward alone (`cond`). In the shapes ablation the two ended within
   noise of each other (0.263 with cfg, 0.265 with cond: README, "Results on the shapes world").
