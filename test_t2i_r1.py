@@ -2326,9 +2326,14 @@ def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base
     path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))
     recipe = train_args(random_base, tmp_path / "run", "--prompts", str(path), "--rewards", "hps:1,geneval:1",
                         "--reward-ckpt", f"hps={ckpt['hps']}", f"geneval={ckpt['geneval']}", f"clip={ckpt['clip']}",
-                        "--steps", "1")
+                        "--steps", "1", "--sample-every", "1")
     lines = []
     _, metrics, _ = T.train(T.parse_args(recipe), log=lines.append)
+    saved = [json.loads(l) for l in (tmp_path / "run" / "samples" / "step_00001.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"]: r for r in T2I_R1_ROWS}
+    for r in saved:  # which samples the geneval rules checked: those whose rows converted
+        assert r["checked"]["hps"] and r["checked"]["geneval"] == (by_prompt[r["prompt"]]["task_type"] not in
+                                                                  ("texture", "non"))
     assert any(l.startswith("geneval: 2 of the 6 training prompts carry no GenEval metadata") for l in lines), lines
     m = metrics[0]
     assert math.isfinite(m["reward"]) and math.isfinite(m["reward_hps"]) and m["step"] == 1

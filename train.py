@@ -679,7 +679,8 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None
                            os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.png"))
                 with open(os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.jsonl"), "w") as f:
                     for s in samples[:k]:
-                        f.write(json.dumps({x: s[x] for x in ("prompt", "plan", "reward", "advantage", "scores")}) + "\n")
+                        keys = ("prompt", "plan", "reward", "advantage", "scores", "checked")
+                        f.write(json.dumps({x: s[x] for x in keys}) + "\n")
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
             run_eval(step + 1)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
