@@ -570,7 +570,7 @@ def load_t2i_r1(path):
 # only small. The Janus learns three things at once, in one mix:
 #   (a) reasoning request about a prompt -> a plan of a scene satisfying it (the semantic level),
 #   (b) "prompt. plan" -> the image tokens of that scene (the token level, after a plan),
-#   (c) "prompt" -> the image tokens (the token level alone, for --no-cot and the "token" ablation),
+#   (c) "prompt" -> the image tokens (the token level alone, for --levels token: sampling and the ablation),
 # with the prompt replaced by pad tokens 10% of the time, as Janus-Pro's unconditional rows look, so that
 # classifier-free guidance works.
 

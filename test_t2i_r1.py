@@ -682,7 +682,7 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
 
 
 def test_sample_matches_transformers_janus_generate(tmp_path):
-    """`sample.py --no-cot --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
+    """`sample.py --levels token --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
     `generate` in image mode (guidance 5, greedy), on the same random weights."""
     # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
     ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
@@ -1993,7 +1993,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     ckpt = T.find_checkpoint(str(tmp_path / "run"))
     assert ckpt.endswith("ckpt")
     M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
-    assert torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)["step"] == 2
     T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume"]), **quiet)
     T.train(T.parse_args(train_args(random_base, tmp_path / "ref", "--steps", "4", "--save-every", "2")), **quiet)
     a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "ref")
