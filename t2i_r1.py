@@ -75,12 +75,12 @@ class ChatFormat:
     def request_text(self, template: str, prompt: str) -> str:
         return chat_prompt(fill_request(template, prompt).strip(), self.plan_system, self.user, self.assistant)
 
-    def image_text(self, prompt: str, plan: str = "") -> str:
-        """The image request (ending with <begin_of_image>) for a prompt and its decoded plan ("" for none)."""
-        if not plan.strip():
+    def image_text(self, prompt: str, plan: str = None) -> str:
+        """The image request (ending with <begin_of_image>) for a prompt and its decoded plan (None: no plan)."""
+        if plan is None:
             text = prompt.strip()
         elif self.raw_join:
-            text = f"{prompt}. {plan}".strip()
+            text = f"{prompt}. {plan}".strip()  # an empty plan leaves "{prompt}.", as in T2I-R1
         else:
             text = image_prompt_text(prompt, plan)
         return image_prompt(text, user=self.user, assistant=self.assistant)

@@ -620,6 +620,7 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
         plan = tok.tk.decode(s.plan_ids[i], skip_special_tokens=True)
         image = "User: " + f"{p}. {plan}".strip() + "\n\nAssistant:"
         assert s.image_prompt_ids[i] == tok.encode(image) + [tok.boi_id]
+    assert R.CHAT_FORMATS["t2i-r1"].image_text("a cup", "") == "User: a cup.\n\nAssistant:<begin_of_image>"
     s = R.sample_t2i(m, tok, prompts, n=1, cot=False, chat="t2i-r1", generator=g)
     assert s.image_prompt_ids[1] == tok.encode("User: two cups {on} a table\n\nAssistant:") + [tok.boi_id]
     # Janus-Pro's demos (and the shapes world): roles <|User|>/<|Assistant|>, no system prompt
