@@ -1,7 +1,7 @@
 """Benchmarks on random weights (no download needed). Prints markdown tables for README.
 
-  python bench.py speed --size cpu-768 --batch 1 4 --hf     # CPU: image-token throughput, ours vs transformers
-  python bench.py speed --size janus-pro-1b --batch 1 16    # GPU: eager vs compiled, bandwidth floor
+  python bench.py speed --preset cpu-768 --batch 1 4 --hf   # CPU: image-token throughput, ours vs transformers
+  python bench.py speed --preset janus-pro-1b --batch 1 16  # GPU: eager vs compiled, bandwidth floor
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
   python bench.py train --preset janus-pro-1b               # GPU: seconds and peak memory of a BiCoT-GRPO step
   python bench.py train --preset janus-pro-7b --lora-rank 64
@@ -152,7 +152,7 @@ def decode_weight_bytes(janus):
 def bench_speed(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = M.JanusConfig(**{**SIZES[args.size], "vocab_size": args.vocab_size})
+    cfg = M.JanusConfig(**{**SIZES[args.preset], "vocab_size": args.vocab_size})
     torch.manual_seed(0)
     ref = None
     if args.hf:
@@ -163,7 +163,7 @@ def bench_speed(args):
             janus = M.Janus(cfg).to(dtype).eval()
     N, w = cfg.image_tokens, args.cfg
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"{args.size}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, {name}, "
+    print(f"{args.preset}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, {name}, "
           f"torch {torch.__version__}", flush=True)
     rows = []
     for B in args.batch:
@@ -271,40 +271,53 @@ def bench_train(args):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default after its help line."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pl = sub.add_parser("load", help="peak memory of loading a checkpoint written with random weights",
+                        formatter_class=HelpFormatter)
+    pl.add_argument("--preset", default="janus-pro-7b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
+    pl.add_argument("--dtype", default="bfloat16", help="dtype of the written weights and of the load")
+    pl.add_argument("--shards", type=int, default=2, help=".bin shards written (Janus-Pro-7B ships 2)")
+    pl.add_argument("--folder", help="reuse (or keep) the random checkpoint here (unset: a temporary folder)")
+    pl.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    ps = sub.add_parser("speed", help="image-token throughput", formatter_class=HelpFormatter)
+    # --preset names a size as everywhere else: model.PRESETS plus cpu-768 (this was --size)
+    ps.add_argument("--preset", default="cpu-768", choices=sorted(SIZES),
+                    help="model size: model.PRESETS, or cpu-768 (hidden 768, 8 layers) for CPU comparisons")
+    ps.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts per batch, one run each")
+    ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "F.linear", "nocache"],
+                    choices=["eager", "compiled", "F.linear", "nocache"], help="sampler variants to time")
+    ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
+    ps.add_argument("--cfg", type=float, default=5.0, help="guidance weight")
+    ps.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    ps.add_argument("--nocache-tokens", type=int, default=48, help="image tokens timed without the KV cache")
+    ps.add_argument("--vocab-size", type=int, default=102400, help="text vocabulary (Janus-Pro's)")
+    ps.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    ps.add_argument("--dtype", default=None, help="float32, bfloat16, ... (unset: bf16 on GPU, fp32 on CPU)")
+    pt = sub.add_parser("train", help="seconds and peak memory of BiCoT-GRPO steps on random weights",
+                        formatter_class=HelpFormatter)
+    pt.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
+    pt.add_argument("--steps", type=int, default=3, help="steps timed (the first is a warm-up)")
+    pt.add_argument("--group-size", type=int, default=8, help="samples per prompt")
+    pt.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (one sampling call)")
+    pt.add_argument("--micro-batch", type=int, default=4, help="samples per forward/backward")
+    pt.add_argument("--max-plan-tokens", type=int, default=96, help="plan length cap")
+    pt.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA instead of a full fine-tune")
+    pt.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute decoder layers in backward")
+    pt.add_argument("--compile", action="store_true", help="torch.compile the sampling decode steps")
+    pt.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    return p
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "load-child":
         load_child(sys.argv[2], sys.argv[3])
         sys.exit()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pl = sub.add_parser("load", help="peak memory of loading a checkpoint written with random weights")
-    pl.add_argument("--preset", default="janus-pro-7b", choices=sorted(M.PRESETS))
-    pl.add_argument("--dtype", default="bfloat16")
-    pl.add_argument("--shards", type=int, default=2)
-    pl.add_argument("--folder", help="reuse (or keep) the random checkpoint here")
-    pl.add_argument("--keep", action="store_true")
-    ps = sub.add_parser("speed", help="image-token throughput")
-    ps.add_argument("--size", default="cpu-768", choices=sorted(SIZES))
-    ps.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "F.linear", "nocache"],
-                    choices=["eager", "compiled", "F.linear", "nocache"])
-    ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
-    ps.add_argument("--cfg", type=float, default=5.0)
-    ps.add_argument("--prompt-len", type=int, default=32)
-    ps.add_argument("--nocache-tokens", type=int, default=48)
-    ps.add_argument("--vocab-size", type=int, default=102400)
-    ps.add_argument("--device", default=None)
-    ps.add_argument("--dtype", default=None)
-    pt = sub.add_parser("train", help="seconds and peak memory of BiCoT-GRPO steps on random weights")
-    pt.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS))
-    pt.add_argument("--steps", type=int, default=3)
-    pt.add_argument("--group-size", type=int, default=8)
-    pt.add_argument("--prompts-per-step", type=int, default=2)
-    pt.add_argument("--micro-batch", type=int, default=4)
-    pt.add_argument("--max-plan-tokens", type=int, default=96)
-    pt.add_argument("--lora-rank", type=int, default=0)
-    pt.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    pt.add_argument("--compile", action="store_true")
-    pt.add_argument("--device", default=None)
-    args = p.parse_args()
+    args = build_parser().parse_args()
     {"load": bench_load, "speed": bench_speed, "train": bench_train}[args.cmd](args)

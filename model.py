@@ -420,6 +420,7 @@ class Janus(nn.Module):
         """Load a local Janus-Pro folder (any published layout). Default precision: bf16 on GPU, fp32 on CPU."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        path = os.path.expanduser(path)  # "~/models/Janus-Pro-1B" as written in a shell
         cfg = load_config(path)
         with torch.device("meta"):
             model = cls(cfg)
@@ -436,6 +437,7 @@ class Janus(nn.Module):
         shards > 1 writes the sharded form with its index, as Janus-Pro-7B ships. state: the tensors to
         write instead of this module's own (e.g. gathered from FSDP shards).
         """
+        folder = os.path.expanduser(folder)
         os.makedirs(folder, exist_ok=True)
         if state is None:
             state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items() if ".lora_" not in k}
@@ -481,6 +483,7 @@ def _write_json(path, obj):
 
 
 def load_config(path) -> JanusConfig:
+    path = os.path.expanduser(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     cfg_path = os.path.join(path, "config.json")
@@ -638,6 +641,7 @@ class Tokenizer:
 
     def __init__(self, file):
         from tokenizers import Tokenizer as HFTokenizer
+        file = os.path.expanduser(file)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"tokenizer file {file} not found")
         self.file = file
@@ -653,7 +657,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        return cls(os.path.join(path, "tokenizer.json"))
+        return cls(os.path.join(os.path.expanduser(path), "tokenizer.json"))
 
     def encode(self, text: str, bos: bool = True) -> list:
         """Exactly one BOS at the start (when asked), whatever the tokenizer's post-processor adds."""
@@ -665,6 +669,16 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=True)
 
+    def unknown_words(self, text: str) -> list:
+        """The words of text this vocabulary maps to its unknown token: a word-level vocabulary (the shapes
+        world's) has one, a byte-level BPE (Janus-Pro's) none, so this is always empty there."""
+        unk = getattr(self.tk.model, "unk_token", None)
+        unk_id = self.tk.token_to_id(unk) if unk else None
+        if unk_id is None:
+            return []
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk_id]
+
     def save(self, folder):
         self.tk.save(os.path.join(folder, "tokenizer.json"))
         _write_json(os.path.join(folder, "special_tokens_map.json"),
@@ -674,11 +688,12 @@ class Tokenizer:
                      "tokenizer_class": "LlamaTokenizerFast"})
 
 
-def chat_prompt(text: str, system: str = "") -> str:
-    """deepseek's SFT chat format for one user turn, ready for the assistant's answer."""
-    return (system + "\n\n" if system else "") + f"<|User|>: {text}\n\n<|Assistant|>:"
+def chat_prompt(text: str, system: str = "", user: str = "<|User|>", assistant: str = "<|Assistant|>") -> str:
+    """deepseek's SFT chat format for one user turn, ready for the assistant's answer. Janus-Pro's demos name
+    the roles <|User|> and <|Assistant|>; T2I-R1's code passes plain User and Assistant."""
+    return (system + "\n\n" if system else "") + f"{user}: {text}\n\n{assistant}:"
 
 
-def image_prompt(text: str, system: str = "") -> str:
+def image_prompt(text: str, system: str = "", **roles) -> str:
     """The chat prompt followed by <begin_of_image>: the model answers with image tokens."""
-    return chat_prompt(text, system) + Tokenizer.BOI
+    return chat_prompt(text, system, **roles) + Tokenizer.BOI

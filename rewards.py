@@ -22,6 +22,9 @@ Where this departs from the reference code, and why:
     OWL-ViT has no masks, so colour is classified on the box crop without greying the background
     (GenEval's own code path when it has no mask). OWL-ViT's post-processing has no NMS; we add
     class-wise NMS at IoU 0.5. See GenEvalConfig for the score threshold.
+  - The rule rewards (geneval, shapes) abstain on a prompt without GenEval metadata: score 0, marked not
+    checked (see RuleReward); GenEval has no such prompts, and T2I-R1's GroundingDINO reward scores them by
+    object presence.
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """
@@ -527,6 +530,41 @@ GENEVAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", 
 GENEVAL_COLOR_TEMPLATES = ["a photo of a {c} {o}", "a photo of a {c}-colored {o}", "a photo of a {c} object"]
 
 
+GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
+
+
+def check_geneval_metadata(m) -> None:
+    """Raise ValueError naming the field when m is not GenEval metadata the rules can read: include clauses
+    with a class, a count >= 1, an optional colour and an optional [relation, index of another include
+    clause]; optional exclude clauses with a class and a count."""
+    def count_ok(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    include, exclude = m.get("include"), m.get("exclude", [])
+    if not isinstance(include, list) or not include:
+        raise ValueError(f"'include' must be a non-empty list of clauses, got {include!r:.80}")
+    if not isinstance(exclude, list):
+        raise ValueError(f"'exclude' must be a list of clauses, got {exclude!r:.80}")
+    for part, clauses in (("include", include), ("exclude", exclude)):
+        for i, c in enumerate(clauses):
+            where = f"{part}[{i}]"
+            if not isinstance(c, dict):
+                raise ValueError(f"{where} must be a dict, got {c!r:.80}")
+            if not isinstance(c.get("class"), str) or not c["class"].strip():
+                raise ValueError(f"{where} needs a 'class' (a non-empty string), got {c.get('class')!r:.80}")
+            if not count_ok(c.get("count")):
+                raise ValueError(f"{where} needs a 'count' (an integer >= 1), got {c.get('count')!r:.80}")
+            if "color" in c and not isinstance(c["color"], str):
+                raise ValueError(f"{where}: 'color' must be a string, got {c['color']!r:.80}")
+            if "position" in c:
+                pos = c["position"]
+                ok = (part == "include" and isinstance(pos, list) and len(pos) == 2 and pos[0] in GENEVAL_RELATIONS
+                      and isinstance(pos[1], int) and not isinstance(pos[1], bool) and 0 <= pos[1] < len(include)
+                      and pos[1] != i)
+                if not ok:
+                    raise ValueError(f"{where}: 'position' must be [relation, index of another include clause] "
+                                     f"with relation one of {', '.join(GENEVAL_RELATIONS)}, got {pos!r:.80}")
+
+
 def relative_position(box_a, box_b, shrink=0.1):
     """Relations of A to B as GenEval computes them -> subset of {"left of", "right of", "above", "below"}.
 
@@ -738,7 +776,7 @@ class Reward:
 
     def __call__(self, images, metadata):
         images, metadata = check_batch(images, metadata)
-        self.check_metadata(metadata)
+        self.check_metadata(metadata, require_any=False)  # a batch may hold only prompts a rule cannot check
         self._ensure_loaded()
         with torch.no_grad():
             scores, info = self.score(images, metadata)
@@ -754,7 +792,7 @@ class Reward:
     def load(self):
         pass
 
-    def check_metadata(self, metadata):
+    def check_metadata(self, metadata, require_any=True):
         pass
 
     def clip_model(self, key, preset):  # -> (CLIP, CLIPTokenizer), cached per file, device and dtype
@@ -849,26 +887,43 @@ def _clauses(m):
     return m.get("include", []) + m.get("exclude", [])
 
 
+def checkable(m) -> bool:
+    """Whether the GenEval rules can check a prompt: it carries include clauses."""
+    return bool(m.get("include"))
+
+
 class RuleReward(Reward):
-    """Base of the rewards scored by the GenEval rule engine."""
+    """Base of the rewards scored by the GenEval rule engine.
+
+    A prompt without GenEval metadata (no include clauses) would pass every rule, a silent 1.0. Such a prompt
+    is not checked: the reward abstains with a score of 0 and info["checked"] False. Within a prompt's group
+    that is a constant, so it moves no advantage (sum: the group mean absorbs it; group: a flat group gets
+    exactly 0); the other rewards alone decide. The caller reports how many prompts that concerns
+    (RewardEnsemble.unchecked); a set of prompts none of which can be checked is refused."""
 
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
         super().__init__(ckpt, device, dtype, cache)
         self.cfg = config or GenEvalConfig()
 
-    def check_metadata(self, metadata):
-        # a prompt without clauses would pass every rule: a silent 1.0, so refuse it
-        bare = [m.get("prompt", "") for m in metadata if not m.get("include")]
-        if bare:
-            raise ValueError(f"{self.name}: {len(bare)} prompt(s) without GenEval metadata (no 'include' clauses), "
-                             f"e.g. {bare[0]!r}; score this reward on JSON lines with GenEval metadata, such as "
-                             f"the files `python shapes.py prompts` writes")
+    def check_metadata(self, metadata, require_any=True):
+        for i, m in enumerate(metadata):
+            if checkable(m) or "exclude" in m:
+                try:
+                    check_geneval_metadata(m)
+                except ValueError as e:
+                    raise ValueError(f"{self.name}: prompt {i} ({m.get('prompt', '')!r:.60}): {e}") from None
+        if require_any and metadata and not any(checkable(m) for m in metadata):
+            raise ValueError(f"{self.name}: none of the {len(metadata)} prompt(s) carries GenEval metadata (no "
+                             f"'include' clauses), e.g. {metadata[0].get('prompt', '')!r}; score this reward on JSON "
+                             f"lines with GenEval metadata (the files `python shapes.py prompts` writes, GenEval's "
+                             f"evaluation_metadata.jsonl) or T2I-R1's prompt file")
 
     def rule_scores(self, dets, metadata):
-        res = [geneval_score(d, m) for d, m in zip(dets, metadata)]
-        scores = torch.tensor([float(r[self.cfg.score]) for r in res])
-        return scores, {"strict": [r["strict"] for r in res], "dense": [r["dense"] for r in res],
-                        "reasons": [r["reasons"] for r in res], "detections": dets}
+        res = [geneval_score(d, m) if checkable(m) else None for d, m in zip(dets, metadata)]
+        scores = torch.tensor([float(r[self.cfg.score]) if r else 0.0 for r in res])
+        return scores, {"strict": [r and r["strict"] for r in res], "dense": [r and r["dense"] for r in res],
+                        "reasons": [r["reasons"] if r else ["not checked: no GenEval metadata"] for r in res],
+                        "detections": dets, "checked": [r is not None for r in res]}
 
 
 class GenEvalReward(RuleReward):
@@ -947,7 +1002,8 @@ class ShapesReward(RuleReward):
         self.detect = shapes.detect
 
     def score(self, images, metadata):
-        return self.rule_scores([self.detect(img) for img in images], metadata)
+        return self.rule_scores([self.detect(img) if checkable(m) else [] for img, m in zip(images, metadata)],
+                                metadata)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1008,8 +1064,8 @@ def combine_rewards(scores: dict, weights: dict, mode="sum", group_size=None):
             if not group_size or group_size < 2 or r.numel() % group_size:
                 raise ValueError(f"group combination needs group_size >= 2 dividing the batch ({r.numel()}), "
                                  f"got {group_size}")
-            g = r.view(-1, group_size)  # (prompts, G)
-            r = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten()
+            from t2i_r1 import group_advantages  # the same normalisation as the advantages, flat groups exactly 0
+            r = group_advantages(r, group_size)
         elif mode != "sum":
             raise ValueError(f"combine mode must be 'sum' or 'group', got '{mode}'")
         total = w * r if total is None else total + w * r
@@ -1029,12 +1085,19 @@ class RewardEnsemble:
             self.rewards[name] = REWARDS[name](ckpt, device, dtype, cache, **extra)
 
     def check_metadata(self, metadata):
-        """Fail before any sampling when a reward cannot score these prompts (GenEval rules without metadata)."""
+        """Fail before any sampling when a reward cannot score these prompts (malformed GenEval metadata, or
+        none at all for a rule reward)."""
         for reward in self.rewards.values():
             reward.check_metadata(metadata)
 
-    def __call__(self, images, metadata):
-        """-> scores {name: (B,) float32}, info {name: {key: list of B values}}."""
+    def unchecked(self, metadata) -> dict:
+        """{rule reward: indices of the prompts it cannot check (it abstains on them, see RuleReward)}."""
+        bare = [i for i, m in enumerate(metadata) if not checkable(m)]
+        return {n: bare for n, r in self.rewards.items() if isinstance(r, RuleReward) and bare}
+
+    def __call__(self, images, metadata, progress=None):
+        """-> scores {name: (B,) float32}, info {name: {key: list of B values}}. progress(k) is called after
+        each batch of k images of each reward."""
         images, metadata = check_batch(images, metadata)
         scores, info = {}, {}
         for name, reward in self.rewards.items():
@@ -1044,6 +1107,8 @@ class RewardEnsemble:
                 parts.append(s)
                 for k, v in inf.items():
                     merged.setdefault(k, []).extend(v)
+                if progress is not None:
+                    progress(len(s))
             scores[name], info[name] = torch.cat(parts), merged
         return scores, info
 

@@ -2,10 +2,12 @@
 
   python sample.py                                         # the shapes world's tiny base (trained first if absent)
   python sample.py --ckpt ~/models/Janus-Pro-7B --prompt "a red apple left of a blue cup" --n 4
-  python sample.py --ckpt DIR --prompts prompts.jsonl --no-cot --cfg 5 --temperature 0
-  python sample.py --prompts shapes_test.jsonl --score shapes   # evaluation: per-tag GenEval accuracy
+  python sample.py --ckpt DIR --prompts prompts.jsonl --levels token --cfg 5 --temperature 0
+  python sample.py --prompts out/prompts/test.jsonl --rewards shapes   # evaluation: per-tag GenEval accuracy
 
-Writes PNGs, one grid per prompt and samples.jsonl (one line per image) into --out.
+Writes PNGs, one grid per prompt and samples.jsonl (one line per image) into --out; with --rewards also
+summary.json. Sampling departs from T2I-R1's code only as t2i_r1.py lists; evaluation with the geneval
+reward departs from GenEval as rewards.py lists (OWL-ViT instead of Mask2Former).
 """
 
 import argparse
@@ -19,13 +21,19 @@ import torch
 from PIL import Image
 
 import t2i_r1 as R
-from model import Janus, Tokenizer
+from model import Janus, Tokenizer, load_config
 from vq import to_uint8
 
 
 def read_prompts(path):
-    """Plain lines, or JSON lines with a "prompt" field (GenEval metadata, T2I-R1's prompt file).
-    Returns a list of dicts that each hold at least "prompt"."""
+    """Plain lines, or JSON lines with a "prompt" field: GenEval metadata (GenEval's evaluation_metadata.jsonl,
+    the shapes world's files), or T2I-R1's prompt file as published (data/geneval_and_t2i_data_final.json:
+    "prompt", "task_type", "nouns", "spatial_info", ...), whose rows get GenEval metadata where their fields
+    allow (shapes.from_t2i_r1) and keep their own fields. Returns a list of dicts that each hold "prompt".
+    A malformed line raises ValueError naming the file, the line and the field."""
+    import rewards
+    import shapes
+    path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found")
     out = []
@@ -34,19 +42,58 @@ def read_prompts(path):
             line = line.strip()
             if not line:
                 continue
-            if line.startswith("{"):
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-                if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
-                    raise ValueError(f"{path}:{n}: a JSON line needs a non-empty \"prompt\" string")
-                out.append(d)
-            else:
+            if not line.startswith("{"):
                 out.append({"prompt": line})
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
+                raise ValueError(f"{path}:{n}: a JSON line needs a non-empty \"prompt\" string")
+            try:
+                if "include" in d or "exclude" in d:
+                    rewards.check_geneval_metadata(d)
+                elif "task_type" in d or "nouns" in d:  # a T2I-R1 row
+                    d = {**d, **(shapes.from_t2i_r1(d) or {})}
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            out.append(d)
     if not out:
         raise ValueError(f"prompt file {path} holds no prompts")
     return out
+
+
+def vocabulary_warning(tok, items, what="prompts"):
+    """A warning naming the words of the prompts that the tokenizer's vocabulary lacks (they would be read as
+    <unk>: the shapes world's word-level vocabulary), or None."""
+    first = {}  # word -> the first prompt using it
+    for it in items:
+        for w in tok.unknown_words(it["prompt"]):
+            first.setdefault(w, it["prompt"])
+    if not first:
+        return None
+    words = sorted(first)
+    shown = ", ".join(repr(w) for w in words[:20]) + (f" and {len(words) - 20} more" if len(words) > 20 else "")
+    n = sum(bool(tok.unknown_words(it["prompt"])) for it in items)
+    return (f"warning: {n} of the {len(items)} {what} use words outside the model's vocabulary, which it reads as "
+            f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})")
+
+
+def unchecked_report(scorer, items, what="prompts"):
+    """One line per rule reward (geneval, shapes) that cannot check some of these prompts (no GenEval
+    metadata): how many, by T2I-R1 task type when the rows carry one, and what the reward does with them."""
+    lines = []
+    for name, idx in scorer.unchecked(items).items():
+        tasks = {}
+        for i in idx:
+            if "task_type" in items[i]:
+                tasks[items[i]["task_type"]] = tasks.get(items[i]["task_type"], 0) + 1
+        by_task = f" (T2I-R1 task types: {', '.join(f'{t} {c}' for t, c in sorted(tasks.items()))})" if tasks else ""
+        lines.append(f"{name}: {len(idx)} of the {len(items)} {what} carry no GenEval metadata it can check"
+                     f"{by_task}; it scores them 0 for every sample, a constant within their groups, so the other "
+                     f"rewards alone set their advantages (and its logged means leave them out)")
+    return lines
 
 
 def make_grid(images, ncol=None, pad=2, captions=None, min_width=160):
@@ -94,22 +141,44 @@ def decode_images(janus, codes, batch=16):
     return torch.cat([to_uint8(janus.vq.decode_code(codes[i:i + batch])).cpu() for i in range(0, len(codes), batch)])
 
 
+def field_comments(cls) -> dict:
+    """{field: its trailing comment} of a dataclass, read from its source: the comments are --help lines."""
+    import inspect
+    import re
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
 def add_sampling_args(p):
     """Sampling settings shared by sample.py and train.py."""
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight (1 = none)")
     p.add_argument("--temperature", type=float, default=1.0, help="image tokens; 0 = argmax")
-    p.add_argument("--top-k", type=int, default=None, help="image tokens: keep the k most likely")
+    p.add_argument("--top-k", type=int, default=None, help="image tokens: keep the k most likely (unset: all)")
     p.add_argument("--text-temperature", type=float, default=1.0, help="plan tokens; 0 = argmax")
-    p.add_argument("--text-top-k", type=int, default=None)
-    p.add_argument("--text-top-p", type=float, default=None)
-    p.add_argument("--max-plan-tokens", type=int, default=96)
-    p.add_argument("--no-cot", action="store_true", help="skip the plan: the image prompt is the prompt itself")
+    p.add_argument("--text-top-k", type=int, default=None,
+                   help="plan tokens: keep the k most likely, 0 = all (unset: 50 for Janus-Pro as T2I-R1 "
+                        "samples, 0 for the shapes world)")
+    p.add_argument("--text-top-p", type=float, default=None, help="plan tokens: nucleus sampling mass (unset: off)")
+    p.add_argument("--max-plan-tokens", type=int, default=None,
+                   help="plans are cut here (unset: 1024 for Janus-Pro, T2I-R1's limit; 64 for the shapes world)")
+    p.add_argument("--levels", default="both", choices=["both", "token"],
+                   help="both: a plan, then the image from prompt and plan (T2I-R1); token: the image from the "
+                        "prompt alone (train.py's --levels token)")
     p.add_argument("--reasoning-prompt", default=None,
-                   help="file holding the reasoning request with a {prompt} placeholder")
+                   help="file holding the reasoning request with a {prompt} (or T2I-R1's {}) placeholder (unset: "
+                        "the checkpoint's reasoning_prompt.txt, else t2i_r1.REASONING_PROMPT)")
+    p.add_argument("--chat-format", default=None, choices=sorted(R.CHAT_FORMATS),
+                   help="how the requests are written: t2i-r1 (its system prompt, roles User/Assistant) or janus "
+                        "(<|User|>/<|Assistant|>); unset: janus for a checkpoint with its own "
+                        "reasoning_prompt.txt (the shapes world), else t2i-r1")
 
 
 def sampling_kwargs(args):
-    return dict(cot=not args.no_cot, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k,
+    return dict(cot=args.levels != "token", cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k,
                 text_temperature=args.text_temperature, text_top_k=args.text_top_k,
                 text_top_p=args.text_top_p, max_plan_tokens=args.max_plan_tokens)
 
@@ -130,18 +199,19 @@ def load(ckpt, device=None, dtype=None):
         import shapes
         ckpt = shapes.ensure_base()
     device, dtype = resolve_device(device, dtype)
+    ckpt = os.path.expanduser(ckpt)
     return Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt), ckpt
 
 
 def generate(janus, tok, items, *, n=4, batch_size=4, seed=0, reasoning_prompt=R.REASONING_PROMPT,
-             compile=False, show_progress=True, **sampling):
+             compile=False, show_progress=True, desc="image tokens", **sampling):
     """Sample n images for each item ({"prompt": ..., metadata}), batch_size prompts at a time, with one
     generator seeded once (the same seed and batch size give the same output).
     Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
     device = janus.language_model.lm_head.weight.device
     g = torch.Generator(device=device).manual_seed(seed)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    bar = R.Progress(len(batches) * janus.cfg.image_tokens, desc="image tokens") if show_progress else None
+    bar = R.Progress(len(batches) * janus.cfg.image_tokens, desc=desc) if show_progress else None
     records, images = [], []
     for b, batch in enumerate(batches):
         s = R.sample_t2i(janus, tok, [it["prompt"] for it in batch], n=n, reasoning_prompt=reasoning_prompt,
@@ -154,28 +224,43 @@ def generate(janus, tok, items, *, n=4, batch_size=4, seed=0, reasoning_prompt=R
     return records, torch.cat(images)
 
 
-def score(scorer, images, records, group_size=None):
+def score(scorer, images, records, group_size=None, show_progress=True, desc="scoring"):
     """Score images with a rewards.RewardEnsemble; per-image scores go into the records. Returns a summary:
     mean of every reward, GenEval per-tag accuracy and overall score for the rule rewards (geneval, shapes)
     on prompts that carry a tag, and, when a CLIP checkpoint is at hand, the diversity of each prompt's images."""
     import rewards
-    scores, info = scorer(images, [r["metadata"] for r in records])
-    summary = {"images": len(records), "rewards": {k: float(v.mean()) for k, v in scores.items()}}
+    bar = R.Progress(len(records) * len(scorer.rewards), desc=desc) if show_progress else None
+    scores, info = scorer(images, [r["metadata"] for r in records], progress=bar and bar.update)
+    summary = {"images": len(records), "rewards": {}}
     for name, v in scores.items():
+        # rule rewards abstain on prompts without GenEval metadata: their means and accuracies leave them out
+        checked = info[name].get("checked") or [True] * len(v)
+        mask = torch.tensor(checked, dtype=torch.bool)
+        summary["rewards"][name] = float(v[mask].mean()) if mask.any() else float("nan")
+        if not all(checked):
+            summary.setdefault("unchecked", {})[name] = len(checked) - sum(checked)
         strict = info[name].get("strict")
         for i, rec in enumerate(records):
-            rec.setdefault("scores", {})[name] = float(v[i])
-            if strict is not None:
+            rec.setdefault("scores", {})[name] = float(v[i]) if checked[i] else None
+            if strict is not None and checked[i]:
                 rec.setdefault("strict", {})[name] = bool(strict[i])
         tagged = [(rec["metadata"]["tag"], rec["strict"][name]) for rec in records
-                  if strict is not None and "tag" in rec["metadata"]]
+                  if name in rec.get("strict", {}) and "tag" in rec["metadata"]]
         if tagged:
             summary[f"geneval_{name}"] = rewards.geneval_summary(tagged)
     clip = scorer.rewards.get("clip")
     if clip is not None and group_size and group_size > 1:
-        emb = clip.image_embeddings(images).view(-1, group_size, clip.clip.config.projection_dim)
+        emb = clip.image_embeddings(images).view(-1, group_size, clip.clip.config.embed_dim)  # (prompts, n, E)
         summary["diversity"] = rewards.diversity(emb)
     return summary
+
+
+def write_records(records, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 def format_summary(summary) -> str:
@@ -188,57 +273,92 @@ def format_summary(summary) -> str:
                       "| " + " | ".join(tags) + " | overall |", "|---" * (len(tags) + 1) + "|",
                       "| " + " | ".join(f"{g['per_tag'][t]:.3f}" for t in tags) + f" | {g['overall']:.3f} |", ""]
     lines.append("mean rewards: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["rewards"].items()))
+    for k, n in summary.get("unchecked", {}).items():
+        lines.append(f"{k}: {n} of {summary['images']} images not checked (their prompts carry no GenEval metadata)")
     if "diversity" in summary:
         lines.append(f"diversity (mean pairwise CLIP cosine distance within a prompt): {summary['diversity']:.4f}")
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="Janus-Pro folder (default: the shapes world base)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default after its help line."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", default=None, help="Janus-Pro folder (unset: the shapes world's base, pretrained first "
+                                                "when absent)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None)
-    src.add_argument("--prompts", default=None, help="file: plain lines or JSON lines with a \"prompt\" field")
+    src.add_argument("--prompt", default=None, help="one prompt")
+    src.add_argument("--prompts", default=None,
+                     help="prompt file: plain lines, JSON lines with a \"prompt\" field (+ GenEval metadata), or "
+                          "T2I-R1's prompt file (unset, and no --prompt: one held-out shapes prompt per tag)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per generation batch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/samples")
+    p.add_argument("--rollout-batch", type=int, default=4, help="prompts per sampling call (each with its n images)")
+    p.add_argument("--seed", type=int, default=0, help="seeds one generator for the whole run")
+    p.add_argument("--out", default="out/samples", help="folder for the PNGs, grids and samples.jsonl")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (for GPUs: on CPU it is slower than eager, see README)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--score", default=None, metavar="NAMES",
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--rewards", default=None, metavar="NAMES",
                    help="score with these rewards (e.g. shapes, or geneval,clip,aesthetic) and print GenEval accuracy")
     p.add_argument("--reward-ckpt", nargs="*", default=[], metavar="NAME=PATH", help="reward checkpoints, see README")
     add_sampling_args(p)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        p.error("--n and --batch-size must be at least 1")
+    # every input is checked before the model is loaded (or the shapes base pretrained): errors are
+    # command-line errors naming what is wrong
+    try:
+        if args.n < 1 or args.rollout_batch < 1:
+            raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
+        if args.ckpt is not None:
+            args.ckpt = os.path.expanduser(args.ckpt)
+            load_config(args.ckpt)
+        if args.prompts:
+            items = read_prompts(args.prompts)
+        elif args.prompt is not None:
+            if not args.prompt.strip():
+                raise ValueError("--prompt is empty")
+            items = [{"prompt": args.prompt}]
+        else:
+            import shapes
+            items = shapes.example_prompts()
+        if args.reasoning_prompt is not None:
+            R.load_reasoning_prompt(args.reasoning_prompt)
+        scorer = None
+        if args.rewards:  # the rewards' files are checked here; their models load on first use
+            import rewards
+            scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.rewards),
+                                            rewards.parse_reward_ckpt(args.reward_ckpt),
+                                            device=resolve_device(args.device, args.dtype)[0])
+            scorer.check_metadata(items)
+            for line in unchecked_report(scorer, items):
+                print(line)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
 
     janus, tok, ckpt = load(args.ckpt, args.device, args.dtype)
-    if args.prompts:
-        items = read_prompts(args.prompts)
-    elif args.prompt is not None:
-        if not args.prompt.strip():
-            p.error("--prompt is empty")
-        items = [{"prompt": args.prompt}]
-    else:
-        import shapes
-        items = shapes.example_prompts()
-    scorer = None
-    if args.score:  # build the rewards (and check their files) before spending time on sampling
-        import rewards
-        scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.score), rewards.parse_reward_ckpt(args.reward_ckpt),
-                                        device=janus.language_model.lm_head.weight.device)
-        scorer.check_metadata(items)
     reasoning = R.load_reasoning_prompt(args.reasoning_prompt, ckpt)
+    for k, v in R.sampling_defaults(ckpt).items():  # per-model defaults for the flags left unset
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    warning = vocabulary_warning(tok, items)
+    if warning:
+        print(warning)
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")}
     settings["ckpt"] = ckpt
 
     t0 = time.time()
-    records, images = generate(janus, tok, items, n=args.n, batch_size=args.batch_size, seed=args.seed,
-                               reasoning_prompt=reasoning, compile=args.compile, **sampling_kwargs(args))
+    records, images = generate(janus, tok, items, n=args.n, batch_size=args.rollout_batch, seed=args.seed,
+                               reasoning_prompt=reasoning, chat=args.chat_format, compile=args.compile,
+                               **sampling_kwargs(args))
     elapsed = time.time() - t0
     for rec, img in zip(records, images):
         rec["file"] = f"{rec['index']:04d}_{rec['sample']}.png"
@@ -247,14 +367,14 @@ def main(argv=None):
     for i in range(0, len(images), args.n):
         save_png(make_grid(images[i:i + args.n].numpy()), os.path.join(args.out, f"grid_{i // args.n:04d}.png"))
     print(f"{len(records)} images in {elapsed:.1f}s ({len(records) / elapsed:.2f} images/s) -> {args.out}")
+    # the samples are on disk before scoring starts, so a failing reward model loses none of them
+    write_records(records, os.path.join(args.out, "samples.jsonl"))
     if scorer is not None:
         summary = score(scorer, images, records, group_size=args.n)
         print(format_summary(summary))
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        write_records(records, os.path.join(args.out, "samples.jsonl"))  # now with each image's scores
     return records
 
 

@@ -547,6 +547,27 @@ _LOCALITIES = {"left of": "left of", "on the left of": "left of", "right of": "r
                "below": "below", "on the bottom of": "below"}
 
 
+def check_t2i_r1_row(row):
+    """Raise ValueError naming the field when a T2I-R1 prompt-file row (JSON object) cannot be read."""
+    def strings(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise ValueError(f"'prompt' must be a non-empty string, got {row.get('prompt')!r:.80}")
+    if "task_type" in row and not isinstance(row["task_type"], str):
+        raise ValueError(f"'task_type' must be a string, got {row['task_type']!r:.80}")
+    for key in ("nouns", "attr_nouns"):
+        if row.get(key) is not None and not strings(row[key]):
+            raise ValueError(f"'{key}' must be a list of strings, got {row[key]!r:.80}")
+    sp = row.get("spatial_info")
+    if sp and not (isinstance(sp, dict) and all(isinstance(sp.get(k), str) for k in ("obj1", "obj2", "locality"))):
+        raise ValueError(f"'spatial_info' needs the strings obj1, obj2 and locality, got {sp!r:.80}")
+    nu = row.get("numeracy_info")
+    if nu and not (isinstance(nu, list) and all(isinstance(i, dict) and isinstance(i.get("obj_name"), str)
+                                                and isinstance(i.get("num"), int) for i in nu)):
+        raise ValueError(f"'numeracy_info' must be a list of {{\"obj_name\": string, \"num\": integer}}, "
+                         f"got {nu!r:.80}")
+
+
 def from_t2i_r1(row):
     """One T2I-R1 prompt-file record (dict) -> GenEval metadata, or None when its fields cannot be checked
     by GenEval's rules. The prompt text is kept as is. Which fields decide:
@@ -555,7 +576,8 @@ def from_t2i_r1(row):
     attr_nouns that are all '<GenEval colour> <noun>' and appear in the prompt -> colors / color_attr
     (the file has some attr_nouns that contradict their prompt, e.g. 'red towel' for 'a white towel');
     task_type 'object' with one or two nouns -> single_object / two_object. Anything else (shape, texture,
-    non-spatial, most complex prompts) -> None."""
+    non-spatial, most complex prompts) -> None. A malformed row raises ValueError naming the field."""
+    check_t2i_r1_row(row)
     prompt, text = row["prompt"], row["prompt"].lower()
     meta = None
     if row.get("spatial_info"):
@@ -593,11 +615,14 @@ def load_t2i_r1(path):
     """Convert a T2I-R1 prompt file (JSON lines). Returns (metadata list, {task_type: [converted, total]})."""
     metas, counts = [], {}
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            meta = from_t2i_r1(row)
+            try:
+                row = json.loads(line)
+                meta = from_t2i_r1(row)
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                raise ValueError(f"{path}:{n}: {e}") from None
             tally = counts.setdefault(row.get("task_type", "?"), [0, 0])
             tally[0] += meta is not None
             tally[1] += 1
@@ -612,7 +637,7 @@ def load_t2i_r1(path):
 # only small. The Janus learns three things at once, in one mix:
 #   (a) reasoning request about a prompt -> a plan of a scene satisfying it (the semantic level),
 #   (b) "prompt. plan" -> the image tokens of that scene (the token level, after a plan),
-#   (c) "prompt" -> the image tokens (the token level alone, for --no-cot and the "token" ablation),
+#   (c) "prompt" -> the image tokens (the token level alone, for --levels token: sampling and the ablation),
 # with the prompt replaced by pad tokens 10% of the time, as Janus-Pro's unconditional rows look, so that
 # classifier-free guidance works.
 
@@ -1002,23 +1027,43 @@ def report(runs, split="test"):
 # -----------------------------------------------------------------------------
 # Command line
 
-def main(argv=None):
+# --help lines for the PretrainConfig fields that carry no comment of their own
+_PRETRAIN_HELP = {"seed": "seed of the scenes, the split of the data and the initialisation",
+                  "image_size": "image side in pixels", "vq_steps": "VQ training steps", "vq_batch": "VQ batch size",
+                  "vq_lr": "VQ learning rate", "n_layer": "Janus decoder layers", "n_embd": "Janus hidden size",
+                  "n_head": "Janus attention heads", "lm_steps": "Janus training steps",
+                  "lm_batch": "Janus batch size", "lm_lr": "Janus learning rate",
+                  "cond_dropout": "fraction of conditions replaced by pad tokens (for classifier-free guidance)"}
+
+
+def build_parser():
     import argparse
-    p = argparse.ArgumentParser(description="The shapes world: prompt sets and the tiny pretrained base.")
+    from sample import HelpFormatter, field_comments
+    p = argparse.ArgumentParser(prog="shapes.py", formatter_class=HelpFormatter,
+                                description="The shapes world: prompt sets and the tiny pretrained base.")
     sub = p.add_subparsers(dest="cmd")
-    sp = sub.add_parser("prompts", help="write train.jsonl, val.jsonl and test.jsonl")
-    sp.add_argument("out_dir", nargs="?", default="data/shapes")
-    pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)")
-    pp.add_argument("--out", default=BASE_DIR)
+    sp = sub.add_parser("prompts", help="write train.jsonl, val.jsonl and test.jsonl", formatter_class=HelpFormatter)
+    sp.add_argument("out_dir", nargs="?", default="data/shapes", help="folder for the three files")
+    pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)", formatter_class=HelpFormatter)
+    pp.add_argument("--out", default=BASE_DIR, help="folder of the base")
+    comments = field_comments(PretrainConfig)
     for f in PretrainConfig.__dataclass_fields__.values():
-        pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    dp = sub.add_parser("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base")
-    dp.add_argument("--ckpt", default=BASE_DIR)
-    dp.add_argument("--split", default="test", choices=["train", "val", "test"])
+        pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                        help=comments.get(f.name) or _PRETRAIN_HELP.get(f.name, "pretraining setting"))
+    dp = sub.add_parser("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base",
+                        formatter_class=HelpFormatter)
+    dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
+    dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
     dp.add_argument("--n", type=int, default=16, help="images per prompt")
-    rp = sub.add_parser("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
+    rp = sub.add_parser("report", help="the ablation table of finished train.py runs (mean and spread over seeds)",
+                        formatter_class=HelpFormatter)
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out)")
-    rp.add_argument("--split", default="test", choices=["test", "val"])
+    rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv if argv is not None else (None if len(__import__("sys").argv) > 1 else ["pretrain"]))
     if args.cmd == "prompts":
         for path in write_prompt_sets(args.out_dir):

@@ -9,7 +9,8 @@ Both prefill once into a static KV cache and then run a one-token decode step, w
 wraps in torch.compile(fullgraph=True); several samples of one prompt share its prefill.
 
 Departures from the paper's code:
-- the reasoning request is our own wording (replaceable from a file, see `load_reasoning_prompt`);
+- the reasoning request is our own wording (T2I-R1's file is accepted as it is, see `load_reasoning_prompt`);
+  the chat around it is T2I-R1's by default (its system prompt, roles User/Assistant, `CHAT_FORMATS`);
 - conditional and unconditional rows are stacked ([cond; uncond]) rather than interleaved: the same
   arithmetic, simpler indexing;
 - prompts of different lengths are batched with left padding and an attention mask (the reference
@@ -27,25 +28,104 @@ from torch.utils.checkpoint import checkpoint
 
 from model import Janus, Tokenizer, chat_prompt, image_prompt
 
-# Our wording of the semantic-level request; {prompt} is replaced by the user's prompt.
+# Our wording of the semantic-level request; {prompt} is replaced by the user's prompt. T2I-R1's own request
+# is a file in its repository (data/prompt/reasoning_prompt.txt, placeholder {}): pass it with --reasoning-prompt.
 REASONING_PROMPT = (
     "You will draw an image for the prompt below. First write its plan: every object the prompt names, "
     "each with the attributes the prompt gives it (color, number, shape, texture, size) and the relations "
     "the prompt states between them (where each one is, what they do). Use at most 50 words, add nothing "
     "the prompt does not say, and write the description alone, without any preamble.\nPrompt: {prompt}")
+PLACEHOLDERS = ("{prompt}", "{}")  # ours, and T2I-R1's (it fills its template with str.format(prompt))
 
 
 def load_reasoning_prompt(path=None, ckpt=None) -> str:
-    """The reasoning template: an explicit file, else the checkpoint's own `reasoning_prompt.txt`, else ours."""
+    """The reasoning template: an explicit file, else the checkpoint's own `reasoning_prompt.txt`, else ours.
+    The template holds the prompt's place with {prompt} or, as T2I-R1's file does, with {}."""
     if path is None and ckpt is not None and os.path.isfile(os.path.join(ckpt, "reasoning_prompt.txt")):
         path = os.path.join(ckpt, "reasoning_prompt.txt")
     if path is None:
         return REASONING_PROMPT
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reasoning prompt file {path} not found")
     with open(path) as f:
-        text = f.read().strip()
-    if "{prompt}" not in text:
-        raise ValueError(f"reasoning prompt file {path} must contain the placeholder {{prompt}}")
+        text = f.read().strip()  # T2I-R1 strips the filled request too, so edges never matter
+    found = [p for p in PLACEHOLDERS if p in text]
+    if len(found) != 1:
+        raise ValueError(f"reasoning prompt file {path} must hold the prompt's place with exactly one kind of "
+                         f"placeholder, {{prompt}} or {{}}; found {found or 'none'}")
     return text
+
+
+def fill_request(template: str, prompt: str) -> str:
+    """The reasoning request for one prompt (a plain replace: other braces in the template stay as written)."""
+    key = next(p for p in PLACEHOLDERS if p in template)
+    return template.replace(key, prompt)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How requests are wrapped in deepseek's SFT layout, `[system\n\n]{user}: {text}\n\n{assistant}:`.
+    The plan request may carry a system prompt; the image request never does."""
+    user: str
+    assistant: str
+    plan_system: str = ""
+    raw_join: bool = False  # image text f"{prompt}. {plan as decoded}" (T2I-R1); else one period, plan stripped
+
+    def request_text(self, template: str, prompt: str) -> str:
+        return chat_prompt(fill_request(template, prompt).strip(), self.plan_system, self.user, self.assistant)
+
+    def image_text(self, prompt: str, plan: str = None) -> str:
+        """The image request (ending with <begin_of_image>) for a prompt and its decoded plan (None: no plan)."""
+        if plan is None:
+            text = prompt.strip()
+        elif self.raw_join:
+            text = f"{prompt}. {plan}".strip()  # an empty plan leaves "{prompt}.", as in T2I-R1
+        else:
+            text = image_prompt_text(prompt, plan)
+        return image_prompt(text, user=self.user, assistant=self.assistant)
+
+
+CHAT_FORMATS = {
+    # T2I-R1's trainer and inference script: this system prompt before the plan request, roles named User and
+    # Assistant in both requests, the image request "{prompt}. {plan}" with the plan as decoded
+    "t2i-r1": ChatFormat("User", "Assistant", raw_join=True, plan_system=(
+        "You are a helpful assistant that receives an image prompt and generate a visualization of the prompt.")),
+    # Janus-Pro's demos, and the format the shapes world's base was pretrained on
+    "janus": ChatFormat("<|User|>", "<|Assistant|>"),
+}
+
+
+def default_chat_format(ckpt=None) -> str:
+    """A checkpoint that carries its own reasoning_prompt.txt (the shapes world's base, and runs trained from
+    it) was trained on that request in Janus-Pro's format ("janus"); any other (Janus-Pro, T2I-R1's release,
+    runs from them) is asked as T2I-R1 asks ("t2i-r1")."""
+    own = ckpt is not None and os.path.isfile(os.path.join(os.path.expanduser(ckpt), "reasoning_prompt.txt"))
+    return "janus" if own else "t2i-r1"
+
+
+# Sampling defaults per kind of checkpoint, for the flags sample.py and train.py leave unset. text_top_k 0: off.
+MODEL_DEFAULTS = {
+    # a model trained on its own request (the shapes world): short plans (a few words each object), plain sampling
+    "janus": dict(chat_format="janus", max_plan_tokens=64, text_top_k=0),
+    # Janus-Pro as T2I-R1 samples it: plans of up to 1024 tokens (its max_completion_length; its plans average
+    # about 97, so a shorter cap would cut many before EOS), drawn with transformers' generate defaults for an
+    # unset generation config: temperature 1, top-k 50
+    "t2i-r1": dict(chat_format="t2i-r1", max_plan_tokens=1024, text_top_k=50),
+}
+
+
+def sampling_defaults(ckpt=None) -> dict:
+    """chat_format, max_plan_tokens and text_top_k for a checkpoint folder (see default_chat_format)."""
+    return dict(MODEL_DEFAULTS[default_chat_format(ckpt)])
+
+
+def chat_format(chat) -> ChatFormat:
+    if isinstance(chat, ChatFormat):
+        return chat
+    if chat not in CHAT_FORMATS:
+        raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {chat!r}")
+    return CHAT_FORMATS[chat]
 
 
 # -----------------------------------------------------------------------------
@@ -163,21 +243,23 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
     step = decode_fn(text_step, compile)
     out = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B * n, dtype=torch.bool, device=device)
+    # each row's length: up to its first EOS (inclusive), else all max_new_tokens. Rows are cut by this
+    # finished mask, never by token value: a plan may sample the pad token, and dropping it would score the
+    # plan later under another context than the one it was sampled in.
+    n_new = torch.full((B * n,), max_new_tokens, dtype=torch.long, device=device)
     for i in range(max_new_tokens):
         tok = sample_from_logits(logits, temperature, top_k, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)  # finished rows: filler, cut below
         out[:, i] = tok
-        done |= tok == eos_id
+        ends = ~done & (tok == eos_id)
+        n_new = torch.where(ends, i + 1, n_new)
+        done |= ends
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
         pos = torch.tensor([T + i], device=device)
         # eager steps attend to the filled slots only; a compiled step keeps the static length (no recompiles)
         logits = step(janus, tok, cache, pos, lengths + i, mask, None if compile else T + i + 1)
-    result = []
-    for row in out.tolist():
-        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
-        result.append([t for t in row[:cut] if t != pad_id])
-    return result
+    return [row[:k] for row, k in zip(out.tolist(), n_new.tolist())]
 
 
 # -----------------------------------------------------------------------------
@@ -229,34 +311,38 @@ class Samples:
 
 
 def image_prompt_text(prompt: str, plan: str) -> str:
+    """The "janus" format's image text: the prompt, one period, the plan (T2I-R1 doubles a final period)."""
     plan = plan.strip()
     return f"{prompt.strip().rstrip('.')}. {plan}" if plan else prompt.strip()
 
 
 @torch.no_grad()
 def sample_t2i(janus: Janus, tok: Tokenizer, prompts, *, n=1, cot=True, reasoning_prompt=REASONING_PROMPT,
-               cfg_weight=5.0, temperature=1.0, top_k=None, text_temperature=1.0, text_top_k=None,
+               chat="t2i-r1", cfg_weight=5.0, temperature=1.0, top_k=None, text_temperature=1.0, text_top_k=None,
                text_top_p=None, max_plan_tokens=96, generator=None, compile=False, progress=None) -> Samples:
     """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with cot=False,
-    n images per prompt from the prompt alone, sharing one prefill)."""
+    n images per prompt from the prompt alone, sharing one prefill). chat: a CHAT_FORMATS name or a
+    ChatFormat, how both requests are written."""
+    fmt = chat_format(chat)
     for p in prompts:
         if not p or not p.strip():
             raise ValueError("empty prompt")
     rep = [p for p in prompts for _ in range(n)]
     if cot:
-        requests = [tok.encode(chat_prompt(reasoning_prompt.format(prompt=p))) for p in prompts]
+        requests = [tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts]
         plan_ids = generate_text(janus, requests, eos_id=tok.eos_id, pad_id=tok.pad_id, n=n,
-                                 max_new_tokens=max_plan_tokens, temperature=text_temperature, top_k=text_top_k,
+                                 max_new_tokens=max_plan_tokens, temperature=text_temperature, top_k=text_top_k or None,
                                  top_p=text_top_p, generator=generator, compile=compile)
-        plans = [tok.decode(ids).strip() for ids in plan_ids]
+        decoded = [tok.decode(ids) for ids in plan_ids]
+        plans = [d.strip() for d in decoded]
         reasoning_ids = [r for r in requests for _ in range(n)]
-        image_ids = [tok.encode(image_prompt(image_prompt_text(p, plan))) for p, plan in zip(rep, plans)]
+        image_ids = [tok.encode(fmt.image_text(p, d)) for p, d in zip(rep, decoded)]
         codes = generate_images(janus, image_ids, pad_id=tok.pad_id, n=1, cfg_weight=cfg_weight,
                                 temperature=temperature, top_k=top_k, generator=generator, compile=compile,
                                 progress=progress)
     else:
         plans, plan_ids, reasoning_ids = [""] * len(rep), [[] for _ in rep], [[] for _ in rep]
-        distinct = [tok.encode(image_prompt(image_prompt_text(p, ""))) for p in prompts]
+        distinct = [tok.encode(fmt.image_text(p)) for p in prompts]
         image_ids = [d for d in distinct for _ in range(n)]
         codes = generate_images(janus, distinct, pad_id=tok.pad_id, n=n, cfg_weight=cfg_weight,
                                 temperature=temperature, top_k=top_k, generator=generator, compile=compile,
@@ -266,12 +352,17 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, *, n=1, cot=True, reasonin
 
 
 # -----------------------------------------------------------------------------
-# a progress line for long runs (stderr, one line, rewritten in place)
+# progress of long stages (sampling, evaluation, scoring, pretraining), on stderr
 
 
 class Progress:
-    def __init__(self, total, desc="", stream=sys.stderr, every=0.5):
-        self.total, self.desc, self.stream, self.every = total, desc, stream, every
+    """On a terminal, one line rewritten in place every `every` seconds; otherwise (a log file, CI) whole
+    lines, at most one every `every_line` seconds, and always the last."""
+
+    def __init__(self, total, desc="", stream=None, every=0.5, every_line=30.0):
+        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if self.tty else every_line
         self.t0 = self.last = time.time()
         self.n = 0
 
@@ -282,9 +373,11 @@ class Progress:
             self.last = now
             rate = self.n / max(now - self.t0, 1e-9)
             eta = (self.total - self.n) / max(rate, 1e-9)
-            self.stream.write(f"\r{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}")
-            if self.n >= self.total:
-                self.stream.write("\n")
+            line = f"{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}".rstrip()
+            if self.tty:
+                self.stream.write("\r" + line + ("\n" if self.n >= self.total else ""))
+            else:
+                self.stream.write(line + "\n")
             self.stream.flush()
 
 
@@ -294,16 +387,20 @@ class Progress:
 
 def group_advantages(rewards, group_size):
     """rewards (B,) in groups of group_size consecutive samples -> (r - group mean) / (group std + 1e-4),
-    unbiased std. A group whose rewards are all equal gets zero advantage (never NaN)."""
+    unbiased std, float32. A group whose rewards are all equal gets exactly zero advantage (never NaN)."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"non-finite rewards at samples {bad}: {rewards[bad].tolist()}")
-    r = rewards.view(-1, group_size)
+    # float64: a float32 mean of equal values rounds (0.1 x 8 gives a mean 1 ulp off, and A = -7e-5 for
+    # every sample of a flat group); flat groups are also zeroed explicitly, whatever the rounding
+    r = rewards.double().view(-1, group_size)                        # (groups, G)
     std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-    return ((r - r.mean(1, keepdim=True)) / (std + 1e-4)).view(-1)
+    adv = (r - r.mean(1, keepdim=True)) / (std + 1e-4)
+    flat = (r == r[:, :1]).all(1, keepdim=True)                      # (groups, 1)
+    return adv.masked_fill(flat, 0.0).float().view(-1)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.01, norm="token", n_total=None):

@@ -3,10 +3,12 @@
 Run: python -m pytest -q test_t2i_r1.py
 """
 
+import contextlib
 import io
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -24,6 +26,15 @@ import t2i_r1 as R
 import vq as V
 
 # ---- shared helpers ---------------------------------------------------------
+
+
+def reference_transformers():
+    """transformers, the fidelity tests' reference (requirements-test.txt). Without it those tests skip, except
+    under CI (CI=true), which installs it: there a missing reference is a failure, not a silent skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        import transformers
+        return transformers
+    return pytest.importorskip("transformers")
 
 
 def tiny_cfg(**over):
@@ -278,6 +289,18 @@ def write_tiny(tmp_path, weights="safetensors", shards=1):
     return m
 
 
+def test_home_relative_paths_load_as_written_in_a_shell(tmp_path, monkeypatch):
+    """Janus.from_pretrained("~/models/...") and the tokenizer expand ~, as README's snippets write them."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    m = tiny_model()
+    tok = make_word_tokenizer(tmp_path / "models" / "tiny")
+    m.save_pretrained("~/models/tiny", tokenizer=tok)
+    assert (tmp_path / "models" / "tiny" / "model.safetensors").exists()
+    again = M.Janus.from_pretrained("~/models/tiny", device="cpu")
+    assert torch.equal(again.language_model.lm_head.weight, m.language_model.lm_head.weight)
+    assert M.Tokenizer.from_pretrained("~/models/tiny").vocab_size == tok.vocab_size
+
+
 def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
     # no folder, no config, no weights
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -368,7 +391,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def tiny_hf_janus(noise, **vision):
     """transformers' JanusForConditionalGeneration at a tiny random size (GQA), every weight (norms and
     biases too) moved by `noise` * N(0, 1); skips the test when transformers or its Janus is missing."""
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     if not hasattr(transformers, "JanusForConditionalGeneration"):
         pytest.skip("this transformers has no Janus")
     from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
@@ -491,6 +514,13 @@ def test_text_generation_matches_plain_forwards_and_stops_at_eos():
     out = R.generate_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=PAD, n=2, max_new_tokens=8, temperature=0)
     assert out[0] == out[1] == ref[:cut]
     assert len(out) == 4
+    # a sampled token that happens to be the pad token stays in the plan (the plan's log-probs are later
+    # computed in the context it was sampled in); only what follows EOS is cut
+    pad = ref[1]
+    assert pad not in ref[:1] and pad != eos
+    out = R.generate_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=pad, n=2, max_new_tokens=8, temperature=0)
+    assert out[0] == out[1] == ref[:cut]
+    assert R.generate_text(m, [prompt], eos_id=-1, pad_id=pad, max_new_tokens=8, temperature=0)[0] == ref
 
 
 def test_seeds_reproduce_and_differ():
@@ -537,7 +567,7 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path)
     g = torch.Generator().manual_seed(0)
-    s = R.sample_t2i(m, tok, ["a red circle", "a blue square"], n=2, max_plan_tokens=5, generator=g)
+    s = R.sample_t2i(m, tok, ["a red circle", "a blue square"], n=2, max_plan_tokens=5, generator=g, chat="janus")
     assert s.codes.shape == (4, m.cfg.image_tokens) and len(s.plans) == 4
     assert s.prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]
     for i in range(4):
@@ -545,7 +575,7 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
         want = tok.encode(M.image_prompt(R.image_prompt_text(s.prompts[i], s.plans[i])))
         assert s.image_prompt_ids[i] == want and want[-1] == tok.boi_id
     assert R.image_prompt_text("a red circle.", " red circle left ") == "a red circle. red circle left"
-    s2 = R.sample_t2i(m, tok, ["a red circle"], n=3, cot=False, generator=g)
+    s2 = R.sample_t2i(m, tok, ["a red circle"], n=3, cot=False, generator=g, chat="janus")
     assert s2.plans == ["", "", ""] and s2.image_prompt_ids[0] == tok.encode(M.image_prompt("a red circle"))
     with pytest.raises(ValueError, match="empty prompt"):
         R.sample_t2i(m, tok, ["  "])
@@ -556,14 +586,76 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
     assert R.load_reasoning_prompt(ckpt=str(tmp_path)) == "plan {prompt}"
 
 
-def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
+def byte_tokenizer(folder):
+    """A byte-level BPE without merges plus the deepseek special tokens: any text encodes, and decodes back
+    exactly, so a request can be compared with the text it should be."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([M.Tokenizer.BOS, M.Tokenizer.EOS, M.Tokenizer.PAD, M.Tokenizer.BOI, M.Tokenizer.EOI])
+    os.makedirs(folder, exist_ok=True)
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    return M.Tokenizer(os.path.join(folder, "tokenizer.json"))
+
+
+def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
+    """The plan request as T2I-R1's trainer builds it: its system prompt, a blank line, 'User: ' + the filled
+    template (stripped), a blank line, 'Assistant:'; the template file with T2I-R1's {} placeholder; the image
+    request 'User: {prompt}. {plan as decoded}' + 'Assistant:' + <begin_of_image>, no system prompt."""
+    system = "You are a helpful assistant that receives an image prompt and generate a visualization of the prompt."
+    # a template laid out like T2I-R1's file: {} in quotes, a trailing space and no final newline
+    (tmp_path / "request.txt").write_text('Describe the picture for "{}" in a few words.\nDescription: ')
+    template = R.load_reasoning_prompt(str(tmp_path / "request.txt"))
+    tok = byte_tokenizer(tmp_path / "tok")
+    m = tiny_model(vocab_size=tok.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    prompts = ["a red apple.", "two cups {on} a table"]
+    s = R.sample_t2i(m, tok, prompts, n=2, reasoning_prompt=template, chat="t2i-r1", max_plan_tokens=6, generator=g)
+    for i, p in enumerate(s.prompts):
+        want = f'{system}\n\nUser: Describe the picture for "{p}" in a few words.\nDescription:\n\nAssistant:'
+        assert s.reasoning_ids[i][0] == tok.bos_id and tok.tk.decode(s.reasoning_ids[i][1:]) == want
+        assert s.reasoning_ids[i] == tok.encode(want)
+        plan = tok.tk.decode(s.plan_ids[i], skip_special_tokens=True)
+        image = "User: " + f"{p}. {plan}".strip() + "\n\nAssistant:"
+        assert s.image_prompt_ids[i] == tok.encode(image) + [tok.boi_id]
+    assert R.CHAT_FORMATS["t2i-r1"].image_text("a cup", "") == "User: a cup.\n\nAssistant:<begin_of_image>"
+    s = R.sample_t2i(m, tok, prompts, n=1, cot=False, chat="t2i-r1", generator=g)
+    assert s.image_prompt_ids[1] == tok.encode("User: two cups {on} a table\n\nAssistant:") + [tok.boi_id]
+    # Janus-Pro's demos (and the shapes world): roles <|User|>/<|Assistant|>, no system prompt
+    s = R.sample_t2i(m, tok, prompts[:1], reasoning_prompt="plan {prompt}", chat="janus", max_plan_tokens=3,
+                     generator=g)
+    assert tok.tk.decode(s.reasoning_ids[0][1:]) == "<|User|>: plan a red apple.\n\n<|Assistant|>:"
+    # which format a checkpoint gets: its own reasoning_prompt.txt means it was trained on the janus format
+    assert R.default_chat_format(str(tmp_path)) == "t2i-r1" and R.default_chat_format(None) == "t2i-r1"
+    (tmp_path / "reasoning_prompt.txt").write_text("describe {prompt}")
+    assert R.default_chat_format(str(tmp_path)) == "janus"
+    for text, bad in [("no placeholder", "none"), ("both {} and {prompt}", "{prompt}")]:
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"bad.txt must hold .* found .*" + re.escape(bad)):
+            R.load_reasoning_prompt(str(tmp_path / "bad.txt"))
+    with pytest.raises(ValueError, match="chat format must be one of"):
+        R.sample_t2i(m, tok, prompts, chat="llama")
+
+
+def cli_error(main, argv, capsys, prog):
+    """Run a script's main with bad input: it must exit with one `prog: error: ...` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
     import sample as S
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path / "ckpt")
     m.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "colors"}\n\na blue square\n')
     args = ["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--n", "2",
-            "--batch-size", "1", "--max-plan-tokens", "4", "--seed", "7"]
+            "--rollout-batch", "1", "--max-plan-tokens", "4", "--seed", "7"]
     recs = S.main(args + ["--out", str(tmp_path / "a")])
     assert len(recs) == 4 and recs[0]["metadata"]["tag"] == "colors" and recs[2]["prompt"] == "a blue square"
     lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
@@ -576,19 +668,22 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
     assert [r["image_tokens"] for r in again] == [r["image_tokens"] for r in recs]
     assert [r["plan"] for r in again] == [r["plan"] for r in recs]
     (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(ValueError, match="empty.txt holds no prompts"):
-        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "empty.txt")])
-    with pytest.raises(ValueError, match="without GenEval metadata"):  # before any sampling
-        S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--score", "shapes",
-                "--out", str(tmp_path / "c")])
-    assert not (tmp_path / "c").exists()
+    ck = ["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c")]
+    assert "empty.txt holds no prompts" in cli_error(S.main, ck + ["--prompts", str(tmp_path / "empty.txt")],
+                                                     capsys, "sample.py")
+    msg = cli_error(S.main, ck + ["--prompt", "a red circle", "--rewards", "shapes"], capsys, "sample.py")
+    assert "carries GenEval metadata" in msg
+    assert "--n and --rollout-batch" in cli_error(S.main, ck + ["--n", "0"], capsys, "sample.py")
+    assert "no-such-folder does not exist" in cli_error(S.main, ["--ckpt", str(tmp_path / "no-such-folder")],
+                                                        capsys, "sample.py")
+    assert not (tmp_path / "c").exists()  # every error came before any sampling
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
 
 
 def test_sample_matches_transformers_janus_generate(tmp_path):
-    """`sample.py --no-cot --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
+    """`sample.py --levels token --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
     `generate` in image mode (guidance 5, greedy), on the same random weights."""
     # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
     ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
@@ -598,8 +693,9 @@ def test_sample_matches_transformers_janus_generate(tmp_path):
     tok = make_word_tokenizer(tmp_path / "ckpt")
     prompts = ["a red circle", "a photo of a blue square"]
     (tmp_path / "p.txt").write_text("\n".join(prompts))
-    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--no-cot",
-                   "--temperature", "0", "--cfg", "5", "--n", "1", "--batch-size", "2", "--out", str(tmp_path / "o")])
+    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--levels", "token",
+                   "--chat-format", "janus", "--temperature", "0", "--cfg", "5", "--n", "1", "--rollout-batch", "2",
+                   "--out", str(tmp_path / "o")])
     gen = GenerationConfig(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id, do_sample=False, guidance_scale=5.0,
                            generation_kwargs={"boi_token_id": tok.boi_id})
     for rec, prompt in zip(recs, prompts):
@@ -659,6 +755,14 @@ def test_group_advantages():
     # group 1: mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + 1e-4); group 2: all equal -> zeros, no NaN
     torch.testing.assert_close(a, torch.tensor([-1, 0, 1, 0, 0, 0]) / torch.tensor([1 + 1e-4] * 3 + [1] * 3))
     assert torch.isfinite(R.group_advantages(torch.ones(4), 4)).all()
+    # flat groups of rewards that float32 cannot hold exactly: the mean rounds, the advantage must not
+    for v, G in [(0.1, 8), (1 / 3, 3), (0.7, 8), (2.3, 16), (1e-3, 5), (123.456, 7)]:
+        rewards = torch.cat([torch.full((G,), v), torch.tensor([0.0] * (G - 1) + [1.0])])
+        a = R.group_advantages(rewards, G)
+        assert a[:G].eq(0).all(), (v, G, a[:G])
+        assert a[G:].ne(0).all() and a.dtype == torch.float32
+        combined = RW.combine_rewards({"r": rewards}, {"r": 1.0}, "group", group_size=G)
+        assert combined[:G].eq(0).all(), (v, G, combined[:G])
     assert R.group_advantages(torch.tensor([3.0, 4.0]), 1).eq(0).all()
     with pytest.raises(ValueError, match=r"non-finite rewards at samples \[1\]"):
         R.group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2)
@@ -892,7 +996,7 @@ def test_clip_tokenizer_small_vocab(tmp_path):
 
 
 def test_clip_tokenizer_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     _write_vocab(tmp_path)
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     ours = RW.CLIPTokenizer.from_folder(str(tmp_path))
@@ -1188,7 +1292,7 @@ def test_detection_pipeline_nms_decides_the_count(tmp_path):
 
 
 def test_owlvit_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     torch.manual_seed(0)
     cfg = transformers.OwlViTConfig(
         text_config=dict(vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -1214,7 +1318,7 @@ def test_owlvit_matches_transformers(tmp_path):
 
 
 def test_clip_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     torch.manual_seed(0)
     for act in ("quick_gelu", "gelu"):
         cfg = transformers.CLIPConfig(
@@ -1243,7 +1347,7 @@ def test_clip_matches_transformers(tmp_path):
 
 def test_presets_match_transformers_trees():
     """Full-size presets against transformers' module trees (meta device: shapes only, no weights)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     tc = lambda w, m, h, n, **kw: dict(hidden_size=w, intermediate_size=m, num_attention_heads=h, num_hidden_layers=n,
                                        **kw)
     cases = [("clip-vit-large-patch14", transformers.CLIPModel, transformers.CLIPConfig(
@@ -1426,10 +1530,13 @@ def test_shapes_reward_uses_shapes_detect(monkeypatch):
     scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), meta)
     assert calls == [(16, 16, 3)] * 2
     assert scores.tolist() == [1.0, 0.5] and info["strict"] == [True, False]
-    # a plain prompt has no clauses and would pass every rule: refused, naming the prompt, before detecting
-    with pytest.raises(ValueError, match="shapes: 1 prompt.*'a red circle'"):
-        reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], {"prompt": "a red circle"}])
-    assert len(calls) == 2
+    # a plain prompt has no clauses and would pass every rule (a silent 1.0): the reward abstains on it
+    # (score 0, not checked, not even detected), and refuses a set of prompts none of which it can check
+    scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], {"prompt": "a red circle"}])
+    assert scores.tolist() == [1.0, 0.0] and info["checked"] == [True, False] and info["strict"] == [True, None]
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="shapes: none of the 1 prompt.*'a red circle'"):
+        reward.check_metadata([{"prompt": "a red circle"}])
 
 
 # ---- rewards: command line, combination, evaluation extras
@@ -1980,11 +2087,32 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     ckpt = T.find_checkpoint(str(tmp_path / "run"))
     assert ckpt.endswith("ckpt")
     M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
-    assert torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)["step"] == 2
     T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume"]), **quiet)
     T.train(T.parse_args(train_args(random_base, tmp_path / "ref", "--steps", "4", "--save-every", "2")), **quiet)
     a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single")
+
+
+def _record_collectives(calls):
+    """Wrap torch.distributed's tensor collectives: each call appends (name, device of every tensor given)."""
+    import torch.distributed as dist
+
+    def devices(x):
+        if isinstance(x, torch.Tensor):
+            return [str(x.device)]
+        if isinstance(x, (list, tuple)):
+            return [d for v in x for d in devices(v)]
+        return []
+    for name in COLLECTIVES:
+        def wrapped(*a, _real=getattr(dist, name), _name=name, **k):
+            calls.append((_name, devices(list(a) + list(k.values()))))
+            return _real(*a, **k)
+        setattr(dist, name, wrapped)
 
 
 def _ddp_worker(rank, port, args, out):
@@ -1992,50 +2120,91 @@ def _ddp_worker(rank, port, args, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     RW.REWARDS["redness"], RW.NEEDS["redness"] = Redness, ()
+    calls = []
+    _record_collectives(calls)
     T.train(T.parse_args(args), log=lambda *a, **k: None)
+    if out:
+        with open(os.path.join(out, f"collectives-{rank}.json"), "w") as f:
+            json.dump(calls, f)
     # everything is on disk; skip interpreter teardown, where gloo's threads now and then abort the process
     os._exit(0)
 
 
-def test_two_gloo_processes_match_one(random_base, redness, tmp_path):
+def _free_port():
     import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    one = train_args(random_base, tmp_path / "one", "--steps", "2")
+        return s.getsockname()[1]
+
+
+def test_process_group_has_a_backend_for_cpu_and_cuda_tensors(monkeypatch):
+    """On CUDA the group must also take CPU tensors (an NCCL-only group crashed at the first step), and each
+    process must own the GPU of its LOCAL_RANK before the group is created."""
+    import torch.distributed as dist
+    events = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: events.append(("init", backend)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", str(d))))
+    rank, world, device = T.dist_setup(torch.device("cuda"))
+    assert (rank, world, str(device)) == (1, 2, "cuda:1")
+    assert events[0] == ("set_device", "cuda:1") and events[1][0] == "init"
+    backends = dict(part.split(":") for part in events[1][1].split(","))
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}
+    events.clear()
+    assert T.dist_setup(torch.device("cpu"))[2] == torch.device("cpu") and events == [("init", "gloo")]
+
+
+def _check_collectives(out, device):
+    """Every tensor handed to a collective by either process lived on that process's training device."""
+    for rank in range(2):
+        calls = json.loads(open(os.path.join(out, f"collectives-{rank}.json")).read())
+        want = device if device == "cpu" else f"cuda:{rank}"
+        assert calls and any(name == "all_reduce" for name, _ in calls)
+        wrong = [(name, d) for name, devs in calls for d in devs if d != want]
+        assert not wrong, (rank, wrong[:5])
+
+
+# each process needs its own GPU: NCCL refuses two ranks on one card
+TWO_PROCESS_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 else [])
+
+
+@pytest.mark.parametrize("device", TWO_PROCESS_DEVICES)
+def test_two_processes_match_one(random_base, redness, tmp_path, device):
+    import torch.multiprocessing as mp
+    one = train_args(random_base, tmp_path / "one", "--steps", "2", "--device", device)
     T.train(T.parse_args(one), log=lambda *a, **k: None)
-    two = train_args(random_base, tmp_path / "two", "--steps", "2")
-    mp.spawn(_ddp_worker, args=(port, two, str(tmp_path / "two")), nprocs=2, join=True)
+    two = train_args(random_base, tmp_path / "two", "--steps", "2", "--device", device)
+    mp.spawn(_ddp_worker, args=(_free_port(), two, str(tmp_path / "two")), nprocs=2, join=True)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6 if device == "cpu" else 1e-4)
     base = M.Janus.from_pretrained(random_base).state_dict()
     assert not torch.equal(a["language_model.lm_head.weight"], base["language_model.lm_head.weight"])
+    _check_collectives(tmp_path / "two", device)
 
 
-def test_fsdp_over_two_gloo_processes_matches_one(random_base, redness, tmp_path):
-    import socket
+@pytest.mark.parametrize("device", TWO_PROCESS_DEVICES)
+def test_fsdp_over_two_processes_matches_one(random_base, redness, tmp_path, device):
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    T.train(T.parse_args(train_args(random_base, tmp_path / "one", "--steps", "2")), log=lambda *a, **k: None)
-    two = train_args(random_base, tmp_path / "two", "--steps", "2", "--fsdp")
-    mp.spawn(_ddp_worker, args=(port, two, str(tmp_path / "two")), nprocs=2, join=True)
+    tol = dict(rtol=0, atol=1e-6 if device == "cpu" else 1e-4)
+    T.train(T.parse_args(train_args(random_base, tmp_path / "one", "--steps", "2", "--device", device)),
+            log=lambda *a, **k: None)
+    two = train_args(random_base, tmp_path / "two", "--steps", "2", "--fsdp", "--device", device)
+    mp.spawn(_ddp_worker, args=(_free_port(), two, str(tmp_path / "two")), nprocs=2, join=True)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], **tol)
+    _check_collectives(tmp_path / "two", device)
     # the gathered optimizer state resumes a sharded run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, ["--out", str(tmp_path / "two"), "--resume", "--steps", "3"], None),
+    mp.spawn(_ddp_worker, args=(_free_port(), ["--out", str(tmp_path / "two"), "--resume", "--steps", "3"], None),
              nprocs=2, join=True)
     T.train(T.parse_args(["--out", str(tmp_path / "one"), "--resume", "--steps", "3"]), log=lambda *a, **k: None)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], **tol)
 
 
 def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):
@@ -2070,8 +2239,9 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     reasoning = R.load_reasoning_prompt(ckpt=str(folder))
     assert reasoning == S.REASONING_TEMPLATE
     import sample as SA
+    assert R.default_chat_format(str(folder)) == "janus"  # it was pretrained on its own request, janus format
     records, images = SA.generate(janus, tok, [S.colors("red", "circle")], n=2, reasoning_prompt=reasoning,
-                                  max_plan_tokens=12, show_progress=False)
+                                  chat="janus", max_plan_tokens=12, show_progress=False)
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
     # the diagnostics run on it: true scenes pass by construction, everything else is a fraction
     rows = S.diagnose(str(folder), [S.colors("red", "circle"), S.riddle("count", "square", count=3)], n=2,
@@ -2155,3 +2325,321 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4" and row[3].strip() == "4 x 2"
     sec, roll, peak = (float(x) for x in row[5:8])
     assert 0 < roll <= sec and peak > 0
+
+
+def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
+    buf = io.StringIO()  # not a terminal: whole lines, the last one always
+    bar = R.Progress(5, "image tokens", stream=buf, every_line=0)
+    for _ in range(5):
+        bar.update()
+    lines = buf.getvalue().split("\n")
+    assert "\r" not in buf.getvalue() and lines[-1] == "" and len(lines) == 6 and lines[-2].startswith("image tokens 5/5")
+    buf = io.StringIO()
+    bar = R.Progress(5, "x", stream=buf, every_line=3600)
+    for _ in range(5):
+        bar.update()
+    assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("x 5/5")  # a long stage: a few lines
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    buf = Terminal()
+    bar = R.Progress(3, "x", stream=buf, every=0)
+    for _ in range(3):
+        bar.update()
+    assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
+
+
+def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, monkeypatch, capsys):
+    """`--score clip` with several images per prompt (diversity needs the embedding width) in sample.py and in
+    train.py's evaluation; the samples are written before scoring, so a failing reward loses none."""
+    import sample as SA
+    c = _tiny_cfg()
+    _write_hf_clip(tmp_path / "clip", c, _clip_sd(c, seed=1))
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    common = ["--ckpt", random_base, "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--max-plan-tokens", "4",
+              "--rewards", "clip", "--reward-ckpt", f"clip={tmp_path / 'clip'}"]
+    recs = SA.main(common + ["--out", str(tmp_path / "a")])
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert 0 <= summary["diversity"] <= 2 and summary["images"] == 4
+    lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [l["scores"]["clip"] for l in lines] == [r["scores"]["clip"] for r in recs]
+
+    def broken(*a, **k):
+        raise RuntimeError("reward model died")
+    monkeypatch.setattr(SA, "score", broken)
+    with pytest.raises(RuntimeError, match="died"):
+        SA.main(common + ["--out", str(tmp_path / "b")])
+    lines = [json.loads(l) for l in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert [l["image_tokens"] for l in lines] == [r["image_tokens"] for r in recs]  # same seed, same samples
+    assert all((tmp_path / "b" / l["file"]).exists() for l in lines)
+    monkeypatch.undo()
+
+    T.train(T.parse_args(train_args(
+        random_base, tmp_path / "run", "--steps", "1", "--rewards", "clip", "--reward-ckpt", f"clip={tmp_path / 'clip'}",
+        "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")), log=lambda *a, **k: None)
+    assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["test_00000.json", "test_00001.json"]
+    evals = [json.loads((tmp_path / "run" / "eval" / f).read_text()) for f in ("test_00000.json", "test_00001.json")]
+    assert all(0 <= s["diversity"] <= 2 and "clip" in s["rewards"] for s in evals)
+    err = capsys.readouterr().err  # the evaluation shows its progress, as whole lines in a log
+    assert "test evaluation: image tokens" in err and "test evaluation: scoring 4/4" in err
+    assert "\r" not in err
+
+
+def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
+    """T2I-R1 samples image tokens with CFG but scores them with the conditional forward alone; that is the
+    default, and --image-logp cfg scores them under the guided distribution."""
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(5, 7))
+    g = torch.Generator().manual_seed(0)
+    batch = [{"reasoning_ids": p, "plan_ids": [5, 6], "image_prompt_ids": p,
+              "codes": torch.randint(0, m.cfg.vq.codebook_size, (4,), generator=g).tolist()} for p in prompts]
+    codes = [b["codes"] for b in batch]
+    cond, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD)
+    guided, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD, cfg_weight=5.0,
+                                      uncond_prompts=[R.unconditional(p, PAD) for p in prompts])
+    with torch.no_grad():
+        default = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token"]), PAD)[0]
+        cfg = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token", "--image-logp", "cfg"]), PAD)[0]
+    torch.testing.assert_close(default, cond)
+    torch.testing.assert_close(cfg, guided)
+    assert not torch.allclose(cond, guided)
+
+
+def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, redness, tmp_path):
+    """Janus-Pro gets T2I-R1's plan settings (1024 tokens, top-k 50, its chat format), the shapes world short
+    plans; the step log reports the fraction of plans cut before EOS."""
+    janus = tmp_path / "janus"  # a Janus-Pro-like folder: no reasoning_prompt.txt of its own
+    os.makedirs(janus)
+    (janus / "config.json").write_text((open(os.path.join(random_base, "config.json")).read()))
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus)]))
+    assert (c.max_plan_tokens, c.text_top_k, c.chat_format) == (1024, 50, "t2i-r1")
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus), "--max-plan-tokens", "300", "--text-top-k", "0"]))
+    assert (c.max_plan_tokens, c.text_top_k) == (300, 0)
+    for args in ([], ["--ckpt", random_base]):  # the shapes world's base, and a folder with its own request
+        c = T.resolve_defaults(T.parse_args(args))
+        assert (c.max_plan_tokens, c.text_top_k, c.chat_format) == (64, 0, "janus")
+    lines = []
+    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "1",
+                                                    "--max-plan-tokens", "2")), log=lines.append)
+    assert metrics[0]["plan_cut_frac"] > 0.5 and metrics[0]["plan_tokens"] <= 2
+    step_line = next(l for l in lines if l.startswith("step 1/1"))
+    assert f"{metrics[0]['plan_cut_frac']:.2f} cut" in step_line and "| clip " not in step_line
+
+
+# T2I-R1's prompt file as published (data/geneval_and_t2i_data_final.json: JSON lines despite the name), a few
+# rows of each kind written here: convertible spatial, numeracy, colour and object rows; shape, texture and
+# non-spatial rows the GenEval rules cannot check
+T2I_R1_ROWS = [
+    {"prompt": "a photo of a car below a zebra", "nouns": ["car", "zebra"],
+     "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "below"}, "task_type": "spatial"},
+    {"task_type": "numeracy", "prompt": "two plates and three cups", "nouns": ["plate", "cup"],
+     "numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "cup", "num": 3}]},
+    {"task_type": "texture", "prompt": "a wooden desk and a leather shoe", "nouns": ["desk", "shoe"],
+     "attr_nouns": ["wooden desk", "leather shoe"]},
+    {"task_type": "color", "prompt": "a green duck and a yellow frog", "nouns": ["duck", "frog"],
+     "attr_nouns": ["green duck", "yellow frog"]},
+    {"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]},
+    {"prompt": "a photo of a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"], "task_type": "object"},
+]
+
+
+def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_they_cannot_check(tmp_path):
+    import sample as SA
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))  # no final newline, as published
+    items = SA.read_prompts(str(path))
+    assert [it["prompt"] for it in items] == [r["prompt"] for r in T2I_R1_ROWS]
+    assert [it.get("tag") for it in items] == ["position", "counting", None, "color_attr", None, "two_object"]
+    assert items[0]["include"][1] == {"class": "car", "count": 1, "position": ["below", 0]}
+    assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
+    # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
+    shapes_reward = RW.ShapesReward()
+    scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
+    assert info["checked"] == [True, True, False, True, False, True]
+    assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
+    ens = RW.RewardEnsemble({"shapes": 1.0}, {})
+    assert ens.unchecked(items) == {"shapes": [2, 4]}
+    report = SA.unchecked_report(ens, items, "training prompts")
+    assert report == [report[0]] and report[0].startswith("shapes: 2 of the 6 training prompts carry no GenEval")
+    assert "(T2I-R1 task types: non 1, texture 1)" in report[0]
+    # a prompt set none of whose rows a rule reward can check is refused
+    with pytest.raises(ValueError, match="shapes: none of the 2 prompt"):
+        ens.check_metadata([items[2], items[4]])
+    # malformed rows: the error names the file, the line and the field
+    bad = [({**T2I_R1_ROWS[0], "spatial_info": {"obj1": "car", "locality": "below"}}, "'spatial_info' needs"),
+           ({**T2I_R1_ROWS[1], "numeracy_info": [{"obj_name": "plate", "num": "two"}]}, "'numeracy_info' must be"),
+           ({"prompt": "a cat", "tag": "single_object", "include": [{"count": 1}]}, r"include\[0\] needs a 'class'"),
+           ({"prompt": "a cat", "include": [{"class": "cat", "count": 0}]}, r"include\[0\] needs a 'count'"),
+           ({"prompt": "a cat", "include": [{"class": "cat", "count": 1, "position": ["near", 0]}]},
+            r"include\[0\]: 'position' must be")]
+    for row, msg in bad:
+        path.write_text(json.dumps(T2I_R1_ROWS[0]) + "\n\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ":3: " + msg):
+            SA.read_prompts(str(path))
+        if "include" not in row:  # shapes.load_t2i_r1 reads T2I-R1 rows the same way
+            with pytest.raises(ValueError, match=":3: " + msg):
+                S.load_t2i_r1(str(path))
+
+
+def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base, tmp_path, capsys):
+    """The README's recipe (T2I-R1's prompt file, --rewards hps:1,geneval:1) on tiny published-layout files:
+    it reports the prompts the rules cannot check and trains; bad input stops it with one error line before
+    any model is loaded."""
+    ckpt, _ = _reward_folders(tmp_path / "rw")
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))
+    recipe = train_args(random_base, tmp_path / "run", "--prompts", str(path), "--rewards", "hps:1,geneval:1",
+                        "--reward-ckpt", f"hps={ckpt['hps']}", f"geneval={ckpt['geneval']}", f"clip={ckpt['clip']}",
+                        "--steps", "1", "--sample-every", "1")
+    lines = []
+    _, metrics = T.train(T.parse_args(recipe), log=lines.append)
+    saved = [json.loads(l) for l in (tmp_path / "run" / "samples" / "step_00001.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"]: r for r in T2I_R1_ROWS}
+    for r in saved:  # which samples the geneval rules checked: those whose rows converted
+        assert r["checked"]["hps"] and r["checked"]["geneval"] == (by_prompt[r["prompt"]]["task_type"] not in
+                                                                  ("texture", "non"))
+    assert any(l.startswith("geneval: 2 of the 6 training prompts carry no GenEval metadata") for l in lines), lines
+    m = metrics[0]
+    assert math.isfinite(m["reward"]) and math.isfinite(m["reward_hps"]) and m["step"] == 1
+    # words the shapes world's vocabulary lacks are named
+    warning = next(l for l in lines if l.startswith("warning: "))
+    assert "'zebra'" in warning and "training prompts" in warning
+    # bad input: one command-line error, nothing loaded or written
+    out = tmp_path / "bad"
+    bad = train_args(random_base, out, "--prompts", str(path), "--rewards", "hps:1,geneval:1")
+    assert "needs the 'hps' checkpoint" in cli_error(T.main, bad, capsys, "train.py")
+    assert "--levels" in cli_error(T.main, bad + ["--levels", "plans"], capsys, "train.py")
+    assert "--group-size must be at least 2" in cli_error(T.main, bad + ["--group-size", "1"], capsys, "train.py")
+    assert "unknown reward 'hsp'" in cli_error(T.main, bad + ["--rewards", "hsp"], capsys, "train.py")
+    assert "reasoning prompt file" in cli_error(T.main, bad + ["--reasoning-prompt", str(tmp_path / "x.txt")],
+                                                 capsys, "train.py")
+    assert not out.exists()
+
+
+def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out_prompts(random_base, redness,
+                                                                                       tmp_path, monkeypatch):
+    """train_state.pt is read with weights_only=True; a run without held-out prompts still writes summary.md
+    (its training rewards) and curves.png."""
+    quiet = dict(log=lambda *a, **k: None)
+    T.train(T.parse_args(train_args(random_base, tmp_path / "a", "--steps", "2", "--save-every", "1")), **quiet)
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "| steps | reward | reward_redness | kl | plan_tokens |" in summary and "| 1-2 |" in summary
+    assert Image.open(tmp_path / "a" / "curves.png").size == (640, 360)
+    real, seen = torch.load, []
+    def recording_load(f, *a, **k):
+        if str(f).endswith("train_state.pt"):
+            seen.append(k.get("weights_only"))
+        return real(f, *a, **k)
+    monkeypatch.setattr(torch, "load", recording_load)
+    _, metrics = T.train(T.parse_args(["--out", str(tmp_path / "a"), "--resume", "--steps", "3"]), **quiet)
+    assert seen and all(w is True for w in seen) and [m["step"] for m in metrics] == [1, 2, 3]
+
+
+def test_every_flag_of_every_script_has_a_help_line_with_its_default():
+    import argparse
+    import bench
+    import sample as SA
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+    seen = 0
+    for script in (T, SA, bench, S):
+        for p in parsers(script.build_parser()):
+            fmt = p._get_formatter()
+            for a in p._actions:
+                if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                    continue
+                text = fmt._expand_help(a) if a.help else ""
+                assert a.help and "(default: " in text, (p.prog, a.dest, text)
+                seen += 1
+    assert seen > 80
+    # one name per idea across the scripts
+    flags = {s: {o for a in s.build_parser()._actions for o in a.option_strings} for s in (T, SA)}
+    for both in ("--rewards", "--reward-ckpt", "--rollout-batch", "--levels", "--dtype", "--text-top-k",
+                 "--max-plan-tokens", "--chat-format", "--reasoning-prompt", "--device", "--seed", "--out"):
+        assert all(both in f for f in flags.values()), both
+    assert not ({"--score", "--no-cot", "--batch-size"} & flags[SA])
+    assert bench.build_parser().parse_args(["speed", "--preset", "cpu-768"]).preset == "cpu-768"
+
+
+def test_kl_term_gradient_matches_its_derivative():
+    """With zero advantages the loss is beta * mean k3, whose derivative in logp is beta (1 - exp(ref - logp))
+    per token: a KL with a wrong sign or estimator fails here."""
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 5) * 3).requires_grad_()
+    ref = -torch.rand(3, 5) * 3
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    beta = 0.3
+    for norm in ("token", "sequence"):
+        loss, stats = R.grpo_loss(logp, logp.detach(), ref, torch.zeros(3), mask, beta=beta, norm=norm)
+        g, = torch.autograd.grad(loss, logp)
+        per = beta * (1 - torch.exp(ref - logp.detach())) * mask           # d(beta k3)/d logp per token
+        want = per / mask.sum() if norm == "token" else per / mask.sum(1, keepdim=True) / 3
+        torch.testing.assert_close(g, want)
+        d = ref - logp.detach()
+        assert stats["kl"] == pytest.approx(float(((d.exp() - d - 1) * mask).sum() / mask.sum()), rel=1e-6)
+    # at the reference the KL and its gradient vanish
+    loss, _ = R.grpo_loss(ref.clone().requires_grad_(), ref, ref, torch.zeros(3), mask, beta=beta)
+    assert loss.item() == 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_steps_pass_the_reference_models_logprobs(random_base, redness, tmp_path, monkeypatch, lora):
+    """Every loss call gets the reference log-probs of its own samples under the starting model (a frozen copy,
+    or the same model with its LoRA adapters off); after the first update they differ from the policy's and
+    the logged KL is positive."""
+    calls, real = [], T.PolicyLoss.forward
+    def recording(self, batch, old_logp, ref_logp, n_total):
+        calls.append((batch, None if ref_logp is None else ref_logp.clone()))
+        return real(self, batch, old_logp, ref_logp, n_total)
+    monkeypatch.setattr(T.PolicyLoss, "forward", recording)
+    extra = ["--lora-rank", "4", "--lr", "3e-2"] if lora else []
+    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "3", *extra)),
+                            log=lambda *a, **k: None)
+    assert all(ref is not None for _, ref in calls)
+    base = M.Janus.from_pretrained(random_base)
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "x")))
+    pad = M.Tokenizer.from_pretrained(random_base).pad_id
+    with torch.no_grad():
+        for batch, ref in calls:
+            torch.testing.assert_close(ref, T.sample_logprobs(base, batch, cfg, pad)[0], rtol=0, atol=1e-5)
+    assert metrics[0]["kl"] == pytest.approx(0, abs=1e-9)  # the first step's policy is the reference
+    assert all(m["kl"] > 1e-6 for m in metrics[1:]), [m["kl"] for m in metrics]
+
+
+def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
+    """Each sample's request, plan, image prompt, codes and advantage belong together, and the log-prob pass
+    over a micro-batch of different prompts gives each sample the log-probs it gets alone."""
+    import rewards
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", "--group-size", "3")))
+    policy = M.Janus.from_pretrained(random_base)
+    tok = M.Tokenizer.from_pretrained(random_base)
+    reasoning = R.load_reasoning_prompt(ckpt=random_base)
+    prompts = [S.colors("red", "circle"), S.counting("square", 3), S.position("triangle", "left of", "circle")]
+    scorer = rewards.RewardEnsemble({"redness": 1.0}, {})
+    samples, images = T.rollout(policy, tok, [(0, prompts[:2]), (1, prompts[2:])], cfg, 0, scorer, reasoning,
+                                "janus", torch.device("cpu"), contextlib.nullcontext())
+    assert [s["prompt"] for s in samples] == [p["prompt"] for p in prompts for _ in range(3)]
+    fmt = R.CHAT_FORMATS["janus"]
+    for s in samples:
+        assert s["reasoning_ids"] == tok.encode(fmt.request_text(reasoning, s["prompt"]))
+        assert s["image_prompt_ids"] == tok.encode(fmt.image_text(s["prompt"], tok.decode(s["plan_ids"])))
+        assert s["plan"] == tok.decode(s["plan_ids"]).strip()
+    rewards_ = torch.tensor([s["reward"] for s in samples])
+    assert [s["advantage"] for s in samples] == pytest.approx(R.group_advantages(rewards_, 3).tolist())
+    redness = Redness()
+    assert [s["reward"] for s in samples] == pytest.approx(redness.score(list(images.numpy()), None)[0].tolist())
+    with torch.no_grad():
+        together, mask = T.sample_logprobs(policy, samples, cfg, tok.pad_id)
+        for i, s in enumerate(samples):
+            alone, m = T.sample_logprobs(policy, [s], cfg, tok.pad_id)
+            n = int(m.sum())
+            assert n == len(s["plan_ids"]) + len(s["codes"])
+            torch.testing.assert_close(together[i][mask[i]], alone[0][m[0]], rtol=0, atol=1e-5)
