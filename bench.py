@@ -257,7 +257,7 @@ def bench_train(args):
         argv += ["--compile"] if args.compile else []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, metrics, _ = T.train(T.parse_args(argv), log=lambda *a, **k: None)
+        _, metrics = T.train(T.parse_args(argv), log=lambda *a, **k: None)
         steps = [m for m in metrics if "reward" in m][1:] or [m for m in metrics if "reward" in m]  # 1st: warm-up
         sec = sum(m["seconds"] for m in steps) / len(steps)
         roll = sum(m["rollout_seconds"] for m in steps) / len(steps)

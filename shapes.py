@@ -898,7 +898,7 @@ def ensure_base(path=BASE_DIR):
 
 def example_prompts():
     """One held-out test prompt per tag: sample.py's default prompts."""
-    _, test = prompt_sets()
+    _, _, test = prompt_sets()
     seen, out = set(), []
     for m in test:
         if m["tag"] not in seen:
@@ -1057,7 +1057,7 @@ def build_parser():
     dp.add_argument("--n", type=int, default=16, help="images per prompt")
     rp = sub.add_parser("report", help="the ablation table of finished train.py runs (mean and spread over seeds)",
                         formatter_class=HelpFormatter)
-    rp.add_argument("runs", nargs="+", help="run folders (train.py --out)")
+    rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
     rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
     return p
 

@@ -496,11 +496,12 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     if cfg.reasoning_prompt is not None:
         R.load_reasoning_prompt(cfg.reasoning_prompt)
     # the shapes world's defaults: RL on its train split, validation curves on val, the report on test
-    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets())) if cfg.ckpt is None else {}
+    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets()))
     train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
-    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else world_sets.get("test"),
-                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else world_sets.get("val")}
-    eval_sets = {k: v for k, v in eval_sets.items() if v is not None and (k != "test" or cfg.test_eval)}
+    shapes_base = cfg.ckpt is None
+    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else shapes_base and world_sets["test"],
+                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
+    eval_sets = {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
                                     device=train_device(cfg))
     for items in (train_items, *eval_sets.values()):
