@@ -12,6 +12,7 @@ reward departs from GenEval as rewards.py lists (OWL-ViT instead of Mask2Former)
 
 import argparse
 import json
+import math
 import os
 import textwrap
 import time
@@ -155,7 +156,9 @@ def field_comments(cls) -> dict:
 
 def add_sampling_args(p):
     """Sampling settings shared by sample.py and train.py."""
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight (1 = none)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance weight of image tokens (1 = none); unset: 5 for Janus-Pro, 2 for the "
+                        "shapes world")
     p.add_argument("--temperature", type=float, default=1.0, help="image tokens; 0 = argmax")
     p.add_argument("--top-k", type=int, default=None, help="image tokens: keep the k most likely (unset: all)")
     p.add_argument("--text-temperature", type=float, default=1.0, help="plan tokens; 0 = argmax")
@@ -317,6 +320,8 @@ def main(argv=None):
     try:
         if args.n < 1 or args.rollout_batch < 1:
             raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
+        if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg > 0):
+            raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {args.cfg}")
         if args.ckpt is not None:
             args.ckpt = os.path.expanduser(args.ckpt)
             load_config(args.ckpt)
@@ -375,7 +380,18 @@ def main(argv=None):
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         write_records(records, os.path.join(args.out, "samples.jsonl"))  # now with each image's scores
+    if len(records) <= 256:  # one captioned overview: a row per prompt, its plans and scores under the images
+        save_png(make_grid(images.numpy(), ncol=args.n, captions=[caption(r) for r in records]),
+                 os.path.join(args.out, "grid.png"))
     return records
+
+
+def caption(record):
+    """Prompt, plan and scores of one sampled image, for the captioned grids."""
+    lines = [record["prompt"], f"plan: {record['plan']}" if record["plan"] else "(no plan)"]
+    scores = [f"{k} {v:.2f}" + (" pass" if record.get("strict", {}).get(k) else " fail" if k in record.get("strict", {})
+                                else "") for k, v in record.get("scores", {}).items()]
+    return "\n".join(lines + ([", ".join(scores)] if scores else []))
 
 
 if __name__ == "__main__":

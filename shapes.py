@@ -648,22 +648,22 @@ BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints
 
 @dataclass
 class PretrainConfig:
-    seed: int = 0
-    image_size: int = 64
-    scenes: int = 10000            # rendered training scenes (each used by all three tasks)
-    # the VQ: 64x64 -> 8x8 codes
-    vq_steps: int = 1000
-    vq_batch: int = 16
-    vq_lr: float = 2e-3
+    seed: int = 0                  # seed of the scenes, the order of the data and the initialisation
+    image_size: int = 64           # image side in pixels (CELLS x CELLS codes)
+    scenes: int = 30000            # rendered training scenes (each used by all three tasks)
+    # the VQ: 64x64 pixels -> 8x8 codes, one per cell content
+    vq_steps: int = 1000           # VQ training steps
+    vq_batch: int = 16             # VQ batch size
+    vq_lr: float = 2e-3            # VQ learning rate (Adam)
     codebook_size: int = 128       # at least the number of distinct cells (cell_contents: 109)
     # the Janus
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    lm_steps: int = 2400
-    lm_batch: int = 32
-    lm_lr: float = 2e-3
-    cond_dropout: float = 0.1
+    n_layer: int = 4               # decoder layers
+    n_embd: int = 128              # hidden size
+    n_head: int = 4                # attention heads
+    lm_steps: int = 10000          # Janus training steps
+    lm_batch: int = 32             # sequences per step
+    lm_lr: float = 2e-3            # peak learning rate (AdamW), cosine to a tenth
+    cond_dropout: float = 0.1      # fraction of image prompts replaced by pad tokens, so that CFG works
 
 
 def vq_config(c: PretrainConfig):
@@ -1027,15 +1027,6 @@ def report(runs, split="test"):
 # -----------------------------------------------------------------------------
 # Command line
 
-# --help lines for the PretrainConfig fields that carry no comment of their own
-_PRETRAIN_HELP = {"seed": "seed of the scenes, the split of the data and the initialisation",
-                  "image_size": "image side in pixels", "vq_steps": "VQ training steps", "vq_batch": "VQ batch size",
-                  "vq_lr": "VQ learning rate", "n_layer": "Janus decoder layers", "n_embd": "Janus hidden size",
-                  "n_head": "Janus attention heads", "lm_steps": "Janus training steps",
-                  "lm_batch": "Janus batch size", "lm_lr": "Janus learning rate",
-                  "cond_dropout": "fraction of conditions replaced by pad tokens (for classifier-free guidance)"}
-
-
 def build_parser():
     import argparse
     from sample import HelpFormatter, field_comments
@@ -1049,7 +1040,7 @@ def build_parser():
     comments = field_comments(PretrainConfig)
     for f in PretrainConfig.__dataclass_fields__.values():
         pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                        help=comments.get(f.name) or _PRETRAIN_HELP.get(f.name, "pretraining setting"))
+                        help=comments[f.name])
     dp = sub.add_parser("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base",
                         formatter_class=HelpFormatter)
     dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")

@@ -107,16 +107,18 @@ def default_chat_format(ckpt=None) -> str:
 # Sampling defaults per kind of checkpoint, for the flags sample.py and train.py leave unset. text_top_k 0: off.
 MODEL_DEFAULTS = {
     # a model trained on its own request (the shapes world): short plans (a few words each object), plain sampling
-    "janus": dict(chat_format="janus", max_plan_tokens=64, text_top_k=0),
+    # and a light guidance weight: its image logits are sharp (one code per cell content), and at Janus-Pro's
+    # w = 5 the guided logits u + w (c - u) mix pieces of different objects (README, the shapes world)
+    "janus": dict(chat_format="janus", max_plan_tokens=64, text_top_k=0, cfg=2.0),
     # Janus-Pro as T2I-R1 samples it: plans of up to 1024 tokens (its max_completion_length; its plans average
     # about 97, so a shorter cap would cut many before EOS), drawn with transformers' generate defaults for an
     # unset generation config: temperature 1, top-k 50
-    "t2i-r1": dict(chat_format="t2i-r1", max_plan_tokens=1024, text_top_k=50),
+    "t2i-r1": dict(chat_format="t2i-r1", max_plan_tokens=1024, text_top_k=50, cfg=5.0),
 }
 
 
 def sampling_defaults(ckpt=None) -> dict:
-    """chat_format, max_plan_tokens and text_top_k for a checkpoint folder (see default_chat_format)."""
+    """chat_format, max_plan_tokens, text_top_k and cfg for a checkpoint folder (see default_chat_format)."""
     return dict(MODEL_DEFAULTS[default_chat_format(ckpt)])
 
 

@@ -71,7 +71,7 @@ class TrainConfig:
     loss_norm: str = "token"       # token: one mean over every token (T2I-R1); sequence: per sample, then mean
     image_logp: str = "cond"       # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
     # sampling (rollouts and evaluation)
-    cfg: float = 5.0               # classifier-free guidance weight of image tokens (1: none)
+    cfg: float = None              # guidance weight of image tokens (1: none); unset: 5 for Janus-Pro, 2 for shapes
     temperature: float = 1.0       # image tokens; 0: argmax
     top_k: int = None              # image tokens: keep the k most likely (None: all, as Janus-Pro and T2I-R1)
     text_temperature: float = 1.0  # plan tokens; 0: argmax
@@ -459,7 +459,7 @@ def check_config(cfg: TrainConfig):
     for name in ("beta", "weight_decay", "temperature", "text_temperature"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
-    if not (math.isfinite(cfg.cfg) and cfg.cfg > 0):
+    if cfg.cfg is not None and not (math.isfinite(cfg.cfg) and cfg.cfg > 0):
         raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {cfg.cfg}")
     if cfg.text_top_p is not None and not 0 < cfg.text_top_p <= 1:
         raise ValueError(f"--text-top-p must lie in (0, 1], got {cfg.text_top_p}")
@@ -684,7 +684,8 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None
                 f.write(json.dumps(m) + "\n")
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 k = min(len(samples), 4 * cfg.group_size)
-                captions = [f"{s['prompt']}\nplan: {s['plan'] or '(none)'}\nreward {s['reward']:.2f}" for s in samples[:k]]
+                captions = [S.caption({"prompt": s["prompt"], "plan": s["plan"], "scores": {"reward": s["reward"]}})
+                            for s in samples[:k]]
                 S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size, captions=captions),
                            os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.png"))
                 with open(os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.jsonl"), "w") as f:
