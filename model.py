@@ -207,24 +207,29 @@ class KVCache:
     """Static cache: keys and values of every layer, preallocated for (batch, max_len) and written by slot.
 
     Rows of a left-padded batch share slot numbers; which slots hold real tokens is the caller's `mask`.
-    The buffers never change shape, so a compiled decode step sees the same graph at every position.
+    The buffers never change shape, so a compiled decode step sees the same graph at every position. Each
+    layer has buffers of its own rather than a slice of one big tensor: torch.compile writes a step's
+    keys into a buffer it was given in place, but into a slice of one only by copying the whole buffer.
     """
 
     def __init__(self, cfg: JanusConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self._mark_static()
+
+    def _mark_static(self):
         if hasattr(torch, "_dynamo"):  # lets CUDA graphs treat the buffers as fixed addresses
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def update(self, layer, input_pos, k, v):  # k, v (B, n_kv, T, hd) written at slots input_pos (T,)
         self.k[layer].index_copy_(2, input_pos, k)
@@ -234,11 +239,9 @@ class KVCache:
     def repeat_rows(self, n: int) -> "KVCache":
         """A new cache whose row i*n + j is row i of this one: prefill a prompt once, sample n times."""
         new = KVCache.__new__(KVCache)
-        new.k = self.k.repeat_interleave(n, dim=1)
-        new.v = self.v.repeat_interleave(n, dim=1)
-        if hasattr(torch, "_dynamo"):
-            torch._dynamo.mark_static_address(new.k)
-            torch._dynamo.mark_static_address(new.v)
+        new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        new.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        new._mark_static()
         return new
 
 
