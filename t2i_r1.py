@@ -121,7 +121,10 @@ _compiled = {}
 
 
 def decode_fn(step, compile):
-    """The eager step, or its torch.compile(fullgraph=True) version; `compile` may name a backend."""
+    """The eager step, or its torch.compile(fullgraph=True) version; `compile` may name a backend.
+
+    The samplers run their first step eagerly even when compiling: on CPU that step measures the linear
+    layers' matmul kernels (model.Linear), which the compiled graph then takes."""
     if not compile:
         return step
     backend = compile if isinstance(compile, str) else "inductor"
@@ -171,8 +174,10 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
         pos = torch.tensor([T + i], device=device)
-        # eager steps attend to the filled slots only; a compiled step keeps the static length (no recompiles)
-        logits = step(janus, tok, cache, pos, lengths + i, mask, None if compile else T + i + 1)
+        if compile and i > 0:  # the static length, so that the graph never changes
+            logits = step(janus, tok, cache, pos, lengths + i, mask)
+        else:  # eager steps attend to the filled slots only
+            logits = text_step(janus, tok, cache, pos, lengths + i, mask, T + i + 1)
     result = []
     for row in out.tolist():
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
@@ -207,7 +212,10 @@ def generate_images(janus: Janus, prompts, *, pad_id, n=1, cfg_weight=5.0, tempe
         codes[:, i] = sample_from_logits(logits, temperature, top_k, None, generator)
         if i < N - 1:
             pos = torch.tensor([T + i], device=device)
-            logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w, None if compile else T + i + 1)
+            if compile and i > 0:
+                logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w)
+            else:
+                logits = image_step(janus, codes[:, i], cache, pos, lengths + i, mask, w, T + i + 1)
         if progress is not None:
             progress(i + 1, N)
     return codes

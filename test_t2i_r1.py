@@ -186,17 +186,53 @@ def test_presets_have_the_published_keys_and_shapes():
     assert not any(k.startswith(("vision_model.", "aligner.")) for k in sd)
 
 
-def test_linear_small_row_path_equals_f_linear():
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_linear_cpu_kernels_equal_f_linear(monkeypatch, kernel):
+    """Every CPU matmul kernel of model.Linear (pinned, or None: the measured choice) gives F.linear's values
+    and gradients to float rounding, for decode-sized and larger inputs, with and without autograd."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     for bias in (False, True):
         lin = M.Linear(48, 80, bias=bias)
-        for shape in [(2, 1, 48), (5, 48), (0, 3, 48), (1, 64, 48), (3, 30, 48)]:  # the last: > SMALL_ROWS rows
+        for shape in [(2, 1, 48), (5, 48), (0, 3, 48), (1, 64, 48), (3, 30, 48), (48,)]:
             x = torch.randn(shape)
-            y = lin(x)
+            with torch.no_grad():
+                y = lin(x)
             assert y.shape == shape[:-1] + (80,) and y.is_contiguous()
             torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-5)
-    y.sum().backward()  # the layer still trains
-    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+            xg = x.clone().requires_grad_()
+            lin(xg).square().sum().backward()
+            grads = [xg.grad] + [p.grad.clone() for p in lin.parameters()]
+            xg.grad = None
+            lin.zero_grad()
+            F.linear(xg, lin.weight, lin.bias).square().sum().backward()
+            for got, want in zip(grads, [xg.grad] + [p.grad for p in lin.parameters()]):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            lin.zero_grad()
+
+
+def test_linear_takes_the_measured_kernel_once_per_shape(monkeypatch):
+    """A decode-sized call without autograd takes the kernel measure_kernels finds fastest, measured once per
+    (out, in, rows); calls under autograd and large calls are not measured."""
+    calls, measure = [], M.measure_kernels
+    def fake_measure(x, w, b):
+        calls.append(x.numel() // x.shape[-1])
+        return {"x W^T": 3.0, "W x^T": 1.0, "oneDNN": 2.0} if len(calls) == 1 else {"x W^T": 1.0, "W x^T": 2.0}
+    monkeypatch.setattr(M, "measure_kernels", fake_measure)
+    monkeypatch.setattr(M, "_fastest", {})
+    monkeypatch.setattr(M, "CPU_KERNEL", None)
+    lin = M.Linear(48, 80)
+    with torch.no_grad():
+        lin(torch.randn(2, 1, 48)), lin(torch.randn(2, 48)), lin(torch.randn(4, 48)), lin(torch.randn(64, 48))
+    assert calls == [2, 4]
+    assert M._fastest == {(80, 48, 2, torch.float32): "W x^T", (80, 48, 4, torch.float32): "x W^T"}
+    lin(torch.randn(3, 48)).sum().backward()  # autograd: not measured
+    assert calls == [2, 4]
+    # the real measurement times every kernel available here
+    times = measure(torch.randn(2, 48), lin.weight, lin.bias, tries=2)
+    assert set(times) == {k for k in M.CPU_KERNELS if k != "oneDNN" or M.ONEDNN} and min(times.values()) > 0
 
 
 def test_kv_cache_incremental_decoding_equals_full_forward():
@@ -388,7 +424,11 @@ def tiny_hf_janus(noise, **vision):
     return ref
 
 
-def test_matches_transformers_janus(tmp_path):
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_matches_transformers_janus(tmp_path, monkeypatch, kernel):
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)  # None: as in normal use; else every linear layer pinned
     ref = tiny_hf_janus(0.05, image_size=64)
     ref.save_pretrained(tmp_path)
     ours = M.Janus.from_pretrained(tmp_path, device="cpu")
@@ -587,9 +627,14 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
 
 
-def test_sample_matches_transformers_janus_generate(tmp_path):
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_sample_matches_transformers_janus_generate(tmp_path, monkeypatch, kernel):
     """`sample.py --no-cot --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
-    `generate` in image mode (guidance 5, greedy), on the same random weights."""
+    `generate` in image mode (guidance 5, greedy), on the same random weights, whichever CPU matmul kernel
+    model.Linear takes."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
     # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
     ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
     from transformers import GenerationConfig
