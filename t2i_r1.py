@@ -394,22 +394,24 @@ def completion_logprobs(janus: Janus, prompts, completions, kind, *, pad_id, unc
     embed = janus.embed_text if kind == "text" else janus.embed_image
     head = janus.text_logits if kind == "text" else janus.image_logits
 
-    def hidden(ids, mask):  # (B, L, H): the states that predict each completion token
-        x = torch.cat([janus.embed_text(ids), embed(C[:, :-1])], 1)        # the last token is never an input
-        h = janus(x, mask=torch.cat([mask, C_mask[:, :-1]], 1))
+    def hidden(ids, mask):  # (R, L, H), R a multiple of B: the states that predict each completion token
+        n = ids.shape[0] // B
+        x = torch.cat([janus.embed_text(ids), embed(C[:, :-1]).repeat(n, 1, 1)], 1)  # the last token is never an input
+        h = janus(x, mask=torch.cat([mask, C_mask[:, :-1].repeat(n, 1)], 1))
         return h[:, P - 1:]
-    h = hidden(P_ids, P_mask)[C_mask]                                      # (M, H)
     targets = C[C_mask]                                                    # (M,)
     if uncond_prompts is not None and cfg_weight is not None and kind == "image":
         U_ids, U_mask = left_pad(uncond_prompts, pad_id, device)
         if U_ids.shape != P_ids.shape:
             raise ValueError("unconditional prompts must have the shapes of the conditional ones")
-        hu = hidden(U_ids, U_mask)[C_mask]
-        both = torch.cat([h, hu], -1)
-        H = h.shape[-1]
+        # one forward for the conditional and the unconditional rows: half the calls, larger matmuls
+        hc, hu = hidden(torch.cat([P_ids, U_ids]), torch.cat([P_mask, U_mask])).chunk(2)
+        h = torch.cat([hc[C_mask], hu[C_mask]], -1)                       # (M, 2H)
+        H = hc.shape[-1]
         def head(x):
             return guide(janus.image_logits(torch.cat([x[:, :H], x[:, H:]])), cfg_weight)
-        h = both
+    else:
+        h = hidden(P_ids, P_mask)[C_mask]                                  # (M, H)
     logp = torch.zeros(B, L, dtype=torch.float32, device=device)
     logp[C_mask] = chunked_logprobs(head, h, targets, temperature)
     return logp, C_mask
