@@ -254,7 +254,7 @@ def bench_speed(args):
         gbs = bandwidth_gbs(device)
         wbytes = decode_weight_bytes(janus)
         floor_ms = wbytes / (gbs * 1e9) * 1e3
-        step = R.decode_fn(R.image_step, True)
+        step = R.decode_fn(R.image_step, True, device)
         prompts = [[1] + [5] * (args.prompt_len - 2) + [2]]
         ids, mask = R.left_pad(prompts + [R.unconditional(prompts[0], 0)], 0, device)
         h, cache, mask = R._prefill(janus, ids, mask, N)

@@ -278,8 +278,22 @@ def _w_xt(x, w, b):
     return y if b is None else y + b
 
 
-def _onednn(x, w, b):  # the kernel torch.compile itself emits for CPU linear layers
+def _onednn(x, w, b):  # the kernel torch.compile itself emits for CPU linear layers whose weights it freezes
+    if torch.compiler.is_compiling():
+        return _onednn_in_graph(x, w, b)
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+# inductor lowers mkldnn._linear_pointwise only with frozen (constant) weights; wrapped as an op of our own,
+# a compiled graph calls it as it is
+@torch.library.custom_op("t2i_r1::onednn_linear", mutates_args=())
+def _onednn_in_graph(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+@_onednn_in_graph.register_fake
+def _(x, w, b):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 CPU_KERNELS = {"x W^T": _x_wt, "W x^T": _w_xt, "oneDNN": _onednn}

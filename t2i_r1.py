@@ -120,19 +120,22 @@ def guide(logits, cfg_weight):
 _compiled = {}
 
 
-def decode_fn(step, compile):
+def decode_fn(step, compile, device):
     """The eager step, or its torch.compile(fullgraph=True) version; `compile` may name a backend.
 
-    The samplers run their first step eagerly even when compiling: on CPU that step measures the linear
-    layers' matmul kernels (model.Linear), which the compiled graph then takes."""
+    On a GPU the graph attends to every slot of the static cache: CUDA graphs, which remove the per-kernel
+    launch cost that dominates one-token steps there, need fixed shapes. On CPU the attended length (kv_len)
+    stays symbolic (dynamic=True), so one graph serves every position and skips the empty tail of the cache
+    as eager steps do. The samplers run their first step eagerly even when compiling: on CPU that step
+    measures the linear layers' matmul kernels (model.Linear), which the compiled graph then takes."""
     if not compile:
         return step
     backend = compile if isinstance(compile, str) else "inductor"
-    key = (step.__name__, backend)
+    cuda = torch.device(device).type == "cuda"
+    key = (step.__name__, backend, cuda)
     if key not in _compiled:
-        # CUDA graphs remove the per-kernel launch cost that dominates one-token steps on a GPU
-        mode = "reduce-overhead" if backend == "inductor" and torch.cuda.is_available() else None
-        _compiled[key] = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        mode = "reduce-overhead" if backend == "inductor" and cuda else None
+        _compiled[key] = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=not cuda)
     return _compiled[key]
 
 
@@ -163,7 +166,8 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
     if n > 1:  # one prefill, n samples
         cache, mask, logits = cache.repeat_rows(n), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
     lengths = mask[:, :T].sum(1, keepdim=True)  # (B*n, 1) real prompt lengths
-    step = decode_fn(text_step, compile)
+    step = decode_fn(text_step, compile, device)
+    static = compile and device.type == "cuda"  # a compiled GPU step attends to the whole cache (decode_fn)
     out = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B * n, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
@@ -174,10 +178,8 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
         pos = torch.tensor([T + i], device=device)
-        if compile and i > 0:  # the static length, so that the graph never changes
-            logits = step(janus, tok, cache, pos, lengths + i, mask)
-        else:  # eager steps attend to the filled slots only
-            logits = text_step(janus, tok, cache, pos, lengths + i, mask, T + i + 1)
+        kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
+        logits = (step if i > 0 else text_step)(janus, tok, cache, pos, lengths + i, mask, kv_len)
     result = []
     for row in out.tolist():
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
@@ -206,16 +208,15 @@ def generate_images(janus: Janus, prompts, *, pad_id, n=1, cfg_weight=5.0, tempe
         cache, mask, logits = cache.repeat_rows(n), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
     lengths = mask[:, :T].sum(1, keepdim=True)  # (R*n, 1)
     w = torch.tensor(float(cfg_weight), device=device) if guided else None
-    step = decode_fn(image_step, compile)
+    step = decode_fn(image_step, compile, device)
+    static = compile and device.type == "cuda"
     codes = torch.empty(len(prompts) * n, N, dtype=torch.long, device=device)
     for i in range(N):
         codes[:, i] = sample_from_logits(logits, temperature, top_k, None, generator)
         if i < N - 1:
             pos = torch.tensor([T + i], device=device)
-            if compile and i > 0:
-                logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w)
-            else:
-                logits = image_step(janus, codes[:, i], cache, pos, lengths + i, mask, w, T + i + 1)
+            kv_len = None if static and i > 0 else T + i + 1
+            logits = (step if i > 0 else image_step)(janus, codes[:, i], cache, pos, lengths + i, mask, w, kv_len)
         if progress is not None:
             progress(i + 1, N)
     return codes

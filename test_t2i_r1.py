@@ -550,7 +550,13 @@ def test_seeds_reproduce_and_differ():
     assert not torch.equal(a[0], c[0])
 
 
-def test_compiled_decode_step_equals_eager():
+@pytest.mark.parametrize("kernel", [None, "oneDNN"])
+def test_compiled_decode_step_equals_eager(monkeypatch, kernel):
+    """The compiled steps (one graph for every position on CPU) sample what the eager ones sample, also
+    with the linear layers pinned to oneDNN, which a graph calls through an op of our own."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
     torch._dynamo.reset()
     m = tiny_model()
     prompts = image_prompts(m, lengths=(6, 8))

@@ -86,7 +86,7 @@ class TrainConfig:
     # system
     device: str = None
     seed: int = 0
-    compile: bool = False          # torch.compile the sampling decode steps (GPU; slower than eager on CPU)
+    compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few % after ~20 s of compiling)
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
     sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
