@@ -5,15 +5,22 @@
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
   python bench.py train --preset janus-pro-1b               # GPU: seconds and peak memory of a BiCoT-GRPO step
   python bench.py train --preset janus-pro-7b --lora-rank 64
+  python bench.py rl                                        # CPU: seconds per shapes-world RL step (train.py defaults)
 
 Speed compares, in one run and on one machine: our sampler eager, with the compiled decode step, eager
-with every linear layer through F.linear (what model.Linear's CPU path buys), and without the KV cache
-(the whole sequence recomputed every step, timed over the first --nocache-tokens tokens only, since it
-slows down further on), plus transformers' Janus image generation with --hf.
+with every linear layer pinned to one CPU matmul kernel (F.linear: nn.Linear's own, MKL's x W^T; "W x^T";
+oneDNN: see model.Linear), and without the KV cache (the whole sequence recomputed every step, timed over
+the first --nocache-tokens tokens only, since it slows down further on), plus transformers' Janus image
+generation with --hf. Each column is warmed up once, then the columns run in turn --repeats times and the
+best run counts, so that other work on the machine slows every column alike. On CPU it also prints the
+bandwidth floor: bytes a decode step reads (weights, and the KV cache at its average fill) over the
+measured copy bandwidth.
 """
 
 import argparse
+import contextlib
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -149,6 +156,32 @@ def decode_weight_bytes(janus):
     return sum(p.numel() * p.element_size() for n, p in janus.named_parameters() if not n.startswith(skip))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform) and the cores torch uses."""
+    name = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+@contextlib.contextmanager
+def cpu_kernel(kernel):
+    """Pin every model.Linear on CPU to one matmul kernel (None: each picks its own, as in normal use)."""
+    old = M.CPU_KERNEL
+    M.CPU_KERNEL = kernel
+    try:
+        yield
+    finally:
+        M.CPU_KERNEL = old
+
+
+# speed modes that pin model.Linear's CPU kernel; "F.linear" is nn.Linear's own (MKL's GEMM as x W^T)
+PINNED = {"F.linear": "x W^T", "W x^T": "W x^T", "oneDNN": "oneDNN"}
+
+
 def bench_speed(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -162,60 +195,66 @@ def bench_speed(args):
         with torch.device(device):
             janus = M.Janus(cfg).to(dtype).eval()
     N, w = cfg.image_tokens, args.cfg
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     print(f"{args.preset}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, {name}, "
-          f"torch {torch.__version__}", flush=True)
+          f"torch {torch.__version__}; best of {args.repeats} interleaved runs per column", flush=True)
     rows = []
     for B in args.batch:
         prompts = [[1] + [5 + (i * 7 + j) % 90 for j in range(args.prompt_len - 2)] + [2] for i in range(B)]
         g = torch.Generator(device=device).manual_seed(0)
-        def ours(compile):
-            return lambda: R.generate_images(janus, prompts, pad_id=0, cfg_weight=w, generator=g, compile=compile)
-        result = {}
+        runs = {}  # column -> (function, image tokens it generates)
         for mode in args.modes:
             if mode == "nocache":
                 K = min(args.nocache_tokens, N)
-                t, _ = timed(lambda: generate_nocache(janus, prompts, 0, w, K, g), device)
-                result[mode] = B * K / t
-                continue
-            fn = ours(mode == "compiled")
-            old_rows = M.SMALL_ROWS
-            if mode == "F.linear":  # eager with every linear layer through F.linear: what model.Linear buys
-                M.SMALL_ROWS = 0
-            try:
-                timed(fn, device)  # warm-up: compilation, CUDA graphs, allocator, lazy initialisation
-                t, _ = timed(fn, device)
-            finally:
-                M.SMALL_ROWS = old_rows
-            result[mode] = B * N / t
+                runs[mode] = (lambda K=K: generate_nocache(janus, prompts, 0, w, K, g), B * K)
+            else:
+                runs[mode] = (lambda mode=mode: R.generate_images(janus, prompts, pad_id=0, cfg_weight=w, generator=g,
+                                                                  compile=mode == "compiled"), B * N)
         if ref is not None:
             from transformers import GenerationConfig
             gen = GenerationConfig(bos_token_id=1, pad_token_id=0, do_sample=True, guidance_scale=w,
                                    generation_kwargs={"boi_token_id": 2})
             ids = torch.tensor(prompts, device=device)
-            run = lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                       generation_config=gen)
-            timed(run, device)
-            t, _ = timed(run, device)
-            result["transformers"] = B * N / t
+            runs["transformers"] = (lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                                         generation_config=gen), B * N)
+        # a warm-up each (compilation, kernel choice, allocator), then the columns in turn, so that a machine
+        # busy with something else slows every column alike; the best run of each counts
+        result = {}
+        for rep in range(args.repeats + 1):
+            for mode, (fn, tokens) in runs.items():
+                with cpu_kernel(PINNED.get(mode)):
+                    t, _ = timed(fn, device)
+                if rep:
+                    result[mode] = max(result.get(mode, 0.0), tokens / t)
         rows.append((B, result))
         for mode, v in result.items():
             print(f"  batch {B} {mode}: {v:.1f} tokens/s", flush=True)
-    modes = [m for m in args.modes] + (["transformers"] if ref is not None else [])
+    modes = list(runs)
+    floor = device.type == "cpu"
+    if floor:  # bytes one decode step reads: the weights, and the KV cache at its average fill
+        gbs = bandwidth_gbs(device)
+        wbytes = decode_weight_bytes(janus)
+        kv = lambda B: 2 * cfg.n_layer * 2 * B * cfg.n_kv_head * cfg.head_dim * (args.prompt_len + N / 2) * dtype.itemsize
+        print(f"\ncopy bandwidth {gbs:.1f} GB/s; a decode step reads {wbytes / 1e6:.0f} MB of weights "
+              f"+ the KV cache ({kv(1) / 1e6:.0f} MB per prompt at its average fill)")
     print(f"\n| batch | " + " | ".join(f"{m} (tokens/s)" for m in modes) + " | images/s (best) |"
-          + (" ours / transformers |" if ref is not None else ""))
-    print("|---" * (len(modes) + 2 + (ref is not None)) + "|")
+          + (" ours / transformers |" if ref is not None else "")
+          + (" floor (tokens/s) | best / floor |" if floor else ""))
+    print("|---" * (len(modes) + 2 + (ref is not None) + 2 * floor) + "|")
     for B, r in rows:
         best = max(v for k, v in r.items() if k in ("eager", "compiled"))
         line = f"| {B} | " + " | ".join(f"{r[m]:.1f}" for m in modes) + f" | {best / N:.3f} |"
         if ref is not None:
             line += f" {best / r['transformers']:.2f}x |"
+        if floor:
+            floor_tps = B / ((wbytes + kv(B)) / (gbs * 1e9))
+            line += f" {floor_tps:.1f} | {best / floor_tps:.2f} |"
         print(line)
     if device.type == "cuda":
         gbs = bandwidth_gbs(device)
         wbytes = decode_weight_bytes(janus)
         floor_ms = wbytes / (gbs * 1e9) * 1e3
-        step = R.decode_fn(R.image_step, True)
+        step = R.decode_fn(R.image_step, True, device)
         prompts = [[1] + [5] * (args.prompt_len - 2) + [2]]
         ids, mask = R.left_pad(prompts + [R.unconditional(prompts[0], 0)], 0, device)
         h, cache, mask = R._prefill(janus, ids, mask, N)
@@ -262,11 +301,41 @@ def bench_train(args):
         sec = sum(m["seconds"] for m in steps) / len(steps)
         roll = sum(m["rollout_seconds"] for m in steps) / len(steps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
-        name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
         what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
         print(f"\n| preset | training | G x prompts | device | s / step | of which rollout (s) | peak memory (GiB) |"
               f"\n|---|---|---|---|---|---|---|\n| {args.preset} | {what} | {args.group_size} x {args.prompts_per_step} "
               f"| {name} | {sec:.2f} | {roll:.2f} | {peak:.2f} |")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_rl(args):
+    """Seconds per BiCoT-GRPO step of train.py with its own defaults on a shapes-world base (its tokenizer, the
+    shapes training prompts, the exact `shapes` reward), split into rollout (sampling, VQ decoding, rewards) and
+    update (reference log-probs, policy forward and backward, AdamW). The first step is not counted: it also
+    measures model.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
+    after the last step's clock stops."""
+    import json
+    import shutil
+    import shapes
+    import train as T
+    base = args.ckpt or shapes.ensure_base()
+    folder = tempfile.mkdtemp(prefix="bench-rl-")
+    try:
+        with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in shapes.prompt_sets()[0])
+        argv = ["--ckpt", base, "--prompts", os.path.join(folder, "prompts.jsonl"), "--out", os.path.join(folder, "run"),
+                "--steps", str(args.steps), "--eval-every", "0", "--sample-every", "0", "--save-every", "0"]
+        cfg = T.parse_args(argv)
+        _, metrics = T.train(cfg, log=lambda *a, **k: None)
+        steps = [m for m in metrics if "rollout_seconds" in m][1:]
+        sec = sum(m["seconds"] for m in steps) / len(steps)
+        roll = sum(m["rollout_seconds"] for m in steps) / len(steps)
+        jc = json.load(open(os.path.join(base, "config.json")))["language_config"]
+        print(f"\n| base | G x prompts | CPU | s / step | rollout (s) | update (s) |\n|---|---|---|---|---|---|\n"
+              f"| {jc['num_hidden_layers']} layers x {jc['hidden_size']} | {cfg.group_size} x {cfg.prompts_per_step} "
+              f"| {cpu_name()} | {sec:.3f} | {roll:.3f} | {sec - roll:.3f} |")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -291,7 +360,10 @@ def build_parser():
                     help="model size: model.PRESETS, or cpu-768 (hidden 768, 8 layers) for CPU comparisons")
     ps.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts per batch, one run each")
     ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "F.linear", "nocache"],
-                    choices=["eager", "compiled", "F.linear", "nocache"], help="sampler variants to time")
+                    choices=["eager", "compiled", "F.linear", "W x^T", "oneDNN", "nocache"],
+                    help="sampler variants to time; F.linear, W x^T, oneDNN: eager with every linear layer pinned to "
+                         "that CPU kernel")
+    ps.add_argument("--repeats", type=int, default=2, help="timed runs per column (after a warm-up), interleaved")
     ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
     ps.add_argument("--cfg", type=float, default=5.0, help="guidance weight")
     ps.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
@@ -312,6 +384,10 @@ def build_parser():
                     help="recompute decoder layers in backward")
     pt.add_argument("--compile", action="store_true", help="torch.compile the sampling decode steps")
     pt.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    pr = sub.add_parser("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update",
+                        formatter_class=HelpFormatter)
+    pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
+    pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
     return p
 
 
@@ -320,4 +396,4 @@ if __name__ == "__main__":
         load_child(sys.argv[2], sys.argv[3])
         sys.exit()
     args = build_parser().parse_args()
-    {"load": bench_load, "speed": bench_speed, "train": bench_train}[args.cmd](args)
+    {"load": bench_load, "speed": bench_speed, "train": bench_train, "rl": bench_rl}[args.cmd](args)

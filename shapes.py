@@ -643,14 +643,17 @@ def load_t2i_r1(path):
 
 # the reasoning request of this world, saved as reasoning_prompt.txt and picked up by the sampler
 REASONING_TEMPLATE = "describe the objects of {prompt}"
-BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes-base")
+# the base ships with the repository (7.8 MB, `python shapes.py pretrain` reproduces it); a fresh pretraining
+# goes to checkpoints/ unless told otherwise, so it never overwrites the shipped one by accident
+BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-base")
+PRETRAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes-base")
 
 
 @dataclass
 class PretrainConfig:
     seed: int = 0                  # seed of the scenes, the order of the data and the initialisation
     image_size: int = 64           # image side in pixels (CELLS x CELLS codes)
-    scenes: int = 30000            # rendered training scenes (each used by all three tasks)
+    scenes: int = 10000            # rendered training scenes (each used by all three tasks)
     # the VQ: 64x64 pixels -> 8x8 codes, one per cell content
     vq_steps: int = 1000           # VQ training steps
     vq_batch: int = 16             # VQ batch size
@@ -660,7 +663,7 @@ class PretrainConfig:
     n_layer: int = 4               # decoder layers
     n_embd: int = 128              # hidden size
     n_head: int = 4                # attention heads
-    lm_steps: int = 10000          # Janus training steps
+    lm_steps: int = 3000           # Janus training steps
     lm_batch: int = 32             # sequences per step
     lm_lr: float = 2e-3            # peak learning rate (AdamW), cosine to a tenth
     cond_dropout: float = 0.1      # fraction of image prompts replaced by pad tokens, so that CFG works
@@ -844,7 +847,7 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
     return janus.eval(), losses
 
 
-def pretrain(out_dir=BASE_DIR, c: PretrainConfig = None, log=print):
+def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     """Render scenes, train the VQ, encode the scenes, train the Janus, save everything with save_pretrained
     (config.json + model.safetensors + tokenizer.json + reasoning_prompt.txt). Returns the losses."""
     import time
@@ -891,7 +894,7 @@ def pretrain(out_dir=BASE_DIR, c: PretrainConfig = None, log=print):
 def ensure_base(path=BASE_DIR):
     """The shapes base folder, pretrained first (and said so) when it is not there yet."""
     if not os.path.isfile(os.path.join(path, "config.json")):
-        print(f"no shapes base at {path}: pretraining it now (about 10 minutes on 2 CPU cores)")
+        print(f"no shapes base at {path}: pretraining it now (about 20 minutes on 2 CPU cores)")
         pretrain(path)
     return path
 
@@ -1036,7 +1039,7 @@ def build_parser():
     sp = sub.add_parser("prompts", help="write train.jsonl, val.jsonl and test.jsonl", formatter_class=HelpFormatter)
     sp.add_argument("out_dir", nargs="?", default="data/shapes", help="folder for the three files")
     pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)", formatter_class=HelpFormatter)
-    pp.add_argument("--out", default=BASE_DIR, help="folder of the base")
+    pp.add_argument("--out", default=PRETRAIN_DIR, help="folder of the base (the shipped one is in assets/)")
     comments = field_comments(PretrainConfig)
     for f in PretrainConfig.__dataclass_fields__.values():
         pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,

@@ -202,16 +202,22 @@ def guide(logits, cfg_weight):
 _compiled = {}
 
 
-def decode_fn(step, compile):
-    """The eager step, or its torch.compile(fullgraph=True) version; `compile` may name a backend."""
+def decode_fn(step, compile, device):
+    """The eager step, or its torch.compile(fullgraph=True) version; `compile` may name a backend.
+
+    On a GPU the graph attends to every slot of the static cache: CUDA graphs, which remove the per-kernel
+    launch cost that dominates one-token steps there, need fixed shapes. On CPU the attended length (kv_len)
+    stays symbolic (dynamic=True), so one graph serves every position and skips the empty tail of the cache
+    as eager steps do. The samplers run their first step eagerly even when compiling: on CPU that step
+    measures the linear layers' matmul kernels (model.Linear), which the compiled graph then takes."""
     if not compile:
         return step
     backend = compile if isinstance(compile, str) else "inductor"
-    key = (step.__name__, backend)
+    cuda = torch.device(device).type == "cuda"
+    key = (step.__name__, backend, cuda)
     if key not in _compiled:
-        # CUDA graphs remove the per-kernel launch cost that dominates one-token steps on a GPU
-        mode = "reduce-overhead" if backend == "inductor" and torch.cuda.is_available() else None
-        _compiled[key] = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        mode = "reduce-overhead" if backend == "inductor" and cuda else None
+        _compiled[key] = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=not cuda)
     return _compiled[key]
 
 
@@ -242,7 +248,8 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
     if n > 1:  # one prefill, n samples
         cache, mask, logits = cache.repeat_rows(n), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
     lengths = mask[:, :T].sum(1, keepdim=True)  # (B*n, 1) real prompt lengths
-    step = decode_fn(text_step, compile)
+    step = decode_fn(text_step, compile, device)
+    static = compile and device.type == "cuda"  # a compiled GPU step attends to the whole cache (decode_fn)
     out = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B * n, dtype=torch.bool, device=device)
     # each row's length: up to its first EOS (inclusive), else all max_new_tokens. Rows are cut by this
@@ -259,8 +266,8 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
         pos = torch.tensor([T + i], device=device)
-        # eager steps attend to the filled slots only; a compiled step keeps the static length (no recompiles)
-        logits = step(janus, tok, cache, pos, lengths + i, mask, None if compile else T + i + 1)
+        kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
+        logits = (step if i > 0 else text_step)(janus, tok, cache, pos, lengths + i, mask, kv_len)
     return [row[:k] for row, k in zip(out.tolist(), n_new.tolist())]
 
 
@@ -285,13 +292,15 @@ def generate_images(janus: Janus, prompts, *, pad_id, n=1, cfg_weight=5.0, tempe
         cache, mask, logits = cache.repeat_rows(n), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
     lengths = mask[:, :T].sum(1, keepdim=True)  # (R*n, 1)
     w = torch.tensor(float(cfg_weight), device=device) if guided else None
-    step = decode_fn(image_step, compile)
+    step = decode_fn(image_step, compile, device)
+    static = compile and device.type == "cuda"
     codes = torch.empty(len(prompts) * n, N, dtype=torch.long, device=device)
     for i in range(N):
         codes[:, i] = sample_from_logits(logits, temperature, top_k, None, generator)
         if i < N - 1:
             pos = torch.tensor([T + i], device=device)
-            logits = step(janus, codes[:, i], cache, pos, lengths + i, mask, w, None if compile else T + i + 1)
+            kv_len = None if static and i > 0 else T + i + 1
+            logits = (step if i > 0 else image_step)(janus, codes[:, i], cache, pos, lengths + i, mask, w, kv_len)
         if progress is not None:
             progress(i + 1, N)
     return codes
@@ -485,22 +494,24 @@ def completion_logprobs(janus: Janus, prompts, completions, kind, *, pad_id, unc
     embed = janus.embed_text if kind == "text" else janus.embed_image
     head = janus.text_logits if kind == "text" else janus.image_logits
 
-    def hidden(ids, mask):  # (B, L, H): the states that predict each completion token
-        x = torch.cat([janus.embed_text(ids), embed(C[:, :-1])], 1)        # the last token is never an input
-        h = janus(x, mask=torch.cat([mask, C_mask[:, :-1]], 1))
+    def hidden(ids, mask):  # (R, L, H), R a multiple of B: the states that predict each completion token
+        n = ids.shape[0] // B
+        x = torch.cat([janus.embed_text(ids), embed(C[:, :-1]).repeat(n, 1, 1)], 1)  # the last token is never an input
+        h = janus(x, mask=torch.cat([mask, C_mask[:, :-1].repeat(n, 1)], 1))
         return h[:, P - 1:]
-    h = hidden(P_ids, P_mask)[C_mask]                                      # (M, H)
     targets = C[C_mask]                                                    # (M,)
     if uncond_prompts is not None and cfg_weight is not None and kind == "image":
         U_ids, U_mask = left_pad(uncond_prompts, pad_id, device)
         if U_ids.shape != P_ids.shape:
             raise ValueError("unconditional prompts must have the shapes of the conditional ones")
-        hu = hidden(U_ids, U_mask)[C_mask]
-        both = torch.cat([h, hu], -1)
-        H = h.shape[-1]
+        # one forward for the conditional and the unconditional rows: half the calls, larger matmuls
+        hc, hu = hidden(torch.cat([P_ids, U_ids]), torch.cat([P_mask, U_mask])).chunk(2)
+        h = torch.cat([hc[C_mask], hu[C_mask]], -1)                       # (M, 2H)
+        H = hc.shape[-1]
         def head(x):
             return guide(janus.image_logits(torch.cat([x[:, :H], x[:, H:]])), cfg_weight)
-        h = both
+    else:
+        h = hidden(P_ids, P_mask)[C_mask]                                  # (M, H)
     logp = torch.zeros(B, L, dtype=torch.float32, device=device)
     logp[C_mask] = chunked_logprobs(head, h, targets, temperature)
     return logp, C_mask

@@ -197,17 +197,58 @@ def test_presets_have_the_published_keys_and_shapes():
     assert not any(k.startswith(("vision_model.", "aligner.")) for k in sd)
 
 
-def test_linear_small_row_path_equals_f_linear():
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_linear_cpu_kernels_equal_f_linear(monkeypatch, kernel):
+    """Every CPU matmul kernel of model.Linear (pinned, or None: the measured choice) gives F.linear's values
+    and gradients to float rounding, for decode-sized and larger inputs, with and without autograd."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     for bias in (False, True):
         lin = M.Linear(48, 80, bias=bias)
-        for shape in [(2, 1, 48), (5, 48), (0, 3, 48), (1, 64, 48), (3, 30, 48)]:  # the last: > SMALL_ROWS rows
+        for shape in [(2, 1, 48), (5, 48), (0, 3, 48), (1, 64, 48), (3, 30, 48), (48,)]:
             x = torch.randn(shape)
-            y = lin(x)
+            with torch.no_grad():
+                y = lin(x)
             assert y.shape == shape[:-1] + (80,) and y.is_contiguous()
             torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-5)
-    y.sum().backward()  # the layer still trains
-    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+            xg = x.clone().requires_grad_()
+            lin(xg).square().sum().backward()
+            grads = [xg.grad] + [p.grad.clone() for p in lin.parameters()]
+            xg.grad = None
+            lin.zero_grad()
+            F.linear(xg, lin.weight, lin.bias).square().sum().backward()
+            for got, want in zip(grads, [xg.grad] + [p.grad for p in lin.parameters()]):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            lin.zero_grad()
+
+
+def test_linear_takes_the_measured_kernel_once_per_shape(monkeypatch):
+    """A decode-sized call without autograd takes the kernel measure_kernels finds fastest (oneDNN when another
+    is less than 10% faster), measured once per (out, in, rows); calls under autograd and large calls are
+    not measured."""
+    calls, measure = [], M.measure_kernels
+    timings = [{"x W^T": 3.0, "W x^T": 1.0, "oneDNN": 2.0}, {"x W^T": 1.0, "W x^T": 2.0},
+               {"x W^T": 0.95, "W x^T": 2.0, "oneDNN": 1.0}]
+    def fake_measure(x, w, b):
+        calls.append(x.numel() // x.shape[-1])
+        return timings[len(calls) - 1]
+    monkeypatch.setattr(M, "measure_kernels", fake_measure)
+    monkeypatch.setattr(M, "_fastest", {})
+    monkeypatch.setattr(M, "CPU_KERNEL", None)
+    lin = M.Linear(48, 80)
+    with torch.no_grad():
+        for shape in [(2, 1, 48), (2, 48), (4, 48), (6, 48), (64, 48)]:
+            assert lin(torch.randn(shape)).shape == shape[:-1] + (80,)
+    assert calls == [2, 4, 6]
+    assert M._fastest == {(80, 48, 2, torch.float32): "W x^T", (80, 48, 4, torch.float32): "x W^T",
+                          (80, 48, 6, torch.float32): "oneDNN"}
+    lin(torch.randn(3, 48)).sum().backward()  # autograd: not measured
+    assert calls == [2, 4, 6]
+    # the real measurement times every kernel available here
+    times = measure(torch.randn(2, 48), lin.weight, lin.bias, tries=2)
+    assert set(times) == {k for k in M.CPU_KERNELS if k != "oneDNN" or M.ONEDNN} and min(times.values()) > 0
 
 
 def test_kv_cache_incremental_decoding_equals_full_forward():
@@ -411,7 +452,11 @@ def tiny_hf_janus(noise, **vision):
     return ref
 
 
-def test_matches_transformers_janus(tmp_path):
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_matches_transformers_janus(tmp_path, monkeypatch, kernel):
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)  # None: as in normal use; else every linear layer pinned
     ref = tiny_hf_janus(0.05, image_size=64)
     ref.save_pretrained(tmp_path)
     ours = M.Janus.from_pretrained(tmp_path, device="cpu")
@@ -535,7 +580,13 @@ def test_seeds_reproduce_and_differ():
     assert not torch.equal(a[0], c[0])
 
 
-def test_compiled_decode_step_equals_eager():
+@pytest.mark.parametrize("kernel", [None, "oneDNN"])
+def test_compiled_decode_step_equals_eager(monkeypatch, kernel):
+    """The compiled steps (one graph for every position on CPU) sample what the eager ones sample, also
+    with the linear layers pinned to oneDNN, which a graph calls through an op of our own."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
     torch._dynamo.reset()
     m = tiny_model()
     prompts = image_prompts(m, lengths=(6, 8))
@@ -682,9 +733,14 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
 
 
-def test_sample_matches_transformers_janus_generate(tmp_path):
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_sample_matches_transformers_janus_generate(tmp_path, monkeypatch, kernel):
     """`sample.py --levels token --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
-    `generate` in image mode (guidance 5, greedy), on the same random weights."""
+    `generate` in image mode (guidance 5, greedy), on the same random weights, whichever CPU matmul kernel
+    model.Linear takes."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
     # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
     ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
     from transformers import GenerationConfig
@@ -2404,7 +2460,7 @@ def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
                                       uncond_prompts=[R.unconditional(p, PAD) for p in prompts])
     with torch.no_grad():
         default = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token"]), PAD)[0]
-        cfg = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token", "--image-logp", "cfg"]), PAD)[0]
+        cfg = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token", "--image-logp", "cfg", "--cfg", "5"]), PAD)[0]
     torch.testing.assert_close(default, cond)
     torch.testing.assert_close(cfg, guided)
     assert not torch.allclose(cond, guided)

@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = None             # cuda, cpu, ...; unset: CUDA when present (torchrun: GPU LOCAL_RANK)
     dtype: str = None              # autocast over float32 weights: bfloat16 | float32; unset: bf16 on GPU
     seed: int = 0                  # every random draw is keyed by (seed, step, sampling call)
-    compile: bool = False          # torch.compile the sampling decode steps (GPU; slower than eager on CPU)
+    compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few % after ~20 s of compiling)
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
     sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
