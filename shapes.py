@@ -925,18 +925,21 @@ def plan_detections(plan, size=64):
     return dets
 
 
-def diagnose(ckpt, items, n=16, seed=0, log=print):
+def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
-    images from its own plans and from the prompt alone. Returns {row name: geneval summary}."""
+    images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
+    default, as train.py and sample.py sample). Returns {row name: geneval summary}."""
     import torch
     import rewards
     import sample
     from model import Janus, Tokenizer, image_prompt
-    from t2i_r1 import generate_images, image_prompt_text, load_reasoning_prompt
+    from t2i_r1 import generate_images, image_prompt_text, load_reasoning_prompt, sampling_defaults
     from vq import from_uint8
     janus, tok = Janus.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
+    d = sampling_defaults(ckpt)  # chat format, plan length, plan top-k and guidance as train.py samples
+    cfg = d["cfg"] if cfg is None else cfg
     reasoning = load_reasoning_prompt(ckpt=ckpt)
     rng = np.random.default_rng(seed)
     metas = [m for m in items for _ in range(n)]
@@ -956,12 +959,14 @@ def diagnose(ckpt, items, n=16, seed=0, log=print):
     judge("VQ ceiling", detect_batch(sample.decode_images(janus, codes)))
     g = torch.Generator().manual_seed(seed)
     ids = [tok.encode(image_prompt(image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
-    codes = torch.cat([generate_images(janus, ids[i:i + 64], pad_id=tok.pad_id, generator=g)
+    codes = torch.cat([generate_images(janus, ids[i:i + 64], pad_id=tok.pad_id, cfg_weight=cfg, generator=g)
                        for i in range(0, len(ids), 64)])
     judge("drawn from true plans", detect_batch(sample.decode_images(janus, codes)))
     for cot in (True, False):
         records, images = sample.generate(janus, tok, items, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
-                                          reasoning_prompt=reasoning, show_progress=False, cot=cot, max_plan_tokens=64)
+                                          reasoning_prompt=reasoning, show_progress=False, cot=cot, chat=d["chat_format"],
+                                          max_plan_tokens=d["max_plan_tokens"], text_top_k=d["text_top_k"],
+                                          cfg_weight=cfg)
         if cot:
             judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
         judge("drawn from own plans" if cot else "drawn from the prompt alone", detect_batch(images))
@@ -990,16 +995,18 @@ def _tag_scores(summary):
 def report(runs, split="test"):
     """Markdown tables of the paper's ablation from finished train.py run folders: per tag, the mean over the
     runs of each level (their seeds) +- the sample standard deviation. The base rows are the runs' own step-0
-    evaluations: with plans for semantic and both, without for token (as each run samples)."""
-    groups = {}
+    evaluations: with plans for semantic and both, without for token (as each run samples); a semantic and a
+    both run of one seed evaluate the same base with the same draws, so each seed counts once there."""
+    groups, seeds = {}, {}
     for run in runs:
         if not os.path.isfile(os.path.join(run, "config.json")):
             raise FileNotFoundError(f"{run} is not a train.py run folder (no config.json)")
         with open(os.path.join(run, "config.json")) as f:
-            levels = json.load(f)["levels"]
-        groups.setdefault(levels, []).append(run)
+            config = json.load(f)
+        groups.setdefault(config["levels"], []).append(run)
+        seeds[run] = config.get("seed", run)
     rows = []
-    with_plan = groups.get("both", []) + groups.get("semantic", [])
+    with_plan = list({seeds[r]: r for r in groups.get("semantic", []) + groups.get("both", [])}.values())
     if with_plan:
         rows.append(("base, with its plans", [_tag_scores(_eval_file(r, split, "base")) for r in with_plan]))
     if groups.get("token"):
@@ -1049,6 +1056,7 @@ def build_parser():
     dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
     dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
     dp.add_argument("--n", type=int, default=16, help="images per prompt")
+    dp.add_argument("--cfg", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
     rp = sub.add_parser("report", help="the ablation table of finished train.py runs (mean and spread over seeds)",
                         formatter_class=HelpFormatter)
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
@@ -1063,9 +1071,12 @@ def main(argv=None):
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
-        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n)
+        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg)
     elif args.cmd == "report":
-        print(report(args.runs, args.split))
+        try:
+            print(report(args.runs, args.split))
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
     else:
         c = PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__})
         pretrain(args.out, c)

@@ -2312,6 +2312,28 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
 
 
+def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
+    """The base in assets/ is what `python shapes.py pretrain` makes with its defaults (its recorded recipe is
+    PretrainConfig()), within the 10 MB budget, in Janus-Pro's layout, and it plans and draws."""
+    from dataclasses import asdict
+    folder = S.BASE_DIR
+    record = json.load(open(os.path.join(folder, "pretrain.json")))
+    assert record["config"] == asdict(S.PretrainConfig())
+    assert record["vq_encode_accuracy"] == 1.0
+    assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) < 10 * 2**20
+    janus, tok = M.Janus.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
+    assert janus.cfg.n_layer == S.PretrainConfig().n_layer and janus.cfg.n_embd == S.PretrainConfig().n_embd
+    assert R.default_chat_format(folder) == "janus"
+    assert S.ensure_base() == folder  # train.py and sample.py use it without pretraining
+    import sample as SA
+    meta = S.colors("red", "circle")
+    records, images = SA.generate(janus, tok, [meta], n=4, reasoning_prompt=R.load_reasoning_prompt(ckpt=folder),
+                                  chat="janus", max_plan_tokens=24, cfg_weight=2.0, show_progress=False, seed=0)
+    assert all("red circle" in r["plan"] for r in records), [r["plan"] for r in records]
+    dets = S.detect_batch(images)
+    assert sum(any(d["class"] == "circle" and d["color"] == "red" for d in ds) for ds in dets) >= 2, dets
+
+
 def test_shapes_tokens_are_cells_and_lossless():
     contents = S.cell_contents()
     assert contents.shape[1:] == (8, 8, 3) and (contents[0] == S.BACKGROUND).all()
@@ -2342,10 +2364,10 @@ def test_shapes_plans_read_as_detections():
     assert not RW.geneval_score(S.plan_detections("red triangle top , red triangle left"), meta)["strict"]
 
 
-def _fake_run(folder, levels, base, final, steps=10):
+def _fake_run(folder, levels, base, final, steps=10, seed=0):
     """A finished train.py run folder as shapes.report reads it: config.json and eval/test_*.json."""
     os.makedirs(folder / "eval")
-    (folder / "config.json").write_text(json.dumps({"levels": levels}))
+    (folder / "config.json").write_text(json.dumps({"levels": levels, "seed": seed}))
     for step, acc in ((0, base), (steps, final)):
         g = {"per_tag": acc, "overall": float(np.mean([v for t, v in acc.items() if t in S.GENEVAL_TAGS]))}
         (folder / "eval" / f"test_{step:05d}.json").write_text(json.dumps({"rewards": {}, "geneval_shapes": g}))
@@ -2359,18 +2381,20 @@ def test_shapes_report_averages_seeds_per_level(tmp_path):
     for levels, finals in (("both", (0.6, 0.8)), ("token", (0.5, 0.5)), ("semantic", (0.3, 0.4))):
         for seed, f in enumerate(finals):
             runs.append(tmp_path / f"{levels}{seed}")
-            _fake_run(runs[-1], levels, acc(0.2 if levels != "token" else 0.1, 0.3), acc(f, f / 2))
+            base = 0.2 + 0.1 * seed if levels != "token" else 0.1  # one base per seed for semantic and both
+            _fake_run(runs[-1], levels, acc(base, 0.3), acc(f, f / 2), seed=seed)
     table = S.report([str(r) for r in runs])
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
             if line.startswith("| ") and "±" in line or line.startswith("| semantic level") or line.startswith("| token level")}
     # both levels: seeds 0.6 and 0.8 -> mean 0.7, sample std 0.141; reasoning 0.3 and 0.4 -> 0.35 +- 0.071
     assert rows["both levels (T2I-R1), 2 seeds"][0] == "0.700 ± 0.141"
     assert rows["both levels (T2I-R1), 2 seeds"][-1] == "0.350 ± 0.071"
-    assert rows["base, with its plans"][0] == "0.200 ± 0.000" and rows["base, no plan"][0] == "0.100 ± 0.000"
+    # the base with plans: seeds 0.2 and 0.3, each counted once although a semantic and a both run evaluated it
+    assert rows["base, with its plans"][0] == "0.250 ± 0.071" and rows["base, no plan"][0] == "0.100 ± 0.000"
     assert rows["semantic level (both - token)"][0] == "+0.200" and rows["token level (both - semantic)"][0] == "+0.350"
     with pytest.raises(FileNotFoundError, match="not a train.py run folder"):
         S.report([str(tmp_path)])
-    (tmp_path / "config.json").write_text(json.dumps({"levels": "both"}))
+    (tmp_path / "config.json").write_text(json.dumps({"levels": "both", "seed": 0}))
     with pytest.raises(FileNotFoundError, match="no test evaluation"):
         S.report([str(tmp_path)])  # a run that never evaluated
 
