@@ -222,7 +222,7 @@ def bench_speed(args):
         result = {}
         for rep in range(args.repeats + 1):
             for mode, (fn, tokens) in runs.items():
-                with cpu_kernel(PINNED.get(mode)):
+                with cpu_kernel(PINNED[mode]) if mode in PINNED else contextlib.nullcontext():
                     t, _ = timed(fn, device)
                 if rep:
                     result[mode] = max(result.get(mode, 0.0), tokens / t)
@@ -231,9 +231,8 @@ def bench_speed(args):
             print(f"  batch {B} {mode}: {v:.1f} tokens/s", flush=True)
     modes = list(runs)
     floor = device.type == "cpu"
+    gbs, wbytes = bandwidth_gbs(device), decode_weight_bytes(janus)  # for the floor: bytes read over bandwidth
     if floor:  # bytes one decode step reads: the weights, and the KV cache at its average fill
-        gbs = bandwidth_gbs(device)
-        wbytes = decode_weight_bytes(janus)
         kv = lambda B: 2 * cfg.n_layer * 2 * B * cfg.n_kv_head * cfg.head_dim * (args.prompt_len + N / 2) * dtype.itemsize
         print(f"\ncopy bandwidth {gbs:.1f} GB/s; a decode step reads {wbytes / 1e6:.0f} MB of weights "
               f"+ the KV cache ({kv(1) / 1e6:.0f} MB per prompt at its average fill)")
@@ -251,8 +250,6 @@ def bench_speed(args):
             line += f" {floor_tps:.1f} | {best / floor_tps:.2f} |"
         print(line)
     if device.type == "cuda":
-        gbs = bandwidth_gbs(device)
-        wbytes = decode_weight_bytes(janus)
         floor_ms = wbytes / (gbs * 1e9) * 1e3
         step = R.decode_fn(R.image_step, True, device)
         prompts = [[1] + [5] * (args.prompt_len - 2) + [2]]
@@ -274,7 +271,6 @@ def bench_train(args):
     """A few BiCoT-GRPO steps of train.py on random weights of a preset: seconds per step and peak memory.
     The checkpoint gets the shapes world's tokenizer and prompts and the `shapes` reward, so nothing needs a
     download; random weights write random plans (decoded without their unknown ids) and noise images."""
-    import json
     import shutil
     import shapes
     import train as T
@@ -284,10 +280,7 @@ def bench_train(args):
     try:
         write_random_checkpoint(cfg, folder, weights="safetensors", shards=1)
         shapes.make_tokenizer().save(os.path.join(folder, "tokenizer.json"))
-        with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in shapes.prompt_sets()[0])
-        argv = ["--ckpt", folder, "--prompts", os.path.join(folder, "prompts.jsonl"), "--out",
-                os.path.join(folder, "run"), "--rewards", "shapes", "--steps", str(args.steps),
+        argv = ["--ckpt", folder, "--out", os.path.join(folder, "run"), "--rewards", "shapes", "--steps", str(args.steps),
                 "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
                 "--rollout-batch", str(args.prompts_per_step), "--micro-batch", str(args.micro_batch),
                 "--max-plan-tokens", str(args.max_plan_tokens), "--lora-rank", str(args.lora_rank),
@@ -297,9 +290,7 @@ def bench_train(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _, metrics = T.train(T.parse_args(argv), log=lambda *a, **k: None)
-        steps = [m for m in metrics if "reward" in m][1:] or [m for m in metrics if "reward" in m]  # 1st: warm-up
-        sec = sum(m["seconds"] for m in steps) / len(steps)
-        roll = sum(m["rollout_seconds"] for m in steps) / len(steps)
+        sec, roll = step_seconds(metrics)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
         name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
         what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
@@ -310,41 +301,41 @@ def bench_train(args):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def step_seconds(metrics):
+    """Mean seconds per training step and of its rollout, over train.py's step metrics without the first (a
+    warm-up that also measures model.Linear's kernels), unless it is the only one."""
+    steps = [m for m in metrics if "rollout_seconds" in m]
+    steps = steps[1:] or steps
+    return (sum(m["seconds"] for m in steps) / len(steps), sum(m["rollout_seconds"] for m in steps) / len(steps))
+
+
 def bench_rl(args):
     """Seconds per BiCoT-GRPO step of train.py with its own defaults on a shapes-world base (its tokenizer, the
     shapes training prompts, the exact `shapes` reward), split into rollout (sampling, VQ decoding, rewards) and
     update (reference log-probs, policy forward and backward, AdamW). The first step is not counted: it also
     measures model.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
     after the last step's clock stops."""
-    import json
     import shutil
     import shapes
     import train as T
     base = args.ckpt or shapes.ensure_base()
     folder = tempfile.mkdtemp(prefix="bench-rl-")
-    try:
-        with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in shapes.prompt_sets()[0])
-        argv = ["--ckpt", base, "--prompts", os.path.join(folder, "prompts.jsonl"), "--out", os.path.join(folder, "run"),
-                "--steps", str(args.steps), "--eval-every", "0", "--sample-every", "0", "--save-every", "0"]
+    try:  # train.py's defaults: the shapes training prompts, no evaluation sets for a named checkpoint
+        argv = ["--ckpt", base, "--out", os.path.join(folder, "run"), "--steps", str(args.steps),
+                "--eval-every", "0", "--sample-every", "0", "--save-every", "0"]
         cfg = T.parse_args(argv)
         _, metrics = T.train(cfg, log=lambda *a, **k: None)
-        steps = [m for m in metrics if "rollout_seconds" in m][1:]
-        sec = sum(m["seconds"] for m in steps) / len(steps)
-        roll = sum(m["rollout_seconds"] for m in steps) / len(steps)
-        jc = json.load(open(os.path.join(base, "config.json")))["language_config"]
+        sec, roll = step_seconds(metrics)
+        mc = M.load_config(base)
         print(f"\n| base | G x prompts | CPU | s / step | rollout (s) | update (s) |\n|---|---|---|---|---|---|\n"
-              f"| {jc['num_hidden_layers']} layers x {jc['hidden_size']} | {cfg.group_size} x {cfg.prompts_per_step} "
+              f"| {mc.n_layer} layers x {mc.n_embd} | {cfg.group_size} x {cfg.prompts_per_step} "
               f"| {cpu_name()} | {sec:.3f} | {roll:.3f} | {sec - roll:.3f} |")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each flag's default after its help line."""
-
-
 def build_parser():
+    from sample import HelpFormatter
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pl = sub.add_parser("load", help="peak memory of loading a checkpoint written with random weights",

@@ -535,7 +535,7 @@ GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
 
 def check_geneval_metadata(m) -> None:
     """Raise ValueError naming the field when m is not GenEval metadata the rules can read: include clauses
-    with a class, a count >= 1, an optional colour and an optional [relation, index of another include
+    with a class, a count >= 1, an optional colour and an optional [relation, index of an earlier include
     clause]; optional exclude clauses with a class and a count."""
     def count_ok(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -558,10 +558,9 @@ def check_geneval_metadata(m) -> None:
             if "position" in c:
                 pos = c["position"]
                 ok = (part == "include" and isinstance(pos, list) and len(pos) == 2 and pos[0] in GENEVAL_RELATIONS
-                      and isinstance(pos[1], int) and not isinstance(pos[1], bool) and 0 <= pos[1] < len(include)
-                      and pos[1] != i)
-                if not ok:
-                    raise ValueError(f"{where}: 'position' must be [relation, index of another include clause] "
+                      and isinstance(pos[1], int) and not isinstance(pos[1], bool) and 0 <= pos[1] < i)
+                if not ok:  # geneval_score places a clause relative to one it has already matched
+                    raise ValueError(f"{where}: 'position' must be [relation, index of an earlier include clause] "
                                      f"with relation one of {', '.join(GENEVAL_RELATIONS)}, got {pos!r:.80}")
 
 
@@ -1109,6 +1108,7 @@ class RewardEnsemble:
                     merged.setdefault(k, []).extend(v)
                 if progress is not None:
                     progress(len(s))
+            merged.setdefault("checked", [True] * len(images))  # rewards that never abstain check every image
             scores[name], info[name] = torch.cat(parts), merged
         return scores, info
 

@@ -237,7 +237,7 @@ def score(scorer, images, records, group_size=None, show_progress=True, desc="sc
     summary = {"images": len(records), "rewards": {}}
     for name, v in scores.items():
         # rule rewards abstain on prompts without GenEval metadata: their means and accuracies leave them out
-        checked = info[name].get("checked") or [True] * len(v)
+        checked = info[name]["checked"]
         mask = torch.tensor(checked, dtype=torch.bool)
         summary["rewards"][name] = float(v[mask].mean()) if mask.any() else float("nan")
         if not all(checked):

@@ -254,7 +254,8 @@ def prompt_sets():
         pool = [i for i, m in enumerate(train) if m["tag"] == tag and m.get("riddle") != "shape"]
         if len(pool) >= 10:
             val += [int(i) for i in rng.choice(pool, round(VAL_FRACTION * len(pool)), replace=False)]
-    return [m for i, m in enumerate(train) if i not in set(val)], [train[i] for i in sorted(val)], test
+    held = set(val)
+    return [m for i, m in enumerate(train) if i not in held], [train[i] for i in sorted(val)], test
 
 
 def write_prompt_sets(out_dir):
@@ -687,11 +688,9 @@ def make_tokenizer():
     return tk
 
 
-def _scene_meta(rng, train):
-    """A training prompt, tags drawn uniformly (color_attr would otherwise be half of the data)."""
-    by_tag = {}
-    for m in train:
-        by_tag.setdefault(m["tag"], []).append(m)
+def _scene_meta(rng, by_tag):
+    """A training prompt, tags drawn uniformly (color_attr would otherwise be half of the data); by_tag:
+    {tag: prompts}."""
     tags = sorted(by_tag)
     pool = by_tag[tags[rng.integers(len(tags))]]
     return pool[rng.integers(len(pool))]
@@ -705,10 +704,12 @@ def render_dataset(c: PretrainConfig, rng):
     VQ has to be able to draw every object, and it is the plan that lets the model carry a new prompt
     ("a red triangle") over to a scene it knows: the semantic level's job in T2I-R1."""
     train, val, _ = prompt_sets()
-    train = train + val  # val is carved out of RL's prompts, not out of what the base has seen
+    by_tag = {}
+    for m in train + val:  # val is carved out of RL's prompts, not out of what the base has seen
+        by_tag.setdefault(m["tag"], []).append(m)
     out = []
     for _ in range(c.scenes):
-        meta = _scene_meta(rng, train)
+        meta = _scene_meta(rng, by_tag)
         scene = sample_scene(meta, rng, size=c.image_size)
         out.append((meta, plan_of(scene), render(scene)))
     return out
@@ -1011,11 +1012,11 @@ def report(runs, split="test"):
         rows.append(("base, with its plans", [_tag_scores(_eval_file(r, split, "base")) for r in with_plan]))
     if groups.get("token"):
         rows.append(("base, no plan", [_tag_scores(_eval_file(r, split, "base")) for r in groups["token"]]))
+    final = {levels: [_tag_scores(_eval_file(r, split, "final")) for r in rs] for levels, rs in groups.items()}
     for levels, name in (("semantic", "semantic level only"), ("token", "token level only"),
                          ("both", "both levels (T2I-R1)")):
-        if groups.get(levels):
-            rows.append((f"{name}, {len(groups[levels])} seeds",
-                         [_tag_scores(_eval_file(r, split, "final")) for r in groups[levels]]))
+        if levels in final:
+            rows.append((f"{name}, {len(final[levels])} seeds", final[levels]))
     cols = [t for t in GENEVAL_TAGS + ("overall", "reasoning") if any(t in s for _, ss in rows for s in ss)]
     def cell(values):
         v = np.array(values)
@@ -1023,7 +1024,6 @@ def report(runs, split="test"):
     head = "| | " + " | ".join("GenEval overall" if c == "overall" else c for c in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + name + " | " + " | ".join(cell([s[c] for s in ss]) for c in cols) + " |" for name, ss in rows]
-    final = {levels: [_tag_scores(_eval_file(r, split, "final")) for r in rs] for levels, rs in groups.items()}
     if {"both", "token", "semantic"} <= set(final):
         mean = {k: {c: np.mean([s[c] for s in ss]) for c in cols} for k, ss in final.items()}
         lines += ["", "What each level adds (difference of the means):", "", head, lines[1]]

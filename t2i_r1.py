@@ -252,23 +252,20 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
     static = compile and device.type == "cuda"  # a compiled GPU step attends to the whole cache (decode_fn)
     out = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B * n, dtype=torch.bool, device=device)
-    # each row's length: up to its first EOS (inclusive), else all max_new_tokens. Rows are cut by this
-    # finished mask, never by token value: a plan may sample the pad token, and dropping it would score the
-    # plan later under another context than the one it was sampled in.
-    n_new = torch.full((B * n,), max_new_tokens, dtype=torch.long, device=device)
     for i in range(max_new_tokens):
         tok = sample_from_logits(logits, temperature, top_k, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)  # finished rows: filler, cut below
         out[:, i] = tok
-        ends = ~done & (tok == eos_id)
-        n_new = torch.where(ends, i + 1, n_new)
-        done |= ends
+        done |= tok == eos_id
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
         pos = torch.tensor([T + i], device=device)
         kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
         logits = (step if i > 0 else text_step)(janus, tok, cache, pos, lengths + i, mask, kv_len)
-    return [row[:k] for row, k in zip(out.tolist(), n_new.tolist())]
+    # each row ends at its first EOS (inclusive), else after max_new_tokens: only filler follows an EOS. Rows
+    # are cut there, never filtered by token value: a plan may sample the pad token, and dropping it would
+    # score the plan later under another context than the one it was sampled in.
+    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in out.tolist()]
 
 
 # -----------------------------------------------------------------------------

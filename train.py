@@ -254,7 +254,7 @@ def rollout(policy, tok, chunks, cfg: TrainConfig, step, scorer, reasoning, chat
         scores, info = scorer(imgs, metas)
         total = scorer.combine(scores, mode=cfg.reward_combine, group_size=cfg.group_size)
         adv = R.group_advantages(total, cfg.group_size)
-        checked = {k: info[k].get("checked") or [True] * len(metas) for k in scores}  # rule rewards may abstain
+        checked = {k: info[k]["checked"] for k in scores}  # rule rewards may abstain
         for i in range(len(metas)):
             samples.append({"prompt": s.prompts[i], "plan": s.plans[i], "reasoning_ids": s.reasoning_ids[i],
                             "plan_ids": s.plan_ids[i], "image_prompt_ids": s.image_prompt_ids[i],
@@ -425,10 +425,9 @@ def lr_at(cfg: TrainConfig, step):
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fill the per-model sampling settings left unset (None): the shapes world's for its base (cfg.ckpt None)
     and checkpoints with their own reasoning_prompt.txt, T2I-R1's for Janus-Pro (t2i_r1.MODEL_DEFAULTS)."""
-    d = R.MODEL_DEFAULTS["janus"] if cfg.ckpt is None else R.sampling_defaults(cfg.ckpt)
+    d = dict(R.MODEL_DEFAULTS["janus"]) if cfg.ckpt is None else R.sampling_defaults(cfg.ckpt)  # a copy
     # compute precision: bf16 autocast over float32 master weights on a GPU, float32 on a CPU
-    gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    d["dtype"] = "bfloat16" if gpu else "float32"
+    d["dtype"] = "bfloat16" if train_device(cfg).type == "cuda" else "float32"
     return replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
 
 
