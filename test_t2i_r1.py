@@ -2503,6 +2503,7 @@ def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, 
     for args in ([], ["--ckpt", random_base]):  # the shapes world's base, and a folder with its own request
         c = T.resolve_defaults(T.parse_args(args))
         assert (c.max_plan_tokens, c.text_top_k, c.chat_format) == (64, 0, "janus")
+    assert "dtype" not in R.MODEL_DEFAULTS["janus"] and "dtype" not in R.sampling_defaults(random_base)  # no leak
     lines = []
     _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "1",
                                                     "--max-plan-tokens", "2")), log=lines.append)
@@ -2556,6 +2557,10 @@ def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_th
            ({"prompt": "a cat", "tag": "single_object", "include": [{"count": 1}]}, r"include\[0\] needs a 'class'"),
            ({"prompt": "a cat", "include": [{"class": "cat", "count": 0}]}, r"include\[0\] needs a 'count'"),
            ({"prompt": "a cat", "include": [{"class": "cat", "count": 1, "position": ["near", 0]}]},
+            r"include\[0\]: 'position' must be"),
+           # geneval_score places a clause relative to one already matched: a later one cannot be scored
+           ({"prompt": "a cat left of a dog", "include": [{"class": "cat", "count": 1, "position": ["left of", 1]},
+                                                          {"class": "dog", "count": 1}]},
             r"include\[0\]: 'position' must be")]
     for row, msg in bad:
         path.write_text(json.dumps(T2I_R1_ROWS[0]) + "\n\n" + json.dumps(row) + "\n")
