@@ -22,6 +22,7 @@ import contextlib
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,9 @@ import time
 import torch
 
 import model as M
+import shapes
 import t2i_r1 as R
+import train as T
 
 # sizes for speed runs: the published presets, and a CPU-sized model for the comparison with transformers
 SIZES = {**{k: dict(v) for k, v in M.PRESETS.items()},
@@ -102,8 +105,8 @@ def timed(fn, device):
 @torch.no_grad()
 def generate_nocache(janus, prompts, pad_id, cfg_weight, steps, generator):
     """The baseline without a KV cache: every step runs the whole sequence again."""
-    ids, mask = R.left_pad(prompts + [R.unconditional(p, pad_id) for p in prompts], pad_id,
-                           janus.language_model.lm_head.weight.device)
+    ids, mask = R.pad_tokens(prompts, pad_id, janus.device)
+    ids, mask = torch.cat([ids, R.unconditional(ids, mask, pad_id)]), torch.cat([mask, mask])
     codes = torch.zeros(len(prompts), 0, dtype=torch.long, device=ids.device)
     for _ in range(steps):
         x = torch.cat([janus.embed_text(ids), janus.embed_image(torch.cat([codes, codes]))], 1)
@@ -183,7 +186,7 @@ PINNED = {"F.linear": "x W^T", "W x^T": "W x^T", "oneDNN": "oneDNN"}
 
 
 def bench_speed(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = M.default_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = M.JanusConfig(**{**SIZES[args.preset], "vocab_size": args.vocab_size})
     torch.manual_seed(0)
@@ -208,7 +211,7 @@ def bench_speed(args):
                 K = min(args.nocache_tokens, N)
                 runs[mode] = (lambda K=K: generate_nocache(janus, prompts, 0, w, K, g), B * K)
             else:
-                runs[mode] = (lambda mode=mode: R.generate_images(janus, prompts, pad_id=0, cfg_weight=w, generator=g,
+                runs[mode] = (lambda mode=mode: R.generate_images(janus, *R.pad_tokens(prompts, 0, device), pad_id=0, cfg_weight=w, generator=g,
                                                                   compile=mode == "compiled"), B * N)
         if ref is not None:
             from transformers import GenerationConfig
@@ -236,7 +239,7 @@ def bench_speed(args):
         kv = lambda B: 2 * cfg.n_layer * 2 * B * cfg.n_kv_head * cfg.head_dim * (args.prompt_len + N / 2) * dtype.itemsize
         print(f"\ncopy bandwidth {gbs:.1f} GB/s; a decode step reads {wbytes / 1e6:.0f} MB of weights "
               f"+ the KV cache ({kv(1) / 1e6:.0f} MB per prompt at its average fill)")
-    print(f"\n| batch | " + " | ".join(f"{m} (tokens/s)" for m in modes) + " | images/s (best) |"
+    print("\n| batch | " + " | ".join(f"{m} (tokens/s)" for m in modes) + " | images/s (best) |"
           + (" ours / transformers |" if ref is not None else "")
           + (" floor (tokens/s) | best / floor |" if floor else ""))
     print("|---" * (len(modes) + 2 + (ref is not None) + 2 * floor) + "|")
@@ -253,8 +256,9 @@ def bench_speed(args):
         floor_ms = wbytes / (gbs * 1e9) * 1e3
         step = R.decode_fn(R.image_step, True, device)
         prompts = [[1] + [5] * (args.prompt_len - 2) + [2]]
-        ids, mask = R.left_pad(prompts + [R.unconditional(prompts[0], 0)], 0, device)
-        h, cache, mask = R._prefill(janus, ids, mask, N)
+        ids, mask = R.pad_tokens(prompts, 0, device)
+        ids, mask = torch.cat([ids, R.unconditional(ids, mask, 0)]), torch.cat([mask, mask])
+        h, cache, mask = R.prefill(janus, ids, mask, N)
         codes, lengths = torch.zeros(1, dtype=torch.long, device=device), mask[:, :ids.shape[1]].sum(1, keepdim=True)
         wt = torch.tensor(w, device=device)
         pos = torch.tensor([ids.shape[1]], device=device)
@@ -271,10 +275,7 @@ def bench_train(args):
     """A few BiCoT-GRPO steps of train.py on random weights of a preset: seconds per step and peak memory.
     The checkpoint gets the shapes world's tokenizer and prompts and the `shapes` reward, so nothing needs a
     download; random weights write random plans (decoded without their unknown ids) and noise images."""
-    import shutil
-    import shapes
-    import train as T
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = M.default_device(args.device)
     cfg = M.preset(args.preset)
     folder = tempfile.mkdtemp(prefix=f"{args.preset}-train-")
     try:
@@ -315,9 +316,6 @@ def bench_rl(args):
     update (reference log-probs, policy forward and backward, AdamW). The first step is not counted: it also
     measures model.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
     after the last step's clock stops."""
-    import shutil
-    import shapes
-    import train as T
     base = args.ckpt or shapes.ensure_base()
     folder = tempfile.mkdtemp(prefix="bench-rl-")
     try:  # train.py's defaults: the shapes training prompts, no evaluation sets for a named checkpoint
@@ -335,7 +333,7 @@ def bench_rl(args):
 
 
 def build_parser():
-    from sample import HelpFormatter
+    HelpFormatter = M.HelpFormatter
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pl = sub.add_parser("load", help="peak memory of loading a checkpoint written with random weights",

@@ -19,11 +19,14 @@ Departures from the reference code:
   shape, in a decode step, and take oneDNN elsewhere (`Linear`).
 """
 
+import argparse
+import inspect
 import json
 import os
 import platform
+import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 import torch
 import torch.nn as nn
@@ -80,6 +83,36 @@ def preset(name: str, **overrides) -> JanusConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return JanusConfig(**{**PRESETS[name], **overrides})
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the description as written, and every flag's default after its help line."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default is argparse.SUPPRESS or not action.option_strings:
+            return action.help
+        return f"{action.help} (default: {'unset' if action.default is None else '%(default)s'})"
+
+
+def config_flags(parser, cls, choices=None, given_only=False, aliases=None):
+    """A command-line flag per field of a dataclass config (TrainConfig, SamplingConfig, PretrainConfig):
+    --field-name, typed as the field, its help the field's trailing comment and its default. given_only:
+    parse_args returns only the flags given (a resumed run lays them over its saved config). aliases:
+    {field: extra flag}."""
+    comments = {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}
+    for f in fields(cls):
+        if is_dataclass(f.type):  # a nested config (TrainConfig.sampling) brings its own flags
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        flags = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if f.name in (aliases or {}) else [])
+        kw = dict(default=argparse.SUPPRESS if given_only else default,
+                  help=f"{comments.get(f.name, '')} (default: {'unset' if default is None else default})")
+        if f.type is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type is list:
+            parser.add_argument(*flags, nargs="*", **kw)
+        else:
+            parser.add_argument(*flags, type=f.type, choices=(choices or {}).get(f.name), **kw)
 
 
 # LLaMA's defaults complete the partial `language_config` of the published config.json
@@ -464,6 +497,10 @@ class Janus(nn.Module):
     def vq(self) -> VQModel:
         return self.gen_vision_model
 
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
     # --- inputs and outputs
     def embed_text(self, ids):   # (B, T) -> (B, T, H)
         return self.language_model.model.embed_tokens(ids)
@@ -528,7 +565,7 @@ class Janus(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "Janus":
         """Load a local Janus-Pro folder (any published layout). Default precision: bf16 on GPU, fp32 on CPU."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         path = os.path.expanduser(path)  # "~/models/Janus-Pro-1B" as written in a shell
         cfg = load_config(path)
@@ -585,6 +622,11 @@ class CheckpointError(ValueError):
     pass
 
 
+def default_device(device=None) -> torch.device:
+    """The device asked for, else CUDA when present, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -631,27 +673,38 @@ def weight_files(path) -> list:
 
 
 def read_tensors(file):
-    """Yield (key, tensor) from a .safetensors or torch .bin file, one tensor at a time, memory-mapped."""
+    """Yield (key, tensor) from a .safetensors file or a torch pickle, one tensor at a time, memory-mapped.
+    A pickle's {"state_dict": ...} wrapper and DataParallel's "module." prefixes are unwrapped."""
     try:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(file, framework="pt") as f:
                 for k in f.keys():
                     yield k, f.get_tensor(k)
-        else:
-            try:
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) pickle
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict")
-            yield from state.items()
-    except CheckpointError:
-        raise
+            return
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) pickle
     except Exception as e:  # truncated downloads surface here as zip/header errors
         raise CheckpointError(f"could not read {file} (truncated or corrupt download?): {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict")
+    for k, v in state.items():
+        yield k.removeprefix("module."), v
+
+
+def mismatch_error(what, missing, unexpected, misshaped, limit=40) -> "CheckpointError":
+    """The one report of a strict load: every missing, unexpected and mis-shaped key (up to limit of each)."""
+    def listing(title, items):
+        shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
+        return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(shown) if items else ""
+    return CheckpointError(what + listing("missing", missing) + listing("unexpected", unexpected)
+                           + listing("mis-shaped", misshaped))
 
 
 def to_original_key(key: str):
@@ -673,7 +726,7 @@ def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -
     converting each tensor to dtype/device as it is read so at most one copy of the weights exists."""
     expected = model.state_dict()
     files = weight_files(path)
-    state, origin, unexpected, misshaped = {}, {}, [], []
+    state, unexpected, misshaped = {}, [], []
     for file in files:
         for key, t in read_tensors(file):
             name = to_original_key(key)
@@ -692,7 +745,6 @@ def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -
                 # addresses, so a checkpoint would compute other last bits depending on its file format
                 t = t.clone()
             state[name] = t
-            origin[name] = where
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if model.cfg.tie_word_embeddings and head not in state and embed in state:
         state[head] = state[embed]  # tied checkpoints store the matrix once
@@ -701,12 +753,8 @@ def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -
         state["gen_vision_model.quantize.codebook_used"] = torch.zeros(65536, device=device, dtype=dtype)
     missing = [k for k in expected if k not in state]
     if missing or unexpected or misshaped:
-        def listing(title, items):
-            shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
-            return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(shown) if items else ""
-        raise CheckpointError(
-            f"checkpoint {', '.join(files)} does not fit the model described by {os.path.join(path, 'config.json')}:"
-            + listing("missing", missing) + listing("unexpected", unexpected) + listing("mis-shaped", misshaped))
+        raise mismatch_error(f"checkpoint {', '.join(files)} does not fit the model described by "
+                             f"{os.path.join(path, 'config.json')}:", missing, unexpected, misshaped)
     return state
 
 

@@ -9,7 +9,7 @@ Top to bottom:
   4. Rewards, all called as `reward(images, metadata) -> (scores (B,) float32, info dict of per-image lists)`:
      clip, pickscore, hps, aesthetic, geneval, shapes.
   5. Selection and weights from the command line, the reward ensemble, `sum` / `group` combination,
-     evaluation extras (diversity, mean aesthetic).
+     evaluation extras (diversity).
 
 Where this departs from the reference code, and why:
   - Every model's resize is PIL bicubic on uint8 pixels (OpenAI CLIP, HF and OpenCLIP do the same up to
@@ -32,6 +32,7 @@ import gzip
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,6 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from model import default_device, mismatch_error, read_tensors
+from t2i_r1 import group_advantages
 
 # -----------------------------------------------------------------------------------------------------
 # 1. CLIP
@@ -204,23 +208,6 @@ class CLIP(nn.Module):
 # ---- checkpoints
 
 
-def read_state_dict(path):
-    """Tensors of a safetensors file or a torch pickle ({'state_dict': ...} and 'module.' prefixes unwrapped)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files from torch < 1.6 (no zip container) cannot be memory-mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
 _OPENCLIP_NAMES = [  # OpenCLIP name piece -> ours, in order: each visual.* rule before its text namesake
     ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
     ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
@@ -256,24 +243,15 @@ def openclip_to_hf(sd):
     return out
 
 
-def _listing(title, items, limit=20):
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
-
-
 def load_weights(model, sd, path):
     """Strict load: missing, unexpected or mis-shaped keys raise one error that lists them and names the file."""
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "attn_mask"))}  # derived buffers
     want = model.state_dict()
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     shaped = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in sorted(set(sd) & set(want))
               if sd[k].shape != want[k].shape]
     if missing or unexpected or shaped:
-        msg = f"{path}: checkpoint does not match {type(model).__name__}"
-        for title, items in [("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)]:
-            msg += _listing(title, items) if items else ""
-        raise ValueError(msg)
+        raise mismatch_error(f"{path}: checkpoint does not match {type(model).__name__}", missing, unexpected, shaped)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -289,7 +267,7 @@ def read_config(folder, preset):
 
 def load_clip(weights, config: CLIPConfig, device="cpu", dtype=torch.float32) -> CLIP:
     """A CLIP from an HF CLIPModel file or an OpenCLIP pickle (detected by its 'visual.' keys)."""
-    sd = read_state_dict(weights)
+    sd = dict(read_tensors(weights))
     if any(k.startswith("visual.") for k in sd):
         sd = openclip_to_hf(sd)
     with torch.device("meta"):  # no random init of a billion parameters we overwrite anyway
@@ -493,7 +471,7 @@ class OwlViT(nn.Module):
 
 
 def load_owlvit(weights, config: CLIPConfig, device="cpu", dtype=torch.float32) -> OwlViT:
-    sd = {k.replace(".pre_layernorm.", ".pre_layrnorm."): v for k, v in read_state_dict(weights).items()}
+    sd = {k.replace(".pre_layernorm.", ".pre_layrnorm."): v for k, v in dict(read_tensors(weights)).items()}
     with torch.device("meta"):
         model = OwlViT(config)
     return load_weights(model, sd, weights).to(device, dtype)
@@ -686,6 +664,80 @@ def color_classifier(clip, tokenizer, object_class, device="cpu"):  # -> (10, E)
     return torch.stack(rows)
 
 
+# ---- T2I-R1's prompt file -> GenEval metadata
+
+# Localities in T2I-R1's file that GenEval's arithmetic can check; "next to", "near" and "on side of" cannot.
+# "on top of" (resting on) is read as "above": the object on top has its centre higher in the picture
+# (a flat object lying on a much bigger one can still miss GenEval's margin).
+_LOCALITIES = {"left of": "left of", "on the left of": "left of", "right of": "right of",
+               "on the right of": "right of", "above": "above", "on the top of": "above", "on top of": "above",
+               "below": "below", "on the bottom of": "below"}
+
+
+def check_t2i_r1_row(row):
+    """Raise ValueError naming the field when a T2I-R1 prompt-file row (JSON object) cannot be read."""
+    def strings(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise ValueError(f"'prompt' must be a non-empty string, got {row.get('prompt')!r:.80}")
+    if "task_type" in row and not isinstance(row["task_type"], str):
+        raise ValueError(f"'task_type' must be a string, got {row['task_type']!r:.80}")
+    for key in ("nouns", "attr_nouns"):
+        if row.get(key) is not None and not strings(row[key]):
+            raise ValueError(f"'{key}' must be a list of strings, got {row[key]!r:.80}")
+    sp = row.get("spatial_info")
+    if sp and not (isinstance(sp, dict) and all(isinstance(sp.get(k), str) for k in ("obj1", "obj2", "locality"))):
+        raise ValueError(f"'spatial_info' needs the strings obj1, obj2 and locality, got {sp!r:.80}")
+    nu = row.get("numeracy_info")
+    if nu and not (isinstance(nu, list) and all(isinstance(i, dict) and isinstance(i.get("obj_name"), str)
+                                                and isinstance(i.get("num"), int) for i in nu)):
+        raise ValueError(f"'numeracy_info' must be a list of {{\"obj_name\": string, \"num\": integer}}, "
+                         f"got {nu!r:.80}")
+
+
+def from_t2i_r1(row):
+    """One T2I-R1 prompt-file record (dict) -> GenEval metadata, or None when its fields cannot be checked
+    by GenEval's rules. The prompt text is kept as is. Which fields decide:
+    spatial_info with a checkable locality and two different objects -> position;
+    numeracy_info -> counting (every object counted exactly, as GenEval does);
+    attr_nouns that are all '<GenEval colour> <noun>' and appear in the prompt -> colors / color_attr
+    (the file has some attr_nouns that contradict their prompt, e.g. 'red towel' for 'a white towel');
+    task_type 'object' with one or two nouns -> single_object / two_object. Anything else (shape, texture,
+    non-spatial, most complex prompts) -> None. A malformed row raises ValueError naming the field."""
+    check_t2i_r1_row(row)
+    prompt, text = row["prompt"], row["prompt"].lower()
+    meta = None
+    if row.get("spatial_info"):
+        sp = row["spatial_info"]
+        relation = _LOCALITIES.get(sp["locality"].strip().lower())
+        if relation and sp["obj1"] != sp["obj2"]:
+            meta = {"tag": "position", "include": [{"class": sp["obj2"], "count": 1},
+                                                    {"class": sp["obj1"], "count": 1, "position": [relation, 0]}]}
+    elif row.get("numeracy_info"):
+        info = row["numeracy_info"]
+        if len({i["obj_name"] for i in info}) == len(info) and all(int(i["num"]) >= 1 for i in info):
+            meta = {"tag": "counting", "include": [{"class": i["obj_name"], "count": int(i["num"])} for i in info],
+                    "exclude": [{"class": i["obj_name"], "count": int(i["num"]) + 1} for i in info]}
+    elif row.get("attr_nouns"):
+        include = []
+        for phrase in row["attr_nouns"]:
+            color, _, noun = phrase.strip().lower().partition(" ")
+            # the phrase must really be in the prompt (singular or plural) with a GenEval colour in front
+            in_prompt = re.search(rf"\b{re.escape(phrase.strip().lower())}(s|es)?\b", text)
+            if color not in GENEVAL_COLORS or not noun or not in_prompt:
+                return None
+            include.append({"class": noun, "count": 1, "color": color})
+        meta = {"tag": "colors" if len(include) == 1 else "color_attr", "include": include}
+    elif row.get("task_type") == "object" and 1 <= len(row.get("nouns", [])) <= 2:
+        nouns = row["nouns"]
+        if len(set(nouns)) == len(nouns):
+            meta = {"tag": "single_object" if len(nouns) == 1 else "two_object",
+                    "include": [{"class": c, "count": 1} for c in nouns]}
+    if meta is not None:
+        meta["prompt"] = prompt
+    return meta
+
+
 # -----------------------------------------------------------------------------------------------------
 # 4. Rewards: reward(images, metadata) -> (scores (B,) float32 on CPU, info {key: list of B values})
 
@@ -710,12 +762,7 @@ CHECKPOINTS = {
     "geneval": Checkpoint((("model.safetensors", "pytorch_model.bin"), ("vocab.json + merges.txt", "tokenizer.json")),
                           "https://huggingface.co/google/owlvit-base-patch32"),
 }
-# which checkpoints each reward reads: aesthetic and geneval's colour step also need CLIP ViT-L/14 (--reward-ckpt clip=)
-NEEDS = {"clip": ("clip",), "pickscore": ("pickscore",), "hps": ("hps",), "aesthetic": ("aesthetic", "clip"),
-         "geneval": ("geneval", "clip"), "shapes": ()}
-
-
-def find_checkpoint(reward, key, ckpt):
+def reward_files(reward, key, ckpt):
     """Paths of checkpoint `key`'s files for `reward`, from ckpt[key] (a folder, or the weight file itself).
     Raises FileNotFoundError naming the reward, the file and where it is published."""
     spec, path = CHECKPOINTS[key], ckpt.get(key)
@@ -765,12 +812,13 @@ def check_finite(name, scores):
 class Reward:
     """Base: validates files at construction, loads models on first call, checks inputs and outputs."""
     name = ""
+    needs = ()  # the checkpoints it reads (CHECKPOINTS keys), each passed as --reward-ckpt KEY=PATH
 
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.cache = {} if cache is None else cache  # shared by an ensemble so ViT-L/14 loads once
-        self.files = {key: find_checkpoint(self.name, key, ckpt or {}) for key in NEEDS[self.name]}
+        self.files = {key: reward_files(self.name, key, ckpt or {}) for key in self.needs}
         self.loaded = False
 
     def __call__(self, images, metadata):
@@ -811,7 +859,7 @@ class Reward:
 
 class ClipScore(Reward):
     """CLIPScore, OpenAI CLIP ViT-L/14: max(100 * cos(image, prompt), 0)."""
-    name, preset, preprocess = "clip", "clip-vit-large-patch14", staticmethod(clip_preprocess)
+    name, needs, preset, preprocess = "clip", ("clip",), "clip-vit-large-patch14", staticmethod(clip_preprocess)
 
     def load(self):
         self.clip, self.tok = self.clip_model(self.name, self.preset)
@@ -833,7 +881,7 @@ class ClipScore(Reward):
 
 class PickScore(ClipScore):
     """PickScore_v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): exp(logit_scale) * cos."""
-    name, preset = "pickscore", "vit-h-14"
+    name, needs, preset = "pickscore", ("pickscore",), "vit-h-14"
 
     def from_cosine(self, cos):
         return self.clip.logit_scale.float().exp().cpu() * cos
@@ -841,7 +889,7 @@ class PickScore(ClipScore):
 
 class HPS(ClipScore):
     """HPSv2.1 (OpenCLIP ViT-H/14 fine-tuned on HPD v2): cos(image, prompt), no scale."""
-    name, preset, preprocess = "hps", "vit-h-14", staticmethod(hps_preprocess)
+    name, needs, preset, preprocess = "hps", ("hps",), "vit-h-14", staticmethod(hps_preprocess)
 
     def from_cosine(self, cos):
         return cos
@@ -849,7 +897,7 @@ class HPS(ClipScore):
 
 class Aesthetic(Reward):
     """LAION aesthetic predictor v2: a linear MLP on the unit CLIP ViT-L/14 image embedding (AVA 1-10 scale)."""
-    name = "aesthetic"
+    name, needs = "aesthetic", ("aesthetic", "clip")  # the MLP reads CLIP ViT-L/14's embedding
 
     def load(self):
         self.clip, _ = self.clip_model("clip", "clip-vit-large-patch14")
@@ -860,7 +908,7 @@ class Aesthetic(Reward):
         self.head = nn.Module()
         self.head.layers = nn.Sequential(*layers)
         path = self.files["aesthetic"][0]
-        load_weights(self.head, read_state_dict(path), path).float().to(self.device)  # tiny: kept in fp32
+        load_weights(self.head, dict(read_tensors(path)), path).float().to(self.device)  # tiny: kept in fp32
 
     def score(self, images, metadata):
         pixels = clip_preprocess(images, self.clip.config.image_size).to(self.device, self.dtype)
@@ -927,7 +975,7 @@ class RuleReward(Reward):
 
 class GenEvalReward(RuleReward):
     """GenEval rules on OWL-ViT detections with CLIP ViT-L/14 colours; see geneval_score for the scores."""
-    name = "geneval"
+    name, needs = "geneval", ("geneval", "clip")  # OWL-ViT boxes, CLIP ViT-L/14 colours
 
     def load(self):
         weights, tok_file = self.files["geneval"]
@@ -992,24 +1040,11 @@ class GenEvalReward(RuleReward):
         return self.rule_scores(dets, metadata)
 
 
-class ShapesReward(RuleReward):
-    """GenEval rules on the exact detector of the synthetic shapes world (shapes.detect)."""
-    name = "shapes"
-
-    def load(self):
-        import shapes  # imported late: only this reward needs it
-        self.detect = shapes.detect
-
-    def score(self, images, metadata):
-        return self.rule_scores([self.detect(img) if checkable(m) else [] for img, m in zip(images, metadata)],
-                                metadata)
-
-
 # -----------------------------------------------------------------------------------------------------
 # 5. Selection, weights, combination, evaluation extras
 
-REWARDS = {"clip": ClipScore, "pickscore": PickScore, "hps": HPS, "aesthetic": Aesthetic,
-           "geneval": GenEvalReward, "shapes": ShapesReward}
+# name -> Reward class; the shapes world registers its own ("shapes") when imported
+REWARDS = {"clip": ClipScore, "pickscore": PickScore, "hps": HPS, "aesthetic": Aesthetic, "geneval": GenEvalReward}
 
 
 def parse_rewards(spec: str) -> dict:
@@ -1063,8 +1098,7 @@ def combine_rewards(scores: dict, weights: dict, mode="sum", group_size=None):
             if not group_size or group_size < 2 or r.numel() % group_size:
                 raise ValueError(f"group combination needs group_size >= 2 dividing the batch ({r.numel()}), "
                                  f"got {group_size}")
-            from t2i_r1 import group_advantages  # the same normalisation as the advantages, flat groups exactly 0
-            r = group_advantages(r, group_size)
+            r = group_advantages(r, group_size)  # the advantages' normalisation: flat groups exactly 0
         elif mode != "sum":
             raise ValueError(f"combine mode must be 'sum' or 'group', got '{mode}'")
         total = w * r if total is None else total + w * r
@@ -1080,7 +1114,7 @@ class RewardEnsemble:
         self.weights, self.batch_size = dict(weights), batch_size
         self.rewards = {}
         for name in self.weights:
-            extra = {"config": geneval} if name in ("geneval", "shapes") and geneval is not None else {}
+            extra = {"config": geneval} if issubclass(REWARDS[name], RuleReward) and geneval is not None else {}
             self.rewards[name] = REWARDS[name](ckpt, device, dtype, cache, **extra)
 
     def check_metadata(self, metadata):
@@ -1129,11 +1163,3 @@ def diversity(embeddings_per_prompt) -> float:
     if not vals:
         raise ValueError("diversity: needs at least one prompt with 2 or more images")
     return torch.stack(vals).mean().item()
-
-
-def mean_aesthetic(reward: Aesthetic, images, batch_size=16) -> float:
-    """Mean LAION aesthetic score of a set of images (metadata is not used by this reward)."""
-    images = as_rgb_list(images)
-    scores = [reward(images[i:i + batch_size], [{"prompt": ""}] * len(images[i:i + batch_size]))[0]
-              for i in range(0, len(images), batch_size)]
-    return torch.cat(scores).mean().item()

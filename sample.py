@@ -12,28 +12,28 @@ reward departs from GenEval as rewards.py lists (OWL-ViT instead of Mask2Former)
 
 import argparse
 import json
-import math
 import os
+import sys
 import textwrap
 import time
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
+import rewards
+import shapes
 import t2i_r1 as R
-from model import Janus, Tokenizer, load_config
-from vq import to_uint8
+from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device, load_config
 
 
 def read_prompts(path):
     """Plain lines, or JSON lines with a "prompt" field: GenEval metadata (GenEval's evaluation_metadata.jsonl,
     the shapes world's files), or T2I-R1's prompt file as published (data/geneval_and_t2i_data_final.json:
     "prompt", "task_type", "nouns", "spatial_info", ...), whose rows get GenEval metadata where their fields
-    allow (shapes.from_t2i_r1) and keep their own fields. Returns a list of dicts that each hold "prompt".
+    allow (rewards.from_t2i_r1) and keep their own fields. Returns a list of dicts that each hold "prompt".
     A malformed line raises ValueError naming the file, the line and the field."""
-    import rewards
-    import shapes
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found")
@@ -56,7 +56,7 @@ def read_prompts(path):
                 if "include" in d or "exclude" in d:
                     rewards.check_geneval_metadata(d)
                 elif "task_type" in d or "nouns" in d:  # a T2I-R1 row
-                    d = {**d, **(shapes.from_t2i_r1(d) or {})}
+                    d = {**d, **(rewards.from_t2i_r1(d) or {})}
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
             out.append(d)
@@ -68,15 +68,16 @@ def read_prompts(path):
 def vocabulary_warning(tok, items, what="prompts"):
     """A warning naming the words of the prompts that the tokenizer's vocabulary lacks (they would be read as
     <unk>: the shapes world's word-level vocabulary), or None."""
+    unknown = [tok.unknown_words(it["prompt"]) for it in items]
     first = {}  # word -> the first prompt using it
-    for it in items:
-        for w in tok.unknown_words(it["prompt"]):
+    for it, words in zip(items, unknown):
+        for w in words:
             first.setdefault(w, it["prompt"])
     if not first:
         return None
     words = sorted(first)
     shown = ", ".join(repr(w) for w in words[:20]) + (f" and {len(words) - 20} more" if len(words) > 20 else "")
-    n = sum(bool(tok.unknown_words(it["prompt"])) for it in items)
+    n = sum(bool(u) for u in unknown)
     return (f"warning: {n} of the {len(items)} {what} use words outside the model's vocabulary, which it reads as "
             f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})")
 
@@ -120,7 +121,6 @@ def make_grid(images, ncol=None, pad=2, captions=None, min_width=160):
         y, x = pad + r * (H + text_h + pad), pad + c * (W + pad)
         grid[y:y + H, x:x + W] = img
     if text_h:
-        from PIL import ImageDraw
         pil = Image.fromarray(grid)
         draw = ImageDraw.Draw(pil)
         for i, caption_lines in enumerate(lines):
@@ -136,103 +136,67 @@ def save_png(image, path):
     Image.fromarray(np.asarray(image)).save(path)
 
 
-@torch.no_grad()
-def decode_images(janus, codes, batch=16):
-    """VQ codes (B, N) -> uint8 images (B, S, S, 3), decoded a few at a time to bound memory."""
-    return torch.cat([to_uint8(janus.vq.decode_code(codes[i:i + batch])).cpu() for i in range(0, len(codes), batch)])
+class Progress:
+    """Progress of a long stage on stderr. On a terminal, one line rewritten in place every `every` seconds;
+    otherwise (a log file, CI) whole lines, at most one every `every_line` seconds, and always the last."""
 
+    def __init__(self, total, desc="", stream=None, every=0.5, every_line=30.0):
+        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if self.tty else every_line
+        self.t0 = self.last = time.time()
+        self.n = 0
 
-def field_comments(cls) -> dict:
-    """{field: its trailing comment} of a dataclass, read from its source: the comments are --help lines."""
-    import inspect
-    import re
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
-
-
-def add_sampling_args(p):
-    """Sampling settings shared by sample.py and train.py."""
-    p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance weight of image tokens (1 = none); unset: 5 for Janus-Pro, 2 for the "
-                        "shapes world")
-    p.add_argument("--temperature", type=float, default=1.0, help="image tokens; 0 = argmax")
-    p.add_argument("--top-k", type=int, default=None, help="image tokens: keep the k most likely (unset: all)")
-    p.add_argument("--text-temperature", type=float, default=1.0, help="plan tokens; 0 = argmax")
-    p.add_argument("--text-top-k", type=int, default=None,
-                   help="plan tokens: keep the k most likely, 0 = all (unset: 50 for Janus-Pro as T2I-R1 "
-                        "samples, 0 for the shapes world)")
-    p.add_argument("--text-top-p", type=float, default=None, help="plan tokens: nucleus sampling mass (unset: off)")
-    p.add_argument("--max-plan-tokens", type=int, default=None,
-                   help="plans are cut here (unset: 1024 for Janus-Pro, T2I-R1's limit; 64 for the shapes world)")
-    p.add_argument("--levels", default="both", choices=["both", "token"],
-                   help="both: a plan, then the image from prompt and plan (T2I-R1); token: the image from the "
-                        "prompt alone (train.py's --levels token)")
-    p.add_argument("--reasoning-prompt", default=None,
-                   help="file holding the reasoning request with a {prompt} (or T2I-R1's {}) placeholder (unset: "
-                        "the checkpoint's reasoning_prompt.txt, else t2i_r1.REASONING_PROMPT)")
-    p.add_argument("--chat-format", default=None, choices=sorted(R.CHAT_FORMATS),
-                   help="how the requests are written: t2i-r1 (its system prompt, roles User/Assistant) or janus "
-                        "(<|User|>/<|Assistant|>); unset: janus for a checkpoint with its own "
-                        "reasoning_prompt.txt (the shapes world), else t2i-r1")
-
-
-def sampling_kwargs(args):
-    return dict(cot=args.levels != "token", cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                text_temperature=args.text_temperature, text_top_k=args.text_top_k,
-                text_top_p=args.text_top_p, max_plan_tokens=args.max_plan_tokens)
+    def update(self, k=1, note=""):
+        self.n += k
+        now = time.time()
+        if now - self.last >= self.every or self.n >= self.total:
+            self.last = now
+            rate = self.n / max(now - self.t0, 1e-9)
+            eta = (self.total - self.n) / max(rate, 1e-9)
+            line = f"{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}".rstrip()
+            if self.tty:
+                self.stream.write("\r" + line + ("\n" if self.n >= self.total else ""))
+            else:
+                self.stream.write(line + "\n")
+            self.stream.flush()
 
 
 def resolve_device(device, dtype):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """(torch.device, torch.dtype) from the flags: bfloat16 on a GPU and float32 on a CPU unless told."""
+    device = default_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return device, dtype
 
 
 def load(ckpt, device=None, dtype=None):
-    """Model and tokenizer from a checkpoint folder; None means the shapes world's base."""
-    if ckpt is None:
-        import shapes
-        ckpt = shapes.ensure_base()
+    """Model, tokenizer and folder of a checkpoint; None means the shapes world's base."""
+    ckpt = os.path.expanduser(ckpt) if ckpt is not None else shapes.ensure_base()
     device, dtype = resolve_device(device, dtype)
-    ckpt = os.path.expanduser(ckpt)
     return Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt), ckpt
 
 
-def generate(janus, tok, items, *, n=4, batch_size=4, seed=0, reasoning_prompt=R.REASONING_PROMPT,
-             compile=False, show_progress=True, desc="image tokens", **sampling):
-    """Sample n images for each item ({"prompt": ..., metadata}), batch_size prompts at a time, with one
-    generator seeded once (the same seed and batch size give the same output).
-    Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
-    device = janus.language_model.lm_head.weight.device
-    g = torch.Generator(device=device).manual_seed(seed)
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    bar = R.Progress(len(batches) * janus.cfg.image_tokens, desc=desc) if show_progress else None
-    records, images = [], []
-    for b, batch in enumerate(batches):
-        s = R.sample_t2i(janus, tok, [it["prompt"] for it in batch], n=n, reasoning_prompt=reasoning_prompt,
-                         generator=g, compile=compile, progress=bar and (lambda i, N: bar.update(1)), **sampling)
-        images.append(decode_images(janus, s.codes))
-        for r in range(len(s.prompts)):
-            j, k = divmod(r, n)
-            records.append({"index": b * batch_size + j, "sample": k, "prompt": s.prompts[r], "plan": s.plans[r],
-                            "image_tokens": s.codes[r].tolist(), "metadata": batch[j]})
-    return records, torch.cat(images)
+def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4, seed=0, show_progress=True,
+             desc="image tokens", **kwargs):
+    """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: cot,
+    reasoning_prompt, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
+    bar = Progress(-(-len(items) // batch_size) * janus.cfg.image_tokens, desc=desc) if show_progress else None
+    rollout, images = R.sample_batches(janus, tok, [it["prompt"] for it in items], settings, n=n,
+                                       batch_size=batch_size, seed=seed,
+                                       progress=bar and (lambda i, N: bar.update(1)), **kwargs)
+    records = [{"index": r // n, "sample": r % n, "prompt": rollout.prompts[r], "plan": rollout.plans[r],
+                "image_tokens": codes, "metadata": items[r // n]} for r, codes in enumerate(rollout.codes.tolist())]
+    return records, images
 
 
 def score(scorer, images, records, group_size=None, show_progress=True, desc="scoring"):
     """Score images with a rewards.RewardEnsemble; per-image scores go into the records. Returns a summary:
     mean of every reward, GenEval per-tag accuracy and overall score for the rule rewards (geneval, shapes)
     on prompts that carry a tag, and, when a CLIP checkpoint is at hand, the diversity of each prompt's images."""
-    import rewards
-    bar = R.Progress(len(records) * len(scorer.rewards), desc=desc) if show_progress else None
+    bar = Progress(len(records) * len(scorer.rewards), desc=desc) if show_progress else None
     scores, info = scorer(images, [r["metadata"] for r in records], progress=bar and bar.update)
     summary = {"images": len(records), "rewards": {}}
     for name, v in scores.items():
@@ -283,10 +247,6 @@ def format_summary(summary) -> str:
     return "\n".join(lines)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each flag's default after its help line."""
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None, help="Janus-Pro folder (unset: the shapes world's base, pretrained first "
@@ -297,7 +257,7 @@ def build_parser():
                      help="prompt file: plain lines, JSON lines with a \"prompt\" field (+ GenEval metadata), or "
                           "T2I-R1's prompt file (unset, and no --prompt: one held-out shapes prompt per tag)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--rollout-batch", type=int, default=4, help="prompts per sampling call (each with its n images)")
+    p.add_argument("--rollout-batch", type=int, default=4, help="prompts per sampling call, each with its n images")
     p.add_argument("--seed", type=int, default=0, help="seeds one generator for the whole run")
     p.add_argument("--out", default="out/samples", help="folder for the PNGs, grids and samples.jsonl")
     p.add_argument("--compile", action="store_true",
@@ -308,22 +268,25 @@ def build_parser():
     p.add_argument("--rewards", default=None, metavar="NAMES",
                    help="score with these rewards (e.g. shapes, or geneval,clip,aesthetic) and print GenEval accuracy")
     p.add_argument("--reward-ckpt", nargs="*", default=[], metavar="NAME=PATH", help="reward checkpoints, see README")
-    add_sampling_args(p)
+    p.add_argument("--levels", default="both", choices=["both", "token"],
+                   help="both: a plan, then the image from prompt and plan (T2I-R1); token: the image from the "
+                        "prompt alone, as train.py's --levels token")
+    config_flags(p.add_argument_group("sampling (t2i_r1.SamplingConfig, shared with train.py)"), R.SamplingConfig,
+                 choices={"chat_format": sorted(R.CHAT_FORMATS)}, aliases={"cfg_weight": "--cfg"})
     return p
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    settings = R.SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(R.SamplingConfig)})
     # every input is checked before the model is loaded (or the shapes base pretrained): errors are
     # command-line errors naming what is wrong
     try:
         if args.n < 1 or args.rollout_batch < 1:
             raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
-        if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg > 0):
-            raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {args.cfg}")
+        settings.check()
         if args.ckpt is not None:
-            args.ckpt = os.path.expanduser(args.ckpt)
             load_config(args.ckpt)
         if args.prompts:
             items = read_prompts(args.prompts)
@@ -332,13 +295,9 @@ def main(argv=None):
                 raise ValueError("--prompt is empty")
             items = [{"prompt": args.prompt}]
         else:
-            import shapes
             items = shapes.example_prompts()
-        if args.reasoning_prompt is not None:
-            R.load_reasoning_prompt(args.reasoning_prompt)
         scorer = None
         if args.rewards:  # the rewards' files are checked here; their models load on first use
-            import rewards
             scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.rewards),
                                             rewards.parse_reward_ckpt(args.reward_ckpt),
                                             device=resolve_device(args.device, args.dtype)[0])
@@ -349,25 +308,22 @@ def main(argv=None):
         p.error(str(e))
 
     janus, tok, ckpt = load(args.ckpt, args.device, args.dtype)
-    reasoning = R.load_reasoning_prompt(args.reasoning_prompt, ckpt)
-    for k, v in R.sampling_defaults(ckpt).items():  # per-model defaults for the flags left unset
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    settings = settings.resolved(ckpt)
+    reasoning = R.load_reasoning_prompt(settings.reasoning_prompt, ckpt)
     warning = vocabulary_warning(tok, items)
     if warning:
         print(warning)
     os.makedirs(args.out, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")}
-    settings["ckpt"] = ckpt
+    recorded = {**{k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")},
+                **asdict(settings), "ckpt": ckpt}
 
     t0 = time.time()
-    records, images = generate(janus, tok, items, n=args.n, batch_size=args.rollout_batch, seed=args.seed,
-                               reasoning_prompt=reasoning, chat=args.chat_format, compile=args.compile,
-                               **sampling_kwargs(args))
+    records, images = generate(janus, tok, items, settings, n=args.n, batch_size=args.rollout_batch, seed=args.seed,
+                               cot=args.levels != "token", reasoning_prompt=reasoning, compile=args.compile)
     elapsed = time.time() - t0
     for rec, img in zip(records, images):
         rec["file"] = f"{rec['index']:04d}_{rec['sample']}.png"
-        rec["seed"], rec["settings"] = args.seed, settings
+        rec["seed"], rec["settings"] = args.seed, recorded
         save_png(img.numpy(), os.path.join(args.out, rec["file"]))
     for i in range(0, len(images), args.n):
         save_png(make_grid(images[i:i + args.n].numpy()), os.path.join(args.out, f"grid_{i // args.n:04d}.png"))

@@ -11,7 +11,7 @@ end to end on a world we fully control:
   render exactly and degrades gracefully on the blurry, colour-drifted images a small VQ decoder produces.
 
 The GenEval rule engine that turns detections + metadata into a reward lives in rewards.py, not here.
-This file also converts T2I-R1's own prompt file to GenEval metadata where its fields allow.
+Importing this file registers the reward `shapes` (GenEval's rules on this detector) in rewards.REWARDS.
 
 Departures from GenEval: six colours, not ten (pink is red mixed with the light background, i.e. what a
 blurred red edge looks like; brown is a dark orange of the same hue; black and white have no hue and white
@@ -20,12 +20,25 @@ is the background), three shapes, and colour is judged from the object's own pix
 Conventions used throughout: image arrays are uint8 (H, W, 3), y grows downwards, and boxes are
 (x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
 """
+import argparse
 import json
 import os
 import re
-from dataclasses import dataclass
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+import rewards
+import t2i_r1 as R
+from model import HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt
+from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
+from vq import VQConfig, VQModel, from_uint8
 
 # -----------------------------------------------------------------------------
 # The world: shapes, colours, relations, places
@@ -43,13 +56,10 @@ COLORS = {
     "purple": (150, 50, 210),
 }
 BACKGROUND = (240, 240, 240)  # neutral: zero chroma, far from every palette colour
-RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TAGS = GENEVAL_TAGS + ("reasoning",)  # reasoning: prompts the plan must resolve (this world's WISE)
 # 3x3 grid of places by box centre, row-major; the middle row/column has no word of its own.
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 
 # Objects sit on a CELLS x CELLS grid of the image: at 64 pixels one cell is one VQ code (8 x 8 pixels), so
 # an object covers whole codes and is drawn by a fixed set of them wherever it stands. Off-grid objects cut
@@ -196,7 +206,7 @@ def all_prompts():
     out += [two_object(a, b) for a, b in pairs]
     out += [counting(s, n) for s in SHAPES for n in NUMBER_WORDS]
     out += [colors(c, s) for c in COLORS for s in SHAPES]
-    out += [position(a, r, b) for a, b in pairs for r in RELATIONS]
+    out += [position(a, r, b) for a, b in pairs for r in GENEVAL_RELATIONS]
     out += [color_attr(c1, a, c2, b) for a, b in pairs for c1 in COLORS for c2 in COLORS if c1 != c2]
     out += [riddle("shape", s) for s in SHAPES]
     out += [riddle(kind, s, color=c) for kind in ("color", "shape+color") for c in COLORS for s in SHAPES]
@@ -392,12 +402,8 @@ def parse_plan(text):
 def vocabulary():
     """Every word (split_words units) that can appear in a prompt, a plan, or the image prompt
     '{prompt}. {plan}', sorted."""
-    words = {"a", "an", "photo", "of", "and", ",", "."}
-    words |= set(COLORS) | set(_SHAPE_WORDS) | set(NUMBER_WORDS.values())
-    riddles = [riddle("count", "circle", count=3), riddle("shape+color", "circle", color="red")]
-    words |= {w for m in riddles for w in split_words(m["prompt"])} | set(CORNERS.values())
-    words |= {w for t in THINGS.values() for w in split_words(t)}
-    words |= {w for r in RELATIONS for w in r.split()} | {w for p in PLACES for w in p.split()}
+    words = {w for m in all_prompts() for w in split_words(m["prompt"])}
+    words |= set(COLORS) | set(SHAPES) | {w for p in PLACES for w in p.split()} | {",", "."}  # plans, the join
     return sorted(words)
 
 
@@ -537,99 +543,16 @@ def detect(image, **kwargs):
     return detect_batch(np.asarray(image)[None], **kwargs)[0]
 
 
-# -----------------------------------------------------------------------------
-# T2I-R1's prompt file -> GenEval metadata
+class ShapesReward(rewards.RuleReward):
+    """GenEval's rules on this world's exact detector: `--rewards shapes` in sample.py and train.py."""
+    name = "shapes"
 
-# Localities in T2I-R1's file that GenEval's arithmetic can check; "next to", "near" and "on side of" cannot.
-# "on top of" (resting on) is read as "above": the object on top has its centre higher in the picture
-# (a flat object lying on a much bigger one can still miss GenEval's margin).
-_LOCALITIES = {"left of": "left of", "on the left of": "left of", "right of": "right of",
-               "on the right of": "right of", "above": "above", "on the top of": "above", "on top of": "above",
-               "below": "below", "on the bottom of": "below"}
+    def score(self, images, metadata):
+        return self.rule_scores([detect(img) if rewards.checkable(m) else [] for img, m in zip(images, metadata)],
+                                metadata)
 
 
-def check_t2i_r1_row(row):
-    """Raise ValueError naming the field when a T2I-R1 prompt-file row (JSON object) cannot be read."""
-    def strings(v):
-        return isinstance(v, list) and all(isinstance(x, str) for x in v)
-    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-        raise ValueError(f"'prompt' must be a non-empty string, got {row.get('prompt')!r:.80}")
-    if "task_type" in row and not isinstance(row["task_type"], str):
-        raise ValueError(f"'task_type' must be a string, got {row['task_type']!r:.80}")
-    for key in ("nouns", "attr_nouns"):
-        if row.get(key) is not None and not strings(row[key]):
-            raise ValueError(f"'{key}' must be a list of strings, got {row[key]!r:.80}")
-    sp = row.get("spatial_info")
-    if sp and not (isinstance(sp, dict) and all(isinstance(sp.get(k), str) for k in ("obj1", "obj2", "locality"))):
-        raise ValueError(f"'spatial_info' needs the strings obj1, obj2 and locality, got {sp!r:.80}")
-    nu = row.get("numeracy_info")
-    if nu and not (isinstance(nu, list) and all(isinstance(i, dict) and isinstance(i.get("obj_name"), str)
-                                                and isinstance(i.get("num"), int) for i in nu)):
-        raise ValueError(f"'numeracy_info' must be a list of {{\"obj_name\": string, \"num\": integer}}, "
-                         f"got {nu!r:.80}")
-
-
-def from_t2i_r1(row):
-    """One T2I-R1 prompt-file record (dict) -> GenEval metadata, or None when its fields cannot be checked
-    by GenEval's rules. The prompt text is kept as is. Which fields decide:
-    spatial_info with a checkable locality and two different objects -> position;
-    numeracy_info -> counting (every object counted exactly, as GenEval does);
-    attr_nouns that are all '<GenEval colour> <noun>' and appear in the prompt -> colors / color_attr
-    (the file has some attr_nouns that contradict their prompt, e.g. 'red towel' for 'a white towel');
-    task_type 'object' with one or two nouns -> single_object / two_object. Anything else (shape, texture,
-    non-spatial, most complex prompts) -> None. A malformed row raises ValueError naming the field."""
-    check_t2i_r1_row(row)
-    prompt, text = row["prompt"], row["prompt"].lower()
-    meta = None
-    if row.get("spatial_info"):
-        sp = row["spatial_info"]
-        relation = _LOCALITIES.get(sp["locality"].strip().lower())
-        if relation and sp["obj1"] != sp["obj2"]:
-            meta = {"tag": "position", "include": [{"class": sp["obj2"], "count": 1},
-                                                    {"class": sp["obj1"], "count": 1, "position": [relation, 0]}]}
-    elif row.get("numeracy_info"):
-        info = row["numeracy_info"]
-        if len({i["obj_name"] for i in info}) == len(info) and all(int(i["num"]) >= 1 for i in info):
-            meta = {"tag": "counting", "include": [{"class": i["obj_name"], "count": int(i["num"])} for i in info],
-                    "exclude": [{"class": i["obj_name"], "count": int(i["num"]) + 1} for i in info]}
-    elif row.get("attr_nouns"):
-        include = []
-        for phrase in row["attr_nouns"]:
-            color, _, noun = phrase.strip().lower().partition(" ")
-            # the phrase must really be in the prompt (singular or plural) with a GenEval colour in front
-            in_prompt = re.search(rf"\b{re.escape(phrase.strip().lower())}(s|es)?\b", text)
-            if color not in GENEVAL_COLORS or not noun or not in_prompt:
-                return None
-            include.append({"class": noun, "count": 1, "color": color})
-        meta = {"tag": "colors" if len(include) == 1 else "color_attr", "include": include}
-    elif row.get("task_type") == "object" and 1 <= len(row.get("nouns", [])) <= 2:
-        nouns = row["nouns"]
-        if len(set(nouns)) == len(nouns):
-            meta = {"tag": "single_object" if len(nouns) == 1 else "two_object",
-                    "include": [{"class": c, "count": 1} for c in nouns]}
-    if meta is not None:
-        meta["prompt"] = prompt
-    return meta
-
-
-def load_t2i_r1(path):
-    """Convert a T2I-R1 prompt file (JSON lines). Returns (metadata list, {task_type: [converted, total]})."""
-    metas, counts = [], {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                meta = from_t2i_r1(row)
-            except ValueError as e:  # json.JSONDecodeError is a ValueError too
-                raise ValueError(f"{path}:{n}: {e}") from None
-            tally = counts.setdefault(row.get("task_type", "?"), [0, 0])
-            tally[0] += meta is not None
-            tally[1] += 1
-            if meta is not None:
-                metas.append(meta)
-    return metas, counts
+rewards.REWARDS["shapes"] = ShapesReward
 
 
 # -----------------------------------------------------------------------------
@@ -671,15 +594,12 @@ class PretrainConfig:
 
 
 def vq_config(c: PretrainConfig):
-    from vq import VQConfig
     return VQConfig(image_size=c.image_size, codebook_size=c.codebook_size, codebook_embed_dim=8, ch=32,
                     encoder_ch_mult=(1, 1, 2, 2), decoder_ch_mult=(1, 1, 2, 2), z_channels=32, num_res_blocks=1)
 
 
 def make_tokenizer():
     """A word-level tokenizer.json (through `tokenizers`) with Janus-Pro's special-token strings."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-    from model import Tokenizer
     specials = [Tokenizer.BOS, Tokenizer.EOS, Tokenizer.PAD, Tokenizer.BOI, Tokenizer.EOI, "<|User|>", "<|Assistant|>"]
     words = ["<unk>", ":"] + sorted(set(vocabulary()) | set(split_words(REASONING_TEMPLATE.replace("{prompt}", ""))))
     tk = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -749,10 +669,6 @@ def train_vq(c: PretrainConfig, images, codes, log=print):
     A VQ trained only to reconstruct (the first base of this world) spread one cell content over up to 200
     codes depending on the rest of the picture, since VQ-16's GroupNorm and attention see all of it; the tiny
     drawer then had to model that noise and sampled mismatched pieces (blobs). Returns (vq, losses)."""
-    import torch
-    import torch.nn.functional as F
-    from t2i_r1 import Progress
-    from vq import VQModel, from_uint8
     torch.manual_seed(c.seed)
     vq = VQModel(vq_config(c))
     opt = torch.optim.Adam(vq.parameters(), lr=c.vq_lr)
@@ -760,7 +676,7 @@ def train_vq(c: PretrainConfig, images, codes, log=print):
     targets = torch.as_tensor(codes)                         # (N, g*g)
     grid = vq.cfg.grid
     g = torch.Generator().manual_seed(c.seed)
-    bar, losses = Progress(c.vq_steps, "VQ"), {"vq": [], "vq_code": []}
+    losses = {"vq": [], "vq_code": []}
     for step in range(c.vq_steps):
         idx = torch.randint(len(data), (c.vq_batch,), generator=g)
         x, t = data[idx], targets[idx]
@@ -783,16 +699,17 @@ def train_vq(c: PretrainConfig, images, codes, log=print):
         opt.step()
         losses["vq"].append(rec.item())
         losses["vq_code"].append(code_loss.item())
-        bar.update(note=f"recon {np.mean(losses['vq'][-20:]):.4f}  code {np.mean(losses['vq_code'][-20:]):.4f}")
+        if (step + 1) % max(1, c.vq_steps // 10) == 0:
+            log(f"VQ step {step + 1}/{c.vq_steps}: recon {np.mean(losses['vq'][-20:]):.4f}, "
+                f"code {np.mean(losses['vq_code'][-20:]):.4f}")
     return vq.eval(), losses
 
 
 def _sequences(tok, items, c, rng):
-    """Token sequences of the three tasks for a batch of (meta, plan, codes) items.
-    Returns (text prompts, text completions, image prompts, image completions)."""
-    from model import chat_prompt, image_prompt
-    from t2i_r1 import image_prompt_text, unconditional
-    text_p, text_c, img_p, img_c = [], [], [], []
+    """Token sequences of the three tasks for a batch of (meta, plan, codes) items. Returns {"text": (prompts,
+    completions), "image": (prompts, completions)}, each padded with its masks; a tenth of the image prompts
+    (c.cond_dropout) unconditional."""
+    text_p, text_c, img_p, img_c, dropped = [], [], [], [], []
     for meta, plan, codes in items:
         kind = rng.random()
         # reasoning prompts are never drawn from the prompt alone: the drawer, like Janus-Pro's, learns from
@@ -803,18 +720,22 @@ def _sequences(tok, items, c, rng):
             text_p.append(tok.encode(chat_prompt(REASONING_TEMPLATE.format(prompt=meta["prompt"]))))
             text_c.append(tok.encode(plan, bos=False) + [tok.eos_id])
         else:               # (b) after the plan, or (c) from the prompt alone
-            ids = tok.encode(image_prompt(image_prompt_text(meta["prompt"], plan if kind < 0.8 else "")))
-            img_p.append(unconditional(ids, tok.pad_id) if rng.random() < c.cond_dropout else ids)
+            img_p.append(tok.encode(image_prompt(R.image_prompt_text(meta["prompt"], plan if kind < 0.8 else ""))))
+            dropped.append(rng.random() < c.cond_dropout)
             img_c.append(codes)
-    return text_p, text_c, img_p, img_c
+    out = {}
+    if text_p:
+        out["text"] = (*R.pad_tokens(text_p, tok.pad_id), *R.pad_tokens(text_c, tok.pad_id, side="right"))
+    if img_p:
+        ids, mask = R.pad_tokens(img_p, tok.pad_id)
+        ids = torch.where(torch.tensor(dropped)[:, None], R.unconditional(ids, mask, tok.pad_id), ids)
+        out["image"] = (ids, mask, *R.pad_tokens(img_c, tok.pad_id, side="right"))
+    return out
 
 
 def train_janus(c: PretrainConfig, tok, vq, data, log=print):
     """The tiny Janus on the three-task mix; the log-likelihoods are t2i_r1.completion_logprobs, the same
     function the RL loss uses."""
-    import torch
-    from model import Janus, JanusConfig
-    from t2i_r1 import Progress, completion_logprobs
     torch.manual_seed(c.seed)
     cfg = JanusConfig(vocab_size=tok.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_head,
                       n_embd=c.n_embd, intermediate_size=int(8 * c.n_embd / 3) // 8 * 8,
@@ -825,36 +746,32 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
     params = [p for p in janus.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lm_lr, betas=(0.9, 0.95), weight_decay=0.01)
     rng = np.random.default_rng(c.seed + 1)
-    bar, losses = Progress(c.lm_steps, "Janus"), {"text": [], "image": []}
+    losses = {"text": [], "image": []}
     janus.train()
     for step in range(c.lm_steps):
         for p in opt.param_groups:  # warm-up, then cosine to a tenth
             p["lr"] = c.lm_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + np.cos(np.pi * step / c.lm_steps)))
         batch = [data[i] for i in rng.integers(len(data), size=c.lm_batch)]
-        text_p, text_c, img_p, img_c = _sequences(tok, batch, c, rng)
         terms = []
-        for kind, p_, c_ in (("text", text_p, text_c), ("image", img_p, img_c)):
-            if p_:
-                logp, mask = completion_logprobs(janus, p_, c_, kind, pad_id=tok.pad_id)
-                nll = -(logp * mask).sum() / mask.sum()
-                terms.append(nll * len(p_) / c.lm_batch)
-                losses[kind].append(nll.item())
+        for kind, (ids, mask, completion, completion_mask) in _sequences(tok, batch, c, rng).items():
+            logp = R.completion_logprobs(janus, ids, mask, completion, completion_mask, kind)
+            nll = -(logp * completion_mask).sum() / completion_mask.sum()
+            terms.append(nll * len(ids) / c.lm_batch)
+            losses[kind].append(nll.item())
         loss = sum(terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        bar.update(note=f"plan nll {np.mean(losses['text'][-20:]):.3f}  image nll {np.mean(losses['image'][-20:]):.3f}")
+        if (step + 1) % max(1, c.lm_steps // 20) == 0:
+            log(f"Janus step {step + 1}/{c.lm_steps}: plan nll {np.mean(losses['text'][-20:]):.3f}, "
+                f"image nll {np.mean(losses['image'][-20:]):.3f}")
     return janus.eval(), losses
 
 
 def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     """Render scenes, train the VQ, encode the scenes, train the Janus, save everything with save_pretrained
     (config.json + model.safetensors + tokenizer.json + reasoning_prompt.txt). Returns the losses."""
-    import time
-    import torch
-    from model import Tokenizer
-    from vq import from_uint8
     c = c or PretrainConfig()
     t0 = time.time()
     rng = np.random.default_rng(c.seed)
@@ -885,7 +802,6 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
                    "plan_nll_last": float(np.mean(lm_losses["text"][-20:])),
                    "image_nll_last": float(np.mean(lm_losses["image"][-20:]))}, f, indent=2)
     if os.path.exists(out_dir):
-        import shutil
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     log(f"shapes world: base saved to {out_dir} in {time.time() - t0:.0f}s")
@@ -932,16 +848,9 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
     images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
     default, as train.py and sample.py sample). Returns {row name: geneval summary}."""
-    import torch
-    import rewards
-    import sample
-    from model import Janus, Tokenizer, image_prompt
-    from t2i_r1 import generate_images, image_prompt_text, load_reasoning_prompt, sampling_defaults
-    from vq import from_uint8
     janus, tok = Janus.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
-    d = sampling_defaults(ckpt)  # chat format, plan length, plan top-k and guidance as train.py samples
-    cfg = d["cfg"] if cfg is None else cfg
-    reasoning = load_reasoning_prompt(ckpt=ckpt)
+    settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
+    reasoning = R.load_reasoning_prompt(ckpt=ckpt)
     rng = np.random.default_rng(seed)
     metas = [m for m in items for _ in range(n)]
     scenes = [sample_scene(m, rng) for m in metas]
@@ -957,19 +866,18 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     with torch.no_grad():
         codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(clean[i:i + 256])))
                            for i in range(0, len(clean), 256)])
-    judge("VQ ceiling", detect_batch(sample.decode_images(janus, codes)))
+    judge("VQ ceiling", detect_batch(R.decode_images(janus, codes)))
     g = torch.Generator().manual_seed(seed)
-    ids = [tok.encode(image_prompt(image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
-    codes = torch.cat([generate_images(janus, ids[i:i + 64], pad_id=tok.pad_id, cfg_weight=cfg, generator=g)
-                       for i in range(0, len(ids), 64)])
-    judge("drawn from true plans", detect_batch(sample.decode_images(janus, codes)))
+    ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
+    codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id), pad_id=tok.pad_id,
+                                         cfg_weight=settings.cfg_weight, generator=g) for i in range(0, len(ids), 64)])
+    judge("drawn from true plans", detect_batch(R.decode_images(janus, codes)))
     for cot in (True, False):
-        records, images = sample.generate(janus, tok, items, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
-                                          reasoning_prompt=reasoning, show_progress=False, cot=cot, chat=d["chat_format"],
-                                          max_plan_tokens=d["max_plan_tokens"], text_top_k=d["text_top_k"],
-                                          cfg_weight=cfg)
+        rollout, images = R.sample_batches(janus, tok, [m["prompt"] for m in items], settings, n=n,
+                                           batch_size=max(1, 64 // n), seed=seed + 1, cot=cot,
+                                           reasoning_prompt=reasoning)
         if cot:
-            judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
+            judge("own plans, as text", [plan_detections(plan) for plan in rollout.plans])
         judge("drawn from own plans" if cot else "drawn from the prompt alone", detect_batch(images))
     return rows
 
@@ -1027,9 +935,9 @@ def report(runs, split="test"):
     if {"both", "token", "semantic"} <= set(final):
         mean = {k: {c: np.mean([s[c] for s in ss]) for c in cols} for k, ss in final.items()}
         lines += ["", "What each level adds (difference of the means):", "", head, lines[1]]
-        lines += [f"| semantic level (both - token) | " + " | ".join(f"{mean['both'][c] - mean['token'][c]:+.3f}"
+        lines += ["| semantic level (both - token) | " + " | ".join(f"{mean['both'][c] - mean['token'][c]:+.3f}"
                                                                      for c in cols) + " |",
-                  f"| token level (both - semantic) | " + " | ".join(f"{mean['both'][c] - mean['semantic'][c]:+.3f}"
+                  "| token level (both - semantic) | " + " | ".join(f"{mean['both'][c] - mean['semantic'][c]:+.3f}"
                                                                     for c in cols) + " |"]
     return "\n".join(lines)
 
@@ -1038,19 +946,14 @@ def report(runs, split="test"):
 # Command line
 
 def build_parser():
-    import argparse
-    from sample import HelpFormatter, field_comments
     p = argparse.ArgumentParser(prog="shapes.py", formatter_class=HelpFormatter,
                                 description="The shapes world: prompt sets and the tiny pretrained base.")
     sub = p.add_subparsers(dest="cmd")
     sp = sub.add_parser("prompts", help="write train.jsonl, val.jsonl and test.jsonl", formatter_class=HelpFormatter)
-    sp.add_argument("out_dir", nargs="?", default="data/shapes", help="folder for the three files")
+    sp.add_argument("out_dir", nargs="?", default="data/shapes", help="folder for the three files (default: data/shapes)")
     pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)", formatter_class=HelpFormatter)
     pp.add_argument("--out", default=PRETRAIN_DIR, help="folder of the base (the shipped one is in assets/)")
-    comments = field_comments(PretrainConfig)
-    for f in PretrainConfig.__dataclass_fields__.values():
-        pp.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                        help=comments[f.name])
+    config_flags(pp, PretrainConfig)
     dp = sub.add_parser("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base",
                         formatter_class=HelpFormatter)
     dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
@@ -1066,7 +969,7 @@ def build_parser():
 
 def main(argv=None):
     p = build_parser()
-    args = p.parse_args(argv if argv is not None else (None if len(__import__("sys").argv) > 1 else ["pretrain"]))
+    args = p.parse_args(argv if argv is not None else (None if len(sys.argv) > 1 else ["pretrain"]))
     if args.cmd == "prompts":
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
@@ -1078,7 +981,7 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
     else:
-        c = PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__})
+        c = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
         pretrain(args.out, c)
 
 

@@ -18,15 +18,16 @@ Departures from the paper's code:
 - guidance weight 1 skips the unconditional rows, since u + 1 * (c - u) = c.
 """
 
+import math
 import os
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model import Janus, Tokenizer, chat_prompt, image_prompt
+from vq import to_uint8
 
 # Our wording of the semantic-level request; {prompt} is replaced by the user's prompt. T2I-R1's own request
 # is a file in its repository (data/prompt/reasoning_prompt.txt, placeholder {}): pass it with --reasoning-prompt.
@@ -104,30 +105,65 @@ def default_chat_format(ckpt=None) -> str:
     return "janus" if own else "t2i-r1"
 
 
-# Sampling defaults per kind of checkpoint, for the flags sample.py and train.py leave unset. text_top_k 0: off.
-MODEL_DEFAULTS = {
-    # a model trained on its own request (the shapes world): short plans (a few words each object), plain sampling
-    # and a light guidance weight: its image logits are sharp (one code per cell content), and at Janus-Pro's
-    # w = 5 the guided logits u + w (c - u) mix pieces of different objects (README, the shapes world)
-    "janus": dict(chat_format="janus", max_plan_tokens=64, text_top_k=0, cfg=2.0),
-    # Janus-Pro as T2I-R1 samples it: plans of up to 1024 tokens (its max_completion_length; its plans average
-    # about 97, so a shorter cap would cut many before EOS), drawn with transformers' generate defaults for an
-    # unset generation config: temperature 1, top-k 50
-    "t2i-r1": dict(chat_format="t2i-r1", max_plan_tokens=1024, text_top_k=50, cfg=5.0),
-}
-
-
-def sampling_defaults(ckpt=None) -> dict:
-    """chat_format, max_plan_tokens, text_top_k and cfg for a checkpoint folder (see default_chat_format)."""
-    return dict(MODEL_DEFAULTS[default_chat_format(ckpt)])
-
-
 def chat_format(chat) -> ChatFormat:
     if isinstance(chat, ChatFormat):
         return chat
     if chat not in CHAT_FORMATS:
         raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {chat!r}")
     return CHAT_FORMATS[chat]
+
+
+
+# -----------------------------------------------------------------------------
+# sampling settings: one dataclass for sample.py, train.py's rollouts and evaluations, and the shapes world
+
+
+@dataclass
+class SamplingConfig:
+    """How plans and images are drawn. Unset (None) settings take the checkpoint's defaults (`resolved`)."""
+    cfg_weight: float = None       # guidance weight of image tokens (1: none); unset: 5 for Janus-Pro, 2 for the shapes world
+    temperature: float = 1.0       # image tokens; 0: argmax
+    top_k: int = None              # image tokens: keep the k most likely (unset: all, as Janus-Pro and T2I-R1)
+    text_temperature: float = 1.0  # plan tokens; 0: argmax
+    text_top_k: int = None         # plan tokens: keep the k most likely, 0: all; unset: 50 for Janus-Pro (T2I-R1), 0 for shapes
+    text_top_p: float = None       # plan tokens: nucleus sampling mass (unset: off)
+    max_plan_tokens: int = None    # plans are cut here; unset: 1024 for Janus-Pro (T2I-R1's limit), 64 for the shapes world
+    chat_format: str = None        # t2i-r1 | janus; unset: janus for a checkpoint with its own reasoning_prompt.txt, else t2i-r1
+    reasoning_prompt: str = None   # file with the reasoning request, {prompt} or {} placeholder; unset: the checkpoint's, else ours
+
+    def resolved(self, ckpt=None, kind=None) -> "SamplingConfig":
+        """These settings with the unset ones filled in for a checkpoint folder (see default_chat_format) or
+        a kind of checkpoint (a MODEL_DEFAULTS key)."""
+        defaults = MODEL_DEFAULTS[kind or default_chat_format(ckpt)]
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def check(self):
+        """ValueError naming the flag of the first setting out of range."""
+        if self.cfg_weight is not None and not (math.isfinite(self.cfg_weight) and self.cfg_weight > 0):
+            raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {self.cfg_weight}")
+        for name, low in (("temperature", 0), ("text_temperature", 0), ("top_k", 1), ("text_top_k", 0),
+                          ("max_plan_tokens", 1)):
+            if getattr(self, name) is not None and not getattr(self, name) >= low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.text_top_p is not None and not 0 < self.text_top_p <= 1:
+            raise ValueError(f"--text-top-p must lie in (0, 1], got {self.text_top_p}")
+        if self.chat_format is not None and self.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"--chat-format must be one of {', '.join(CHAT_FORMATS)}, got {self.chat_format!r}")
+        if self.reasoning_prompt is not None:
+            load_reasoning_prompt(self.reasoning_prompt)
+
+
+# The defaults of the unset settings, per kind of checkpoint. text_top_k 0: off.
+MODEL_DEFAULTS = {
+    # a model trained on its own request (the shapes world): short plans (a few words each object), plain sampling
+    # and a light guidance weight: its image logits are sharp (one code per cell content), and at Janus-Pro's
+    # w = 5 the guided logits u + w (c - u) mix pieces of different objects (README, the shapes world)
+    "janus": dict(chat_format="janus", max_plan_tokens=64, text_top_k=0, cfg_weight=2.0),
+    # Janus-Pro as T2I-R1 samples it: plans of up to 1024 tokens (its max_completion_length; its plans average
+    # about 97, so a shorter cap would cut many before EOS), drawn with transformers' generate defaults for an
+    # unset generation config: temperature 1, top-k 50
+    "t2i-r1": dict(chat_format="t2i-r1", max_plan_tokens=1024, text_top_k=50, cfg_weight=5.0),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -152,21 +188,27 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def left_pad(seqs, pad_id, device=None):
-    """list of token lists -> ids (B, T) left-padded with pad_id, mask (B, T) True on real tokens."""
+def pad_tokens(seqs, pad_id, device=None, side="left"):
+    """list of token lists -> ids (B, T) padded with pad_id on the left (prompts) or the right (completions),
+    and mask (B, T), True on real tokens."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.bool)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, T - len(s):] = True
+            cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, cols] = True
     return ids.to(device), mask.to(device)
 
 
-def unconditional(ids, pad_id):
-    """Janus-Pro's unconditional prompt: every token but the first (BOS) and last (<begin_of_image>) -> pad."""
-    return [ids[0]] + [pad_id] * (len(ids) - 2) + [ids[-1]] if len(ids) > 2 else list(ids)
+def unconditional(ids, mask, pad_id):
+    """Janus-Pro's unconditional prompts: every token but the first (BOS) and the last (<begin_of_image>) is
+    the pad token. ids, mask (B, T) left-padded."""
+    first = mask & (mask.cumsum(1) == 1)
+    keep = first | ~mask
+    keep[:, -1] = True
+    return ids.masked_fill(~keep, pad_id)
 
 
 # -----------------------------------------------------------------------------
@@ -221,7 +263,7 @@ def decode_fn(step, compile, device):
     return _compiled[key]
 
 
-def _prefill(janus, ids, mask, extra):
+def prefill(janus, ids, mask, extra):
     """Run the prompt through a fresh cache with room for `extra` more tokens; return (h_last, cache, mask)."""
     B, T = ids.shape
     cache = janus.new_cache(B, T + extra)
@@ -231,41 +273,53 @@ def _prefill(janus, ids, mask, extra):
     return h[:, -1:], cache, full_mask
 
 
+def decode_loop(janus, step_fn, ids, mask, first_logits, n, steps, compile, *extra):
+    """The state every decode loop starts from: one prefill of (ids, mask) shared by n samples of each row.
+    Returns (logits (R*n, V) of the first token, a step(i, tokens) -> next logits function)."""
+    device = ids.device
+    T = ids.shape[1]
+    h, cache, full_mask = prefill(janus, ids, mask, steps)
+    logits = first_logits(h[:, -1])
+    if n > 1:  # one prefill, n samples
+        cache, full_mask, logits = cache.repeat_rows(n), full_mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+    lengths = full_mask[:, :T].sum(1, keepdim=True)  # (R*n, 1) real prompt lengths: the rotary positions
+    compiled = decode_fn(step_fn, compile, device)
+    static = compile and device.type == "cuda"  # a compiled GPU step attends to the whole cache (decode_fn)
+
+    def step(i, tokens):  # token i of every row -> logits of token i + 1
+        kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
+        return (compiled if i > 0 else step_fn)(janus, tokens, cache, torch.tensor([T + i], device=device),
+                                                lengths + i, full_mask, *extra, kv_len)
+    return logits, step
+
+
 # -----------------------------------------------------------------------------
 # semantic level: the plan
 
 
 @torch.no_grad()
-def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=96, temperature=1.0,
+def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_tokens=96, temperature=1.0,
                   top_k=None, top_p=None, generator=None, compile=False):
-    """Sample n continuations of each prompt (token lists, BOS included). Returns len(prompts) * n token
-    lists (sample j of prompt i at i * n + j), each ending with EOS unless max_new_tokens cut it short."""
-    device = janus.language_model.lm_head.weight.device
-    ids, mask = left_pad(prompts, pad_id, device)
-    B, T = ids.shape
-    h, cache, mask = _prefill(janus, ids, mask, max_new_tokens)
-    logits = janus.text_logits(h[:, -1])
-    if n > 1:  # one prefill, n samples
-        cache, mask, logits = cache.repeat_rows(n), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
-    lengths = mask[:, :T].sum(1, keepdim=True)  # (B*n, 1) real prompt lengths
-    step = decode_fn(text_step, compile, device)
-    static = compile and device.type == "cuda"  # a compiled GPU step attends to the whole cache (decode_fn)
-    out = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B * n, dtype=torch.bool, device=device)
+    """Sample n continuations of each prompt (ids, mask (B, T) left-padded, BOS included). Returns plan ids
+    (B * n, L) right-padded with pad_id and their mask: each plan ends with its first EOS, or after
+    max_new_tokens. Sample j of prompt i is row i * n + j."""
+    logits, step = decode_loop(janus, text_step, ids, mask, janus.text_logits, n, max_new_tokens, compile)
+    out = torch.full((logits.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):
         tok = sample_from_logits(logits, temperature, top_k, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)  # finished rows: filler, cut below
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)  # finished rows: filler, masked below
         out[:, i] = tok
         done |= tok == eos_id
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
             break
-        pos = torch.tensor([T + i], device=device)
-        kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
-        logits = (step if i > 0 else text_step)(janus, tok, cache, pos, lengths + i, mask, kv_len)
-    # each row ends at its first EOS (inclusive), else after max_new_tokens: only filler follows an EOS. Rows
-    # are cut there, never filtered by token value: a plan may sample the pad token, and dropping it would
-    # score the plan later under another context than the one it was sampled in.
-    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in out.tolist()]
+        logits = step(i, tok)
+    # a plan ends at its first EOS (inclusive): the mask is cut there, never by token value, since a plan may
+    # sample the pad token, and dropping it would score the plan later under another context
+    eos = out == eos_id
+    plan_mask = (eos.cumsum(1) - eos.long()) == 0                     # nothing before this position was EOS
+    L = max(1, int(plan_mask.sum(1).max()))
+    return out[:, :L], plan_mask[:, :L]
 
 
 # -----------------------------------------------------------------------------
@@ -273,49 +327,88 @@ def generate_text(janus: Janus, prompts, *, eos_id, pad_id, n=1, max_new_tokens=
 
 
 @torch.no_grad()
-def generate_images(janus: Janus, prompts, *, pad_id, n=1, cfg_weight=5.0, temperature=1.0, top_k=None,
+def generate_images(janus: Janus, ids, mask, *, pad_id, n=1, cfg_weight=5.0, temperature=1.0, top_k=None,
                     generator=None, compile=False, progress=None):
-    """Sample n images (VQ codes) per image prompt (token lists ending with <begin_of_image>) with
-    classifier-free guidance. Returns codes (len(prompts) * n, image_tokens), sample j of prompt i at i * n + j."""
-    device = janus.language_model.lm_head.weight.device
+    """Sample n images (VQ codes) per image prompt (ids, mask (B, T) left-padded, ending with
+    <begin_of_image>) with classifier-free guidance. Returns codes (B * n, image_tokens), sample j of prompt i
+    at row i * n + j. progress(i, N) is called after each image token."""
     N = janus.cfg.image_tokens
     guided = cfg_weight is not None and cfg_weight != 1.0
-    rows = list(prompts) + ([unconditional(p, pad_id) for p in prompts] if guided else [])
-    ids, mask = left_pad(rows, pad_id, device)
-    R, T = ids.shape
-    h, cache, mask = _prefill(janus, ids, mask, N)
-    logits = guide(janus.image_logits(h[:, -1]), cfg_weight if guided else None)
-    if n > 1:
-        cache, mask, logits = cache.repeat_rows(n), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
-    lengths = mask[:, :T].sum(1, keepdim=True)  # (R*n, 1)
-    w = torch.tensor(float(cfg_weight), device=device) if guided else None
-    step = decode_fn(image_step, compile, device)
-    static = compile and device.type == "cuda"
-    codes = torch.empty(len(prompts) * n, N, dtype=torch.long, device=device)
+    if guided:  # the cache holds [cond; uncond] rows (image_step)
+        ids, mask = torch.cat([ids, unconditional(ids, mask, pad_id)]), torch.cat([mask, mask])
+    w = torch.tensor(float(cfg_weight), device=ids.device) if guided else None
+    def first_logits(h):
+        return guide(janus.image_logits(h), cfg_weight if guided else None)
+    logits, step = decode_loop(janus, image_step, ids, mask, first_logits, n, N, compile, w)
+    codes = torch.empty(logits.shape[0], N, dtype=torch.long, device=ids.device)
     for i in range(N):
         codes[:, i] = sample_from_logits(logits, temperature, top_k, None, generator)
         if i < N - 1:
-            pos = torch.tensor([T + i], device=device)
-            kv_len = None if static and i > 0 else T + i + 1
-            logits = (step if i > 0 else image_step)(janus, codes[:, i], cache, pos, lengths + i, mask, w, kv_len)
+            logits = step(i, codes[:, i])
         if progress is not None:
             progress(i + 1, N)
     return codes
 
 
+@torch.no_grad()
+def decode_images(janus, codes, batch=16):
+    """VQ codes (B, N) -> uint8 images (B, S, S, 3) on the CPU, decoded a few at a time to bound memory."""
+    return torch.cat([to_uint8(janus.vq.decode_code(codes[i:i + batch])).cpu() for i in range(0, len(codes), batch)])
+
+
 # -----------------------------------------------------------------------------
-# both levels
+# both levels: the rollout record, from the sampler to the loss
 
 
 @dataclass
-class Samples:
-    """Sample k of prompt i sits at row i * n + k of every field."""
-    prompts: list                                        # the user prompt of each sample
-    plans: list                                          # plan text ("" without the semantic level)
-    reasoning_ids: list = field(default_factory=list)    # the reasoning request's tokens
-    plan_ids: list = field(default_factory=list)         # the plan's tokens (with EOS when it ended)
-    image_prompt_ids: list = field(default_factory=list)  # "{prompt}. {plan}" in the chat format + <begin_of_image>
-    codes: torch.Tensor = None                           # (B*n, image_tokens)
+class Rollout:
+    """Samples of a batch of prompts, from the sampler to the loss; row i * n + k is sample k of prompt i.
+    Prompts are padded on the left and plans on the right, each with its mask (True on real tokens)."""
+    prompts: list                 # (B,) the user prompt of each row
+    plans: list                   # (B,) the plan as text ("" without the semantic level)
+    request_ids: torch.Tensor     # (B, Tr) the reasoning request; (B, 0) without the semantic level
+    request_mask: torch.Tensor
+    plan_ids: torch.Tensor        # (B, Tp) the plan, EOS included when it came; (B, 0) without the semantic level
+    plan_mask: torch.Tensor
+    image_prompt_ids: torch.Tensor   # (B, Ti) "{prompt}. {plan}" in the chat format, then <begin_of_image>
+    image_prompt_mask: torch.Tensor
+    codes: torch.Tensor           # (B, N) the image tokens
+    rewards: torch.Tensor = None     # (B,) the combined reward (set by the trainer)
+    advantages: torch.Tensor = None  # (B,) the rewards normalised within each prompt's group (set by the trainer)
+
+    PADDING = {"request": "left", "plan": "right", "image_prompt": "left"}
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def rows(self, i, j) -> "Rollout":
+        """Rows i..j-1, with padding only as wide as their longest prompt and plan."""
+        out = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[i:j] for f in fields(self)}
+        for name, side in self.PADDING.items():
+            ids, mask = out[name + "_ids"], out[name + "_mask"]
+            n = int(mask.sum(1).max()) if mask.numel() else 0
+            keep = slice(mask.shape[1] - n, None) if side == "left" else slice(0, n)
+            out[name + "_ids"], out[name + "_mask"] = ids[:, keep], mask[:, keep]
+        return Rollout(**out)
+
+    @staticmethod
+    def cat(parts, pad_id) -> "Rollout":
+        """The rows of several rollouts in one, padding widened to the widest."""
+        def widen(ts, side, value):
+            W = max(t.shape[1] for t in ts)
+            return torch.cat([F.pad(t, (W - t.shape[1], 0) if side == "left" else (0, W - t.shape[1]), value=value)
+                              for t in ts])
+        out = {}
+        for f in fields(Rollout):
+            vals = [getattr(p, f.name) for p in parts]
+            name, _, kind = f.name.rpartition("_")
+            if vals[0] is None or isinstance(vals[0], list):
+                out[f.name] = None if vals[0] is None else [x for v in vals for x in v]
+            elif name in Rollout.PADDING:
+                out[f.name] = widen(vals, Rollout.PADDING[name], pad_id if kind == "ids" else False)
+            else:
+                out[f.name] = torch.cat(vals)
+        return Rollout(**out)
 
 
 def image_prompt_text(prompt: str, plan: str) -> str:
@@ -325,72 +418,60 @@ def image_prompt_text(prompt: str, plan: str) -> str:
 
 
 @torch.no_grad()
-def sample_t2i(janus: Janus, tok: Tokenizer, prompts, *, n=1, cot=True, reasoning_prompt=REASONING_PROMPT,
-               chat="t2i-r1", cfg_weight=5.0, temperature=1.0, top_k=None, text_temperature=1.0, text_top_k=None,
-               text_top_p=None, max_plan_tokens=96, generator=None, compile=False, progress=None) -> Samples:
+def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n=1, cot=True,
+               reasoning_prompt=REASONING_PROMPT, generator=None, compile=False, progress=None) -> Rollout:
     """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with cot=False,
-    n images per prompt from the prompt alone, sharing one prefill). chat: a CHAT_FORMATS name or a
-    ChatFormat, how both requests are written."""
-    fmt = chat_format(chat)
+    n images per prompt from the prompt alone, sharing one prefill). settings: resolved for the checkpoint."""
+    if None in (settings.cfg_weight, settings.max_plan_tokens, settings.chat_format):
+        raise ValueError("sampling settings left unset: fill them for the checkpoint with SamplingConfig.resolved")
     for p in prompts:
         if not p or not p.strip():
             raise ValueError("empty prompt")
+    s, fmt, device = settings, chat_format(settings.chat_format), janus.device
     rep = [p for p in prompts for _ in range(n)]
     if cot:
-        requests = [tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts]
-        plan_ids = generate_text(janus, requests, eos_id=tok.eos_id, pad_id=tok.pad_id, n=n,
-                                 max_new_tokens=max_plan_tokens, temperature=text_temperature, top_k=text_top_k or None,
-                                 top_p=text_top_p, generator=generator, compile=compile)
-        decoded = [tok.decode(ids) for ids in plan_ids]
-        plans = [d.strip() for d in decoded]
-        reasoning_ids = [r for r in requests for _ in range(n)]
-        image_ids = [tok.encode(fmt.image_text(p, d)) for p, d in zip(rep, decoded)]
-        codes = generate_images(janus, image_ids, pad_id=tok.pad_id, n=1, cfg_weight=cfg_weight,
-                                temperature=temperature, top_k=top_k, generator=generator, compile=compile,
+        request_ids, request_mask = pad_tokens([tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts],
+                                             tok.pad_id, device)
+        plan_ids, plan_mask = generate_text(janus, request_ids, request_mask, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                            n=n, max_new_tokens=s.max_plan_tokens, temperature=s.text_temperature,
+                                            top_k=s.text_top_k or None, top_p=s.text_top_p, generator=generator,
+                                            compile=compile)
+        decoded = [tok.decode(ids[:k]) for ids, k in zip(plan_ids.tolist(), plan_mask.sum(1).tolist())]
+        request_ids, request_mask = request_ids.repeat_interleave(n, 0), request_mask.repeat_interleave(n, 0)
+        image_ids, image_mask = pad_tokens([tok.encode(fmt.image_text(p, d)) for p, d in zip(rep, decoded)],
+                                         tok.pad_id, device)
+        codes = generate_images(janus, image_ids, image_mask, pad_id=tok.pad_id, cfg_weight=s.cfg_weight,
+                                temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
                                 progress=progress)
     else:
-        plans, plan_ids, reasoning_ids = [""] * len(rep), [[] for _ in rep], [[] for _ in rep]
-        distinct = [tok.encode(fmt.image_text(p)) for p in prompts]
-        image_ids = [d for d in distinct for _ in range(n)]
-        codes = generate_images(janus, distinct, pad_id=tok.pad_id, n=n, cfg_weight=cfg_weight,
-                                temperature=temperature, top_k=top_k, generator=generator, compile=compile,
+        decoded = [""] * len(rep)
+        request_ids = plan_ids = torch.zeros(len(rep), 0, dtype=torch.long, device=device)
+        request_mask = plan_mask = torch.zeros(len(rep), 0, dtype=torch.bool, device=device)
+        image_ids, image_mask = pad_tokens([tok.encode(fmt.image_text(p)) for p in prompts], tok.pad_id, device)
+        codes = generate_images(janus, image_ids, image_mask, pad_id=tok.pad_id, n=n, cfg_weight=s.cfg_weight,
+                                temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
                                 progress=progress)
-    return Samples(prompts=rep, plans=plans, reasoning_ids=reasoning_ids, plan_ids=plan_ids,
-                   image_prompt_ids=image_ids, codes=codes)
+        image_ids, image_mask = image_ids.repeat_interleave(n, 0), image_mask.repeat_interleave(n, 0)
+    return Rollout(rep, [d.strip() for d in decoded], request_ids, request_mask, plan_ids, plan_mask,
+                   image_ids, image_mask, codes)
+
+
+@torch.no_grad()
+def sample_batches(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n, batch_size, seed,
+                   progress=None, **kwargs):
+    """sample_t2i over a list of prompts, batch_size prompts at a time, with one generator seeded once (the
+    same seed and batch size give the same samples). Returns the rollout and its images, uint8 (B, S, S, 3)."""
+    g = torch.Generator(device=janus.device).manual_seed(seed)
+    parts, images = [], []
+    for i in range(0, len(prompts), batch_size):
+        parts.append(sample_t2i(janus, tok, prompts[i:i + batch_size], settings, n=n, generator=g,
+                                progress=progress, **kwargs))
+        images.append(decode_images(janus, parts[-1].codes))
+    return Rollout.cat(parts, tok.pad_id), torch.cat(images)
 
 
 # -----------------------------------------------------------------------------
-# progress of long stages (sampling, evaluation, scoring, pretraining), on stderr
-
-
-class Progress:
-    """On a terminal, one line rewritten in place every `every` seconds; otherwise (a log file, CI) whole
-    lines, at most one every `every_line` seconds, and always the last."""
-
-    def __init__(self, total, desc="", stream=None, every=0.5, every_line=30.0):
-        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = every if self.tty else every_line
-        self.t0 = self.last = time.time()
-        self.n = 0
-
-    def update(self, k=1, note=""):
-        self.n += k
-        now = time.time()
-        if now - self.last >= self.every or self.n >= self.total:
-            self.last = now
-            rate = self.n / max(now - self.t0, 1e-9)
-            eta = (self.total - self.n) / max(rate, 1e-9)
-            line = f"{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}".rstrip()
-            if self.tty:
-                self.stream.write("\r" + line + ("\n" if self.n >= self.total else ""))
-            else:
-                self.stream.write(line + "\n")
-            self.stream.flush()
-
-
-# -----------------------------------------------------------------------------
-# BiCoT-GRPO: advantages, log-probabilities, loss
+# BiCoT-GRPO: advantages, log-probabilities of both levels, loss
 
 
 def group_advantages(rewards, group_size):
@@ -409,6 +490,80 @@ def group_advantages(rewards, group_size):
     adv = (r - r.mean(1, keepdim=True)) / (std + 1e-4)
     flat = (r == r[:, :1]).all(1, keepdim=True)                      # (groups, 1)
     return adv.masked_fill(flat, 0.0).float().view(-1)
+
+
+def _selected_logprobs(logits_fn, states, targets, temperature):
+    logits = logits_fn(states)
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def chunked_logprobs(logits_fn, states, targets, temperature=1.0, chunk_bytes=2**28):
+    """states (M, ...) -> log p(target) (M,) under logits_fn(states) (float32 logits), a chunk of rows at a
+    time; under autograd each chunk is recomputed in backward, so no (M, vocab) tensor is ever kept."""
+    if states.shape[0] == 0:
+        return states.new_zeros(0, dtype=torch.float32)
+    vocab = logits_fn(states[:1]).shape[-1]
+    rows = max(1, chunk_bytes // (4 * vocab))
+    out = []
+    for i in range(0, states.shape[0], rows):
+        s, t = states[i:i + rows], targets[i:i + rows]
+        if torch.is_grad_enabled() and s.requires_grad:
+            out.append(checkpoint(_selected_logprobs, logits_fn, s, t, temperature, use_reentrant=False))
+        else:
+            out.append(_selected_logprobs(logits_fn, s, t, temperature))
+    return torch.cat(out)
+
+
+def completion_logprobs(janus: Janus, prompt_ids, prompt_mask, completion, completion_mask, kind, *,
+                        temperature=1.0, uncond_ids=None, cfg_weight=None):
+    """log p(token | prompt, the completion before it) of every completion token, in one forward.
+
+    prompt_ids, prompt_mask (B, P) left-padded; completion, completion_mask (B, L) right-padded: plan tokens
+    for kind="text", VQ codes for kind="image". With uncond_ids (B, P) and cfg_weight (images only) the
+    probabilities are those of the guided logits u + w (c - u) that sampling drew from, the conditional and
+    unconditional rows in one forward. Returns logp (B, L) float32, 0 on padding."""
+    B, P = prompt_ids.shape
+    completion = completion.masked_fill(~completion_mask, 0)
+    embed, logits_fn = (janus.embed_text, janus.text_logits) if kind == "text" else (janus.embed_image, janus.image_logits)
+    guided = uncond_ids is not None and cfg_weight is not None
+    prompts = torch.cat([prompt_ids, uncond_ids]) if guided else prompt_ids                    # (R, P), R = B or 2B
+    masks = prompt_mask.repeat(len(prompts) // B, 1)
+    # input: the prompt, then every completion token but the last, which predicts nothing
+    x = torch.cat([janus.embed_text(prompts), embed(completion[:, :-1]).repeat(len(prompts) // B, 1, 1)], 1)
+    h = janus(x, mask=torch.cat([masks, completion_mask[:, :-1].repeat(len(prompts) // B, 1)], 1))  # (R, P+L-1, H)
+    # position P - 1 (the prompt's last token) predicts completion token 0, position P - 1 + j token j
+    h = h[:, P - 1:]                                                                           # (R, L, H)
+    if guided:  # each token's conditional and unconditional state side by side: (M, 2, H)
+        states = torch.stack([part[completion_mask] for part in h.chunk(2)], 1)
+        def logits_fn(s):
+            return guide(janus.image_logits(torch.cat(s.unbind(1))), cfg_weight)
+    else:
+        states = h[completion_mask]                                                            # (M, H)
+    logp = torch.zeros(B, completion.shape[1], dtype=torch.float32, device=h.device)
+    logp[completion_mask] = chunked_logprobs(logits_fn, states, completion[completion_mask], temperature)
+    return logp
+
+
+def rollout_logprobs(janus: Janus, r: Rollout, levels, *, text_temperature=1.0, temperature=1.0, pad_id=0,
+                     cfg_weight=None):
+    """Log-probs (B, T) and mask (B, T) of the tokens BiCoT-GRPO trains: the plan (text head, levels both and
+    semantic) beside the image (image head, levels both and token), so both take the sample's one advantage.
+    cfg_weight: image tokens under the guided distribution they were drawn from (unset: the conditional one,
+    as T2I-R1). Temperatures are the sampling ones (0, argmax, scores at 1)."""
+    logps, masks = [], []
+    if levels in ("both", "semantic"):
+        logps.append(completion_logprobs(janus, r.request_ids, r.request_mask, r.plan_ids, r.plan_mask, "text",
+                                         temperature=text_temperature or 1.0))
+        masks.append(r.plan_mask)
+    if levels in ("both", "token"):
+        uncond = unconditional(r.image_prompt_ids, r.image_prompt_mask, pad_id) if cfg_weight else None
+        image_mask = torch.ones_like(r.codes, dtype=torch.bool)
+        logps.append(completion_logprobs(janus, r.image_prompt_ids, r.image_prompt_mask, r.codes, image_mask, "image",
+                                         temperature=temperature or 1.0, uncond_ids=uncond, cfg_weight=cfg_weight))
+        masks.append(image_mask)
+    return torch.cat(logps, 1), torch.cat(masks, 1)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.01, norm="token", n_total=None):
@@ -444,71 +599,3 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
         stats = {"kl": float((k3 * mask).sum() / n), "clip_frac": float((is_clipped & m).sum() / n),
                  "ratio_min": float(r.min()), "ratio_max": float(r.max()), "tokens": int(mask.sum())}
     return loss, stats
-
-
-def _selected_logprobs(head, h, targets, temperature):
-    logits = head(h)
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def chunked_logprobs(head, h, targets, temperature=1.0, chunk_bytes=2**28):
-    """h (M, H) hidden states, targets (M,) -> log p(target) (M,) under head(h) (float32 logits), a chunk of
-    rows at a time; under autograd each chunk is recomputed in backward, so no (M, vocab) tensor is ever
-    kept. The head is probed once for its vocabulary size."""
-    if h.shape[0] == 0:
-        return h.new_zeros(0, dtype=torch.float32)
-    vocab = head(h[:1]).shape[-1]
-    rows = max(1, chunk_bytes // (4 * vocab))
-    out = []
-    for i in range(0, h.shape[0], rows):
-        hc, tc = h[i:i + rows], targets[i:i + rows]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            out.append(checkpoint(_selected_logprobs, head, hc, tc, temperature, use_reentrant=False))
-        else:
-            out.append(_selected_logprobs(head, hc, tc, temperature))
-    return torch.cat(out)
-
-
-def completion_logprobs(janus: Janus, prompts, completions, kind, *, pad_id, uncond_prompts=None,
-                        cfg_weight=None, temperature=1.0):
-    """Log-probabilities of completion tokens after their prompts, in one forward.
-
-    prompts: token lists (left-padded here); completions: token lists (right-padded here), plan tokens
-    for kind="text", VQ codes for kind="image". With uncond_prompts and cfg_weight (images only) the
-    log-probs are under the guided distribution u + w (c - u) that sampling used. Returns logp (B, L)
-    float32 (0 on padding) and mask (B, L)."""
-    device = janus.language_model.lm_head.weight.device
-    P_ids, P_mask = left_pad(prompts, pad_id, device)
-    B, P = P_ids.shape
-    L = max(1, max(len(c) for c in completions))
-    C = torch.full((B, L), 0, dtype=torch.long, device=device)
-    C_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
-    for i, c in enumerate(completions):
-        C[i, :len(c)] = torch.as_tensor(c, dtype=torch.long)
-        C_mask[i, :len(c)] = True
-    embed = janus.embed_text if kind == "text" else janus.embed_image
-    head = janus.text_logits if kind == "text" else janus.image_logits
-
-    def hidden(ids, mask):  # (R, L, H), R a multiple of B: the states that predict each completion token
-        n = ids.shape[0] // B
-        x = torch.cat([janus.embed_text(ids), embed(C[:, :-1]).repeat(n, 1, 1)], 1)  # the last token is never an input
-        h = janus(x, mask=torch.cat([mask, C_mask[:, :-1].repeat(n, 1)], 1))
-        return h[:, P - 1:]
-    targets = C[C_mask]                                                    # (M,)
-    if uncond_prompts is not None and cfg_weight is not None and kind == "image":
-        U_ids, U_mask = left_pad(uncond_prompts, pad_id, device)
-        if U_ids.shape != P_ids.shape:
-            raise ValueError("unconditional prompts must have the shapes of the conditional ones")
-        # one forward for the conditional and the unconditional rows: half the calls, larger matmuls
-        hc, hu = hidden(torch.cat([P_ids, U_ids]), torch.cat([P_mask, U_mask])).chunk(2)
-        h = torch.cat([hc[C_mask], hu[C_mask]], -1)                       # (M, 2H)
-        H = hc.shape[-1]
-        def head(x):
-            return guide(janus.image_logits(torch.cat([x[:, :H], x[:, H:]])), cfg_weight)
-    else:
-        h = hidden(P_ids, P_mask)[C_mask]                                  # (M, H)
-    logp = torch.zeros(B, L, dtype=torch.float32, device=device)
-    logp[C_mask] = chunked_logprobs(head, h, targets, temperature)
-    return logp, C_mask

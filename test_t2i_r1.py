@@ -481,6 +481,27 @@ def test_matches_transformers_janus(tmp_path, monkeypatch, kernel):
 PAD = 0
 
 
+def gen_images(m, prompts, **kw):
+    """generate_images on token lists (left-padded here)."""
+    return R.generate_images(m, *R.pad_tokens(prompts, PAD), pad_id=PAD, **kw)
+
+
+def gen_text(m, prompts, pad_id=PAD, **kw):
+    """generate_text on token lists -> each plan as a token list (its real tokens)."""
+    ids, mask = R.generate_text(m, *R.pad_tokens(prompts, pad_id), pad_id=pad_id, **kw)
+    return [row[:k] for row, k in zip(ids.tolist(), mask.sum(1).tolist())]
+
+
+def real(ids, mask):
+    """The real tokens of each row of a padded (ids, mask) pair, as lists."""
+    return [row[m].tolist() for row, m in zip(ids, mask)]
+
+
+def settings(**kw):
+    """Sampling settings with the shapes world's defaults for what kw leaves unset."""
+    return R.SamplingConfig(**kw).resolved(kind="janus")
+
+
 def image_prompts(m, lengths=(6, 9, 4), seed=0):
     """Random image prompts: BOS-like first token, body, and a fixed last token standing for <begin_of_image>."""
     g = torch.Generator().manual_seed(seed)
@@ -491,7 +512,7 @@ def image_prompts(m, lengths=(6, 9, 4), seed=0):
 def reference_images(m, prompt, cfg_weight, steps, temperature=0.0, generator=None):
     """Janus-Pro's procedure with plain full-sequence forwards: no cache, no padding, one prompt."""
     cond = torch.tensor([prompt])
-    uncond = torch.tensor([R.unconditional(prompt, PAD)])
+    uncond = R.unconditional(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool), PAD)
     codes = torch.zeros(1, 0, dtype=torch.long)
     for _ in range(steps):
         def last_logits(ids):
@@ -507,7 +528,7 @@ def reference_images(m, prompt, cfg_weight, steps, temperature=0.0, generator=No
 def test_greedy_guided_generation_equals_plain_forwards():
     m = tiny_model()
     prompts = image_prompts(m)  # different lengths: left padding inside one batch
-    codes = R.generate_images(m, prompts, pad_id=PAD, n=2, cfg_weight=5.0, temperature=0)
+    codes = gen_images(m, prompts, n=2, cfg_weight=5.0, temperature=0)
     assert codes.shape == (6, m.cfg.image_tokens)
     for i, p in enumerate(prompts):
         want = reference_images(m, p, 5.0, m.cfg.image_tokens)
@@ -517,7 +538,7 @@ def test_greedy_guided_generation_equals_plain_forwards():
 def test_guidance_weight_one_is_conditional_sampling():
     m = tiny_model()
     prompts = image_prompts(m, lengths=(7, 7))
-    got = R.generate_images(m, prompts, pad_id=PAD, cfg_weight=1.0, temperature=1.0,
+    got = gen_images(m, prompts, cfg_weight=1.0, temperature=1.0,
                             generator=torch.Generator().manual_seed(3))
     # reference: conditional rows only, full forwards, the same random stream
     g = torch.Generator().manual_seed(3)
@@ -529,19 +550,19 @@ def test_guidance_weight_one_is_conditional_sampling():
             codes = torch.cat([codes, R.sample_from_logits(logits, 1.0, generator=g)[:, None]], 1)
     assert torch.equal(got, codes)
     # and guidance does change the outcome
-    greedy = [R.generate_images(m, prompts, pad_id=PAD, cfg_weight=w, temperature=0) for w in (1.0, 5.0)]
+    greedy = [gen_images(m, prompts, cfg_weight=w, temperature=0) for w in (1.0, 5.0)]
     assert not torch.equal(*greedy)
 
 
 def test_left_padded_batch_equals_prompts_one_by_one():
     m = tiny_model()
     prompts = image_prompts(m, lengths=(5, 10, 7))
-    batch = R.generate_images(m, prompts, pad_id=PAD, cfg_weight=3.0, temperature=0)
+    batch = gen_images(m, prompts, cfg_weight=3.0, temperature=0)
     for i, p in enumerate(prompts):
-        assert torch.equal(batch[i], R.generate_images(m, [p], pad_id=PAD, cfg_weight=3.0, temperature=0)[0])
-    texts = R.generate_text(m, prompts, eos_id=-1, pad_id=PAD, max_new_tokens=6, temperature=0)
+        assert torch.equal(batch[i], gen_images(m, [p], cfg_weight=3.0, temperature=0)[0])
+    texts = gen_text(m, prompts, eos_id=-1, max_new_tokens=6, temperature=0)
     for i, p in enumerate(prompts):
-        assert texts[i] == R.generate_text(m, [p], eos_id=-1, pad_id=PAD, max_new_tokens=6, temperature=0)[0]
+        assert texts[i] == gen_text(m, [p], eos_id=-1, max_new_tokens=6, temperature=0)[0]
 
 
 def test_text_generation_matches_plain_forwards_and_stops_at_eos():
@@ -553,19 +574,19 @@ def test_text_generation_matches_plain_forwards_and_stops_at_eos():
             nxt = m.text_logits(m(m.embed_text(ids)))[:, -1].argmax(-1)
             ids = torch.cat([ids, nxt[:, None]], 1)
     ref = ids[0, len(prompt):].tolist()
-    assert R.generate_text(m, [prompt], eos_id=-1, pad_id=PAD, max_new_tokens=8, temperature=0)[0] == ref
+    assert gen_text(m, [prompt], eos_id=-1, max_new_tokens=8, temperature=0)[0] == ref
     eos = ref[3]  # pretend the 4th generated token is EOS: generation must stop right after it
     cut = ref.index(eos) + 1
-    out = R.generate_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=PAD, n=2, max_new_tokens=8, temperature=0)
+    out = gen_text(m, [prompt, prompt[:4]], eos_id=eos, n=2, max_new_tokens=8, temperature=0)
     assert out[0] == out[1] == ref[:cut]
     assert len(out) == 4
     # a sampled token that happens to be the pad token stays in the plan (the plan's log-probs are later
     # computed in the context it was sampled in); only what follows EOS is cut
     pad = ref[1]
     assert pad not in ref[:1] and pad != eos
-    out = R.generate_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=pad, n=2, max_new_tokens=8, temperature=0)
+    out = gen_text(m, [prompt, prompt[:4]], eos_id=eos, pad_id=pad, n=2, max_new_tokens=8, temperature=0)
     assert out[0] == out[1] == ref[:cut]
-    assert R.generate_text(m, [prompt], eos_id=-1, pad_id=pad, max_new_tokens=8, temperature=0)[0] == ref
+    assert gen_text(m, [prompt], eos_id=-1, pad_id=pad, max_new_tokens=8, temperature=0)[0] == ref
 
 
 def test_seeds_reproduce_and_differ():
@@ -573,8 +594,8 @@ def test_seeds_reproduce_and_differ():
     prompts = image_prompts(m, lengths=(6, 8))
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return (R.generate_images(m, prompts, pad_id=PAD, n=2, cfg_weight=5.0, generator=g),
-                R.generate_text(m, prompts, eos_id=-1, pad_id=PAD, n=2, max_new_tokens=5, top_p=0.9, generator=g))
+        return (gen_images(m, prompts, n=2, cfg_weight=5.0, generator=g),
+                gen_text(m, prompts, eos_id=-1, n=2, max_new_tokens=5, top_p=0.9, generator=g))
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
     assert not torch.equal(a[0], c[0])
@@ -592,8 +613,8 @@ def test_compiled_decode_step_equals_eager(monkeypatch, kernel):
     prompts = image_prompts(m, lengths=(6, 8))
     for compile in (False, "aot_eager"):
         g = torch.Generator().manual_seed(0)
-        out = (R.generate_images(m, prompts, pad_id=PAD, n=2, cfg_weight=5.0, generator=g, compile=compile),
-               R.generate_text(m, prompts, eos_id=-1, pad_id=PAD, max_new_tokens=5, generator=g, compile=compile))
+        out = (gen_images(m, prompts, n=2, cfg_weight=5.0, generator=g, compile=compile),
+               gen_text(m, prompts, eos_id=-1, max_new_tokens=5, generator=g, compile=compile))
         if compile:
             assert torch.equal(out[0], eager[0]) and out[1] == eager[1]
         eager = out
@@ -618,18 +639,29 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path)
     g = torch.Generator().manual_seed(0)
-    s = R.sample_t2i(m, tok, ["a red circle", "a blue square"], n=2, max_plan_tokens=5, generator=g, chat="janus")
-    assert s.codes.shape == (4, m.cfg.image_tokens) and len(s.plans) == 4
+    s = R.sample_t2i(m, tok, ["a red circle", "a blue square"], settings(max_plan_tokens=5), n=2, generator=g)
+    assert s.codes.shape == (4, m.cfg.image_tokens) and len(s.plans) == 4 and len(s) == 4
     assert s.prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]
+    requests, plans = real(s.request_ids, s.request_mask), real(s.plan_ids, s.plan_mask)
     for i in range(4):
-        assert s.reasoning_ids[i][0] == tok.bos_id and 0 < len(s.plan_ids[i]) <= 5
+        assert requests[i][0] == tok.bos_id and 0 < len(plans[i]) <= 5
         want = tok.encode(M.image_prompt(R.image_prompt_text(s.prompts[i], s.plans[i])))
-        assert s.image_prompt_ids[i] == want and want[-1] == tok.boi_id
+        assert real(s.image_prompt_ids, s.image_prompt_mask)[i] == want and want[-1] == tok.boi_id
     assert R.image_prompt_text("a red circle.", " red circle left ") == "a red circle. red circle left"
-    s2 = R.sample_t2i(m, tok, ["a red circle"], n=3, cot=False, generator=g, chat="janus")
-    assert s2.plans == ["", "", ""] and s2.image_prompt_ids[0] == tok.encode(M.image_prompt("a red circle"))
+    # the rows of a rollout keep their tokens, with padding trimmed to the longest of them, and rollouts join
+    for i, j in ((0, 4), (1, 3), (3, 4)):
+        part = s.rows(i, j)
+        assert real(part.plan_ids, part.plan_mask) == plans[i:j] and part.plan_mask[:, -1].any()
+        assert real(part.request_ids, part.request_mask) == requests[i:j] and part.request_mask[:, 0].any()
+    both = R.Rollout.cat([s.rows(2, 4), s.rows(0, 1)], tok.pad_id)
+    assert real(both.plan_ids, both.plan_mask) == plans[2:4] + plans[:1] and both.prompts == s.prompts[2:] + s.prompts[:1]
+    s2 = R.sample_t2i(m, tok, ["a red circle"], settings(), n=3, cot=False, generator=g)
+    assert s2.plans == ["", "", ""] and s2.plan_ids.shape == (3, 0)
+    assert real(s2.image_prompt_ids, s2.image_prompt_mask)[0] == tok.encode(M.image_prompt("a red circle"))
     with pytest.raises(ValueError, match="empty prompt"):
-        R.sample_t2i(m, tok, ["  "])
+        R.sample_t2i(m, tok, ["  "], settings())
+    with pytest.raises(ValueError, match="unset"):
+        R.sample_t2i(m, tok, ["a red circle"], R.SamplingConfig())
     (tmp_path / "bad.txt").write_text("no placeholder")
     with pytest.raises(ValueError, match="bad.txt"):
         R.load_reasoning_prompt(str(tmp_path / "bad.txt"))
@@ -663,21 +695,23 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
     m = tiny_model(vocab_size=tok.vocab_size)
     g = torch.Generator().manual_seed(0)
     prompts = ["a red apple.", "two cups {on} a table"]
-    s = R.sample_t2i(m, tok, prompts, n=2, reasoning_prompt=template, chat="t2i-r1", max_plan_tokens=6, generator=g)
+    t2i = settings(chat_format="t2i-r1", max_plan_tokens=6)
+    s = R.sample_t2i(m, tok, prompts, t2i, n=2, reasoning_prompt=template, generator=g)
+    requests, images = real(s.request_ids, s.request_mask), real(s.image_prompt_ids, s.image_prompt_mask)
     for i, p in enumerate(s.prompts):
         want = f'{system}\n\nUser: Describe the picture for "{p}" in a few words.\nDescription:\n\nAssistant:'
-        assert s.reasoning_ids[i][0] == tok.bos_id and tok.tk.decode(s.reasoning_ids[i][1:]) == want
-        assert s.reasoning_ids[i] == tok.encode(want)
-        plan = tok.tk.decode(s.plan_ids[i], skip_special_tokens=True)
+        assert requests[i][0] == tok.bos_id and tok.tk.decode(requests[i][1:]) == want
+        assert requests[i] == tok.encode(want)
+        plan = tok.tk.decode(real(s.plan_ids, s.plan_mask)[i], skip_special_tokens=True)
         image = "User: " + f"{p}. {plan}".strip() + "\n\nAssistant:"
-        assert s.image_prompt_ids[i] == tok.encode(image) + [tok.boi_id]
+        assert images[i] == tok.encode(image) + [tok.boi_id]
     assert R.CHAT_FORMATS["t2i-r1"].image_text("a cup", "") == "User: a cup.\n\nAssistant:<begin_of_image>"
-    s = R.sample_t2i(m, tok, prompts, n=1, cot=False, chat="t2i-r1", generator=g)
-    assert s.image_prompt_ids[1] == tok.encode("User: two cups {on} a table\n\nAssistant:") + [tok.boi_id]
+    s = R.sample_t2i(m, tok, prompts, t2i, n=1, cot=False, generator=g)
+    assert real(s.image_prompt_ids, s.image_prompt_mask)[1] == (tok.encode("User: two cups {on} a table\n\nAssistant:")
+                                                                + [tok.boi_id])
     # Janus-Pro's demos (and the shapes world): roles <|User|>/<|Assistant|>, no system prompt
-    s = R.sample_t2i(m, tok, prompts[:1], reasoning_prompt="plan {prompt}", chat="janus", max_plan_tokens=3,
-                     generator=g)
-    assert tok.tk.decode(s.reasoning_ids[0][1:]) == "<|User|>: plan a red apple.\n\n<|Assistant|>:"
+    s = R.sample_t2i(m, tok, prompts[:1], settings(max_plan_tokens=3), reasoning_prompt="plan {prompt}", generator=g)
+    assert tok.tk.decode(real(s.request_ids, s.request_mask)[0][1:]) == "<|User|>: plan a red apple.\n\n<|Assistant|>:"
     # which format a checkpoint gets: its own reasoning_prompt.txt means it was trained on the janus format
     assert R.default_chat_format(str(tmp_path)) == "t2i-r1" and R.default_chat_format(None) == "t2i-r1"
     (tmp_path / "reasoning_prompt.txt").write_text("describe {prompt}")
@@ -687,7 +721,9 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
         with pytest.raises(ValueError, match=r"bad.txt must hold .* found .*" + re.escape(bad)):
             R.load_reasoning_prompt(str(tmp_path / "bad.txt"))
     with pytest.raises(ValueError, match="chat format must be one of"):
-        R.sample_t2i(m, tok, prompts, chat="llama")
+        R.sample_t2i(m, tok, prompts, settings(chat_format="llama"))
+    with pytest.raises(ValueError, match="--chat-format must be one of"):
+        R.SamplingConfig(chat_format="llama").check()
 
 
 def cli_error(main, argv, capsys, prog):
@@ -856,13 +892,19 @@ def test_completion_logprobs_match_plain_forwards():
     m = tiny_model()
     prompts = image_prompts(m, lengths=(5, 8))
     plans = [[7, 8, 9], [10, 11]]
-    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 6)).tolist()
-    uncond = [R.unconditional(p, PAD) for p in prompts]
-    text_lp, text_mask = R.completion_logprobs(m, prompts, plans, "text", pad_id=PAD)
-    img_lp, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD)
-    cfg_lp, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD, uncond_prompts=uncond,
-                                      cfg_weight=3.0, temperature=0.7)
-    assert text_mask.tolist() == [[True] * 3, [True, True, False]] and text_lp[1, 2] == 0
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 6))
+    ids, mask = R.pad_tokens(prompts, PAD)
+    plan_ids, plan_mask = R.pad_tokens(plans, PAD, side="right")
+    assert plan_mask.tolist() == [[True] * 3, [True, True, False]]
+    uncond = R.unconditional(ids, mask, PAD)
+    assert real(uncond, mask) == [[p[0]] + [PAD] * (len(p) - 2) + [p[-1]] for p in prompts]
+    full = torch.ones_like(codes, dtype=torch.bool)
+    text_lp = R.completion_logprobs(m, ids, mask, plan_ids, plan_mask, "text")
+    img_lp = R.completion_logprobs(m, ids, mask, codes, full, "image")
+    cfg_lp = R.completion_logprobs(m, ids, mask, codes, full, "image", uncond_ids=uncond, cfg_weight=3.0,
+                                   temperature=0.7)
+    assert text_lp[1, 2] == 0
+    uncond, codes = real(uncond, mask), codes.tolist()
     with torch.no_grad():
         for i, p in enumerate(prompts):
             P = len(p)
@@ -1569,16 +1611,15 @@ def test_geneval_color_step_on_crops(tmp_path):
 
 
 def test_shapes_reward_uses_shapes_detect(monkeypatch):
-    fake = types.ModuleType("shapes")
     calls = []
 
     def detect(image):
         calls.append(image.shape)
         return [_det("circle", (0, 0, 4, 4), 1.0, "red"), _det("square", (10, 0, 14, 4), 1.0, "blue")]
 
-    fake.detect = detect
-    monkeypatch.setitem(sys.modules, "shapes", fake)
-    reward = RW.ShapesReward()
+    monkeypatch.setattr(S, "detect", detect)
+    assert RW.REWARDS["shapes"] is S.ShapesReward  # importing shapes registers its reward
+    reward = RW.RewardEnsemble({"shapes": 1.0}, {}).rewards["shapes"]
     meta = [{"tag": "position", "include": [{"class": "square", "count": 1},
                                             {"class": "circle", "count": 1, "color": "red",
                                              "position": ["left of", 0]}], "prompt": "a red circle left of a square"},
@@ -1632,7 +1673,7 @@ def test_combine_sum_and_group():
         RW.combine_rewards(s, w, "group")
 
 
-def test_diversity_and_mean_aesthetic(tmp_path):
+def test_diversity():
     e = torch.eye(3)
     assert RW.diversity([e]) == pytest.approx(1.0)  # orthogonal: distance 1
     assert RW.diversity([torch.ones(4, 3)]) == pytest.approx(0.0, abs=1e-6)  # identical
@@ -1640,10 +1681,6 @@ def test_diversity_and_mean_aesthetic(tmp_path):
     assert RW.diversity([e, e[:1]]) == pytest.approx(1.0)  # a prompt with one image is skipped
     with pytest.raises(ValueError):
         RW.diversity([e[:1]])
-    ckpt, head = _reward_folders(tmp_path)
-    aes = RW.Aesthetic(ckpt, device="cpu")
-    imgs = _images(5)
-    assert RW.mean_aesthetic(aes, imgs, batch_size=2) == pytest.approx(aes(imgs, _meta(5))[0].mean().item(), abs=1e-5)
 # ---- shapes world ----
 # The synthetic world of shapes.py: renderer, GenEval prompts and split, plans, detector, T2I-R1 conversion.
 
@@ -2003,7 +2040,7 @@ def test_shapes_t2i_r1_prompts_convert_to_geneval():
         '"attr_nouns": ["wooden desk", "leather shoe"]}',
         '{"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]}',
     ]
-    got = [S.from_t2i_r1(json.loads(line)) for line in lines]
+    got = [RW.from_t2i_r1(json.loads(line)) for line in lines]
     assert got[0] == {"tag": "position", "include": [{"class": "zebra", "count": 1},
                                                      {"class": "car", "count": 1, "position": ["below", 0]}],
                       "prompt": "a photo of a car below a zebra"}
@@ -2032,10 +2069,12 @@ def test_shapes_t2i_r1_file_counts(tmp_path):
                     '"numeracy_info": [{"obj_name": "hamburger", "num": 1}]}\n\n'
                     '{"task_type": "shape", "prompt": "an oval mirror", "nouns": ["mirror"], '
                     '"attr_nouns": ["oval mirror"]}')
-    metas, counts = S.load_t2i_r1(path)
-    assert counts == {"numeracy": [1, 1], "shape": [0, 1]}
-    assert metas == [{"tag": "counting", "include": [{"class": "hamburger", "count": 1}],
-                      "exclude": [{"class": "hamburger", "count": 2}], "prompt": "one hamburger"}]
+    import sample
+    items = sample.read_prompts(str(path))
+    assert [it["task_type"] for it in items] == ["numeracy", "shape"] and "include" not in items[1]
+    assert {k: items[0][k] for k in ("tag", "include", "exclude", "prompt")} == {
+        "tag": "counting", "include": [{"class": "hamburger", "count": 1}],
+        "exclude": [{"class": "hamburger", "count": 2}], "prompt": "one hamburger"}
 
 
 # ---- BiCoT-GRPO training loop (train.py) ------------------------------------------------------
@@ -2082,7 +2121,6 @@ class Redness(RW.Reward):
 @pytest.fixture
 def redness(monkeypatch):
     monkeypatch.setitem(RW.REWARDS, "redness", Redness)
-    monkeypatch.setitem(RW.NEEDS, "redness", ())
 
 
 def train_args(base, out, *extra):
@@ -2144,7 +2182,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     with pytest.raises(KeyboardInterrupt):
         T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "4", "--save-every", "2")), **quiet)
     monkeypatch.setattr(M, "save_state_dict", real)
-    ckpt = T.find_checkpoint(str(tmp_path / "run"))
+    ckpt = T.last_checkpoint(str(tmp_path / "run"))
     assert ckpt.endswith("ckpt")
     M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
     assert torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)["step"] == 2
@@ -2179,7 +2217,7 @@ def _ddp_worker(rank, port, args, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    RW.REWARDS["redness"], RW.NEEDS["redness"] = Redness, ()
+    RW.REWARDS["redness"] = Redness
     calls = []
     _record_collectives(calls)
     T.train(T.parse_args(args), log=lambda *a, **k: None)
@@ -2208,7 +2246,7 @@ def test_process_group_has_a_backend_for_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: events.append(("init", backend)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", str(d))))
-    rank, world, device = T.dist_setup(torch.device("cuda"))
+    rank, world, device = T.dist_setup(T.train_device(T.TrainConfig(device="cuda")))
     assert (rank, world, str(device)) == (1, 2, "cuda:1")
     assert events[0] == ("set_device", "cuda:1") and events[1][0] == "init"
     backends = dict(part.split(":") for part in events[1][1].split(","))
@@ -2300,8 +2338,8 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     assert reasoning == S.REASONING_TEMPLATE
     import sample as SA
     assert R.default_chat_format(str(folder)) == "janus"  # it was pretrained on its own request, janus format
-    records, images = SA.generate(janus, tok, [S.colors("red", "circle")], n=2, reasoning_prompt=reasoning,
-                                  chat="janus", max_plan_tokens=12, show_progress=False)
+    records, images = SA.generate(janus, tok, [S.colors("red", "circle")], settings(max_plan_tokens=12), n=2,
+                                  reasoning_prompt=reasoning, show_progress=False)
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
     # the diagnostics run on it: true scenes pass by construction, everything else is a fraction
     rows = S.diagnose(str(folder), [S.colors("red", "circle"), S.riddle("count", "square", count=3)], n=2,
@@ -2327,8 +2365,8 @@ def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
     assert S.ensure_base() == folder  # train.py and sample.py use it without pretraining
     import sample as SA
     meta = S.colors("red", "circle")
-    records, images = SA.generate(janus, tok, [meta], n=4, reasoning_prompt=R.load_reasoning_prompt(ckpt=folder),
-                                  chat="janus", max_plan_tokens=24, cfg_weight=2.0, show_progress=False, seed=0)
+    records, images = SA.generate(janus, tok, [meta], settings(max_plan_tokens=24, cfg_weight=2.0), n=4,
+                                  reasoning_prompt=R.load_reasoning_prompt(ckpt=folder), show_progress=False, seed=0)
     assert all("red circle" in r["plan"] for r in records), [r["plan"] for r in records]
     dets = S.detect_batch(images)
     assert sum(any(d["class"] == "circle" and d["color"] == "red" for d in ds) for ds in dets) >= 2, dets
@@ -2412,14 +2450,15 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
 
 
 def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
+    import sample as SA
     buf = io.StringIO()  # not a terminal: whole lines, the last one always
-    bar = R.Progress(5, "image tokens", stream=buf, every_line=0)
+    bar = SA.Progress(5, "image tokens", stream=buf, every_line=0)
     for _ in range(5):
         bar.update()
     lines = buf.getvalue().split("\n")
     assert "\r" not in buf.getvalue() and lines[-1] == "" and len(lines) == 6 and lines[-2].startswith("image tokens 5/5")
     buf = io.StringIO()
-    bar = R.Progress(5, "x", stream=buf, every_line=3600)
+    bar = SA.Progress(5, "x", stream=buf, every_line=3600)
     for _ in range(5):
         bar.update()
     assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("x 5/5")  # a long stage: a few lines
@@ -2428,7 +2467,7 @@ def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
         def isatty(self):
             return True
     buf = Terminal()
-    bar = R.Progress(3, "x", stream=buf, every=0)
+    bar = SA.Progress(3, "x", stream=buf, every=0)
     for _ in range(3):
         bar.update()
     assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
@@ -2474,17 +2513,17 @@ def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
     """T2I-R1 samples image tokens with CFG but scores them with the conditional forward alone; that is the
     default, and --image-logp cfg scores them under the guided distribution."""
     m = tiny_model()
-    prompts = image_prompts(m, lengths=(5, 7))
-    g = torch.Generator().manual_seed(0)
-    batch = [{"reasoning_ids": p, "plan_ids": [5, 6], "image_prompt_ids": p,
-              "codes": torch.randint(0, m.cfg.vq.codebook_size, (4,), generator=g).tolist()} for p in prompts]
-    codes = [b["codes"] for b in batch]
-    cond, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD)
-    guided, _ = R.completion_logprobs(m, prompts, codes, "image", pad_id=PAD, cfg_weight=5.0,
-                                      uncond_prompts=[R.unconditional(p, PAD) for p in prompts])
+    ids, mask = R.pad_tokens(image_prompts(m, lengths=(5, 7)), PAD)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    batch = R.Rollout(["a", "b"], ["", ""], ids, mask, *R.pad_tokens([[5, 6]] * 2, PAD, side="right"), ids, mask, codes)
+    full = torch.ones_like(codes, dtype=torch.bool)
+    cond = R.completion_logprobs(m, ids, mask, codes, full, "image")
+    guided = R.completion_logprobs(m, ids, mask, codes, full, "image", cfg_weight=5.0,
+                                   uncond_ids=R.unconditional(ids, mask, PAD))
     with torch.no_grad():
-        default = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token"]), PAD)[0]
-        cfg = T.sample_logprobs(m, batch, T.parse_args(["--levels", "token", "--image-logp", "cfg", "--cfg", "5"]), PAD)[0]
+        default = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token"])), PAD)[0]
+        cfg = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token", "--image-logp", "cfg",
+                                                                   "--cfg", "5"])), PAD)[0]
     torch.testing.assert_close(default, cond)
     torch.testing.assert_close(cfg, guided)
     assert not torch.allclose(cond, guided)
@@ -2496,14 +2535,15 @@ def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, 
     janus = tmp_path / "janus"  # a Janus-Pro-like folder: no reasoning_prompt.txt of its own
     os.makedirs(janus)
     (janus / "config.json").write_text((open(os.path.join(random_base, "config.json")).read()))
-    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus)]))
-    assert (c.max_plan_tokens, c.text_top_k, c.chat_format) == (1024, 50, "t2i-r1")
-    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus), "--max-plan-tokens", "300", "--text-top-k", "0"]))
+    defaults = json.dumps(R.MODEL_DEFAULTS)
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus)])).sampling
+    assert (c.max_plan_tokens, c.text_top_k, c.chat_format, c.cfg_weight) == (1024, 50, "t2i-r1", 5.0)
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus), "--max-plan-tokens", "300", "--text-top-k", "0"])).sampling
     assert (c.max_plan_tokens, c.text_top_k) == (300, 0)
     for args in ([], ["--ckpt", random_base]):  # the shapes world's base, and a folder with its own request
-        c = T.resolve_defaults(T.parse_args(args))
-        assert (c.max_plan_tokens, c.text_top_k, c.chat_format) == (64, 0, "janus")
-    assert "dtype" not in R.MODEL_DEFAULTS["janus"] and "dtype" not in R.sampling_defaults(random_base)  # no leak
+        c = T.resolve_defaults(T.parse_args(args)).sampling
+        assert (c.max_plan_tokens, c.text_top_k, c.chat_format, c.cfg_weight) == (64, 0, "janus", 2.0)
+    assert json.dumps(R.MODEL_DEFAULTS) == defaults  # resolving fills a copy, never the shared table
     lines = []
     _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "1",
                                                     "--max-plan-tokens", "2")), log=lines.append)
@@ -2539,7 +2579,7 @@ def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_th
     assert items[0]["include"][1] == {"class": "car", "count": 1, "position": ["below", 0]}
     assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
     # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
-    shapes_reward = RW.ShapesReward()
+    shapes_reward = S.ShapesReward()
     scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
     assert info["checked"] == [True, True, False, True, False, True]
     assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
@@ -2566,9 +2606,6 @@ def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_th
         path.write_text(json.dumps(T2I_R1_ROWS[0]) + "\n\n" + json.dumps(row) + "\n")
         with pytest.raises(ValueError, match=re.escape(str(path)) + ":3: " + msg):
             SA.read_prompts(str(path))
-        if "include" not in row:  # shapes.load_t2i_r1 reads T2I-R1 rows the same way
-            with pytest.raises(ValueError, match=":3: " + msg):
-                S.load_t2i_r1(str(path))
 
 
 def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base, tmp_path, capsys):
@@ -2698,37 +2735,32 @@ def test_training_steps_pass_the_reference_models_logprobs(random_base, redness,
     pad = M.Tokenizer.from_pretrained(random_base).pad_id
     with torch.no_grad():
         for batch, ref in calls:
-            torch.testing.assert_close(ref, T.sample_logprobs(base, batch, cfg, pad)[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(ref, T.logprobs(base, batch, cfg, pad)[0], rtol=0, atol=1e-5)
     assert metrics[0]["kl"] == pytest.approx(0, abs=1e-9)  # the first step's policy is the reference
     assert all(m["kl"] > 1e-6 for m in metrics[1:]), [m["kl"] for m in metrics]
 
 
 def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
-    """Each sample's request, plan, image prompt, codes and advantage belong together, and the log-prob pass
-    over a micro-batch of different prompts gives each sample the log-probs it gets alone."""
-    import rewards
-    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", "--group-size", "3")))
-    policy = M.Janus.from_pretrained(random_base)
-    tok = M.Tokenizer.from_pretrained(random_base)
-    reasoning = R.load_reasoning_prompt(ckpt=random_base)
+    """Over a step's sampling calls each sample's request, plan and image prompt belong together, and the
+    log-prob pass over a micro-batch of different prompts gives each sample the log-probs it gets alone."""
     prompts = [S.colors("red", "circle"), S.counting("square", 3), S.position("triangle", "left of", "circle")]
-    scorer = rewards.RewardEnsemble({"redness": 1.0}, {})
-    samples, images = T.rollout(policy, tok, [(0, prompts[:2]), (1, prompts[2:])], cfg, 0, scorer, reasoning,
-                                "janus", torch.device("cpu"), contextlib.nullcontext())
-    assert [s["prompt"] for s in samples] == [p["prompt"] for p in prompts for _ in range(3)]
-    fmt = R.CHAT_FORMATS["janus"]
-    for s in samples:
-        assert s["reasoning_ids"] == tok.encode(fmt.request_text(reasoning, s["prompt"]))
-        assert s["image_prompt_ids"] == tok.encode(fmt.image_text(s["prompt"], tok.decode(s["plan_ids"])))
-        assert s["plan"] == tok.decode(s["plan_ids"]).strip()
-    rewards_ = torch.tensor([s["reward"] for s in samples])
-    assert [s["advantage"] for s in samples] == pytest.approx(R.group_advantages(rewards_, 3).tolist())
-    redness = Redness()
-    assert [s["reward"] for s in samples] == pytest.approx(redness.score(list(images.numpy()), None)[0].tolist())
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", "--group-size", "3", "--prompts",
+                                                     str(tmp_path / "p.jsonl"), "--prompts-per-step", "3")))
+    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
+    T.build_models(run)
+    r, images, metas = T.rollout(run, 0)  # two sampling calls: 2 prompts, then 1
+    assert len(r) == 9 and images.shape[0] == 9 and r.prompts == [m["prompt"] for m in metas]
+    assert metas[::3] == T.step_prompts(run.train_items, cfg, 0)
+    fmt, tok = R.CHAT_FORMATS["janus"], run.tok
+    plans, requests = real(r.plan_ids, r.plan_mask), real(r.request_ids, r.request_mask)
+    for i, prompt in enumerate(r.prompts):
+        assert requests[i] == tok.encode(fmt.request_text(run.reasoning, prompt))
+        assert real(r.image_prompt_ids, r.image_prompt_mask)[i] == tok.encode(fmt.image_text(prompt, tok.decode(plans[i])))
+        assert r.plans[i] == tok.decode(plans[i]).strip()
     with torch.no_grad():
-        together, mask = T.sample_logprobs(policy, samples, cfg, tok.pad_id)
-        for i, s in enumerate(samples):
-            alone, m = T.sample_logprobs(policy, [s], cfg, tok.pad_id)
-            n = int(m.sum())
-            assert n == len(s["plan_ids"]) + len(s["codes"])
+        together, mask = T.logprobs(run.policy, r, cfg, tok.pad_id)
+        for i in range(len(r)):
+            alone, m = T.logprobs(run.policy, r.rows(i, i + 1), cfg, tok.pad_id)
+            assert int(m.sum()) == len(plans[i]) + r.codes.shape[1]
             torch.testing.assert_close(together[i][mask[i]], alone[0][m[0]], rtol=0, atol=1e-5)

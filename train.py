@@ -42,9 +42,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import rewards
 import sample as S
+import shapes
 import t2i_r1 as R
-from model import Janus, Tokenizer, load_config
+from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device, load_config
 
 
 @dataclass
@@ -70,16 +72,8 @@ class TrainConfig:
     clip_eps: float = 0.2          # ratios clipped to [1 - eps, 1 + eps] (inactive with mu = 1)
     loss_norm: str = "token"       # token: one mean over every token (T2I-R1); sequence: per sample, then mean
     image_logp: str = "cond"       # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
-    # sampling (rollouts and evaluation)
-    cfg: float = None              # guidance weight of image tokens (1: none); unset: 5 for Janus-Pro, 2 for shapes
-    temperature: float = 1.0       # image tokens; 0: argmax
-    top_k: int = None              # image tokens: keep the k most likely (None: all, as Janus-Pro and T2I-R1)
-    text_temperature: float = 1.0  # plan tokens; 0: argmax
-    text_top_k: int = None         # plan tokens (0: all); unset: 50 for Janus-Pro (T2I-R1), 0 for shapes
-    text_top_p: float = None       # plan tokens: nucleus sampling mass (unset: off)
-    max_plan_tokens: int = None    # unset: 1024 for Janus-Pro (T2I-R1's limit), 64 for the shapes world
-    reasoning_prompt: str = None   # template file, {prompt} or {} placeholder; unset: the checkpoint's, else ours
-    chat_format: str = None        # t2i-r1 | janus; unset: janus if the checkpoint has a reasoning_prompt.txt
+    # sampling of rollouts and evaluations: t2i_r1.SamplingConfig, its fields are flags too (--cfg, --text-top-k, ...)
+    sampling: R.SamplingConfig = field(default_factory=R.SamplingConfig)
     # optimisation
     steps: int = 200               # optimizer steps
     lr: float = 5e-5               # AdamW learning rate: chosen on the shapes val split (README); T2I-R1: 1e-6 on Janus-Pro
@@ -103,6 +97,59 @@ class TrainConfig:
     eval_n: int = 16               # images per evaluated prompt
     save_every: int = 50           # checkpoint (also at the end)
     resume: bool = False           # continue the run in out/ from its last checkpoint, with its saved settings
+
+    def __post_init__(self):
+        if isinstance(self.sampling, dict):  # a saved config.json
+            self.sampling = R.SamplingConfig(**self.sampling)
+
+
+# allowed values of the string settings (argparse choices and the checks for API callers)
+CHOICES = {"levels": ("both", "semantic", "token"), "loss_norm": ("token", "sequence"), "image_logp": ("cond", "cfg"),
+           "schedule": ("constant", "linear", "cosine"), "reward_combine": ("sum", "group"), "dtype": ("float32", "bfloat16")}
+
+
+def check_config(cfg: TrainConfig):
+    """Every setting's value, alone and with the others; ValueError names the flag."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
+            raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    at_least = {"group_size": 2, "prompts_per_step": 1, "rollout_batch": 1, "mu": 1, "micro_batch": 1, "steps": 1,
+                "eval_n": 1, "lora_rank": 0, "warmup": 0, "sample_every": 0, "eval_every": 0, "save_every": 0}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            why = ": advantages are relative to the group" if name == "group_size" else ""
+            raise ValueError(f"{flag(name)} must be at least {low}{why}, got {getattr(cfg, name)}")
+    for name in ("lr", "clip_eps", "grad_clip", "lora_alpha"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("beta", "weight_decay"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
+    cfg.sampling.check()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.fsdp and (world < 2 or cfg.lora_rank):
+        raise ValueError("--fsdp shards a full fine-tune over several processes: run it with torchrun, without LoRA")
+    calls = -(-cfg.prompts_per_step // cfg.rollout_batch)
+    if calls % world:
+        raise ValueError(f"--prompts-per-step / --rollout-batch = {calls} sampling calls per step do not split over "
+                         f"{world} processes")
+
+
+def train_device(cfg: TrainConfig):
+    """The device this process trains on: --device, else CUDA when present; under torchrun the GPU of LOCAL_RANK."""
+    device = default_device(cfg.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the settings left unset: sampling as the starting checkpoint samples (the shapes world's base when
+    cfg.ckpt is None: t2i_r1.MODEL_DEFAULTS), bf16 autocast over float32 master weights on a GPU."""
+    dtype = cfg.dtype or ("bfloat16" if train_device(cfg).type == "cuda" else "float32")
+    return replace(cfg, dtype=dtype, sampling=cfg.sampling.resolved(cfg.ckpt, kind=None if cfg.ckpt else "janus"))
 
 
 # -----------------------------------------------------------------------------
@@ -161,11 +208,10 @@ def adapters_off(janus: Janus):
 
 
 def dist_setup(device):
-    """Join the process group torchrun describes. Returns (rank, world, device): on CUDA each process takes
-    the GPU of its LOCAL_RANK before the group exists, so NCCL binds the right card."""
+    """Join the process group torchrun describes. Returns (rank, world, device). device: train_device's, on
+    CUDA the GPU of LOCAL_RANK, made current before the group exists so that NCCL binds the right card."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         # NCCL reduces CUDA tensors only; gloo serves any CPU tensor a collective may still meet (FSDP's
@@ -221,7 +267,119 @@ def shard(root, janus):
 
 
 # -----------------------------------------------------------------------------
-# rollouts
+# set-up: inputs checked first, then processes, models, optimizer, resumed state
+
+
+def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
+    """Everything that can be checked without a model, before pretraining, model loading or the first
+    evaluation: the settings, the checkpoint folder, the reasoning template, the prompt files and their
+    metadata, the rewards' names and files. Raises ValueError or FileNotFoundError naming what is wrong.
+    Returns the training and held-out prompts and the reward ensemble."""
+    check_config(cfg)
+    if cfg.ckpt is not None:
+        load_config(cfg.ckpt)  # the folder, its config.json (weights are checked on load)
+        tok_file = os.path.join(os.path.expanduser(cfg.ckpt), "tokenizer.json")
+        if not os.path.isfile(tok_file):
+            raise FileNotFoundError(f"{tok_file} not found: a Janus-Pro folder needs its tokenizer.json")
+    # the shapes world's defaults: RL on its train split, validation curves on val, the report on test
+    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets()))
+    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
+    shapes_base = cfg.ckpt is None
+    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else shapes_base and world_sets["test"],
+                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
+    eval_sets = {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
+    scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
+                                    device=train_device(cfg))
+    for items in (train_items, *eval_sets.values()):
+        scorer.check_metadata(items)
+    if int(os.environ.get("RANK", "0")) == 0:
+        lines = S.unchecked_report(scorer, train_items, "training prompts")
+        for split, items in eval_sets.items():
+            lines += S.unchecked_report(scorer, items, f"{split} prompts")
+        for line in lines:
+            log(line)
+    return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer}
+
+
+@dataclass
+class Run:
+    """What a training run holds while it runs."""
+    cfg: TrainConfig
+    train_items: list
+    eval_sets: dict
+    scorer: rewards.RewardEnsemble
+    log: callable
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object          # torch.autocast, or a null context in float32
+    base: str                 # the starting checkpoint's folder
+    reasoning: str            # the reasoning request's template
+    tok: Tokenizer = None
+    policy: Janus = None
+    ref: Janus = None         # the frozen reference (None: beta 0, or LoRA with its adapters off)
+    loss_module: nn.Module = None  # PolicyLoss, wrapped for DDP or sharded for FSDP
+    params: list = None
+    opt: torch.optim.Optimizer = None
+    start: int = 0
+    metrics: list = field(default_factory=list)
+
+
+def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
+    """Processes, the starting checkpoint (the shapes base pretrained first when absent) and the tokenizer."""
+    rank, world, device = dist_setup(train_device(cfg))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    torch.manual_seed(cfg.seed)
+    base = os.path.expanduser(cfg.ckpt) if cfg.ckpt else (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
+    if world > 1:
+        dist.barrier()  # rank 0 may have just pretrained the base
+    run = Run(cfg, inputs["train_items"], inputs["eval_sets"], inputs["scorer"], log if rank == 0 else (lambda *a: None),
+              rank, world, device, autocast, base, R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base),
+              tok=Tokenizer.from_pretrained(base))
+    for items, what in ((run.train_items, "training prompts"), *((v, f"{k} prompts") for k, v in run.eval_sets.items())):
+        warning = S.vocabulary_warning(run.tok, items, what)
+        if warning:
+            run.log(warning)
+    return run
+
+
+def build_models(run: Run):
+    """Policy (float32; bf16 autocast on a GPU), reference, loss module and optimizer, from the last checkpoint
+    of out/ with --resume. The VQ and the image embedding and head stay frozen, as in T2I-R1."""
+    cfg = run.cfg
+    resume_from = last_checkpoint(cfg.out) if cfg.resume else None
+    state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=True) if resume_from else None
+    full_ft_resume = state is not None and state["lora"] is None
+    policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device, dtype=torch.float32)
+    for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
+        part.requires_grad_(False)
+    if cfg.lora_rank > 0:
+        add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        if state is not None:
+            policy.load_state_dict(state["lora"], strict=False)
+    policy.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.beta > 0 and cfg.lora_rank == 0:
+        run.ref = (Janus.from_pretrained(run.base, device=run.device, dtype=torch.float32) if full_ft_resume
+                   else copy.deepcopy(policy)).eval().requires_grad_(False)
+    run.policy, run.loss_module = policy, PolicyLoss(policy, cfg, run.tok.pad_id)
+    if cfg.fsdp:
+        shard(run.loss_module, policy)
+        if run.ref is not None:
+            shard(run.ref, run.ref)
+    elif run.world > 1:  # unused: with levels=token the text head, with an empty micro-batch part anything
+        run.loss_module = nn.parallel.DistributedDataParallel(run.loss_module, find_unused_parameters=True)
+    run.params = [p for p in policy.parameters() if p.requires_grad]
+    run.opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state is not None:
+        resume(run, state, resume_from)
+    run.log(f"policy: {policy.n_params() / 1e6:.2f}M parameters, {sum(p.numel() for p in run.params) / 1e6:.2f}M "
+            f"trainable{' (sharded)' if cfg.fsdp else ''}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; "
+            f"{len(run.train_items)} training prompts; {run.world} process(es) on {run.device}")
+
+
+# -----------------------------------------------------------------------------
+# one step: rollout -> rewards -> advantages -> log-probs -> update -> log
 
 
 def step_seed(*keys):
@@ -235,112 +393,191 @@ def step_prompts(items, cfg: TrainConfig, step):
 
 
 @torch.no_grad()
-def rollout(policy, tok, chunks, cfg: TrainConfig, step, scorer, reasoning, chat, device, autocast):
-    """Sample, decode and score this rank's sampling calls. Returns a list of per-sample dicts and the
-    decoded images (uint8)."""
-    policy.eval()
-    samples, images = [], []
-    for c, items in chunks:
-        g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 1 + c))
-        with autocast:
-            s = R.sample_t2i(policy, tok, [it["prompt"] for it in items], n=cfg.group_size,
-                             cot=cfg.levels != "token", reasoning_prompt=reasoning, chat=chat, cfg_weight=cfg.cfg,
-                             temperature=cfg.temperature, top_k=cfg.top_k, text_temperature=cfg.text_temperature,
-                             text_top_k=cfg.text_top_k, text_top_p=cfg.text_top_p,
-                             max_plan_tokens=cfg.max_plan_tokens, generator=g,
-                             compile=cfg.compile)
-            imgs = S.decode_images(policy, s.codes)
-        metas = [it for it in items for _ in range(cfg.group_size)]
-        scores, info = scorer(imgs, metas)
-        total = scorer.combine(scores, mode=cfg.reward_combine, group_size=cfg.group_size)
-        adv = R.group_advantages(total, cfg.group_size)
-        checked = {k: info[k]["checked"] for k in scores}  # rule rewards may abstain
-        for i in range(len(metas)):
-            samples.append({"prompt": s.prompts[i], "plan": s.plans[i], "reasoning_ids": s.reasoning_ids[i],
-                            "plan_ids": s.plan_ids[i], "image_prompt_ids": s.image_prompt_ids[i],
-                            "codes": s.codes[i].tolist(), "reward": float(total[i]), "advantage": float(adv[i]),
-                            "scores": {k: float(v[i]) for k, v in scores.items()},
-                            "checked": {k: checked[k][i] for k in scores}})
-        images.append(imgs)
-    return samples, torch.cat(images)
+def rollout(run: Run, step):
+    """This process's share of the step's sampling calls: group_size (plan, image) samples of each prompt.
+    Each call draws from its own generator, keyed by (seed, step, call). Returns the rollout, its images
+    (uint8) and each sample's metadata."""
+    cfg, items = run.cfg, step_prompts(run.train_items, run.cfg, step)
+    calls = range(-(-cfg.prompts_per_step // cfg.rollout_batch))  # split over processes: check_config
+    parts, images, metas = [], [], []
+    run.policy.eval()
+    with gathered(run.loss_module):
+        for c in calls[run.rank::run.world]:
+            batch = items[c * cfg.rollout_batch:(c + 1) * cfg.rollout_batch]
+            g = torch.Generator(device=run.device).manual_seed(step_seed(cfg.seed, step, 1 + c))
+            with run.autocast:
+                parts.append(R.sample_t2i(run.policy, run.tok, [it["prompt"] for it in batch], cfg.sampling,
+                                          n=cfg.group_size, cot=cfg.levels != "token", reasoning_prompt=run.reasoning,
+                                          generator=g, compile=cfg.compile))
+                images.append(R.decode_images(run.policy, parts[-1].codes))
+            metas += [it for it in batch for _ in range(cfg.group_size)]
+    return R.Rollout.cat(parts, run.tok.pad_id), torch.cat(images), metas
 
 
-def sample_logprobs(janus, batch, cfg: TrainConfig, pad_id):
-    """Log-probs (B, T) and mask of the tokens a sample is trained on: its plan (text head) and/or its
-    image (image head), concatenated so that both share the sample's advantage in one loss."""
-    parts = []
-    if cfg.levels in ("both", "semantic"):
-        parts.append(R.completion_logprobs(janus, [b["reasoning_ids"] for b in batch], [b["plan_ids"] for b in batch],
-                                           "text", pad_id=pad_id, temperature=cfg.text_temperature or 1.0))
-    if cfg.levels in ("both", "token"):
-        guided = cfg.image_logp == "cfg" and cfg.cfg != 1.0
-        parts.append(R.completion_logprobs(
-            janus, [b["image_prompt_ids"] for b in batch], [b["codes"] for b in batch], "image", pad_id=pad_id,
-            uncond_prompts=[R.unconditional(b["image_prompt_ids"], pad_id) for b in batch] if guided else None,
-            cfg_weight=cfg.cfg if guided else None, temperature=cfg.temperature or 1.0))
-    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+def logprobs(janus, batch: R.Rollout, cfg: TrainConfig, pad_id):
+    """t2i_r1.rollout_logprobs with a run's settings: the levels trained, the sampling temperatures, and
+    guidance for image tokens with --image-logp cfg."""
+    s = cfg.sampling
+    guided = cfg.image_logp == "cfg" and s.cfg_weight != 1.0
+    return R.rollout_logprobs(janus, batch, cfg.levels, text_temperature=s.text_temperature, temperature=s.temperature,
+                              pad_id=pad_id, cfg_weight=s.cfg_weight if guided else None)
 
 
 class PolicyLoss(nn.Module):
-    """The loss of one micro-batch as a module, so DistributedDataParallel can wrap it."""
+    """The loss of one micro-batch (t2i_r1.grpo_loss) as a module, so that DDP can wrap it."""
 
     def __init__(self, janus, cfg: TrainConfig, pad_id):
         super().__init__()
         self.janus, self.cfg, self.pad_id = janus, cfg, pad_id
 
-    def forward(self, batch, old_logp, ref_logp, n_total):
-        logp, mask = sample_logprobs(self.janus, batch, self.cfg, self.pad_id)
-        adv = torch.tensor([b["advantage"] for b in batch], device=logp.device)
+    def forward(self, batch: R.Rollout, old_logp, ref_logp, n_total):
+        logp, mask = logprobs(self.janus, batch, self.cfg, self.pad_id)
         old = logp.detach() if old_logp is None else old_logp
         ref = logp.detach() if ref_logp is None else ref_logp
-        return R.grpo_loss(logp, old, ref, adv, mask, clip_eps=self.cfg.clip_eps, beta=self.cfg.beta,
-                           norm=self.cfg.loss_norm, n_total=n_total)
+        return R.grpo_loss(logp, old, ref, batch.advantages.to(logp.device), mask, clip_eps=self.cfg.clip_eps,
+                           beta=self.cfg.beta, norm=self.cfg.loss_norm, n_total=n_total)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: save_pretrained (merged weights, loadable anywhere) + train_state.pt, written atomically
+@torch.no_grad()
+def fixed_logprobs(run: Run, batches):
+    """Log-probs that stay fixed through the step's updates: the sampling policy's (mu > 1) and the reference's
+    (beta > 0); None where not needed."""
+    cfg, policy, pad = run.cfg, run.policy, run.tok.pad_id
+    old, ref = [None] * len(batches), [None] * len(batches)
+    with run.autocast:
+        if cfg.mu > 1:
+            with gathered(run.loss_module):
+                old = [logprobs(policy, b, cfg, pad)[0] for b in batches]
+        if cfg.beta > 0:
+            with (adapters_off(policy) if run.ref is None else gathered(run.ref)):
+                ref = [logprobs(run.ref or policy, b, cfg, pad)[0] for b in batches]
+    return old, ref
 
 
-def save_checkpoint(out, policy, tok, opt_state, step, cfg, reasoning_src, metrics, model_state=None):
-    path, tmp, old = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp"), os.path.join(out, "ckpt.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, tokenizer=tok, state=model_state)
-    if reasoning_src and os.path.isfile(os.path.join(reasoning_src, "reasoning_prompt.txt")):
-        shutil.copy(os.path.join(reasoning_src, "reasoning_prompt.txt"), tmp)
-    lora = {k: v for k, v in policy.state_dict().items() if ".lora_" in k} if model_state is None else {}
-    torch.save({"step": step, "optimizer": opt_state, "config": asdict(cfg), "lora": lora or None,
-                "metrics": metrics}, os.path.join(tmp, "train_state.pt"))
-    # the previous checkpoint stays whole until the new one is: a crash leaves ckpt, or ckpt.old
-    if os.path.isdir(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def update(run: Run, step, r: R.Rollout):
+    """mu AdamW steps on the rollout, a micro-batch at a time. The loss is normalised by the token (or
+    sequence) count of the whole step over every process, so micro-batches and processes add up to one mean.
+    Returns the sums the step's log needs."""
+    cfg = run.cfg
+    n_image = r.codes.shape[1] if cfg.levels != "semantic" else 0
+    n_tokens = r.plan_mask.sum(1) + n_image                                   # (B,) tokens trained per sample
+    local = torch.tensor([float(n_tokens.sum()), float((n_tokens > 0).sum())])
+    n_total = all_sum(local, run.world, run.device)[0 if cfg.loss_norm == "token" else 1].item()
+    batches = [r.rows(i, i + cfg.micro_batch) for i in range(0, len(r), cfg.micro_batch)]
+    old, ref = fixed_logprobs(run, batches)
+    run.policy.train()
+    for pg in run.opt.param_groups:
+        pg["lr"] = lr_at(cfg, step)
+    acc = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "clipped": 0.0, "rmin": float("inf"), "rmax": 0.0}
+    for _ in range(cfg.mu):
+        run.opt.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            with grad_sync(run.loss_module, i == len(batches) - 1), run.autocast:
+                loss, st = run.loss_module(batch, old[i], ref[i], n_total)
+            # DDP averages gradients over processes; the loss is already this process's share of the mean
+            (loss * run.world).backward()
+            acc["loss"] += loss.item() / cfg.mu
+            acc["tokens"] += st["tokens"]
+            acc["kl"] += st["kl"] * st["tokens"]
+            acc["clipped"] += st["clip_frac"] * st["tokens"]
+            acc["rmin"], acc["rmax"] = min(acc["rmin"], st["ratio_min"]), max(acc["rmax"], st["ratio_max"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+        acc["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
+        run.opt.step()
+    return acc
 
 
-def find_checkpoint(out):
-    for name in ("ckpt", "ckpt.old"):
-        p = os.path.join(out, name)
-        if os.path.isfile(os.path.join(p, "train_state.pt")):
-            return p
-    return None
+def step_metrics(run: Run, step, r: R.Rollout, scores, checked, acc, seconds, rollout_seconds):
+    """The step's log line, over every process: mean (and spread) of the rewards, KL, clipping, plan lengths."""
+    cfg, names = run.cfg, list(scores)
+    x = torch.stack([r.rewards] + [scores[k] for k in names]).double()          # (1 + rewards, samples)
+    # each reward's mean over the samples it checked (rule rewards abstain on prompts without metadata)
+    w = torch.stack([torch.ones(len(r))] + [torch.tensor(checked[k]) for k in names]).double()
+    sums = all_sum(torch.stack([(w * x).sum(1), (w * x * x).sum(1), w.sum(1)]), run.world, run.device)
+    plan_len = r.plan_mask.sum(1).cpu()
+    last = r.plan_ids.cpu().gather(1, (plan_len - 1).clamp(min=0)[:, None]).squeeze(1) if r.plan_ids.shape[1] else plan_len
+    n_cut = int(((plan_len >= cfg.sampling.max_plan_tokens) & (last != run.tok.eos_id)).sum())  # no EOS at the cap
+    tot = all_sum(torch.tensor([len(r), float(plan_len.sum()), acc["tokens"], acc["kl"], acc["clipped"], acc["loss"],
+                                n_cut], dtype=torch.float64), run.world, run.device).tolist()
+    n, mean = tot[0], (sums[0] / sums[2]).tolist()                  # nan for a reward that checked nothing
+    std = (sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt().tolist()  # [0]: the total reward's
+    return {"step": step + 1, "reward": mean[0], "reward_std": std[0],
+            **{f"reward_{k}": mean[1 + j] for j, k in enumerate(names)},
+            "kl": tot[3] / max(tot[2], 1), "clipped_frac": tot[4] / max(tot[2], 1), "loss": tot[5],
+            "plan_tokens": tot[1] / n, "plan_cut_frac": tot[6] / n, "grad_norm": acc["grad_norm"],
+            "ratio_min": acc["rmin"], "ratio_max": acc["rmax"], "lr": lr_at(cfg, step), "seconds": seconds,
+            "rollout_seconds": rollout_seconds}
+
+
+def train_step(run: Run, step):
+    t0 = time.time()
+    r, images, metas = rollout(run, step)
+    scores, info = run.scorer(images, metas)
+    checked = {k: info[k]["checked"] for k in scores}  # rule rewards may abstain
+    r.rewards = run.scorer.combine(scores, mode=run.cfg.reward_combine, group_size=run.cfg.group_size)
+    r.advantages = R.group_advantages(r.rewards, run.cfg.group_size)
+    t_roll = time.time() - t0
+    acc = update(run, step, r)
+    m = step_metrics(run, step, r, scores, checked, acc, time.time() - t0, t_roll)
+    log_step(run, m, r, images, scores, checked)
+
+
+def log_step(run: Run, m, r: R.Rollout, images, scores, checked):
+    """The step's line on the console and in metrics.jsonl; every sample_every steps a grid of the first
+    prompts' samples, with their plans and rewards, and the same as JSON lines."""
+    cfg, names = run.cfg, [k for k in m if k.startswith("reward_") and k != "reward_std"]
+    per = " ".join(f"{k[7:]} {m[k]:.3f}" for k in names) if len(names) > 1 else ""
+    run.log(f"step {m['step']}/{cfg.steps} | reward {m['reward']:.3f}±{m['reward_std']:.3f} {per}| kl {m['kl']:.4f} "
+            f"| loss {m['loss']:.4f} | plan {m['plan_tokens']:.1f} tok, {m['plan_cut_frac']:.2f} cut "
+            f"| clipped {m['clipped_frac']:.3f} | grad {m['grad_norm']:.2f} | {m['seconds']:.1f}s "
+            f"(rollout {m['rollout_seconds']:.1f}s)")
+    run.metrics.append(m)
+    if run.rank != 0:
+        return
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if cfg.sample_every and m["step"] % cfg.sample_every == 0:
+        k = min(len(r), 4 * cfg.group_size)
+        rows = [{"prompt": r.prompts[i], "plan": r.plans[i], "reward": float(r.rewards[i]),
+                 "advantage": float(r.advantages[i]), "scores": {n: float(v[i]) for n, v in scores.items()},
+                 "checked": {n: checked[n][i] for n in scores}} for i in range(k)]
+        path = os.path.join(cfg.out, "samples", f"step_{m['step']:05d}")
+        captions = [S.caption({"prompt": x["prompt"], "plan": x["plan"], "scores": {"reward": x["reward"]}}) for x in rows]
+        S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size, captions=captions), path + ".png")
+        S.write_records(rows, path + ".jsonl")
 
 
 # -----------------------------------------------------------------------------
 # evaluation and reports
 
 
-def evaluate(policy, tok, items, cfg: TrainConfig, scorer, reasoning, chat, autocast, split="test"):
-    policy.eval()
-    with autocast:
-        records, images = S.generate(policy, tok, items, n=cfg.eval_n, batch_size=max(1, 64 // cfg.eval_n),
-                                     seed=cfg.seed + 1, reasoning_prompt=reasoning, chat=chat,
-                                     desc=f"{split} evaluation: image tokens",
-                                     cot=cfg.levels != "token", cfg_weight=cfg.cfg, temperature=cfg.temperature,
-                                     top_k=cfg.top_k, text_temperature=cfg.text_temperature,
-                                     text_top_k=cfg.text_top_k, text_top_p=cfg.text_top_p,
-                                     max_plan_tokens=cfg.max_plan_tokens)
-    return S.score(scorer, images, records, group_size=cfg.eval_n, desc=f"{split} evaluation: scoring")
+def evaluate(run: Run, step, splits):
+    """GenEval-style evaluation of the policy on the held-out splits (eval_n images per prompt, seed + 1):
+    eval/{split}_{step}.json, a metrics line and a table in the log."""
+    cfg = run.cfg
+    for split in [s for s in splits if s in run.eval_sets]:
+        t0 = time.time()
+        with gathered(run.loss_module):
+            if run.rank == 0:
+                run.policy.eval()
+                with run.autocast:
+                    records, images = S.generate(run.policy, run.tok, run.eval_sets[split], cfg.sampling, n=cfg.eval_n,
+                                                 batch_size=max(1, 64 // cfg.eval_n), seed=cfg.seed + 1,
+                                                 cot=cfg.levels != "token", reasoning_prompt=run.reasoning,
+                                                 desc=f"{split} evaluation: image tokens")
+                summary = S.score(run.scorer, images, records, group_size=cfg.eval_n,
+                                  desc=f"{split} evaluation: scoring")
+        if run.rank != 0:
+            continue
+        with open(os.path.join(cfg.out, "eval", f"{split}_{step:05d}.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
+        run.metrics.append({"step": step, f"{split}_overall": g["overall"] if g else float("nan"),
+                            **{f"{split}_{k}": v for k, v in summary["rewards"].items()},
+                            **({f"{split}_{t}": a for t, a in g["per_tag"].items()} if g else {})})
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(run.metrics[-1]) + "\n")
+        run.log(f"{split} evaluation at step {step} ({time.time() - t0:.0f}s):\n{eval_table([(f'step {step}', summary)])}")
 
 
 def eval_row(name, summary):
@@ -411,6 +648,81 @@ def plot_curves(metrics, path, keys=("reward", "val_overall", "test_overall")):
     img.save(path)
 
 
+def write_report(run: Run):
+    """summary.md (the held-out splits before and after, the training reward at the start and the end) and
+    curves.png."""
+    cfg, report = run.cfg, []
+    for split in run.eval_sets:
+        rows = [(name, json.load(open(p))) for name, p in
+                (("base", os.path.join(cfg.out, "eval", f"{split}_00000.json")),
+                 (f"after {cfg.steps} steps", os.path.join(cfg.out, "eval", f"{split}_{cfg.steps:05d}.json")))
+                if os.path.isfile(p)]
+        if rows:
+            report.append(f"{split} prompts ({len(run.eval_sets[split])}, {cfg.eval_n} images each), "
+                          f"before and after:\n\n{eval_table(rows)}\n")
+    report.append(train_table([m for m in run.metrics if "reward" in m]))
+    run.log("\n" + "\n".join(report))
+    with open(os.path.join(cfg.out, "summary.md"), "w") as f:
+        f.write("\n".join(report) + "\n")
+    plot_curves(run.metrics, os.path.join(cfg.out, "curves.png"))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: save_pretrained (merged weights, loadable anywhere) + train_state.pt, written atomically
+
+
+def save_checkpoint(run: Run, step):
+    """out/ckpt: the policy as a Janus-Pro folder (LoRA merged; FSDP shards gathered, a collective) and
+    train_state.pt (optimizer, adapters, config, metrics). The previous one stays whole until the new one is."""
+    cfg, model_state, opt_state = run.cfg, None, run.opt.state_dict()
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = {k.removeprefix("janus."): v for k, v in get_model_state_dict(run.loss_module, options=o).items()}
+        opt_state = get_optimizer_state_dict(run.loss_module, run.opt, options=o)
+    if run.rank != 0:
+        return
+    path, tmp, old = (os.path.join(cfg.out, name) for name in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.policy.save_pretrained(tmp, tokenizer=run.tok, state=model_state)
+    if os.path.isfile(os.path.join(run.base, "reasoning_prompt.txt")):
+        shutil.copy(os.path.join(run.base, "reasoning_prompt.txt"), tmp)
+    lora = {k: v for k, v in run.policy.state_dict().items() if ".lora_" in k} if model_state is None else {}
+    torch.save({"step": step, "optimizer": opt_state, "config": asdict(cfg), "lora": lora or None,
+                "metrics": run.metrics}, os.path.join(tmp, "train_state.pt"))
+    # a crash leaves ckpt, or ckpt.old
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def last_checkpoint(out):
+    """The run folder's last whole checkpoint (ckpt, or ckpt.old when a save was interrupted), or None."""
+    for name in ("ckpt", "ckpt.old"):
+        p = os.path.join(out, name)
+        if os.path.isfile(os.path.join(p, "train_state.pt")):
+            return p
+    return None
+
+
+def resume(run: Run, state, path):
+    """Optimizer state, step and metrics of a saved run; metrics.jsonl is cut back to the checkpoint."""
+    if run.cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(run.loss_module, run.opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        run.opt.load_state_dict(state["optimizer"])
+    run.start, run.metrics = state["step"], [m for m in state["metrics"] if m["step"] <= state["step"]]
+    if run.rank == 0:  # lines written after the checkpoint by the interrupted run are dropped
+        with open(os.path.join(run.cfg.out, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in run.metrics)
+    run.log(f"resumed from {path} at step {run.start}")
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -422,347 +734,61 @@ def lr_at(cfg: TrainConfig, step):
     return cfg.lr * warm * decay
 
 
-def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the per-model sampling settings left unset (None): the shapes world's for its base (cfg.ckpt None)
-    and checkpoints with their own reasoning_prompt.txt, T2I-R1's for Janus-Pro (t2i_r1.MODEL_DEFAULTS)."""
-    d = dict(R.MODEL_DEFAULTS["janus"]) if cfg.ckpt is None else R.sampling_defaults(cfg.ckpt)  # a copy
-    # compute precision: bf16 autocast over float32 master weights on a GPU, float32 on a CPU
-    d["dtype"] = "bfloat16" if train_device(cfg).type == "cuda" else "float32"
-    return replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
-
-
-# allowed values of the string settings (argparse choices and the checks for API callers)
-CHOICES = {"levels": ("both", "semantic", "token"), "loss_norm": ("token", "sequence"), "image_logp": ("cond", "cfg"),
-           "schedule": ("constant", "linear", "cosine"), "reward_combine": ("sum", "group"),
-           "chat_format": tuple(R.CHAT_FORMATS), "dtype": ("float32", "bfloat16")}
-
-
-def check_config(cfg: TrainConfig):
-    """Every setting's value, alone and with the others; ValueError names the flag."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
-            raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    at_least = {"group_size": 2, "prompts_per_step": 1, "rollout_batch": 1, "mu": 1, "micro_batch": 1, "steps": 1,
-                "eval_n": 1, "max_plan_tokens": 1, "text_top_k": 0, "top_k": 1, "lora_rank": 0, "warmup": 0,
-                "sample_every": 0, "eval_every": 0, "save_every": 0}
-    for name, low in at_least.items():
-        v = getattr(cfg, name)
-        if v is not None and v < low:
-            why = ": advantages are relative to the group" if name == "group_size" else ""
-            raise ValueError(f"{flag(name)} must be at least {low}{why}, got {v}")
-    for name in ("lr", "clip_eps", "grad_clip", "lora_alpha"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("beta", "weight_decay", "temperature", "text_temperature"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
-    if cfg.cfg is not None and not (math.isfinite(cfg.cfg) and cfg.cfg > 0):
-        raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {cfg.cfg}")
-    if cfg.text_top_p is not None and not 0 < cfg.text_top_p <= 1:
-        raise ValueError(f"--text-top-p must lie in (0, 1], got {cfg.text_top_p}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.fsdp and (world < 2 or cfg.lora_rank):
-        raise ValueError("--fsdp shards a full fine-tune over several processes: run it with torchrun, without LoRA")
-    calls = -(-cfg.prompts_per_step // cfg.rollout_batch)
-    if calls % world:
-        raise ValueError(f"--prompts-per-step / --rollout-batch = {calls} sampling calls per step do not split over "
-                         f"{world} processes")
-
-
-def train_device(cfg: TrainConfig):
-    """The device this process trains on: --device, else CUDA when present; under torchrun the GPU of LOCAL_RANK."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
-def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
-    """Everything that can be checked without a model, before pretraining, model loading or the first
-    evaluation: the settings, the checkpoint folder, the reasoning template, the prompt files and their
-    metadata, the rewards' names and files. Raises ValueError or FileNotFoundError naming what is wrong.
-    Returns the training and held-out prompts and the reward ensemble."""
-    import rewards
-    import shapes
-    check_config(cfg)
-    if cfg.ckpt is not None:
-        load_config(os.path.expanduser(cfg.ckpt))  # the folder, its config.json (weights are checked on load)
-        tok_file = os.path.join(os.path.expanduser(cfg.ckpt), "tokenizer.json")
-        if not os.path.isfile(tok_file):
-            raise FileNotFoundError(f"{tok_file} not found: a Janus-Pro folder needs its tokenizer.json")
-    if cfg.reasoning_prompt is not None:
-        R.load_reasoning_prompt(cfg.reasoning_prompt)
-    # the shapes world's defaults: RL on its train split, validation curves on val, the report on test
-    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets()))
-    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
-    shapes_base = cfg.ckpt is None
-    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else shapes_base and world_sets["test"],
-                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
-    eval_sets = {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
-    scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
-                                    device=train_device(cfg))
-    for items in (train_items, *eval_sets.values()):
-        scorer.check_metadata(items)
-    if int(os.environ.get("RANK", "0")) == 0:
-        lines = S.unchecked_report(scorer, train_items, "training prompts")
-        for split, items in eval_sets.items():
-            lines += S.unchecked_report(scorer, items, f"{split} prompts")
-        for line in lines:
-            log(line)
-    return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer}
-
-
 def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None):
     """Run BiCoT-GRPO. setup: what prepare(cfg) returned (main() runs it first, to report bad input as a
-    command-line error); None runs it here."""
+    command-line error); None runs it here. Returns the policy and the metrics."""
     cfg = resolve_defaults(cfg)
-    setup = setup or prepare(cfg, log)
-    train_items, eval_sets, scorer = setup["train_items"], setup["eval_sets"], setup["scorer"]
-    rank, world, device = dist_setup(train_device(cfg))
-    log = log if rank == 0 else (lambda *a, **k: None)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    torch.manual_seed(cfg.seed)
-
-    # the starting policy: the shapes world's base is pretrained first when absent
-    import shapes
-    base = os.path.expanduser(cfg.ckpt) if cfg.ckpt else (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
-    if world > 1:
-        dist.barrier()  # rank 0 may have just pretrained the base
-    reasoning = R.load_reasoning_prompt(cfg.reasoning_prompt, base)
-    chat = cfg.chat_format
-    tok = Tokenizer.from_pretrained(base)
-    for items, what in ((train_items, "training prompts"), *((v, f"{k} prompts") for k, v in eval_sets.items())):
-        warning = S.vocabulary_warning(tok, items, what)
-        if warning:
-            log(warning)
-
-    # models: the policy in float32 (bf16 autocast on GPU), frozen VQ and image embedding/head as in T2I-R1
-    resume_from = find_checkpoint(cfg.out) if cfg.resume else None
-    state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=True) if resume_from else None
-    full_ft_resume = state is not None and state["lora"] is None
-    policy = Janus.from_pretrained(resume_from if full_ft_resume else base, device=device, dtype=torch.float32)
-    for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
-        part.requires_grad_(False)
-    if cfg.lora_rank > 0:
-        add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
-        if state is not None:
-            policy.load_state_dict(state["lora"], strict=False)
-    policy.gradient_checkpointing = cfg.grad_checkpointing
-    ref = None
-    if cfg.beta > 0 and cfg.lora_rank == 0:
-        ref = (Janus.from_pretrained(base, device=device, dtype=torch.float32) if full_ft_resume
-               else copy.deepcopy(policy)).eval().requires_grad_(False)
-    loss_module = PolicyLoss(policy, cfg, tok.pad_id)
-    if cfg.fsdp:
-        shard(loss_module, policy)
-        if ref is not None:
-            shard(ref, ref)
-    elif world > 1:  # unused: with levels=token the text head, with an empty micro-batch part anything
-        loss_module = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=True)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, metrics = 0, []
-    if state is not None:
-        if cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(loss_module, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
-        start, metrics = state["step"], [m for m in state["metrics"] if m["step"] <= state["step"]]
-        if rank == 0:  # lines written after the checkpoint by the interrupted run are dropped
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in metrics)
-        log(f"resumed from {resume_from} at step {start}")
-    log(f"policy: {policy.n_params() / 1e6:.2f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable"
-        f"{' (sharded)' if cfg.fsdp else ''}"
-        f"{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; {len(train_items)} training prompts; "
-        f"{world} process(es) on {device}")
-
-    chunks_per_step = -(-cfg.prompts_per_step // cfg.rollout_batch)  # split over processes: check_config
-    os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
-    if rank == 0:
+    run = start_run(cfg, setup or prepare(cfg, log), log)
+    build_models(run)
+    for folder in ("samples", "eval"):
+        os.makedirs(os.path.join(cfg.out, folder), exist_ok=True)
+    if run.rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
-    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
-
-    def run_eval(step, splits):
-        for split in [s for s in splits if s in eval_sets]:
-            t0 = time.time()
-            with gathered(loss_module):
-                summary = (evaluate(policy, tok, eval_sets[split], cfg, scorer, reasoning, chat, autocast, split)
-                           if rank == 0 else None)
-            if rank != 0:
-                continue
-            with open(os.path.join(cfg.out, "eval", f"{split}_{step:05d}.json"), "w") as f:
-                json.dump(summary, f, indent=1)
-            g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
-            metrics.append({"step": step, f"{split}_overall": g["overall"] if g else float("nan"),
-                            **{f"{split}_{k}": v for k, v in summary["rewards"].items()},
-                            **({f"{split}_{t}": a for t, a in g["per_tag"].items()} if g else {})})
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics[-1]) + "\n")
-            log(f"{split} evaluation at step {step} ({time.time() - t0:.0f}s):\n"
-                f"{eval_table([(f'step {step}', summary)])}")
-
-    if start == 0:
-        run_eval(0, ("test", "val"))
-    for step in range(start, cfg.steps):
-        t0 = time.time()
-        items = step_prompts(train_items, cfg, step)
-        chunks = [(c, items[c * cfg.rollout_batch:(c + 1) * cfg.rollout_batch]) for c in range(chunks_per_step)]
-        with gathered(loss_module):
-            samples, images = rollout(policy, tok, chunks[rank::world], cfg, step, scorer, reasoning, chat, device,
-                                      autocast)
-        t_roll = time.time() - t0
-
-        # the whole step's token (or sequence) count, so micro-batches and processes add up to one mean
-        policy.train()
-        n_plan = [len(s["plan_ids"]) for s in samples] if cfg.levels != "token" else [0] * len(samples)
-        n_img = [len(s["codes"]) if cfg.levels != "semantic" else 0 for s in samples]
-        local = torch.tensor([float(sum(n_plan) + sum(n_img)), float(sum(a + b > 0 for a, b in zip(n_plan, n_img)))])
-        n_total = all_sum(local, world, device)[0 if cfg.loss_norm == "token" else 1].item()
-        mbs = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
-        with torch.no_grad(), autocast:
-            with gathered(loss_module):
-                old = [sample_logprobs(policy, mb, cfg, tok.pad_id)[0] for mb in mbs] if cfg.mu > 1 else [None] * len(mbs)
-            if cfg.beta > 0:
-                with (adapters_off(policy) if ref is None else gathered(ref)):
-                    refs = [sample_logprobs(ref or policy, mb, cfg, tok.pad_id)[0] for mb in mbs]
-            else:
-                refs = [None] * len(mbs)
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(cfg, step)
-        acc = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "clipped": 0.0, "rmin": float("inf"), "rmax": 0.0}
-        for _ in range(cfg.mu):
-            opt.zero_grad(set_to_none=True)
-            for i, mb in enumerate(mbs):
-                with grad_sync(loss_module, i == len(mbs) - 1), autocast:
-                    loss, st = loss_module(mb, old[i], refs[i], n_total)
-                # DDP averages gradients over processes; the loss is already this process's share of the mean
-                (loss * world).backward()
-                acc["loss"] += loss.item() / cfg.mu
-                acc["tokens"] += st["tokens"]
-                acc["kl"] += st["kl"] * st["tokens"]
-                acc["clipped"] += st["clip_frac"] * st["tokens"]
-                acc["rmin"], acc["rmax"] = min(acc["rmin"], st["ratio_min"]), max(acc["rmax"], st["ratio_max"])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-            opt.step()
-
-        # logs, gathered over processes
-        names = list(samples[0]["scores"])
-        cols = [[s["reward"] for s in samples]] + [[s["scores"][k] for s in samples] for k in names]
-        x = torch.tensor(cols, dtype=torch.float64)                      # (1 + rewards, samples)
-        # each reward's mean over the samples it checked (rule rewards abstain on prompts without metadata)
-        w = torch.tensor([[1.0] * len(samples)] + [[float(s["checked"][k]) for s in samples] for k in names],
-                         dtype=torch.float64)                            # (1 + rewards, samples)
-        sums = all_sum(torch.stack([(w * x).sum(1), (w * x * x).sum(1), w.sum(1)]), world, device)  # (3, 1 + rewards)
-        # a plan is cut when it reached max_plan_tokens without EOS
-        n_cut = sum(len(p) >= cfg.max_plan_tokens and p[-1] != tok.eos_id for p in (s["plan_ids"] for s in samples) if p)
-        tot = all_sum(torch.tensor([len(samples), sum(n_plan), acc["tokens"], acc["kl"], acc["clipped"], acc["loss"],
-                                    n_cut], dtype=torch.float64), world, device).tolist()
-        n, mean = tot[0], (sums[0] / sums[2]).tolist()                  # nan for a reward that checked nothing
-        std = (sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt().tolist()  # [0]: the total reward's
-        m = {"step": step + 1, "reward": mean[0], "reward_std": std[0],
-             **{f"reward_{k}": mean[1 + j] for j, k in enumerate(names)},
-             "kl": tot[3] / max(tot[2], 1), "clipped_frac": tot[4] / max(tot[2], 1), "loss": tot[5],
-             "plan_tokens": tot[1] / n, "plan_cut_frac": tot[6] / n, "grad_norm": float(grad_norm),
-             "ratio_min": acc["rmin"],
-             "ratio_max": acc["rmax"], "lr": lr_at(cfg, step), "seconds": time.time() - t0, "rollout_seconds": t_roll}
-        metrics.append(m)
-        per = " ".join(f"{k} {m[f'reward_{k}']:.3f}" for k in names) if len(names) > 1 else ""
-        log(f"step {step + 1}/{cfg.steps} | reward {m['reward']:.3f}±{m['reward_std']:.3f} {per}| kl {m['kl']:.4f} "
-            f"| loss {m['loss']:.4f} | plan {m['plan_tokens']:.1f} tok, {m['plan_cut_frac']:.2f} cut "
-            f"| clipped {m['clipped_frac']:.3f} "
-            f"| grad {m['grad_norm']:.2f} | {m['seconds']:.1f}s (rollout {t_roll:.1f}s)")
-        if rank == 0:
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                k = min(len(samples), 4 * cfg.group_size)
-                captions = [S.caption({"prompt": s["prompt"], "plan": s["plan"], "scores": {"reward": s["reward"]}})
-                            for s in samples[:k]]
-                S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size, captions=captions),
-                           os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.png"))
-                with open(os.path.join(cfg.out, "samples", f"step_{step + 1:05d}.jsonl"), "w") as f:
-                    for s in samples[:k]:
-                        keys = ("prompt", "plan", "reward", "advantage", "scores", "checked")
-                        f.write(json.dumps({x: s[x] for x in keys}) + "\n")
+    if run.start == 0:
+        evaluate(run, 0, ("test", "val"))
+    for step in range(run.start, cfg.steps):
+        train_step(run, step)
         if step + 1 == cfg.steps:
-            run_eval(step + 1, ("test", "val"))
+            evaluate(run, step + 1, ("test", "val"))
         elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            run_eval(step + 1, ("val",))
+            evaluate(run, step + 1, ("val",))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            model_state, opt_state = None, opt.state_dict()
-            if cfg.fsdp:  # gather the shards (collective), rank 0 writes
-                from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                     get_optimizer_state_dict)
-                o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                model_state = {k.removeprefix("janus."): v for k, v in get_model_state_dict(loss_module, options=o).items()}
-                opt_state = get_optimizer_state_dict(loss_module, opt, options=o)
-            if rank == 0:
-                save_checkpoint(cfg.out, policy, tok, opt_state, step + 1, cfg, base, metrics, model_state)
-        if world > 1:
+            save_checkpoint(run, step + 1)
+        if run.world > 1:
             dist.barrier()
-
-    if rank == 0:  # summary.md and curves.png, with or without evaluated prompts
-        report = []
-        for split in eval_sets:
-            rows = [(name, json.load(open(p))) for name, p in
-                    (("base", os.path.join(cfg.out, "eval", f"{split}_00000.json")),
-                     (f"after {cfg.steps} steps", os.path.join(cfg.out, "eval", f"{split}_{cfg.steps:05d}.json")))
-                    if os.path.isfile(p)]
-            if rows:
-                report.append(f"{split} prompts ({len(eval_sets[split])}, {cfg.eval_n} images each), "
-                              f"before and after:\n\n{eval_table(rows)}\n")
-        report.append(train_table([m for m in metrics if "reward" in m]))
-        log("\n" + "\n".join(report))
-        with open(os.path.join(cfg.out, "summary.md"), "w") as f:
-            f.write("\n".join(report) + "\n")
-        plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
-    if world > 1:
+    if run.rank == 0:
+        write_report(run)
+    if run.world > 1:
         # leave together, DDP's reducer first: gloo aborts a process whose peer closes the group under it
         dist.barrier()
-        del loss_module
+        run.loss_module = None
         dist.destroy_process_group()
-    return policy, metrics
+    return run.policy, run.metrics
 
 
 # -----------------------------------------------------------------------------
-# command line: every TrainConfig field is a flag; a resumed run takes its saved config, with the flags
-# given on this command line on top
+# command line: every TrainConfig and SamplingConfig field is a flag; a resumed run takes its saved config,
+# with the flags given on this command line on top
 
 
 def build_parser():
-    """Every TrainConfig field as a flag; its help line is the field's comment, with its default."""
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = S.field_comments(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        h = f"{helps.get(f.name, '')} (default: {'unset' if default is None else default})"
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
-        elif f.name == "reward_ckpt":
-            p.add_argument(flag, nargs="*", default=argparse.SUPPRESS, metavar="NAME=PATH", help=h)
-        else:
-            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=CHOICES.get(f.name), help=h)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
+    config_flags(p, TrainConfig, CHOICES, given_only=True)
+    config_flags(p.add_argument_group("sampling (t2i_r1.SamplingConfig, shared with sample.py)"), R.SamplingConfig,
+                 {"chat_format": tuple(R.CHAT_FORMATS)}, given_only=True, aliases={"cfg_weight": "--cfg"})
     return p
 
 
 def parse_args(argv=None, parser=None) -> TrainConfig:
     """Flags -> TrainConfig. With --resume, the run's saved settings, the flags given here on top."""
     given = vars((parser or build_parser()).parse_args(argv))
+    sampling = {k: given.pop(k) for k in list(given) if k in {f.name for f in fields(R.SamplingConfig)}}
     cfg = TrainConfig(**given)
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.out)
-        if ckpt is not None:
-            saved = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)["config"]
-            cfg = TrainConfig(**{**saved, **given})
-    return cfg
+    if cfg.resume and last_checkpoint(cfg.out) is not None:
+        saved = torch.load(os.path.join(last_checkpoint(cfg.out), "train_state.pt"), weights_only=True)["config"]
+        cfg = TrainConfig(**{**saved, **given})
+    return replace(cfg, sampling=replace(cfg.sampling, **sampling))
 
 
 def main(argv=None):
