@@ -253,22 +253,29 @@ def bench_speed(args):
             line += f" {floor_tps:.1f} | {best / floor_tps:.2f} |"
         print(line)
     if device.type == "cuda":
-        floor_ms = wbytes / (gbs * 1e9) * 1e3
-        step = R.decode_fn(R.image_step, True, device)
-        prompts = [[1] + [5] * (args.prompt_len - 2) + [2]]
-        ids, mask = R.pad_tokens(prompts, 0, device)
-        ids, mask = torch.cat([ids, R.unconditional(ids, mask, 0)]), torch.cat([mask, mask])
-        h, cache, mask = R.prefill(janus, ids, mask, N)
-        codes, lengths = torch.zeros(1, dtype=torch.long, device=device), mask[:, :ids.shape[1]].sum(1, keepdim=True)
-        wt = torch.tensor(w, device=device)
-        pos = torch.tensor([ids.shape[1]], device=device)
-        for _ in range(5):
-            step(janus, codes, cache, pos, lengths, mask, wt)
-        t, _ = timed(lambda: [step(janus, codes, cache, pos, lengths, mask, wt) for _ in range(100)], device)
-        ms = t / 100 * 1e3
-        print(f"\n| card | copy bandwidth (GB/s) | weights read per step (GB) | floor (ms) | compiled step, batch 1 "
-              f"with CFG (ms) | step / floor |\n|---|---|---|---|---|---|\n"
-              f"| {name} | {gbs:.0f} | {wbytes / 1e9:.2f} | {floor_ms:.3f} | {ms:.3f} | {ms / floor_ms:.2f} |")
+        print(cuda_step_table(janus, args.prompt_len, w, gbs, wbytes, name))
+
+
+def cuda_step_table(janus, prompt_len, w, gbs, wbytes, name):
+    """Milliseconds of one compiled guided decode step at batch 1 on the GPU, against its floor: the weights
+    it reads over the measured copy bandwidth."""
+    device, N = janus.device, janus.cfg.image_tokens
+    floor_ms = wbytes / (gbs * 1e9) * 1e3
+    step = R.decode_fn(R.image_step, True, device)
+    prompts = [[1] + [5] * (prompt_len - 2) + [2]]
+    ids, mask = R.pad_tokens(prompts, 0, device)
+    ids, mask = torch.cat([ids, R.unconditional(ids, mask, 0)]), torch.cat([mask, mask])
+    h, cache, mask = R.prefill(janus, ids, mask, N)
+    codes, lengths = torch.zeros(1, dtype=torch.long, device=device), mask[:, :ids.shape[1]].sum(1, keepdim=True)
+    wt = torch.tensor(w, device=device)
+    pos = torch.tensor([ids.shape[1]], device=device)
+    for _ in range(5):
+        step(janus, codes, cache, pos, lengths, mask, wt)
+    t, _ = timed(lambda: [step(janus, codes, cache, pos, lengths, mask, wt) for _ in range(100)], device)
+    ms = t / 100 * 1e3
+    return (f"\n| card | copy bandwidth (GB/s) | weights read per step (GB) | floor (ms) | compiled step, batch 1 "
+            f"with CFG (ms) | step / floor |\n|---|---|---|---|---|---|\n"
+            f"| {name} | {gbs:.0f} | {wbytes / 1e9:.2f} | {floor_ms:.3f} | {ms:.3f} | {ms / floor_ms:.2f} |")
 
 
 def bench_train(args):

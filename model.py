@@ -99,7 +99,7 @@ def config_flags(parser, cls, choices=None, given_only=False, aliases=None):
     --field-name, typed as the field, its help the field's trailing comment and its default. given_only:
     parse_args returns only the flags given (a resumed run lays them over its saved config). aliases:
     {field: extra flag}."""
-    comments = {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     for f in fields(cls):
         if is_dataclass(f.type):  # a nested config (TrainConfig.sampling) brings its own flags
             continue
@@ -815,7 +815,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        return cls(os.path.join(os.path.expanduser(path), "tokenizer.json"))
+        return cls(os.path.join(path, "tokenizer.json"))
 
     def encode(self, text: str, bos: bool = True) -> list:
         """Exactly one BOS at the start (when asked), whatever the tokenizer's post-processor adds."""

@@ -762,6 +762,8 @@ CHECKPOINTS = {
     "geneval": Checkpoint((("model.safetensors", "pytorch_model.bin"), ("vocab.json + merges.txt", "tokenizer.json")),
                           "https://huggingface.co/google/owlvit-base-patch32"),
 }
+
+
 def reward_files(reward, key, ckpt):
     """Paths of checkpoint `key`'s files for `reward`, from ckpt[key] (a folder, or the weight file itself).
     Raises FileNotFoundError naming the reward, the file and where it is published."""
@@ -823,7 +825,6 @@ class Reward:
 
     def __call__(self, images, metadata):
         images, metadata = check_batch(images, metadata)
-        self.check_metadata(metadata, require_any=False)  # a batch may hold only prompts a rule cannot check
         self._ensure_loaded()
         with torch.no_grad():
             scores, info = self.score(images, metadata)
@@ -839,7 +840,7 @@ class Reward:
     def load(self):
         pass
 
-    def check_metadata(self, metadata, require_any=True):
+    def check_metadata(self, metadata):
         pass
 
     def clip_model(self, key, preset):  # -> (CLIP, CLIPTokenizer), cached per file, device and dtype
@@ -946,20 +947,20 @@ class RuleReward(Reward):
     is not checked: the reward abstains with a score of 0 and info["checked"] False. Within a prompt's group
     that is a constant, so it moves no advantage (sum: the group mean absorbs it; group: a flat group gets
     exactly 0); the other rewards alone decide. The caller reports how many prompts that concerns
-    (RewardEnsemble.unchecked); a set of prompts none of which can be checked is refused."""
+    (RewardEnsemble.unchecked_report); a set of prompts none of which can be checked is refused."""
 
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
         super().__init__(ckpt, device, dtype, cache)
         self.cfg = config or GenEvalConfig()
 
-    def check_metadata(self, metadata, require_any=True):
+    def check_metadata(self, metadata):
         for i, m in enumerate(metadata):
             if checkable(m) or "exclude" in m:
                 try:
                     check_geneval_metadata(m)
                 except ValueError as e:
                     raise ValueError(f"{self.name}: prompt {i} ({m.get('prompt', '')!r:.60}): {e}") from None
-        if require_any and metadata and not any(checkable(m) for m in metadata):
+        if metadata and not any(checkable(m) for m in metadata):
             raise ValueError(f"{self.name}: none of the {len(metadata)} prompt(s) carries GenEval metadata (no "
                              f"'include' clauses), e.g. {metadata[0].get('prompt', '')!r}; score this reward on JSON "
                              f"lines with GenEval metadata (the files `python shapes.py prompts` writes, GenEval's "
@@ -1123,10 +1124,19 @@ class RewardEnsemble:
         for reward in self.rewards.values():
             reward.check_metadata(metadata)
 
-    def unchecked(self, metadata) -> dict:
-        """{rule reward: indices of the prompts it cannot check (it abstains on them, see RuleReward)}."""
-        bare = [i for i, m in enumerate(metadata) if not checkable(m)]
-        return {n: bare for n, r in self.rewards.items() if isinstance(r, RuleReward) and bare}
+    def unchecked_report(self, items, what="prompts") -> list:
+        """A line per rule reward that cannot check some of these prompts (no GenEval metadata: it abstains on
+        them, see RuleReward): how many, by T2I-R1 task type when the rows carry one, and what that means."""
+        bare = [m for m in items if not checkable(m)]
+        tasks = {}
+        for m in bare:
+            tasks[m.get("task_type")] = tasks.get(m.get("task_type"), 0) + 1
+        tasks.pop(None, None)
+        by_task = f" (T2I-R1 task types: {', '.join(f'{t} {c}' for t, c in sorted(tasks.items()))})" if tasks else ""
+        return [f"{name}: {len(bare)} of the {len(items)} {what} carry no GenEval metadata it can check{by_task}; it "
+                f"scores them 0 for every sample, a constant within their groups, so the other rewards alone set "
+                f"their advantages (and its logged means leave them out)"
+                for name, r in self.rewards.items() if isinstance(r, RuleReward) and bare]
 
     def __call__(self, images, metadata, progress=None):
         """-> scores {name: (B,) float32}, info {name: {key: list of B values}}. progress(k) is called after

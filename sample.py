@@ -82,22 +82,6 @@ def vocabulary_warning(tok, items, what="prompts"):
             f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})")
 
 
-def unchecked_report(scorer, items, what="prompts"):
-    """One line per rule reward (geneval, shapes) that cannot check some of these prompts (no GenEval
-    metadata): how many, by T2I-R1 task type when the rows carry one, and what the reward does with them."""
-    lines = []
-    for name, idx in scorer.unchecked(items).items():
-        tasks = {}
-        for i in idx:
-            if "task_type" in items[i]:
-                tasks[items[i]["task_type"]] = tasks.get(items[i]["task_type"], 0) + 1
-        by_task = f" (T2I-R1 task types: {', '.join(f'{t} {c}' for t, c in sorted(tasks.items()))})" if tasks else ""
-        lines.append(f"{name}: {len(idx)} of the {len(items)} {what} carry no GenEval metadata it can check"
-                     f"{by_task}; it scores them 0 for every sample, a constant within their groups, so the other "
-                     f"rewards alone set their advantages (and its logged means leave them out)")
-    return lines
-
-
 def make_grid(images, ncol=None, pad=2, captions=None, min_width=160):
     """uint8 (n, H, W, 3) -> one uint8 image with the n images in a grid, ncol per row. With captions (n
     strings, lines split on newlines and wrapped), each image is shown at least min_width pixels wide
@@ -168,7 +152,7 @@ def resolve_device(device, dtype):
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        dtype = getattr(torch, dtype)  # float32, bfloat16, float16
     return device, dtype
 
 
@@ -230,16 +214,23 @@ def write_records(records, path):
     os.replace(tmp, path)
 
 
+def summary_table(rows) -> str:
+    """[(name, summary)] -> one markdown table, a row per summary: strict GenEval accuracy per tag and overall
+    (the first rule reward's), then the mean of every reward."""
+    g = next((v for k, v in rows[0][1].items() if k.startswith("geneval_")), None)
+    tags = sorted(g["per_tag"]) if g else []
+    head = ["", *tags] + (["GenEval overall"] if g else []) + [f"mean {k}" for k in rows[0][1]["rewards"]]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, summary in rows:
+        g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
+        cells = [g["per_tag"][t] for t in tags] + ([g["overall"]] if g else []) + list(summary["rewards"].values())
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def format_summary(summary) -> str:
-    """The summary as markdown: GenEval per-tag accuracy tables, then the mean rewards."""
-    lines = []
-    for key, g in summary.items():
-        if key.startswith("geneval_"):
-            tags = sorted(g["per_tag"])
-            lines += [f"GenEval ({key[8:]} detector), strict accuracy per tag:", "",
-                      "| " + " | ".join(tags) + " | overall |", "|---" * (len(tags) + 1) + "|",
-                      "| " + " | ".join(f"{g['per_tag'][t]:.3f}" for t in tags) + f" | {g['overall']:.3f} |", ""]
-    lines.append("mean rewards: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["rewards"].items()))
+    """sample.py's report: the summary table, the images a rule reward could not check, the diversity."""
+    lines = [summary_table([(f"{summary['images']} images", summary)])]
     for k, n in summary.get("unchecked", {}).items():
         lines.append(f"{k}: {n} of {summary['images']} images not checked (their prompts carry no GenEval metadata)")
     if "diversity" in summary:
@@ -302,7 +293,7 @@ def main(argv=None):
                                             rewards.parse_reward_ckpt(args.reward_ckpt),
                                             device=resolve_device(args.device, args.dtype)[0])
             scorer.check_metadata(items)
-            for line in unchecked_report(scorer, items):
+            for line in scorer.unchecked_report(items):
                 print(line)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))

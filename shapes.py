@@ -21,6 +21,7 @@ Conventions used throughout: image arrays are uint8 (H, W, 3), y grows downwards
 (x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -524,13 +525,9 @@ def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_
     return out
 
 
-_TEMPLATES = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _template(shape, w, h):
-    if (shape, w, h) not in _TEMPLATES:
-        _TEMPLATES[shape, w, h] = shape_mask(shape, w, h)
-    return _TEMPLATES[shape, w, h]
+    return shape_mask(shape, w, h)
 
 
 def _iou(a, b):
@@ -608,14 +605,6 @@ def make_tokenizer():
     return tk
 
 
-def _scene_meta(rng, by_tag):
-    """A training prompt, tags drawn uniformly (color_attr would otherwise be half of the data); by_tag:
-    {tag: prompts}."""
-    tags = sorted(by_tag)
-    pool = by_tag[tags[rng.integers(len(tags))]]
-    return pool[rng.integers(len(pool))]
-
-
 def render_dataset(c: PretrainConfig, rng):
     """(metadata, plan text, uint8 image) for c.scenes random scenes of training prompts.
 
@@ -627,9 +616,10 @@ def render_dataset(c: PretrainConfig, rng):
     by_tag = {}
     for m in train + val:  # val is carved out of RL's prompts, not out of what the base has seen
         by_tag.setdefault(m["tag"], []).append(m)
-    out = []
-    for _ in range(c.scenes):
-        meta = _scene_meta(rng, by_tag)
+    tags, out = sorted(by_tag), []
+    for _ in range(c.scenes):  # tags drawn uniformly: color_attr would otherwise be half of the data
+        pool = by_tag[tags[rng.integers(len(tags))]]
+        meta = pool[rng.integers(len(pool))]
         scene = sample_scene(meta, rng, size=c.image_size)
         out.append((meta, plan_of(scene), render(scene)))
     return out
@@ -818,13 +808,10 @@ def ensure_base(path=BASE_DIR):
 
 def example_prompts():
     """One held-out test prompt per tag: sample.py's default prompts."""
-    _, _, test = prompt_sets()
-    seen, out = set(), []
-    for m in test:
-        if m["tag"] not in seen:
-            seen.add(m["tag"])
-            out.append(m)
-    return out
+    first = {}
+    for m in prompt_sets()[2]:
+        first.setdefault(m["tag"], m)
+    return list(first.values())
 
 
 # -----------------------------------------------------------------------------

@@ -58,12 +58,6 @@ def load_reasoning_prompt(path=None, ckpt=None) -> str:
     return text
 
 
-def fill_request(template: str, prompt: str) -> str:
-    """The reasoning request for one prompt (a plain replace: other braces in the template stay as written)."""
-    key = next(p for p in PLACEHOLDERS if p in template)
-    return template.replace(key, prompt)
-
-
 @dataclass(frozen=True)
 class ChatFormat:
     """How requests are wrapped in deepseek's SFT layout, `[system\n\n]{user}: {text}\n\n{assistant}:`.
@@ -74,7 +68,9 @@ class ChatFormat:
     raw_join: bool = False  # image text f"{prompt}. {plan as decoded}" (T2I-R1); else one period, plan stripped
 
     def request_text(self, template: str, prompt: str) -> str:
-        return chat_prompt(fill_request(template, prompt).strip(), self.plan_system, self.user, self.assistant)
+        """The plan request for one prompt: the template filled by a plain replace (other braces stay as written)."""
+        filled = template.replace(next(p for p in PLACEHOLDERS if p in template), prompt)
+        return chat_prompt(filled.strip(), self.plan_system, self.user, self.assistant)
 
     def image_text(self, prompt: str, plan: str = None) -> str:
         """The image request (ending with <begin_of_image>) for a prompt and its decoded plan (None: no plan)."""
@@ -105,15 +101,6 @@ def default_chat_format(ckpt=None) -> str:
     return "janus" if own else "t2i-r1"
 
 
-def chat_format(chat) -> ChatFormat:
-    if isinstance(chat, ChatFormat):
-        return chat
-    if chat not in CHAT_FORMATS:
-        raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {chat!r}")
-    return CHAT_FORMATS[chat]
-
-
-
 # -----------------------------------------------------------------------------
 # sampling settings: one dataclass for sample.py, train.py's rollouts and evaluations, and the shapes world
 
@@ -121,15 +108,15 @@ def chat_format(chat) -> ChatFormat:
 @dataclass
 class SamplingConfig:
     """How plans and images are drawn. Unset (None) settings take the checkpoint's defaults (`resolved`)."""
-    cfg_weight: float = None       # guidance weight of image tokens (1: none); unset: 5 for Janus-Pro, 2 for the shapes world
+    cfg_weight: float = None       # guidance weight of image tokens (1: none); unset: 5 for Janus-Pro, 2 for shapes
     temperature: float = 1.0       # image tokens; 0: argmax
     top_k: int = None              # image tokens: keep the k most likely (unset: all, as Janus-Pro and T2I-R1)
     text_temperature: float = 1.0  # plan tokens; 0: argmax
-    text_top_k: int = None         # plan tokens: keep the k most likely, 0: all; unset: 50 for Janus-Pro (T2I-R1), 0 for shapes
+    text_top_k: int = None         # plan tokens: keep the k most likely, 0: all; unset: 50 (T2I-R1), 0 for shapes
     text_top_p: float = None       # plan tokens: nucleus sampling mass (unset: off)
-    max_plan_tokens: int = None    # plans are cut here; unset: 1024 for Janus-Pro (T2I-R1's limit), 64 for the shapes world
-    chat_format: str = None        # t2i-r1 | janus; unset: janus for a checkpoint with its own reasoning_prompt.txt, else t2i-r1
-    reasoning_prompt: str = None   # file with the reasoning request, {prompt} or {} placeholder; unset: the checkpoint's, else ours
+    max_plan_tokens: int = None    # plans are cut here; unset: 1024 (T2I-R1's limit), 64 for the shapes world
+    chat_format: str = None        # t2i-r1 | janus; unset: janus if the checkpoint has a reasoning_prompt.txt
+    reasoning_prompt: str = None   # file: the plan request, {prompt} or {} placeholder; unset: the checkpoint's, else ours
 
     def resolved(self, ckpt=None, kind=None) -> "SamplingConfig":
         """These settings with the unset ones filled in for a checkpoint folder (see default_chat_format) or
@@ -281,7 +268,8 @@ def decode_loop(janus, step_fn, ids, mask, first_logits, n, steps, compile, *ext
     h, cache, full_mask = prefill(janus, ids, mask, steps)
     logits = first_logits(h[:, -1])
     if n > 1:  # one prefill, n samples
-        cache, full_mask, logits = cache.repeat_rows(n), full_mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+        cache, full_mask = cache.repeat_rows(n), full_mask.repeat_interleave(n, 0)
+        logits = logits.repeat_interleave(n, 0)
     lengths = full_mask[:, :T].sum(1, keepdim=True)  # (R*n, 1) real prompt lengths: the rotary positions
     compiled = decode_fn(step_fn, compile, device)
     static = compile and device.type == "cuda"  # a compiled GPU step attends to the whole cache (decode_fn)
@@ -427,7 +415,9 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
     for p in prompts:
         if not p or not p.strip():
             raise ValueError("empty prompt")
-    s, fmt, device = settings, chat_format(settings.chat_format), janus.device
+    if settings.chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {settings.chat_format!r}")
+    s, fmt, device = settings, CHAT_FORMATS[settings.chat_format], janus.device
     rep = [p for p in prompts for _ in range(n)]
     if cot:
         request_ids, request_mask = pad_tokens([tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts],
@@ -526,23 +516,23 @@ def completion_logprobs(janus: Janus, prompt_ids, prompt_mask, completion, compl
     unconditional rows in one forward. Returns logp (B, L) float32, 0 on padding."""
     B, P = prompt_ids.shape
     completion = completion.masked_fill(~completion_mask, 0)
-    embed, logits_fn = (janus.embed_text, janus.text_logits) if kind == "text" else (janus.embed_image, janus.image_logits)
+    embed = janus.embed_text if kind == "text" else janus.embed_image
     guided = uncond_ids is not None and cfg_weight is not None
-    prompts = torch.cat([prompt_ids, uncond_ids]) if guided else prompt_ids                    # (R, P), R = B or 2B
-    masks = prompt_mask.repeat(len(prompts) // B, 1)
+    n = 2 if guided else 1                                                     # rows per sample: cond (, uncond)
+    prompts = torch.cat([prompt_ids, uncond_ids]) if guided else prompt_ids   # (n B, P)
     # input: the prompt, then every completion token but the last, which predicts nothing
-    x = torch.cat([janus.embed_text(prompts), embed(completion[:, :-1]).repeat(len(prompts) // B, 1, 1)], 1)
-    h = janus(x, mask=torch.cat([masks, completion_mask[:, :-1].repeat(len(prompts) // B, 1)], 1))  # (R, P+L-1, H)
+    x = torch.cat([janus.embed_text(prompts), embed(completion[:, :-1]).repeat(n, 1, 1)], 1)
+    h = janus(x, mask=torch.cat([prompt_mask, completion_mask[:, :-1]], 1).repeat(n, 1))  # (n B, P + L - 1, H)
     # position P - 1 (the prompt's last token) predicts completion token 0, position P - 1 + j token j
-    h = h[:, P - 1:]                                                                           # (R, L, H)
-    if guided:  # each token's conditional and unconditional state side by side: (M, 2, H)
-        states = torch.stack([part[completion_mask] for part in h.chunk(2)], 1)
-        def logits_fn(s):
-            return guide(janus.image_logits(torch.cat(s.unbind(1))), cfg_weight)
-    else:
-        states = h[completion_mask]                                                            # (M, H)
+    h = h[:, P - 1:]                                                           # (n B, L, H)
+    states = torch.stack([part[completion_mask] for part in h.chunk(n)], 1)   # (M, n, H): a row per real token
+
+    def logits(s):  # (m, n, H) -> (m, V), the logits sampling drew from
+        if kind == "text":
+            return janus.text_logits(s[:, 0])
+        return guide(janus.image_logits(torch.cat(s.unbind(1))), cfg_weight if guided else None)
     logp = torch.zeros(B, completion.shape[1], dtype=torch.float32, device=h.device)
-    logp[completion_mask] = chunked_logprobs(logits_fn, states, completion[completion_mask], temperature)
+    logp[completion_mask] = chunked_logprobs(logits, states, completion[completion_mask], temperature)
     return logp
 
 

@@ -101,11 +101,14 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.sampling, dict):  # a saved config.json
             self.sampling = R.SamplingConfig(**self.sampling)
+        if self.ckpt is not None:
+            self.ckpt = os.path.expanduser(self.ckpt)  # "~/models/Janus-Pro-1B" as written in a shell
 
 
 # allowed values of the string settings (argparse choices and the checks for API callers)
 CHOICES = {"levels": ("both", "semantic", "token"), "loss_norm": ("token", "sequence"), "image_logp": ("cond", "cfg"),
-           "schedule": ("constant", "linear", "cosine"), "reward_combine": ("sum", "group"), "dtype": ("float32", "bfloat16")}
+           "schedule": ("constant", "linear", "cosine"), "reward_combine": ("sum", "group"),
+           "dtype": ("float32", "bfloat16")}
 
 
 def check_config(cfg: TrainConfig):
@@ -278,7 +281,7 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     check_config(cfg)
     if cfg.ckpt is not None:
         load_config(cfg.ckpt)  # the folder, its config.json (weights are checked on load)
-        tok_file = os.path.join(os.path.expanduser(cfg.ckpt), "tokenizer.json")
+        tok_file = os.path.join(cfg.ckpt, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"{tok_file} not found: a Janus-Pro folder needs its tokenizer.json")
     # the shapes world's defaults: RL on its train split, validation curves on val, the report on test
@@ -293,9 +296,9 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     for items in (train_items, *eval_sets.values()):
         scorer.check_metadata(items)
     if int(os.environ.get("RANK", "0")) == 0:
-        lines = S.unchecked_report(scorer, train_items, "training prompts")
+        lines = scorer.unchecked_report(train_items, "training prompts")
         for split, items in eval_sets.items():
-            lines += S.unchecked_report(scorer, items, f"{split} prompts")
+            lines += scorer.unchecked_report(items, f"{split} prompts")
         for line in lines:
             log(line)
     return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer}
@@ -331,14 +334,14 @@ def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)
-    base = os.path.expanduser(cfg.ckpt) if cfg.ckpt else (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
+    base = cfg.ckpt or (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
     if world > 1:
         dist.barrier()  # rank 0 may have just pretrained the base
     run = Run(cfg, inputs["train_items"], inputs["eval_sets"], inputs["scorer"], log if rank == 0 else (lambda *a: None),
               rank, world, device, autocast, base, R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base),
               tok=Tokenizer.from_pretrained(base))
-    for items, what in ((run.train_items, "training prompts"), *((v, f"{k} prompts") for k, v in run.eval_sets.items())):
-        warning = S.vocabulary_warning(run.tok, items, what)
+    for what, items in {"training": run.train_items, **run.eval_sets}.items():
+        warning = S.vocabulary_warning(run.tok, items, f"{what} prompts")
         if warning:
             run.log(warning)
     return run
@@ -482,7 +485,8 @@ def update(run: Run, step, r: R.Rollout):
             acc["clipped"] += st["clip_frac"] * st["tokens"]
             acc["rmin"], acc["rmax"] = min(acc["rmin"], st["ratio_min"]), max(acc["rmax"], st["ratio_max"])
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
-        acc["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        acc["grad_norm"] = float(grad_norm)
         run.opt.step()
     return acc
 
@@ -577,24 +581,7 @@ def evaluate(run: Run, step, splits):
                             **({f"{split}_{t}": a for t, a in g["per_tag"].items()} if g else {})})
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(run.metrics[-1]) + "\n")
-        run.log(f"{split} evaluation at step {step} ({time.time() - t0:.0f}s):\n{eval_table([(f'step {step}', summary)])}")
-
-
-def eval_row(name, summary):
-    """One markdown row: per-tag strict accuracy, GenEval overall, mean rewards."""
-    g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
-    tags = " | ".join(f"{g['per_tag'][t]:.3f}" for t in sorted(g["per_tag"])) + " | " if g else ""
-    overall = f"{g['overall']:.3f} | " if g else ""
-    return f"| {name} | {tags}{overall}" + " | ".join(f"{v:.3f}" for v in summary["rewards"].values()) + " |"
-
-
-def eval_table(rows):
-    """rows: [(name, summary)] -> markdown table (held-out strict accuracy per tag, overall, mean rewards)."""
-    g = next((v for k, v in rows[0][1].items() if k.startswith("geneval_")), None)
-    tags = sorted(g["per_tag"]) if g else []
-    head = ["", *tags] + (["GenEval overall"] if g else []) + [f"mean {k}" for k in rows[0][1]["rewards"]]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    return "\n".join(lines + [eval_row(n, s) for n, s in rows])
+        run.log(f"{split} evaluation at step {step} ({time.time() - t0:.0f}s):\n{S.summary_table([(f'step {step}', summary)])}")
 
 
 def train_table(step_metrics, k=10):
@@ -659,7 +646,7 @@ def write_report(run: Run):
                 if os.path.isfile(p)]
         if rows:
             report.append(f"{split} prompts ({len(run.eval_sets[split])}, {cfg.eval_n} images each), "
-                          f"before and after:\n\n{eval_table(rows)}\n")
+                          f"before and after:\n\n{S.summary_table(rows)}\n")
     report.append(train_table([m for m in run.metrics if "reward" in m]))
     run.log("\n" + "\n".join(report))
     with open(os.path.join(cfg.out, "summary.md"), "w") as f:

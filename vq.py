@@ -54,7 +54,7 @@ class VQConfig:
         if self.image_size % self.downsample:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the VQ's "
                              f"downsampling factor {self.downsample}")
-        for c in {self.ch * m for m in self.encoder_ch_mult + self.decoder_ch_mult} | {self.z_channels}:
+        for c in {self.ch * m for m in self.encoder_ch_mult + self.decoder_ch_mult}:  # z only meets convolutions
             if c % 32:
                 raise ValueError(f"VQ channel count {c} is not divisible by 32 (GroupNorm groups)")
 
