@@ -3,13 +3,11 @@
 Run: python -m pytest -q test_t2i_r1.py
 """
 
-import contextlib
 import io
 import json
 import math
 import os
 import re
-import sys
 import types
 
 import numpy as np
@@ -23,9 +21,11 @@ import model as M
 import rewards as RW
 import shapes as S
 import t2i_r1 as R
+import train as T
 import vq as V
 
-# ---- shared helpers ---------------------------------------------------------
+
+# ---- shared helpers ------------------------------------------------------------------------------------------------
 
 
 def reference_transformers():
@@ -79,7 +79,60 @@ def outputs(m, seed=1):
     return m.text_logits(h), m.image_logits(h), m.vq.decode_code(codes)
 
 
-# ---- Janus-Pro foundation: model, VQ, checkpoints, tokenizer ----------------
+PAD = 0
+
+
+def gen_images(m, prompts, **kw):
+    """generate_images on token lists (left-padded here)."""
+    return R.generate_images(m, *R.pad_tokens(prompts, PAD), pad_id=PAD, **kw)
+
+
+def gen_text(m, prompts, pad_id=PAD, **kw):
+    """generate_text on token lists -> each plan as a token list (its real tokens)."""
+    ids, mask = R.generate_text(m, *R.pad_tokens(prompts, pad_id), pad_id=pad_id, **kw)
+    return [row[:k] for row, k in zip(ids.tolist(), mask.sum(1).tolist())]
+
+
+def real(ids, mask):
+    """The real tokens of each row of a padded (ids, mask) pair, as lists."""
+    return [row[m].tolist() for row, m in zip(ids, mask)]
+
+
+def settings(**kw):
+    """Sampling settings with the shapes world's defaults for what kw leaves unset."""
+    return R.SamplingConfig(**kw).resolved(kind="janus")
+
+
+def image_prompts(m, lengths=(6, 9, 4), seed=0):
+    """Random image prompts: BOS-like first token, body, and a fixed last token standing for <begin_of_image>."""
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, m.cfg.vocab_size, (L - 2,), generator=g).tolist() + [2] for L in lengths]
+
+
+def byte_tokenizer(folder):
+    """A byte-level BPE without merges plus the deepseek special tokens: any text encodes, and decodes back
+    exactly, so a request can be compared with the text it should be."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([M.Tokenizer.BOS, M.Tokenizer.EOS, M.Tokenizer.PAD, M.Tokenizer.BOI, M.Tokenizer.EOI])
+    os.makedirs(folder, exist_ok=True)
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    return M.Tokenizer(os.path.join(folder, "tokenizer.json"))
+
+
+def cli_error(main, argv, capsys, prog):
+    """Run a script's main with bad input: it must exit with one `prog: error: ...` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+# ---- model.py and vq.py: the Janus-Pro transformer, VQ-16, checkpoints, tokenizer ----------------------------------
 
 
 def converted_layout(state):
@@ -139,7 +192,7 @@ def test_checkpoint_layouts_reload_identically(tmp_path, layout):
         weights, _, sharded = layout.partition("-")
         m.save_pretrained(tmp_path, weights=weights, shards=3 if sharded else 1)
         if sharded:
-            assert len(list(tmp_path.glob(f"*-of-00003.*"))) == 3
+            assert len(list(tmp_path.glob("*-of-00003.*"))) == 3
             assert list(tmp_path.glob("*.index.json"))
     m2 = M.Janus.from_pretrained(tmp_path, device="cpu")
     assert m2.cfg == m.cfg
@@ -432,7 +485,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-# ---- fidelity against transformers' Janus port (optional: skips without transformers) ----
+# ---- model.py: fidelity against transformers' Janus port and deepseek's own code (optional: skipped without them) ---
 
 
 def tiny_hf_janus(noise, **vision):
@@ -481,37 +534,43 @@ def test_matches_transformers_janus(tmp_path, monkeypatch, kernel):
     assert max(errs) <= 1e-4, errs
 
 
-# ---- two-step sampler ---------------------------------------------------------
+# Runs when T2I_R1_DEEPSEEK_REF names a folder holding `janus_ref.py` (a small driver around deepseek's
+# own classes, github.com/deepseek-ai/Janus) and `venv-janus/` (a Python environment where that code
+# imports). The driver builds a tiny random model with deepseek's MultiModalityCausalLM in the published
+# layout (config.json + pytorch_model.bin; the VQ is the full VQ-16) and dumps its outputs.
+def test_matches_deepseek_janus(tmp_path):
+    import subprocess
+    ref = os.environ.get("T2I_R1_DEEPSEEK_REF")
+    if not ref or not os.path.isfile(os.path.join(ref, "janus_ref.py")):
+        pytest.skip("set T2I_R1_DEEPSEEK_REF to a folder with janus_ref.py and venv-janus/")
+    py, script = os.path.join(ref, "venv-janus", "bin", "python"), os.path.join(ref, "janus_ref.py")
+    folder, dump = tmp_path / "tiny", tmp_path / "dump.pt"
+    subprocess.run([py, script, "make-tiny", str(folder), "--seed", "1", "--dtype", "fp32"], check=True,
+                   capture_output=True)
+    codes16 = ",".join(str(i * 977 % 16384) for i in range(16))
+    prompt = [0, 11, 12, 13, 14, 510]
+    subprocess.run([py, script, "run", str(folder), "--dump", str(dump), "--ids", "0,5,17,200,3,511",
+                    "--image-tokens", "7,16383,42,9000", "--vq-codes", codes16, "--vq-grid", "4x4",
+                    "--vq-image-rand", "64", "--gen-ids", ",".join(map(str, prompt)), "--n-tokens", "24",
+                    "--cfg", "5", "--temperature", "0"], check=True, capture_output=True)
+    d = torch.load(dump)
+    m = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    f = d["forward"]
+    with torch.no_grad():
+        h = m(torch.cat([m.embed_text(f["ids"][None]), m.embed_image(f["image_tokens"][None])], 1))[0]
+        errs = [(h - f["hidden"]).abs().max().item(), (m.text_logits(h) - f["text_logits"]).abs().max().item(),
+                (m.image_logits(h) - f["image_logits"]).abs().max().item(),
+                (m.vq.decode_code(d["vq_decode"]["codes"]) - d["vq_decode"]["image"]).abs().max().item()]
+        print("Janus vs deepseek: hidden, text logits, image logits, VQ decode max abs err "
+              + ", ".join(f"{e:.2e}" for e in errs))
+        assert max(errs) <= 1e-4, errs
+        assert torch.equal(m.vq.encode(d["vq_encode"]["image"]), d["vq_encode"]["codes"])
+    g = d["generate"]
+    ours = R.generate_images(m, [prompt], pad_id=int(g["pad_id"]), cfg_weight=5.0, temperature=0)
+    assert torch.equal(ours[:, :24], g["codes"])
 
 
-PAD = 0
-
-
-def gen_images(m, prompts, **kw):
-    """generate_images on token lists (left-padded here)."""
-    return R.generate_images(m, *R.pad_tokens(prompts, PAD), pad_id=PAD, **kw)
-
-
-def gen_text(m, prompts, pad_id=PAD, **kw):
-    """generate_text on token lists -> each plan as a token list (its real tokens)."""
-    ids, mask = R.generate_text(m, *R.pad_tokens(prompts, pad_id), pad_id=pad_id, **kw)
-    return [row[:k] for row, k in zip(ids.tolist(), mask.sum(1).tolist())]
-
-
-def real(ids, mask):
-    """The real tokens of each row of a padded (ids, mask) pair, as lists."""
-    return [row[m].tolist() for row, m in zip(ids, mask)]
-
-
-def settings(**kw):
-    """Sampling settings with the shapes world's defaults for what kw leaves unset."""
-    return R.SamplingConfig(**kw).resolved(kind="janus")
-
-
-def image_prompts(m, lengths=(6, 9, 4), seed=0):
-    """Random image prompts: BOS-like first token, body, and a fixed last token standing for <begin_of_image>."""
-    g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, m.cfg.vocab_size, (L - 2,), generator=g).tolist() + [2] for L in lengths]
+# ---- t2i_r1.py: the two-step sampler -------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -675,20 +734,6 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
     assert R.load_reasoning_prompt(ckpt=str(tmp_path)) == "plan {prompt}"
 
 
-def byte_tokenizer(folder):
-    """A byte-level BPE without merges plus the deepseek special tokens: any text encodes, and decodes back
-    exactly, so a request can be compared with the text it should be."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([M.Tokenizer.BOS, M.Tokenizer.EOS, M.Tokenizer.PAD, M.Tokenizer.BOI, M.Tokenizer.EOI])
-    os.makedirs(folder, exist_ok=True)
-    tk.save(os.path.join(folder, "tokenizer.json"))
-    return M.Tokenizer(os.path.join(folder, "tokenizer.json"))
-
-
 def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
     """The plan request as T2I-R1's trainer builds it: its system prompt, a blank line, 'User: ' + the filled
     template (stripped), a blank line, 'Assistant:'; the template file with T2I-R1's {} placeholder; the image
@@ -732,78 +777,7 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
         R.SamplingConfig(chat_format="llama").check()
 
 
-def cli_error(main, argv, capsys, prog):
-    """Run a script's main with bad input: it must exit with one `prog: error: ...` line, no traceback."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), err
-    return err[-1]
-
-
-def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
-    import sample as S
-    m = tiny_model()
-    tok = make_word_tokenizer(tmp_path / "ckpt")
-    m.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
-    (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "colors"}\n\na blue square\n')
-    args = ["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--n", "2",
-            "--rollout-batch", "1", "--max-plan-tokens", "4", "--seed", "7"]
-    recs = S.main(args + ["--out", str(tmp_path / "a")])
-    assert len(recs) == 4 and recs[0]["metadata"]["tag"] == "colors" and recs[2]["prompt"] == "a blue square"
-    lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
-    assert [l["image_tokens"] for l in lines] == [r["image_tokens"] for r in recs]
-    from PIL import Image
-    img = Image.open(tmp_path / "a" / lines[0]["file"])
-    assert img.size == (m.cfg.vq.image_size,) * 2 and img.mode == "RGB"
-    assert (tmp_path / "a" / "grid_0000.png").exists() and (tmp_path / "a" / "grid_0001.png").exists()
-    again = S.main(args + ["--out", str(tmp_path / "b")])  # the same seed gives the same output
-    assert [r["image_tokens"] for r in again] == [r["image_tokens"] for r in recs]
-    assert [r["plan"] for r in again] == [r["plan"] for r in recs]
-    (tmp_path / "empty.txt").write_text("\n\n")
-    ck = ["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c")]
-    assert "empty.txt holds no prompts" in cli_error(S.main, ck + ["--prompts", str(tmp_path / "empty.txt")],
-                                                     capsys, "sample.py")
-    msg = cli_error(S.main, ck + ["--prompt", "a red circle", "--rewards", "shapes"], capsys, "sample.py")
-    assert "carries GenEval metadata" in msg
-    assert "--n and --rollout-batch" in cli_error(S.main, ck + ["--n", "0"], capsys, "sample.py")
-    assert "no-such-folder does not exist" in cli_error(S.main, ["--ckpt", str(tmp_path / "no-such-folder")],
-                                                        capsys, "sample.py")
-    assert not (tmp_path / "c").exists()  # every error came before any sampling
-    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
-        S.read_prompts(str(tmp_path / "bad.jsonl"))
-
-
-@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
-def test_sample_matches_transformers_janus_generate(tmp_path, monkeypatch, kernel):
-    """`sample.py --levels token --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
-    `generate` in image mode (guidance 5, greedy), on the same random weights, whichever CPU matmul kernel
-    model.Linear takes."""
-    if kernel == "oneDNN" and not M.ONEDNN:
-        pytest.skip("oneDNN's matmul is not available here")
-    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
-    # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
-    ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
-    from transformers import GenerationConfig
-    import sample as S
-    ref.save_pretrained(tmp_path / "ckpt")
-    tok = make_word_tokenizer(tmp_path / "ckpt")
-    prompts = ["a red circle", "a photo of a blue square"]
-    (tmp_path / "p.txt").write_text("\n".join(prompts))
-    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--levels", "token",
-                   "--chat-format", "janus", "--temperature", "0", "--cfg", "5", "--n", "1", "--rollout-batch", "2",
-                   "--out", str(tmp_path / "o")])
-    gen = GenerationConfig(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id, do_sample=False, guidance_scale=5.0,
-                           generation_kwargs={"boi_token_id": tok.boi_id})
-    for rec, prompt in zip(recs, prompts):
-        ids = torch.tensor([tok.encode(M.image_prompt(prompt))])
-        want = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", generation_config=gen)
-        assert rec["image_tokens"] == want[0].tolist()
-
-
-# ---- BiCoT-GRPO objective -------------------------------------------------------
-
+# ---- t2i_r1.py: the BiCoT-GRPO objective (advantages, log-probabilities, loss) -------------------------------------
 
 
 def hand_case():
@@ -940,52 +914,35 @@ def test_chunked_logprobs_same_values_and_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-# ---- fidelity against deepseek's original Janus code (optional) --------------------------
-# Runs when T2I_R1_DEEPSEEK_REF names a folder holding `janus_ref.py` (a small driver around deepseek's
-# own classes, github.com/deepseek-ai/Janus) and `venv-janus/` (a Python environment where that code
-# imports). The driver builds a tiny random model with deepseek's MultiModalityCausalLM in the published
-# layout (config.json + pytorch_model.bin; the VQ is the full VQ-16) and dumps its outputs.
+def test_kl_term_gradient_matches_its_derivative():
+    """With zero advantages the loss is beta * mean k3, whose derivative in logp is beta (1 - exp(ref - logp))
+    per token: a KL with a wrong sign or estimator fails here."""
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 5) * 3).requires_grad_()
+    ref = -torch.rand(3, 5) * 3
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    beta = 0.3
+    for norm in ("token", "sequence"):
+        loss, stats = R.grpo_loss(logp, logp.detach(), ref, torch.zeros(3), mask, beta=beta, norm=norm)
+        g, = torch.autograd.grad(loss, logp)
+        per = beta * (1 - torch.exp(ref - logp.detach())) * mask           # d(beta k3)/d logp per token
+        want = per / mask.sum() if norm == "token" else per / mask.sum(1, keepdim=True) / 3
+        torch.testing.assert_close(g, want)
+        d = ref - logp.detach()
+        assert stats["kl"] == pytest.approx(float(((d.exp() - d - 1) * mask).sum() / mask.sum()), rel=1e-6)
+    # at the reference the KL and its gradient vanish
+    loss, _ = R.grpo_loss(ref.clone().requires_grad_(), ref, ref, torch.zeros(3), mask, beta=beta)
+    assert loss.item() == 0
 
 
-def test_matches_deepseek_janus(tmp_path):
-    import subprocess
-    ref = os.environ.get("T2I_R1_DEEPSEEK_REF")
-    if not ref or not os.path.isfile(os.path.join(ref, "janus_ref.py")):
-        pytest.skip("set T2I_R1_DEEPSEEK_REF to a folder with janus_ref.py and venv-janus/")
-    py, script = os.path.join(ref, "venv-janus", "bin", "python"), os.path.join(ref, "janus_ref.py")
-    folder, dump = tmp_path / "tiny", tmp_path / "dump.pt"
-    subprocess.run([py, script, "make-tiny", str(folder), "--seed", "1", "--dtype", "fp32"], check=True,
-                   capture_output=True)
-    codes16 = ",".join(str(i * 977 % 16384) for i in range(16))
-    prompt = [0, 11, 12, 13, 14, 510]
-    subprocess.run([py, script, "run", str(folder), "--dump", str(dump), "--ids", "0,5,17,200,3,511",
-                    "--image-tokens", "7,16383,42,9000", "--vq-codes", codes16, "--vq-grid", "4x4",
-                    "--vq-image-rand", "64", "--gen-ids", ",".join(map(str, prompt)), "--n-tokens", "24",
-                    "--cfg", "5", "--temperature", "0"], check=True, capture_output=True)
-    d = torch.load(dump)
-    m = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
-    f = d["forward"]
-    with torch.no_grad():
-        h = m(torch.cat([m.embed_text(f["ids"][None]), m.embed_image(f["image_tokens"][None])], 1))[0]
-        errs = [(h - f["hidden"]).abs().max().item(), (m.text_logits(h) - f["text_logits"]).abs().max().item(),
-                (m.image_logits(h) - f["image_logits"]).abs().max().item(),
-                (m.vq.decode_code(d["vq_decode"]["codes"]) - d["vq_decode"]["image"]).abs().max().item()]
-        print("Janus vs deepseek: hidden, text logits, image logits, VQ decode max abs err "
-              + ", ".join(f"{e:.2e}" for e in errs))
-        assert max(errs) <= 1e-4, errs
-        assert torch.equal(m.vq.encode(d["vq_encode"]["image"]), d["vq_encode"]["codes"])
-    g = d["generate"]
-    ours = R.generate_images(m, [prompt], pad_id=int(g["pad_id"]), cfg_weight=5.0, temperature=0)
-    assert torch.equal(ours[:, :24], g["codes"])
+# ---- rewards.py: CLIP, the reward models, OWL-ViT, the GenEval rules, T2I-R1's prompt file -------------------------
 
-# ---- rewards ----
+
 # Tiny random (or constructed) weights written in the published layouts: HF CLIPModel safetensors + config.json
 # (clip, pickscore), an fp16 OpenCLIP pickle {'state_dict': ...} with 'module.' prefixes (hps), the aesthetic
 # .pth with layers.{0,2,4,6,7}, OWL-ViT safetensors + vocab.json + merges.txt (geneval).
-
-
-
-
 def _bytes_alphabet():
     # byte-level BPE's printable stand-ins, in CLIP's vocabulary order (written here independently of rewards.py)
     shown = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
@@ -1082,9 +1039,6 @@ def _meta(n, prompt="a photo of a cat"):
     return [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": prompt} for _ in range(n)]
 
 
-# ---- rewards: tokenizer
-
-
 def test_clip_tokenizer_small_vocab(tmp_path):
     _write_vocab(tmp_path)
     tok = RW.CLIPTokenizer.from_folder(str(tmp_path))
@@ -1124,9 +1078,6 @@ def test_clip_tokenizer_published_ids():
         pytest.skip("published CLIP BPE (open_clip's bpe_simple_vocab_16e6.txt.gz) not found; set T2I_R1_CLIP_BPE")
     tok = RW.CLIPTokenizer.from_folder(os.path.dirname(path))
     assert tok(["a photo of a cat"])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]
-
-
-# ---- rewards: CLIP loading
 
 
 def test_openclip_and_hf_layouts_give_same_embeddings(tmp_path):
@@ -1178,9 +1129,6 @@ def test_wrong_keys_error_lists_them_and_names_file(tmp_path):
     assert "model.safetensors" in msg and "vision_model.post_layernorm.bias" in msg
     assert "vision_model.extra_head.weight" in msg and "text_projection.weight" in msg
     assert "position_ids" not in msg
-
-
-# ---- rewards: the rewards on tiny published-layout files
 
 
 def _reward_folders(tmp_path):
@@ -1318,9 +1266,6 @@ def test_nan_reward_raises_naming_it(tmp_path):
         ens(_images(2), _meta(2))
     with pytest.raises(FloatingPointError, match="reward 'hps'"):
         RW.combine_rewards({"hps": torch.tensor([1.0, float("inf")])}, {"hps": 1.0})
-
-
-# ---- rewards: OWL-ViT
 
 
 def _planted_owlvit(folder, k=5.0, box_logits=None):
@@ -1481,9 +1426,6 @@ def test_iou_and_nms():
     assert RW.nms(boxes[:0], scores[:0]).tolist() == []
 
 
-# ---- rewards: GenEval rules
-
-
 def _det(cls, box, score=0.9, color=None):
     return {"class": cls, "box": box, "score": score, "color": color}
 
@@ -1616,35 +1558,6 @@ def test_geneval_color_step_on_crops(tmp_path):
     assert not r["strict"] and r["dense"] == pytest.approx((1 - 1 / 2 + 1 / 2) / 2)
 
 
-def test_shapes_reward_uses_shapes_detect(monkeypatch):
-    calls = []
-
-    def detect(image):
-        calls.append(image.shape)
-        return [_det("circle", (0, 0, 4, 4), 1.0, "red"), _det("square", (10, 0, 14, 4), 1.0, "blue")]
-
-    monkeypatch.setattr(S, "detect", detect)
-    assert RW.REWARDS["shapes"] is S.ShapesReward  # importing shapes registers its reward
-    reward = RW.RewardEnsemble({"shapes": 1.0}, {}).rewards["shapes"]
-    meta = [{"tag": "position", "include": [{"class": "square", "count": 1},
-                                            {"class": "circle", "count": 1, "color": "red",
-                                             "position": ["left of", 0]}], "prompt": "a red circle left of a square"},
-            {"tag": "counting", "include": [{"class": "circle", "count": 2}], "prompt": "two circles"}]
-    scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), meta)
-    assert calls == [(16, 16, 3)] * 2
-    assert scores.tolist() == [1.0, 0.5] and info["strict"] == [True, False]
-    # a plain prompt has no clauses and would pass every rule (a silent 1.0): the reward abstains on it
-    # (score 0, not checked, not even detected), and refuses a set of prompts none of which it can check
-    scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], {"prompt": "a red circle"}])
-    assert scores.tolist() == [1.0, 0.0] and info["checked"] == [True, False] and info["strict"] == [True, None]
-    assert len(calls) == 3
-    with pytest.raises(ValueError, match="shapes: none of the 1 prompt.*'a red circle'"):
-        reward.check_metadata([{"prompt": "a red circle"}])
-
-
-# ---- rewards: command line, combination, evaluation extras
-
-
 def test_reward_args_parsing():
     assert RW.parse_rewards("hps:1,geneval, aesthetic:0.5") == {"hps": 1.0, "geneval": 1.0, "aesthetic": 0.5}
     assert RW.parse_reward_ckpt(["hps=/a/b", "clip=~/c"]) == {"hps": "/a/b", "clip": os.path.expanduser("~/c")}
@@ -1687,11 +1600,57 @@ def test_diversity():
     assert RW.diversity([e, e[:1]]) == pytest.approx(1.0)  # a prompt with one image is skipped
     with pytest.raises(ValueError):
         RW.diversity([e[:1]])
-# ---- shapes world ----
-# The synthetic world of shapes.py: renderer, GenEval prompts and split, plans, detector, T2I-R1 conversion.
 
 
+def test_shapes_t2i_r1_prompts_convert_to_geneval():
+    lines = [
+        '{"prompt": "a photo of a car below a zebra", "nouns": ["car", "zebra"], "spatial_info": {"obj1": "car", '
+        '"obj2": "zebra", "locality": "below"}, "task_type": "spatial"}',
+        '{"task_type": "spatial", "prompt": "a bowl on the left of a man", "nouns": ["bowl", "man"], '
+        '"spatial_info": {"obj1": "bowl", "obj2": "man", "locality": "on the left of"}}',
+        '{"task_type": "complex", "prompt": "The black mug was on top of the white coaster.", '
+        '"nouns": ["mug", "coaster"], "spatial_info": {"obj1": "mug", "obj2": "coaster", "locality": "on top of"}}',
+        '{"task_type": "spatial", "prompt": "a mouse next to a backpack", "nouns": ["mouse", "backpack"], '
+        '"spatial_info": {"obj1": "mouse", "obj2": "backpack", "locality": "next to"}}',
+        '{"task_type": "numeracy", "prompt": "two plates and three microphones", "nouns": ["plate", "microphone"], '
+        '"numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "microphone", "num": 3}]}',
+        '{"task_type": "color", "prompt": "a green duck and a yellow frog", "nouns": ["duck", "frog"], '
+        '"attr_nouns": ["green duck", "yellow frog"]}',
+        '{"task_type": "color", "prompt": "A red bathroom has a white towel on the bar.", '
+        '"nouns": ["bathroom", "towel", "bar"], "attr_nouns": ["red towel"]}',
+        '{"task_type": "color", "prompt": "a gold clock and a red train", "nouns": ["clock", "train"], '
+        '"attr_nouns": ["gold clock", "red train"]}',
+        '{"task_type": "color", "prompt": "A room with white walls.", "nouns": ["room", "wall"], '
+        '"attr_nouns": ["white wall"]}',
+        '{"prompt": "a photo of a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"], "task_type": "object"}',
+        '{"task_type": "texture", "prompt": "a wooden desk and a leather shoes", "nouns": ["desk", "shoe"], '
+        '"attr_nouns": ["wooden desk", "leather shoe"]}',
+        '{"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]}',
+    ]
+    got = [RW.from_t2i_r1(json.loads(line)) for line in lines]
+    assert got[0] == {"tag": "position", "include": [{"class": "zebra", "count": 1},
+                                                     {"class": "car", "count": 1, "position": ["below", 0]}],
+                      "prompt": "a photo of a car below a zebra"}
+    assert got[1]["include"][1] == {"class": "bowl", "count": 1, "position": ["left of", 0]}
+    assert got[2]["include"] == [{"class": "coaster", "count": 1},
+                                 {"class": "mug", "count": 1, "position": ["above", 0]}]
+    assert got[3] is None  # "next to" has no GenEval relation
+    assert got[4] == {"tag": "counting",
+                      "include": [{"class": "plate", "count": 2}, {"class": "microphone", "count": 3}],
+                      "exclude": [{"class": "plate", "count": 3}, {"class": "microphone", "count": 4}],
+                      "prompt": "two plates and three microphones"}
+    assert got[5] == {"tag": "color_attr", "include": [{"class": "duck", "count": 1, "color": "green"},
+                                                       {"class": "frog", "count": 1, "color": "yellow"}],
+                      "prompt": "a green duck and a yellow frog"}
+    assert got[6] is None  # attr_nouns contradict the prompt
+    assert got[7] is None  # gold is not a GenEval colour
+    assert got[8] == {"tag": "colors", "include": [{"class": "wall", "count": 1, "color": "white"}],
+                      "prompt": "A room with white walls."}
+    assert got[9]["tag"] == "two_object" and got[9]["include"][1] == {"class": "teddy bear", "count": 1}
+    assert got[10] is None and got[11] is None
 
+
+# ---- shapes.py: the world, its detector and reward, the tiny base, the ablation report -----------------------------
 
 
 def _relations(a, b):
@@ -2021,52 +1980,232 @@ def test_shapes_detect_batch_api():
         S.detect(images[0].astype(np.float32))
 
 
-def test_shapes_t2i_r1_prompts_convert_to_geneval():
-    lines = [
-        '{"prompt": "a photo of a car below a zebra", "nouns": ["car", "zebra"], "spatial_info": {"obj1": "car", '
-        '"obj2": "zebra", "locality": "below"}, "task_type": "spatial"}',
-        '{"task_type": "spatial", "prompt": "a bowl on the left of a man", "nouns": ["bowl", "man"], '
-        '"spatial_info": {"obj1": "bowl", "obj2": "man", "locality": "on the left of"}}',
-        '{"task_type": "complex", "prompt": "The black mug was on top of the white coaster.", '
-        '"nouns": ["mug", "coaster"], "spatial_info": {"obj1": "mug", "obj2": "coaster", "locality": "on top of"}}',
-        '{"task_type": "spatial", "prompt": "a mouse next to a backpack", "nouns": ["mouse", "backpack"], '
-        '"spatial_info": {"obj1": "mouse", "obj2": "backpack", "locality": "next to"}}',
-        '{"task_type": "numeracy", "prompt": "two plates and three microphones", "nouns": ["plate", "microphone"], '
-        '"numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "microphone", "num": 3}]}',
-        '{"task_type": "color", "prompt": "a green duck and a yellow frog", "nouns": ["duck", "frog"], '
-        '"attr_nouns": ["green duck", "yellow frog"]}',
-        '{"task_type": "color", "prompt": "A red bathroom has a white towel on the bar.", '
-        '"nouns": ["bathroom", "towel", "bar"], "attr_nouns": ["red towel"]}',
-        '{"task_type": "color", "prompt": "a gold clock and a red train", "nouns": ["clock", "train"], '
-        '"attr_nouns": ["gold clock", "red train"]}',
-        '{"task_type": "color", "prompt": "A room with white walls.", "nouns": ["room", "wall"], '
-        '"attr_nouns": ["white wall"]}',
-        '{"prompt": "a photo of a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"], "task_type": "object"}',
-        '{"task_type": "texture", "prompt": "a wooden desk and a leather shoes", "nouns": ["desk", "shoe"], '
-        '"attr_nouns": ["wooden desk", "leather shoe"]}',
-        '{"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]}',
-    ]
-    got = [RW.from_t2i_r1(json.loads(line)) for line in lines]
-    assert got[0] == {"tag": "position", "include": [{"class": "zebra", "count": 1},
-                                                     {"class": "car", "count": 1, "position": ["below", 0]}],
-                      "prompt": "a photo of a car below a zebra"}
-    assert got[1]["include"][1] == {"class": "bowl", "count": 1, "position": ["left of", 0]}
-    assert got[2]["include"] == [{"class": "coaster", "count": 1},
-                                 {"class": "mug", "count": 1, "position": ["above", 0]}]
-    assert got[3] is None  # "next to" has no GenEval relation
-    assert got[4] == {"tag": "counting",
-                      "include": [{"class": "plate", "count": 2}, {"class": "microphone", "count": 3}],
-                      "exclude": [{"class": "plate", "count": 3}, {"class": "microphone", "count": 4}],
-                      "prompt": "two plates and three microphones"}
-    assert got[5] == {"tag": "color_attr", "include": [{"class": "duck", "count": 1, "color": "green"},
-                                                       {"class": "frog", "count": 1, "color": "yellow"}],
-                      "prompt": "a green duck and a yellow frog"}
-    assert got[6] is None  # attr_nouns contradict the prompt
-    assert got[7] is None  # gold is not a GenEval colour
-    assert got[8] == {"tag": "colors", "include": [{"class": "wall", "count": 1, "color": "white"}],
-                      "prompt": "A room with white walls."}
-    assert got[9]["tag"] == "two_object" and got[9]["include"][1] == {"class": "teddy bear", "count": 1}
-    assert got[10] is None and got[11] is None
+def test_shapes_reward_uses_shapes_detect(monkeypatch):
+    calls = []
+
+    def detect(image):
+        calls.append(image.shape)
+        return [_det("circle", (0, 0, 4, 4), 1.0, "red"), _det("square", (10, 0, 14, 4), 1.0, "blue")]
+
+    monkeypatch.setattr(S, "detect", detect)
+    assert RW.REWARDS["shapes"] is S.ShapesReward  # importing shapes registers its reward
+    reward = RW.RewardEnsemble({"shapes": 1.0}, {}).rewards["shapes"]
+    meta = [{"tag": "position", "include": [{"class": "square", "count": 1},
+                                            {"class": "circle", "count": 1, "color": "red",
+                                             "position": ["left of", 0]}], "prompt": "a red circle left of a square"},
+            {"tag": "counting", "include": [{"class": "circle", "count": 2}], "prompt": "two circles"}]
+    scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), meta)
+    assert calls == [(16, 16, 3)] * 2
+    assert scores.tolist() == [1.0, 0.5] and info["strict"] == [True, False]
+    # a plain prompt has no clauses and would pass every rule (a silent 1.0): the reward abstains on it
+    # (score 0, not checked, not even detected), and refuses a set of prompts none of which it can check
+    scores, info = reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], {"prompt": "a red circle"}])
+    assert scores.tolist() == [1.0, 0.0] and info["checked"] == [True, False] and info["strict"] == [True, None]
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="shapes: none of the 1 prompt.*'a red circle'"):
+        reward.check_metadata([{"prompt": "a red circle"}])
+
+
+def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
+    c = S.PretrainConfig(scenes=200, vq_steps=40, vq_batch=8, n_layer=2, n_embd=64, n_head=2, lm_steps=60,
+                         lm_batch=16, lm_lr=3e-3)
+    losses = S.pretrain(str(tmp_path / "base"), c, log=lambda *a, **k: None)
+    for k in ("vq", "vq_code", "text", "image"):
+        assert np.mean(losses[k][-8:]) < 0.8 * np.mean(losses[k][:8]), (k, losses[k][:8], losses[k][-8:])
+    folder = tmp_path / "base"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "reasoning_prompt.txt"} <= set(os.listdir(folder))
+    assert not (tmp_path / "base.tmp").exists()
+    janus, tok = M.Janus.from_pretrained(str(folder)), M.Tokenizer.from_pretrained(str(folder))
+    assert janus.cfg.vq.image_size == 64 and janus.cfg.image_tokens == 64 and janus.cfg.vq.codebook_size == 128
+    reasoning = R.load_reasoning_prompt(ckpt=str(folder))
+    assert reasoning == S.REASONING_TEMPLATE
+    import sample as SA
+    assert R.default_chat_format(str(folder)) == "janus"  # it was pretrained on its own request, janus format
+    records, images = SA.generate(janus, tok, [S.colors("red", "circle")], settings(max_plan_tokens=12), n=2,
+                                  reasoning_prompt=reasoning, show_progress=False)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
+    # the diagnostics run on it: true scenes pass by construction, everything else is a fraction
+    rows = S.diagnose(str(folder), [S.colors("red", "circle"), S.riddle("count", "square", count=3)], n=2,
+                      log=lambda *a, **k: None)
+    assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
+    assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
+                         "drawn from own plans", "drawn from the prompt alone"}
+    assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
+
+
+def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
+    """The base in assets/ is what `python shapes.py pretrain` makes with its defaults (its recorded recipe is
+    PretrainConfig()), within the 10 MB budget, in Janus-Pro's layout, and it plans and draws."""
+    from dataclasses import asdict
+    folder = S.BASE_DIR
+    record = json.load(open(os.path.join(folder, "pretrain.json")))
+    assert record["config"] == asdict(S.PretrainConfig())
+    assert record["vq_encode_accuracy"] == 1.0
+    assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) < 10 * 2**20
+    janus, tok = M.Janus.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
+    assert janus.cfg.n_layer == S.PretrainConfig().n_layer and janus.cfg.n_embd == S.PretrainConfig().n_embd
+    assert R.default_chat_format(folder) == "janus"
+    assert S.ensure_base() == folder  # train.py and sample.py use it without pretraining
+    import sample as SA
+    meta = S.colors("red", "circle")
+    records, images = SA.generate(janus, tok, [meta], settings(max_plan_tokens=24, cfg_weight=2.0), n=4,
+                                  reasoning_prompt=R.load_reasoning_prompt(ckpt=folder), show_progress=False, seed=0)
+    assert all("red circle" in r["plan"] for r in records), [r["plan"] for r in records]
+    dets = S.detect_batch(images)
+    assert sum(any(d["class"] == "circle" and d["color"] == "red" for d in ds) for ds in dets) >= 2, dets
+
+
+def test_shapes_tokens_are_cells_and_lossless():
+    contents = S.cell_contents()
+    assert contents.shape[1:] == (8, 8, 3) and (contents[0] == S.BACKGROUND).all()
+    assert len({c.tobytes() for c in contents}) == len(contents) <= S.PretrainConfig().codebook_size
+    scenes = [S.sample_scene(m, i) for i, m in enumerate(S.all_prompts()[::5])]
+    images = np.stack([S.render(s) for s in scenes])
+    codes = S.tokenize(images, contents)
+    assert codes.shape == (len(images), 64)
+    # putting each code's cell back in place rebuilds every render exactly
+    rebuilt = contents[codes].reshape(len(images), 8, 8, 8, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+    assert np.array_equal(rebuilt, images)
+    # one content, one code: the same object drawn elsewhere has the same codes
+    a = S.Scene([S.Obj("circle", "red", (0, 0, 16, 16))])
+    b = S.Scene([S.Obj("circle", "red", (40, 24, 56, 40)), S.Obj("square", "blue", (0, 0, 24, 24))])
+    ca, cb = S.tokenize(np.stack([S.render(a), S.render(b)]), contents)
+    assert sorted(ca[ca > 0]) == sorted(cb[[3 * 8 + 5, 3 * 8 + 6, 4 * 8 + 5, 4 * 8 + 6]])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        S.tokenize(_blur(images[0], 1.0)[None], contents)
+
+
+def test_shapes_plans_read_as_detections():
+    meta = S.position("circle", "left of", "square")
+    assert RW.geneval_score(S.plan_detections("red square right , blue circle left"), meta)["strict"]
+    assert not RW.geneval_score(S.plan_detections("red square left , blue circle right"), meta)["strict"]
+    assert not RW.geneval_score(S.plan_detections("blue circle left"), meta)["strict"]
+    meta = S.counting("triangle", 3)
+    assert RW.geneval_score(S.plan_detections("red triangle top , red triangle left , red triangle right"), meta)["strict"]
+    assert not RW.geneval_score(S.plan_detections("red triangle top , red triangle left"), meta)["strict"]
+
+
+def _fake_run(folder, levels, base, final, steps=10, seed=0):
+    """A finished train.py run folder as shapes.report reads it: config.json and eval/test_*.json."""
+    os.makedirs(folder / "eval")
+    (folder / "config.json").write_text(json.dumps({"levels": levels, "seed": seed}))
+    for step, acc in ((0, base), (steps, final)):
+        g = {"per_tag": acc, "overall": float(np.mean([v for t, v in acc.items() if t in S.GENEVAL_TAGS]))}
+        (folder / "eval" / f"test_{step:05d}.json").write_text(json.dumps({"rewards": {}, "geneval_shapes": g}))
+
+
+def test_shapes_report_averages_seeds_per_level(tmp_path):
+    tags = list(S.GENEVAL_TAGS)
+    def acc(v, reasoning):
+        return {**{t: v for t in tags}, "reasoning": reasoning}
+    runs = []
+    for levels, finals in (("both", (0.6, 0.8)), ("token", (0.5, 0.5)), ("semantic", (0.3, 0.4))):
+        for seed, f in enumerate(finals):
+            runs.append(tmp_path / f"{levels}{seed}")
+            base = 0.2 + 0.1 * seed if levels != "token" else 0.1  # one base per seed for semantic and both
+            _fake_run(runs[-1], levels, acc(base, 0.3), acc(f, f / 2), seed=seed)
+    table = S.report([str(r) for r in runs])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+            if line.startswith("| ") and "±" in line or line.startswith("| semantic level") or line.startswith("| token level")}
+    # both levels: seeds 0.6 and 0.8 -> mean 0.7, sample std 0.141; reasoning 0.3 and 0.4 -> 0.35 +- 0.071
+    assert rows["both levels (T2I-R1), 2 seeds"][0] == "0.700 ± 0.141"
+    assert rows["both levels (T2I-R1), 2 seeds"][-1] == "0.350 ± 0.071"
+    # the base with plans: seeds 0.2 and 0.3, each counted once although a semantic and a both run evaluated it
+    assert rows["base, with its plans"][0] == "0.250 ± 0.071" and rows["base, no plan"][0] == "0.100 ± 0.000"
+    assert rows["semantic level (both - token)"][0] == "+0.200" and rows["token level (both - semantic)"][0] == "+0.350"
+    with pytest.raises(FileNotFoundError, match="not a train.py run folder"):
+        S.report([str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"levels": "both", "seed": 0}))
+    with pytest.raises(FileNotFoundError, match="no test evaluation"):
+        S.report([str(tmp_path)])  # a run that never evaluated
+
+
+# ---- sample.py: prompt files, the command line, fidelity of whole samples, progress --------------------------------
+
+
+def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
+    import sample as S
+    m = tiny_model()
+    tok = make_word_tokenizer(tmp_path / "ckpt")
+    m.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "colors"}\n\na blue square\n')
+    args = ["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--n", "2",
+            "--rollout-batch", "1", "--max-plan-tokens", "4", "--seed", "7"]
+    recs = S.main(args + ["--out", str(tmp_path / "a")])
+    assert len(recs) == 4 and recs[0]["metadata"]["tag"] == "colors" and recs[2]["prompt"] == "a blue square"
+    lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [l["image_tokens"] for l in lines] == [r["image_tokens"] for r in recs]
+    from PIL import Image
+    img = Image.open(tmp_path / "a" / lines[0]["file"])
+    assert img.size == (m.cfg.vq.image_size,) * 2 and img.mode == "RGB"
+    assert (tmp_path / "a" / "grid_0000.png").exists() and (tmp_path / "a" / "grid_0001.png").exists()
+    again = S.main(args + ["--out", str(tmp_path / "b")])  # the same seed gives the same output
+    assert [r["image_tokens"] for r in again] == [r["image_tokens"] for r in recs]
+    assert [r["plan"] for r in again] == [r["plan"] for r in recs]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    ck = ["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c")]
+    assert "empty.txt holds no prompts" in cli_error(S.main, ck + ["--prompts", str(tmp_path / "empty.txt")],
+                                                     capsys, "sample.py")
+    msg = cli_error(S.main, ck + ["--prompt", "a red circle", "--rewards", "shapes"], capsys, "sample.py")
+    assert "carries GenEval metadata" in msg
+    assert "--n and --rollout-batch" in cli_error(S.main, ck + ["--n", "0"], capsys, "sample.py")
+    assert "no-such-folder does not exist" in cli_error(S.main, ["--ckpt", str(tmp_path / "no-such-folder")],
+                                                        capsys, "sample.py")
+    assert not (tmp_path / "c").exists()  # every error came before any sampling
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
+        S.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_sample_matches_transformers_janus_generate(tmp_path, monkeypatch, kernel):
+    """`sample.py --levels token --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
+    `generate` in image mode (guidance 5, greedy), on the same random weights, whichever CPU matmul kernel
+    model.Linear takes."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
+    # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
+    ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
+    from transformers import GenerationConfig
+    import sample as S
+    ref.save_pretrained(tmp_path / "ckpt")
+    tok = make_word_tokenizer(tmp_path / "ckpt")
+    prompts = ["a red circle", "a photo of a blue square"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts))
+    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--levels", "token",
+                   "--chat-format", "janus", "--temperature", "0", "--cfg", "5", "--n", "1", "--rollout-batch", "2",
+                   "--out", str(tmp_path / "o")])
+    gen = GenerationConfig(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id, do_sample=False, guidance_scale=5.0,
+                           generation_kwargs={"boi_token_id": tok.boi_id})
+    for rec, prompt in zip(recs, prompts):
+        ids = torch.tensor([tok.encode(M.image_prompt(prompt))])
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", generation_config=gen)
+        assert rec["image_tokens"] == want[0].tolist()
+
+
+def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
+    import sample as SA
+    buf = io.StringIO()  # not a terminal: whole lines, the last one always
+    bar = SA.Progress(5, "image tokens", stream=buf, every_line=0)
+    for _ in range(5):
+        bar.update()
+    lines = buf.getvalue().split("\n")
+    assert "\r" not in buf.getvalue() and lines[-1] == "" and len(lines) == 6 and lines[-2].startswith("image tokens 5/5")
+    buf = io.StringIO()
+    bar = SA.Progress(5, "x", stream=buf, every_line=3600)
+    for _ in range(5):
+        bar.update()
+    assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("x 5/5")  # a long stage: a few lines
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    buf = Terminal()
+    bar = SA.Progress(3, "x", stream=buf, every=0)
+    for _ in range(3):
+        bar.update()
+    assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
 
 
 def test_shapes_t2i_r1_file_counts(tmp_path):
@@ -2083,9 +2222,62 @@ def test_shapes_t2i_r1_file_counts(tmp_path):
         "exclude": [{"class": "hamburger", "count": 2}], "prompt": "one hamburger"}
 
 
-# ---- BiCoT-GRPO training loop (train.py) ------------------------------------------------------
+# T2I-R1's prompt file as published (data/geneval_and_t2i_data_final.json: JSON lines despite the name), a few
+# rows of each kind written here: convertible spatial, numeracy, colour and object rows; shape, texture and
+# non-spatial rows the GenEval rules cannot check
+T2I_R1_ROWS = [
+    {"prompt": "a photo of a car below a zebra", "nouns": ["car", "zebra"],
+     "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "below"}, "task_type": "spatial"},
+    {"task_type": "numeracy", "prompt": "two plates and three cups", "nouns": ["plate", "cup"],
+     "numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "cup", "num": 3}]},
+    {"task_type": "texture", "prompt": "a wooden desk and a leather shoe", "nouns": ["desk", "shoe"],
+     "attr_nouns": ["wooden desk", "leather shoe"]},
+    {"task_type": "color", "prompt": "a green duck and a yellow frog", "nouns": ["duck", "frog"],
+     "attr_nouns": ["green duck", "yellow frog"]},
+    {"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]},
+    {"prompt": "a photo of a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"], "task_type": "object"},
+]
 
-import train as T
+
+def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_they_cannot_check(tmp_path):
+    import sample as SA
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))  # no final newline, as published
+    items = SA.read_prompts(str(path))
+    assert [it["prompt"] for it in items] == [r["prompt"] for r in T2I_R1_ROWS]
+    assert [it.get("tag") for it in items] == ["position", "counting", None, "color_attr", None, "two_object"]
+    assert items[0]["include"][1] == {"class": "car", "count": 1, "position": ["below", 0]}
+    assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
+    # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
+    shapes_reward = S.ShapesReward()
+    scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
+    assert info["checked"] == [True, True, False, True, False, True]
+    assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
+    ens = RW.RewardEnsemble({"shapes": 1.0}, {})
+    report = ens.unchecked_report(items, "training prompts")
+    assert report == [report[0]] and report[0].startswith("shapes: 2 of the 6 training prompts carry no GenEval")
+    assert "(T2I-R1 task types: non 1, texture 1)" in report[0]
+    # a prompt set none of whose rows a rule reward can check is refused
+    with pytest.raises(ValueError, match="shapes: none of the 2 prompt"):
+        ens.check_metadata([items[2], items[4]])
+    # malformed rows: the error names the file, the line and the field
+    bad = [({**T2I_R1_ROWS[0], "spatial_info": {"obj1": "car", "locality": "below"}}, "'spatial_info' needs"),
+           ({**T2I_R1_ROWS[1], "numeracy_info": [{"obj_name": "plate", "num": "two"}]}, "'numeracy_info' must be"),
+           ({"prompt": "a cat", "tag": "single_object", "include": [{"count": 1}]}, r"include\[0\] needs a 'class'"),
+           ({"prompt": "a cat", "include": [{"class": "cat", "count": 0}]}, r"include\[0\] needs a 'count'"),
+           ({"prompt": "a cat", "include": [{"class": "cat", "count": 1, "position": ["near", 0]}]},
+            r"include\[0\]: 'position' must be"),
+           # geneval_score places a clause relative to one already matched: a later one cannot be scored
+           ({"prompt": "a cat left of a dog", "include": [{"class": "cat", "count": 1, "position": ["left of", 1]},
+                                                          {"class": "dog", "count": 1}]},
+            r"include\[0\]: 'position' must be")]
+    for row, msg in bad:
+        path.write_text(json.dumps(T2I_R1_ROWS[0]) + "\n\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ":3: " + msg):
+            SA.read_prompts(str(path))
+
+
+# ---- train.py: the BiCoT-GRPO loop, processes, checkpoints, recipes ------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -2326,157 +2518,97 @@ def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_pa
         torch.testing.assert_close(saved(saved.embed_text(x)), policy(policy.embed_text(x)), rtol=0, atol=1e-5)
 
 
-# ---- shapes world: pretraining the tiny base -------------------------------------------------
+def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
+    """T2I-R1 samples image tokens with CFG but scores them with the conditional forward alone; that is the
+    default, and --image-logp cfg scores them under the guided distribution."""
+    m = tiny_model()
+    ids, mask = R.pad_tokens(image_prompts(m, lengths=(5, 7)), PAD)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    batch = R.Rollout(["a", "b"], ["", ""], ids, mask, *R.pad_tokens([[5, 6]] * 2, PAD, side="right"), ids, mask, codes)
+    full = torch.ones_like(codes, dtype=torch.bool)
+    cond = R.completion_logprobs(m, ids, mask, codes, full, "image")
+    guided = R.completion_logprobs(m, ids, mask, codes, full, "image", cfg_weight=5.0,
+                                   uncond_ids=R.unconditional(ids, mask, PAD))
+    with torch.no_grad():
+        default = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token"])), PAD)[0]
+        cfg = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token", "--image-logp", "cfg",
+                                                                   "--cfg", "5"])), PAD)[0]
+    torch.testing.assert_close(default, cond)
+    torch.testing.assert_close(cfg, guided)
+    assert not torch.allclose(cond, guided)
 
 
-def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
-    c = S.PretrainConfig(scenes=200, vq_steps=40, vq_batch=8, n_layer=2, n_embd=64, n_head=2, lm_steps=60,
-                         lm_batch=16, lm_lr=3e-3)
-    losses = S.pretrain(str(tmp_path / "base"), c, log=lambda *a, **k: None)
-    for k in ("vq", "vq_code", "text", "image"):
-        assert np.mean(losses[k][-8:]) < 0.8 * np.mean(losses[k][:8]), (k, losses[k][:8], losses[k][-8:])
-    folder = tmp_path / "base"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "reasoning_prompt.txt"} <= set(os.listdir(folder))
-    assert not (tmp_path / "base.tmp").exists()
-    janus, tok = M.Janus.from_pretrained(str(folder)), M.Tokenizer.from_pretrained(str(folder))
-    assert janus.cfg.vq.image_size == 64 and janus.cfg.image_tokens == 64 and janus.cfg.vq.codebook_size == 128
-    reasoning = R.load_reasoning_prompt(ckpt=str(folder))
-    assert reasoning == S.REASONING_TEMPLATE
-    import sample as SA
-    assert R.default_chat_format(str(folder)) == "janus"  # it was pretrained on its own request, janus format
-    records, images = SA.generate(janus, tok, [S.colors("red", "circle")], settings(max_plan_tokens=12), n=2,
-                                  reasoning_prompt=reasoning, show_progress=False)
-    assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
-    # the diagnostics run on it: true scenes pass by construction, everything else is a fraction
-    rows = S.diagnose(str(folder), [S.colors("red", "circle"), S.riddle("count", "square", count=3)], n=2,
-                      log=lambda *a, **k: None)
-    assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
-    assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
-                         "drawn from own plans", "drawn from the prompt alone"}
-    assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
+def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
+    """Over a step's sampling calls each sample's request, plan and image prompt belong together, and the
+    log-prob pass over a micro-batch of different prompts gives each sample the log-probs it gets alone."""
+    prompts = [S.colors("red", "circle"), S.counting("square", 3), S.position("triangle", "left of", "circle")]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", "--group-size", "3", "--prompts",
+                                                     str(tmp_path / "p.jsonl"), "--prompts-per-step", "3")))
+    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
+    T.build_models(run)
+    r, images, metas = T.rollout(run, 0)  # two sampling calls: 2 prompts, then 1
+    assert len(r) == 9 and images.shape[0] == 9 and r.prompts == [m["prompt"] for m in metas]
+    assert metas[::3] == T.step_prompts(run.train_items, cfg, 0)
+    fmt, tok = R.CHAT_FORMATS["janus"], run.tok
+    plans, requests = real(r.plan_ids, r.plan_mask), real(r.request_ids, r.request_mask)
+    for i, prompt in enumerate(r.prompts):
+        assert requests[i] == tok.encode(fmt.request_text(run.reasoning, prompt))
+        assert real(r.image_prompt_ids, r.image_prompt_mask)[i] == tok.encode(fmt.image_text(prompt, tok.decode(plans[i])))
+        assert r.plans[i] == tok.decode(plans[i]).strip()
+    with torch.no_grad():
+        together, mask = T.logprobs(run.policy, r, cfg, tok.pad_id)
+        for i in range(len(r)):
+            alone, m = T.logprobs(run.policy, r.rows(i, i + 1), cfg, tok.pad_id)
+            assert int(m.sum()) == len(plans[i]) + r.codes.shape[1]
+            torch.testing.assert_close(together[i][mask[i]], alone[0][m[0]], rtol=0, atol=1e-5)
 
 
-def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
-    """The base in assets/ is what `python shapes.py pretrain` makes with its defaults (its recorded recipe is
-    PretrainConfig()), within the 10 MB budget, in Janus-Pro's layout, and it plans and draws."""
-    from dataclasses import asdict
-    folder = S.BASE_DIR
-    record = json.load(open(os.path.join(folder, "pretrain.json")))
-    assert record["config"] == asdict(S.PretrainConfig())
-    assert record["vq_encode_accuracy"] == 1.0
-    assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) < 10 * 2**20
-    janus, tok = M.Janus.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
-    assert janus.cfg.n_layer == S.PretrainConfig().n_layer and janus.cfg.n_embd == S.PretrainConfig().n_embd
-    assert R.default_chat_format(folder) == "janus"
-    assert S.ensure_base() == folder  # train.py and sample.py use it without pretraining
-    import sample as SA
-    meta = S.colors("red", "circle")
-    records, images = SA.generate(janus, tok, [meta], settings(max_plan_tokens=24, cfg_weight=2.0), n=4,
-                                  reasoning_prompt=R.load_reasoning_prompt(ckpt=folder), show_progress=False, seed=0)
-    assert all("red circle" in r["plan"] for r in records), [r["plan"] for r in records]
-    dets = S.detect_batch(images)
-    assert sum(any(d["class"] == "circle" and d["color"] == "red" for d in ds) for ds in dets) >= 2, dets
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_steps_pass_the_reference_models_logprobs(random_base, redness, tmp_path, monkeypatch, lora):
+    """Every loss call gets the reference log-probs of its own samples under the starting model (a frozen copy,
+    or the same model with its LoRA adapters off); after the first update they differ from the policy's and
+    the logged KL is positive."""
+    calls, real = [], T.PolicyLoss.forward
+    def recording(self, batch, old_logp, ref_logp, n_total):
+        calls.append((batch, None if ref_logp is None else ref_logp.clone()))
+        return real(self, batch, old_logp, ref_logp, n_total)
+    monkeypatch.setattr(T.PolicyLoss, "forward", recording)
+    extra = ["--lora-rank", "4", "--lr", "3e-2"] if lora else []
+    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "3", *extra)),
+                            log=lambda *a, **k: None)
+    assert all(ref is not None for _, ref in calls)
+    base = M.Janus.from_pretrained(random_base)
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "x")))
+    pad = M.Tokenizer.from_pretrained(random_base).pad_id
+    with torch.no_grad():
+        for batch, ref in calls:
+            torch.testing.assert_close(ref, T.logprobs(base, batch, cfg, pad)[0], rtol=0, atol=1e-5)
+    assert metrics[0]["kl"] == pytest.approx(0, abs=1e-9)  # the first step's policy is the reference
+    assert all(m["kl"] > 1e-6 for m in metrics[1:]), [m["kl"] for m in metrics]
 
 
-def test_shapes_tokens_are_cells_and_lossless():
-    contents = S.cell_contents()
-    assert contents.shape[1:] == (8, 8, 3) and (contents[0] == S.BACKGROUND).all()
-    assert len({c.tobytes() for c in contents}) == len(contents) <= S.PretrainConfig().codebook_size
-    scenes = [S.sample_scene(m, i) for i, m in enumerate(S.all_prompts()[::5])]
-    images = np.stack([S.render(s) for s in scenes])
-    codes = S.tokenize(images, contents)
-    assert codes.shape == (len(images), 64)
-    # putting each code's cell back in place rebuilds every render exactly
-    rebuilt = contents[codes].reshape(len(images), 8, 8, 8, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
-    assert np.array_equal(rebuilt, images)
-    # one content, one code: the same object drawn elsewhere has the same codes
-    a = S.Scene([S.Obj("circle", "red", (0, 0, 16, 16))])
-    b = S.Scene([S.Obj("circle", "red", (40, 24, 56, 40)), S.Obj("square", "blue", (0, 0, 24, 24))])
-    ca, cb = S.tokenize(np.stack([S.render(a), S.render(b)]), contents)
-    assert sorted(ca[ca > 0]) == sorted(cb[[3 * 8 + 5, 3 * 8 + 6, 4 * 8 + 5, 4 * 8 + 6]])
-    with pytest.raises(ValueError, match="not in the vocabulary"):
-        S.tokenize(_blur(images[0], 1.0)[None], contents)
-
-
-def test_shapes_plans_read_as_detections():
-    meta = S.position("circle", "left of", "square")
-    assert RW.geneval_score(S.plan_detections("red square right , blue circle left"), meta)["strict"]
-    assert not RW.geneval_score(S.plan_detections("red square left , blue circle right"), meta)["strict"]
-    assert not RW.geneval_score(S.plan_detections("blue circle left"), meta)["strict"]
-    meta = S.counting("triangle", 3)
-    assert RW.geneval_score(S.plan_detections("red triangle top , red triangle left , red triangle right"), meta)["strict"]
-    assert not RW.geneval_score(S.plan_detections("red triangle top , red triangle left"), meta)["strict"]
-
-
-def _fake_run(folder, levels, base, final, steps=10, seed=0):
-    """A finished train.py run folder as shapes.report reads it: config.json and eval/test_*.json."""
-    os.makedirs(folder / "eval")
-    (folder / "config.json").write_text(json.dumps({"levels": levels, "seed": seed}))
-    for step, acc in ((0, base), (steps, final)):
-        g = {"per_tag": acc, "overall": float(np.mean([v for t, v in acc.items() if t in S.GENEVAL_TAGS]))}
-        (folder / "eval" / f"test_{step:05d}.json").write_text(json.dumps({"rewards": {}, "geneval_shapes": g}))
-
-
-def test_shapes_report_averages_seeds_per_level(tmp_path):
-    tags = list(S.GENEVAL_TAGS)
-    def acc(v, reasoning):
-        return {**{t: v for t in tags}, "reasoning": reasoning}
-    runs = []
-    for levels, finals in (("both", (0.6, 0.8)), ("token", (0.5, 0.5)), ("semantic", (0.3, 0.4))):
-        for seed, f in enumerate(finals):
-            runs.append(tmp_path / f"{levels}{seed}")
-            base = 0.2 + 0.1 * seed if levels != "token" else 0.1  # one base per seed for semantic and both
-            _fake_run(runs[-1], levels, acc(base, 0.3), acc(f, f / 2), seed=seed)
-    table = S.report([str(r) for r in runs])
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
-            if line.startswith("| ") and "±" in line or line.startswith("| semantic level") or line.startswith("| token level")}
-    # both levels: seeds 0.6 and 0.8 -> mean 0.7, sample std 0.141; reasoning 0.3 and 0.4 -> 0.35 +- 0.071
-    assert rows["both levels (T2I-R1), 2 seeds"][0] == "0.700 ± 0.141"
-    assert rows["both levels (T2I-R1), 2 seeds"][-1] == "0.350 ± 0.071"
-    # the base with plans: seeds 0.2 and 0.3, each counted once although a semantic and a both run evaluated it
-    assert rows["base, with its plans"][0] == "0.250 ± 0.071" and rows["base, no plan"][0] == "0.100 ± 0.000"
-    assert rows["semantic level (both - token)"][0] == "+0.200" and rows["token level (both - semantic)"][0] == "+0.350"
-    with pytest.raises(FileNotFoundError, match="not a train.py run folder"):
-        S.report([str(tmp_path)])
-    (tmp_path / "config.json").write_text(json.dumps({"levels": "both", "seed": 0}))
-    with pytest.raises(FileNotFoundError, match="no test evaluation"):
-        S.report([str(tmp_path)])  # a run that never evaluated
-
-
-def test_bench_train_measures_steps_on_random_weights(capsys):
-    import argparse
-    import bench
-    args = argparse.Namespace(preset="tiny", steps=2, group_size=4, prompts_per_step=2, micro_batch=4,
-                              max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu")
-    bench.bench_train(args)
-    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
-    assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4" and row[3].strip() == "4 x 2"
-    sec, roll, peak = (float(x) for x in row[5:8])
-    assert 0 < roll <= sec and peak > 0
-
-
-def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
-    import sample as SA
-    buf = io.StringIO()  # not a terminal: whole lines, the last one always
-    bar = SA.Progress(5, "image tokens", stream=buf, every_line=0)
-    for _ in range(5):
-        bar.update()
-    lines = buf.getvalue().split("\n")
-    assert "\r" not in buf.getvalue() and lines[-1] == "" and len(lines) == 6 and lines[-2].startswith("image tokens 5/5")
-    buf = io.StringIO()
-    bar = SA.Progress(5, "x", stream=buf, every_line=3600)
-    for _ in range(5):
-        bar.update()
-    assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("x 5/5")  # a long stage: a few lines
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-    buf = Terminal()
-    bar = SA.Progress(3, "x", stream=buf, every=0)
-    for _ in range(3):
-        bar.update()
-    assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
+def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, redness, tmp_path):
+    """Janus-Pro gets T2I-R1's plan settings (1024 tokens, top-k 50, its chat format), the shapes world short
+    plans; the step log reports the fraction of plans cut before EOS."""
+    janus = tmp_path / "janus"  # a Janus-Pro-like folder: no reasoning_prompt.txt of its own
+    os.makedirs(janus)
+    (janus / "config.json").write_text((open(os.path.join(random_base, "config.json")).read()))
+    defaults = json.dumps(R.MODEL_DEFAULTS)
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus)])).sampling
+    assert (c.max_plan_tokens, c.text_top_k, c.chat_format, c.cfg_weight) == (1024, 50, "t2i-r1", 5.0)
+    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus), "--max-plan-tokens", "300", "--text-top-k", "0"])).sampling
+    assert (c.max_plan_tokens, c.text_top_k) == (300, 0)
+    for args in ([], ["--ckpt", random_base]):  # the shapes world's base, and a folder with its own request
+        c = T.resolve_defaults(T.parse_args(args)).sampling
+        assert (c.max_plan_tokens, c.text_top_k, c.chat_format, c.cfg_weight) == (64, 0, "janus", 2.0)
+    assert json.dumps(R.MODEL_DEFAULTS) == defaults  # resolving fills a copy, never the shared table
+    lines = []
+    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "1",
+                                                    "--max-plan-tokens", "2")), log=lines.append)
+    assert metrics[0]["plan_cut_frac"] > 0.5 and metrics[0]["plan_tokens"] <= 2
+    step_line = next(l for l in lines if l.startswith("step 1/1"))
+    assert f"{metrics[0]['plan_cut_frac']:.2f} cut" in step_line and "| clip " not in step_line
 
 
 def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, monkeypatch, capsys):
@@ -2513,104 +2645,6 @@ def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, mon
     err = capsys.readouterr().err  # the evaluation shows its progress, as whole lines in a log
     assert "test evaluation: image tokens" in err and "test evaluation: scoring 4/4" in err
     assert "\r" not in err
-
-
-def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
-    """T2I-R1 samples image tokens with CFG but scores them with the conditional forward alone; that is the
-    default, and --image-logp cfg scores them under the guided distribution."""
-    m = tiny_model()
-    ids, mask = R.pad_tokens(image_prompts(m, lengths=(5, 7)), PAD)
-    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 4), generator=torch.Generator().manual_seed(0))
-    batch = R.Rollout(["a", "b"], ["", ""], ids, mask, *R.pad_tokens([[5, 6]] * 2, PAD, side="right"), ids, mask, codes)
-    full = torch.ones_like(codes, dtype=torch.bool)
-    cond = R.completion_logprobs(m, ids, mask, codes, full, "image")
-    guided = R.completion_logprobs(m, ids, mask, codes, full, "image", cfg_weight=5.0,
-                                   uncond_ids=R.unconditional(ids, mask, PAD))
-    with torch.no_grad():
-        default = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token"])), PAD)[0]
-        cfg = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token", "--image-logp", "cfg",
-                                                                   "--cfg", "5"])), PAD)[0]
-    torch.testing.assert_close(default, cond)
-    torch.testing.assert_close(cfg, guided)
-    assert not torch.allclose(cond, guided)
-
-
-def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, redness, tmp_path):
-    """Janus-Pro gets T2I-R1's plan settings (1024 tokens, top-k 50, its chat format), the shapes world short
-    plans; the step log reports the fraction of plans cut before EOS."""
-    janus = tmp_path / "janus"  # a Janus-Pro-like folder: no reasoning_prompt.txt of its own
-    os.makedirs(janus)
-    (janus / "config.json").write_text((open(os.path.join(random_base, "config.json")).read()))
-    defaults = json.dumps(R.MODEL_DEFAULTS)
-    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus)])).sampling
-    assert (c.max_plan_tokens, c.text_top_k, c.chat_format, c.cfg_weight) == (1024, 50, "t2i-r1", 5.0)
-    c = T.resolve_defaults(T.parse_args(["--ckpt", str(janus), "--max-plan-tokens", "300", "--text-top-k", "0"])).sampling
-    assert (c.max_plan_tokens, c.text_top_k) == (300, 0)
-    for args in ([], ["--ckpt", random_base]):  # the shapes world's base, and a folder with its own request
-        c = T.resolve_defaults(T.parse_args(args)).sampling
-        assert (c.max_plan_tokens, c.text_top_k, c.chat_format, c.cfg_weight) == (64, 0, "janus", 2.0)
-    assert json.dumps(R.MODEL_DEFAULTS) == defaults  # resolving fills a copy, never the shared table
-    lines = []
-    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "1",
-                                                    "--max-plan-tokens", "2")), log=lines.append)
-    assert metrics[0]["plan_cut_frac"] > 0.5 and metrics[0]["plan_tokens"] <= 2
-    step_line = next(l for l in lines if l.startswith("step 1/1"))
-    assert f"{metrics[0]['plan_cut_frac']:.2f} cut" in step_line and "| clip " not in step_line
-
-
-# T2I-R1's prompt file as published (data/geneval_and_t2i_data_final.json: JSON lines despite the name), a few
-# rows of each kind written here: convertible spatial, numeracy, colour and object rows; shape, texture and
-# non-spatial rows the GenEval rules cannot check
-T2I_R1_ROWS = [
-    {"prompt": "a photo of a car below a zebra", "nouns": ["car", "zebra"],
-     "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "below"}, "task_type": "spatial"},
-    {"task_type": "numeracy", "prompt": "two plates and three cups", "nouns": ["plate", "cup"],
-     "numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "cup", "num": 3}]},
-    {"task_type": "texture", "prompt": "a wooden desk and a leather shoe", "nouns": ["desk", "shoe"],
-     "attr_nouns": ["wooden desk", "leather shoe"]},
-    {"task_type": "color", "prompt": "a green duck and a yellow frog", "nouns": ["duck", "frog"],
-     "attr_nouns": ["green duck", "yellow frog"]},
-    {"task_type": "non", "prompt": "A child is jumping on a trampoline.", "nouns": ["child", "trampoline"]},
-    {"prompt": "a photo of a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"], "task_type": "object"},
-]
-
-
-def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_they_cannot_check(tmp_path):
-    import sample as SA
-    path = tmp_path / "geneval_and_t2i_data_final.json"
-    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))  # no final newline, as published
-    items = SA.read_prompts(str(path))
-    assert [it["prompt"] for it in items] == [r["prompt"] for r in T2I_R1_ROWS]
-    assert [it.get("tag") for it in items] == ["position", "counting", None, "color_attr", None, "two_object"]
-    assert items[0]["include"][1] == {"class": "car", "count": 1, "position": ["below", 0]}
-    assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
-    # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
-    shapes_reward = S.ShapesReward()
-    scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
-    assert info["checked"] == [True, True, False, True, False, True]
-    assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
-    ens = RW.RewardEnsemble({"shapes": 1.0}, {})
-    report = ens.unchecked_report(items, "training prompts")
-    assert report == [report[0]] and report[0].startswith("shapes: 2 of the 6 training prompts carry no GenEval")
-    assert "(T2I-R1 task types: non 1, texture 1)" in report[0]
-    # a prompt set none of whose rows a rule reward can check is refused
-    with pytest.raises(ValueError, match="shapes: none of the 2 prompt"):
-        ens.check_metadata([items[2], items[4]])
-    # malformed rows: the error names the file, the line and the field
-    bad = [({**T2I_R1_ROWS[0], "spatial_info": {"obj1": "car", "locality": "below"}}, "'spatial_info' needs"),
-           ({**T2I_R1_ROWS[1], "numeracy_info": [{"obj_name": "plate", "num": "two"}]}, "'numeracy_info' must be"),
-           ({"prompt": "a cat", "tag": "single_object", "include": [{"count": 1}]}, r"include\[0\] needs a 'class'"),
-           ({"prompt": "a cat", "include": [{"class": "cat", "count": 0}]}, r"include\[0\] needs a 'count'"),
-           ({"prompt": "a cat", "include": [{"class": "cat", "count": 1, "position": ["near", 0]}]},
-            r"include\[0\]: 'position' must be"),
-           # geneval_score places a clause relative to one already matched: a later one cannot be scored
-           ({"prompt": "a cat left of a dog", "include": [{"class": "cat", "count": 1, "position": ["left of", 1]},
-                                                          {"class": "dog", "count": 1}]},
-            r"include\[0\]: 'position' must be")]
-    for row, msg in bad:
-        path.write_text(json.dumps(T2I_R1_ROWS[0]) + "\n\n" + json.dumps(row) + "\n")
-        with pytest.raises(ValueError, match=re.escape(str(path)) + ":3: " + msg):
-            SA.read_prompts(str(path))
 
 
 def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base, tmp_path, capsys):
@@ -2667,6 +2701,21 @@ def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out
     assert seen and all(w is True for w in seen) and [m["step"] for m in metrics] == [1, 2, 3]
 
 
+# ---- bench.py, and the command line of every script ----------------------------------------------------------------
+
+
+def test_bench_train_measures_steps_on_random_weights(capsys):
+    import argparse
+    import bench
+    args = argparse.Namespace(preset="tiny", steps=2, group_size=4, prompts_per_step=2, micro_batch=4,
+                              max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu")
+    bench.bench_train(args)
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4" and row[3].strip() == "4 x 2"
+    sec, roll, peak = (float(x) for x in row[5:8])
+    assert 0 < roll <= sec and peak > 0
+
+
 def test_every_flag_of_every_script_has_a_help_line_with_its_default():
     import argparse
     import bench
@@ -2696,76 +2745,3 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
         assert all(both in f for f in flags.values()), both
     assert not ({"--score", "--no-cot", "--batch-size"} & flags[SA])
     assert bench.build_parser().parse_args(["speed", "--preset", "cpu-768"]).preset == "cpu-768"
-
-
-def test_kl_term_gradient_matches_its_derivative():
-    """With zero advantages the loss is beta * mean k3, whose derivative in logp is beta (1 - exp(ref - logp))
-    per token: a KL with a wrong sign or estimator fails here."""
-    torch.manual_seed(0)
-    logp = (-torch.rand(3, 5) * 3).requires_grad_()
-    ref = -torch.rand(3, 5) * 3
-    mask = torch.ones(3, 5)
-    mask[0, 3:] = 0
-    mask[2, 1:] = 0
-    beta = 0.3
-    for norm in ("token", "sequence"):
-        loss, stats = R.grpo_loss(logp, logp.detach(), ref, torch.zeros(3), mask, beta=beta, norm=norm)
-        g, = torch.autograd.grad(loss, logp)
-        per = beta * (1 - torch.exp(ref - logp.detach())) * mask           # d(beta k3)/d logp per token
-        want = per / mask.sum() if norm == "token" else per / mask.sum(1, keepdim=True) / 3
-        torch.testing.assert_close(g, want)
-        d = ref - logp.detach()
-        assert stats["kl"] == pytest.approx(float(((d.exp() - d - 1) * mask).sum() / mask.sum()), rel=1e-6)
-    # at the reference the KL and its gradient vanish
-    loss, _ = R.grpo_loss(ref.clone().requires_grad_(), ref, ref, torch.zeros(3), mask, beta=beta)
-    assert loss.item() == 0
-
-
-@pytest.mark.parametrize("lora", [False, True])
-def test_training_steps_pass_the_reference_models_logprobs(random_base, redness, tmp_path, monkeypatch, lora):
-    """Every loss call gets the reference log-probs of its own samples under the starting model (a frozen copy,
-    or the same model with its LoRA adapters off); after the first update they differ from the policy's and
-    the logged KL is positive."""
-    calls, real = [], T.PolicyLoss.forward
-    def recording(self, batch, old_logp, ref_logp, n_total):
-        calls.append((batch, None if ref_logp is None else ref_logp.clone()))
-        return real(self, batch, old_logp, ref_logp, n_total)
-    monkeypatch.setattr(T.PolicyLoss, "forward", recording)
-    extra = ["--lora-rank", "4", "--lr", "3e-2"] if lora else []
-    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "3", *extra)),
-                            log=lambda *a, **k: None)
-    assert all(ref is not None for _, ref in calls)
-    base = M.Janus.from_pretrained(random_base)
-    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "x")))
-    pad = M.Tokenizer.from_pretrained(random_base).pad_id
-    with torch.no_grad():
-        for batch, ref in calls:
-            torch.testing.assert_close(ref, T.logprobs(base, batch, cfg, pad)[0], rtol=0, atol=1e-5)
-    assert metrics[0]["kl"] == pytest.approx(0, abs=1e-9)  # the first step's policy is the reference
-    assert all(m["kl"] > 1e-6 for m in metrics[1:]), [m["kl"] for m in metrics]
-
-
-def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
-    """Over a step's sampling calls each sample's request, plan and image prompt belong together, and the
-    log-prob pass over a micro-batch of different prompts gives each sample the log-probs it gets alone."""
-    prompts = [S.colors("red", "circle"), S.counting("square", 3), S.position("triangle", "left of", "circle")]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", "--group-size", "3", "--prompts",
-                                                     str(tmp_path / "p.jsonl"), "--prompts-per-step", "3")))
-    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
-    T.build_models(run)
-    r, images, metas = T.rollout(run, 0)  # two sampling calls: 2 prompts, then 1
-    assert len(r) == 9 and images.shape[0] == 9 and r.prompts == [m["prompt"] for m in metas]
-    assert metas[::3] == T.step_prompts(run.train_items, cfg, 0)
-    fmt, tok = R.CHAT_FORMATS["janus"], run.tok
-    plans, requests = real(r.plan_ids, r.plan_mask), real(r.request_ids, r.request_mask)
-    for i, prompt in enumerate(r.prompts):
-        assert requests[i] == tok.encode(fmt.request_text(run.reasoning, prompt))
-        assert real(r.image_prompt_ids, r.image_prompt_mask)[i] == tok.encode(fmt.image_text(prompt, tok.decode(plans[i])))
-        assert r.plans[i] == tok.decode(plans[i]).strip()
-    with torch.no_grad():
-        together, mask = T.logprobs(run.policy, r, cfg, tok.pad_id)
-        for i in range(len(r)):
-            alone, m = T.logprobs(run.policy, r.rows(i, i + 1), cfg, tok.pad_id)
-            assert int(m.sum()) == len(plans[i]) + r.codes.shape[1]
-            torch.testing.assert_close(together[i][mask[i]], alone[0][m[0]], rtol=0, atol=1e-5)

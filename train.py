@@ -535,12 +535,8 @@ def log_step(run: Run, m, r: R.Rollout, images, scores, checked):
             f"| loss {m['loss']:.4f} | plan {m['plan_tokens']:.1f} tok, {m['plan_cut_frac']:.2f} cut "
             f"| clipped {m['clipped_frac']:.3f} | grad {m['grad_norm']:.2f} | {m['seconds']:.1f}s "
             f"(rollout {m['rollout_seconds']:.1f}s)")
-    run.metrics.append(m)
-    if run.rank != 0:
-        return
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(m) + "\n")
-    if cfg.sample_every and m["step"] % cfg.sample_every == 0:
+    record(run, m)
+    if run.rank == 0 and cfg.sample_every and m["step"] % cfg.sample_every == 0:
         k = min(len(r), 4 * cfg.group_size)
         rows = [{"prompt": r.prompts[i], "plan": r.plans[i], "reward": float(r.rewards[i]),
                  "advantage": float(r.advantages[i]), "scores": {n: float(v[i]) for n, v in scores.items()},
@@ -549,6 +545,14 @@ def log_step(run: Run, m, r: R.Rollout, images, scores, checked):
         captions = [S.caption({"prompt": x["prompt"], "plan": x["plan"], "scores": {"reward": x["reward"]}}) for x in rows]
         S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size, captions=captions), path + ".png")
         S.write_records(rows, path + ".jsonl")
+
+
+def record(run: Run, m):
+    """A metrics line: kept for the report and, on the first process, appended to metrics.jsonl."""
+    run.metrics.append(m)
+    if run.rank == 0:
+        with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -576,11 +580,9 @@ def evaluate(run: Run, step, splits):
         with open(os.path.join(cfg.out, "eval", f"{split}_{step:05d}.json"), "w") as f:
             json.dump(summary, f, indent=1)
         g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
-        run.metrics.append({"step": step, f"{split}_overall": g["overall"] if g else float("nan"),
-                            **{f"{split}_{k}": v for k, v in summary["rewards"].items()},
-                            **({f"{split}_{t}": a for t, a in g["per_tag"].items()} if g else {})})
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(run.metrics[-1]) + "\n")
+        record(run, {"step": step, f"{split}_overall": g["overall"] if g else float("nan"),
+                     **{f"{split}_{k}": v for k, v in summary["rewards"].items()},
+                     **({f"{split}_{t}": a for t, a in g["per_tag"].items()} if g else {})})
         run.log(f"{split} evaluation at step {step} ({time.time() - t0:.0f}s):\n{S.summary_table([(f'step {step}', summary)])}")
 
 
