@@ -15,6 +15,9 @@ generation with --hf. Each column is warmed up once, then the columns run in tur
 best run counts, so that other work on the machine slows every column alike. On CPU it also prints the
 bandwidth floor: bytes a decode step reads (weights, and the KV cache at its average fill) over the
 measured copy bandwidth.
+
+Nothing here departs from the paper: it times the code the other files run (train.py's own steps, the
+t2i_r1.py sampler), on random weights where the published ones cannot be downloaded.
 """
 
 import argparse

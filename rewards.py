@@ -5,9 +5,10 @@ Top to bottom:
      is named like transformers' CLIPModel so its checkpoints load as they are; OpenCLIP checkpoints (HPS)
      are renamed into the same tree. The CLIP BPE tokenizer (via `tokenizers`) and image preprocessing.
   2. OWL-ViT detection heads on the same CLIP towers, and class-wise NMS.
-  3. The GenEval rule engine (strict pass/fail as GenEval computes it, plus a dense score for RL).
+  3. The GenEval rule engine (strict pass/fail as GenEval computes it, plus a dense score for RL), and
+     T2I-R1's prompt file read as GenEval metadata where its fields allow.
   4. Rewards, all called as `reward(images, metadata) -> (scores (B,) float32, info dict of per-image lists)`:
-     clip, pickscore, hps, aesthetic, geneval, shapes.
+     clip, pickscore, hps, aesthetic, geneval (shapes.py registers shapes, its world's detector + these rules).
   5. Selection and weights from the command line, the reward ensemble, `sum` / `group` combination,
      evaluation extras (diversity).
 

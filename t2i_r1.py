@@ -6,7 +6,13 @@ Sampling (inference and rollouts):
   2. token level: the image prompt "{prompt}. {plan}" in the chat format, then 576 image tokens sampled
      from the image head with classifier-free guidance (`generate_images`).
 Both prefill once into a static KV cache and then run a one-token decode step, which `compile=True`
-wraps in torch.compile(fullgraph=True); several samples of one prompt share its prefill.
+wraps in torch.compile(fullgraph=True); several samples of one prompt share its prefill. How they sample is
+one `SamplingConfig`; what they produce is one `Rollout` of tensors, which carries each sample's reward and
+advantage on to the loss.
+
+Training (BiCoT-GRPO): group-normalised advantages (`group_advantages`), the log-probabilities of the plan
+and the image tokens side by side under one advantage (`rollout_logprobs`), the clipped objective with a k3
+KL term (`grpo_loss`). train.py runs the loop around them.
 
 Departures from the paper's code:
 - the reasoning request is our own wording (T2I-R1's file is accepted as it is, see `load_reasoning_prompt`);

@@ -2699,6 +2699,16 @@ def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out
     monkeypatch.setattr(torch, "load", recording_load)
     _, metrics = T.train(T.parse_args(["--out", str(tmp_path / "a"), "--resume", "--steps", "3"]), **quiet)
     assert seen and all(w is True for w in seen) and [m["step"] for m in metrics] == [1, 2, 3]
+    # a run saved before SamplingConfig kept the sampling settings beside the others ("cfg" the guidance)
+    state_file = tmp_path / "a" / "ckpt" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    flat = {k: v for k, v in state["config"].items() if k != "sampling"}
+    flat.update({("cfg" if k == "cfg_weight" else k): v for k, v in state["config"]["sampling"].items()},
+                cfg=3.0, max_plan_tokens=5)
+    torch.save({**state, "config": flat}, state_file)
+    cfg = T.parse_args(["--out", str(tmp_path / "a"), "--resume", "--text-top-k", "3"])
+    assert (cfg.sampling.cfg_weight, cfg.sampling.max_plan_tokens, cfg.sampling.text_top_k) == (3.0, 5, 3)
+    assert cfg.ckpt == random_base and cfg.steps == 3
 
 
 # ---- bench.py, and the command line of every script ----------------------------------------------------------------

@@ -776,6 +776,9 @@ def parse_args(argv=None, parser=None) -> TrainConfig:
     cfg = TrainConfig(**given)
     if cfg.resume and last_checkpoint(cfg.out) is not None:
         saved = torch.load(os.path.join(last_checkpoint(cfg.out), "train_state.pt"), weights_only=True)["config"]
+        if "sampling" not in saved:  # saved before SamplingConfig: the sampling settings sat among the others
+            names = {f.name for f in fields(R.SamplingConfig)} | {"cfg"}
+            saved["sampling"] = {"cfg_weight" if k == "cfg" else k: saved.pop(k) for k in list(saved) if k in names}
         cfg = TrainConfig(**{**saved, **given})
     return replace(cfg, sampling=replace(cfg.sampling, **sampling))
 
