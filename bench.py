@@ -22,6 +22,7 @@ t2i_r1.py sampler), on random weights where the published ones cannot be downloa
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import resource
@@ -51,11 +52,11 @@ def peak_rss_gb() -> float:
 def write_random_checkpoint(cfg, folder, dtype=torch.bfloat16, weights="bin", shards=2):
     """Random weights of a preset's size in a published layout (Janus-Pro-7B: bf16, 2 .bin shards + index)."""
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in M.Janus(cfg).state_dict().items()}
-    state = {k: torch.empty(s, dtype=dtype).normal_(0, 0.02) for k, s in shapes.items()}
+        sizes = {k: v.shape for k, v in M.Janus(cfg).state_dict().items()}
+    state = {k: torch.empty(s, dtype=dtype).normal_(0, 0.02) for k, s in sizes.items()}
     os.makedirs(folder, exist_ok=True)
     M.save_state_dict(state, folder, weights=weights, shards=shards)
-    M._write_json(os.path.join(folder, "config.json"), M.config_to_dict(cfg, dtype))
+    M.write_json(os.path.join(folder, "config.json"), M.config_to_dict(cfg, dtype))
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
@@ -88,7 +89,6 @@ def bench_load(args):
           f"| {args.preset} | bf16, {args.shards} .bin shards | {args.dtype} | {total / 2**30:.2f} | {res['load_s']} "
           f"| {res['peak_after_load_gb']} | {res['peak_after_use_gb']} |")
     if not args.keep and not args.folder:
-        import shutil
         shutil.rmtree(folder)
 
 
@@ -138,7 +138,6 @@ def build_hf(cfg, vocab_size):
     folder = tempfile.mkdtemp(prefix="hf-janus-")
     ref.save_pretrained(folder)
     ours = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
-    import shutil
     shutil.rmtree(folder)
     return ref, ours
 
@@ -346,14 +345,14 @@ def build_parser():
     HelpFormatter = M.HelpFormatter
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    pl = sub.add_parser("load", help="peak memory of loading a checkpoint written with random weights",
-                        formatter_class=HelpFormatter)
+    add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
+    pl = add("load", help="peak memory of loading a checkpoint written with random weights")
     pl.add_argument("--preset", default="janus-pro-7b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
     pl.add_argument("--dtype", default="bfloat16", help="dtype of the written weights and of the load")
     pl.add_argument("--shards", type=int, default=2, help=".bin shards written (Janus-Pro-7B ships 2)")
     pl.add_argument("--folder", help="reuse (or keep) the random checkpoint here (unset: a temporary folder)")
     pl.add_argument("--keep", action="store_true", help="keep the written checkpoint")
-    ps = sub.add_parser("speed", help="image-token throughput", formatter_class=HelpFormatter)
+    ps = add("speed", help="image-token throughput")
     # --preset names a size as everywhere else: model.PRESETS plus cpu-768 (this was --size)
     ps.add_argument("--preset", default="cpu-768", choices=sorted(SIZES),
                     help="model size: model.PRESETS, or cpu-768 (hidden 768, 8 layers) for CPU comparisons")
@@ -370,8 +369,7 @@ def build_parser():
     ps.add_argument("--vocab-size", type=int, default=102400, help="text vocabulary (Janus-Pro's)")
     ps.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
     ps.add_argument("--dtype", default=None, help="float32, bfloat16, ... (unset: bf16 on GPU, fp32 on CPU)")
-    pt = sub.add_parser("train", help="seconds and peak memory of BiCoT-GRPO steps on random weights",
-                        formatter_class=HelpFormatter)
+    pt = add("train", help="seconds and peak memory of BiCoT-GRPO steps on random weights")
     pt.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
     pt.add_argument("--steps", type=int, default=3, help="steps timed (the first is a warm-up)")
     pt.add_argument("--group-size", type=int, default=8, help="samples per prompt")
@@ -383,8 +381,7 @@ def build_parser():
                     help="recompute decoder layers in backward")
     pt.add_argument("--compile", action="store_true", help="torch.compile the sampling decode steps")
     pt.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    pr = sub.add_parser("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update",
-                        formatter_class=HelpFormatter)
+    pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
     pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
     pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
     return p

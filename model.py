@@ -31,6 +31,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
 from torch.utils.checkpoint import checkpoint
 
 from vq import VQConfig, VQModel
@@ -105,14 +106,10 @@ def config_flags(parser, cls, choices=None, given_only=False, aliases=None):
             continue
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         flags = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if f.name in (aliases or {}) else [])
-        kw = dict(default=argparse.SUPPRESS if given_only else default,
-                  help=f"{comments.get(f.name, '')} (default: {'unset' if default is None else default})")
-        if f.type is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
-        elif f.type is list:
-            parser.add_argument(*flags, nargs="*", **kw)
-        else:
-            parser.add_argument(*flags, type=f.type, choices=(choices or {}).get(f.name), **kw)
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(nargs="*") if f.type is list
+                else dict(type=f.type, choices=(choices or {}).get(f.name)))
+        parser.add_argument(*flags, default=argparse.SUPPRESS if given_only else default, **kind,
+                            help=f"{comments.get(f.name, '')} (default: {'unset' if default is None else default})")
 
 
 # LLaMA's defaults complete the partial `language_config` of the published config.json
@@ -592,7 +589,7 @@ class Janus(nn.Module):
                 if hasattr(module, "merged_weight"):
                     state[name.replace("_orig_mod.", "") + ".weight"] = module.merged_weight()
         dtype = state["language_model.model.embed_tokens.weight"].dtype
-        _write_json(os.path.join(folder, "config.json"), config_to_dict(self.cfg, dtype))
+        write_json(os.path.join(folder, "config.json"), config_to_dict(self.cfg, dtype))
         if self.cfg.tie_word_embeddings:  # stored once, as tied checkpoints are
             state = {k: v for k, v in state.items() if k != "language_model.lm_head.weight"}
         save_state_dict(state, folder, weights=weights, shards=shards)
@@ -627,7 +624,8 @@ def default_device(device=None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """obj as indented JSON at path, written to a temporary name and renamed (never half a file)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -783,7 +781,7 @@ def save_state_dict(state: dict, folder, weights="safetensors", shards=1):
         os.replace(path + ".tmp", path)
     if shards > 1:
         weight_map = {k: name for name, group in zip(names, groups) for k in group}
-        _write_json(os.path.join(folder, f"{stem}.{ext}.index.json"),
+        write_json(os.path.join(folder, f"{stem}.{ext}.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
@@ -798,19 +796,15 @@ class Tokenizer:
     BOI, EOI = "<begin_of_image>", "<end_of_image>"
 
     def __init__(self, file):
-        from tokenizers import Tokenizer as HFTokenizer
         file = os.path.expanduser(file)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"tokenizer file {file} not found")
         self.file = file
         self.tk = HFTokenizer.from_file(file)
-        ids = {}
         for name, s in [("bos", self.BOS), ("eos", self.EOS), ("pad", self.PAD), ("boi", self.BOI), ("eoi", self.EOI)]:
-            ids[name] = self.tk.token_to_id(s)
-            if ids[name] is None:
+            if self.tk.token_to_id(s) is None:
                 raise ValueError(f"{file} has no {name} token {s!r}")
-        self.bos_id, self.eos_id, self.pad_id, self.boi_id, self.eoi_id = (
-            ids["bos"], ids["eos"], ids["pad"], ids["boi"], ids["eoi"])
+            setattr(self, f"{name}_id", self.tk.token_to_id(s))  # bos_id, eos_id, pad_id, boi_id, eoi_id
         self.vocab_size = self.tk.get_vocab_size()
 
     @classmethod
@@ -839,9 +833,9 @@ class Tokenizer:
 
     def save(self, folder):
         self.tk.save(os.path.join(folder, "tokenizer.json"))
-        _write_json(os.path.join(folder, "special_tokens_map.json"),
+        write_json(os.path.join(folder, "special_tokens_map.json"),
                     {"bos_token": self.BOS, "eos_token": self.EOS, "pad_token": self.PAD})
-        _write_json(os.path.join(folder, "tokenizer_config.json"),
+        write_json(os.path.join(folder, "tokenizer_config.json"),
                     {"bos_token": self.BOS, "eos_token": self.EOS, "pad_token": self.PAD,
                      "tokenizer_class": "LlamaTokenizerFast"})
 

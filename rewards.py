@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from model import default_device, mismatch_error, read_tensors
 from t2i_r1 import group_advantages
@@ -298,8 +300,6 @@ class CLIPTokenizer:
 
     @classmethod
     def from_bpe(cls, vocab: dict, merges: list, context_length=77):
-        from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-        from tokenizers.models import BPE
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                             unk_token="<|endoftext|>", fuse_unk=False))
         tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
@@ -315,7 +315,6 @@ class CLIPTokenizer:
         bpe_simple_vocab_16e6.txt.gz (shipped inside the open_clip package), in that order."""
         p = lambda name: os.path.join(folder, name)
         if os.path.isfile(p("tokenizer.json")):
-            from tokenizers import Tokenizer
             tok = Tokenizer.from_file(p("tokenizer.json"))
             return cls(tok, tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>"), context_length)
         if os.path.isfile(p("vocab.json")) and os.path.isfile(p("merges.txt")):
@@ -841,9 +840,6 @@ class Reward:
     def load(self):
         pass
 
-    def check_metadata(self, metadata):
-        pass
-
     def clip_model(self, key, preset):  # -> (CLIP, CLIPTokenizer), cached per file, device and dtype
         weights, tok_file = self.files[key]
         cache_key = ("clip", weights, str(self.device), self.dtype)
@@ -1123,7 +1119,8 @@ class RewardEnsemble:
         """Fail before any sampling when a reward cannot score these prompts (malformed GenEval metadata, or
         none at all for a rule reward)."""
         for reward in self.rewards.values():
-            reward.check_metadata(metadata)
+            if isinstance(reward, RuleReward):
+                reward.check_metadata(metadata)
 
     def unchecked_report(self, items, what="prompts") -> list:
         """A line per rule reward that cannot check some of these prompts (no GenEval metadata: it abstains on

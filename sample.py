@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 import rewards
 import shapes
 import t2i_r1 as R
-from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device, load_config
+from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device, load_config, write_json
 
 
 def read_prompts(path):
@@ -65,21 +65,21 @@ def read_prompts(path):
     return out
 
 
-def vocabulary_warning(tok, items, what="prompts"):
+def vocabulary_warnings(tok, items, what="prompts") -> list:
     """A warning naming the words of the prompts that the tokenizer's vocabulary lacks (they would be read as
-    <unk>: the shapes world's word-level vocabulary), or None."""
+    <unk>: the shapes world's word-level vocabulary), or none."""
     unknown = [tok.unknown_words(it["prompt"]) for it in items]
     first = {}  # word -> the first prompt using it
     for it, words in zip(items, unknown):
         for w in words:
             first.setdefault(w, it["prompt"])
     if not first:
-        return None
+        return []
     words = sorted(first)
     shown = ", ".join(repr(w) for w in words[:20]) + (f" and {len(words) - 20} more" if len(words) > 20 else "")
     n = sum(bool(u) for u in unknown)
-    return (f"warning: {n} of the {len(items)} {what} use words outside the model's vocabulary, which it reads as "
-            f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})")
+    return [f"warning: {n} of the {len(items)} {what} use words outside the model's vocabulary, which it reads as "
+            f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})"]
 
 
 def make_grid(images, ncol=None, pad=2, captions=None, min_width=160):
@@ -144,23 +144,6 @@ class Progress:
             else:
                 self.stream.write(line + "\n")
             self.stream.flush()
-
-
-def resolve_device(device, dtype):
-    """(torch.device, torch.dtype) from the flags: bfloat16 on a GPU and float32 on a CPU unless told."""
-    device = default_device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)  # float32, bfloat16, float16
-    return device, dtype
-
-
-def load(ckpt, device=None, dtype=None):
-    """Model, tokenizer and folder of a checkpoint; None means the shapes world's base."""
-    ckpt = os.path.expanduser(ckpt) if ckpt is not None else shapes.ensure_base()
-    device, dtype = resolve_device(device, dtype)
-    return Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt), ckpt
 
 
 def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4, seed=0, show_progress=True,
@@ -278,6 +261,7 @@ def main(argv=None):
             raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
         settings.check()
         if args.ckpt is not None:
+            args.ckpt = os.path.expanduser(args.ckpt)
             load_config(args.ckpt)
         if args.prompts:
             items = read_prompts(args.prompts)
@@ -291,19 +275,20 @@ def main(argv=None):
         if args.rewards:  # the rewards' files are checked here; their models load on first use
             scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.rewards),
                                             rewards.parse_reward_ckpt(args.reward_ckpt),
-                                            device=resolve_device(args.device, args.dtype)[0])
+                                            device=default_device(args.device))
             scorer.check_metadata(items)
             for line in scorer.unchecked_report(items):
                 print(line)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
-    janus, tok, ckpt = load(args.ckpt, args.device, args.dtype)
+    ckpt = args.ckpt or shapes.ensure_base()  # unset: the shapes world's base
+    janus = Janus.from_pretrained(ckpt, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
+    tok = Tokenizer.from_pretrained(ckpt)
     settings = settings.resolved(ckpt)
     reasoning = R.load_reasoning_prompt(settings.reasoning_prompt, ckpt)
-    warning = vocabulary_warning(tok, items)
-    if warning:
-        print(warning)
+    for line in vocabulary_warnings(tok, items):
+        print(line)
     os.makedirs(args.out, exist_ok=True)
     recorded = {**{k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")},
                 **asdict(settings), "ckpt": ckpt}
@@ -324,8 +309,7 @@ def main(argv=None):
     if scorer is not None:
         summary = score(scorer, images, records, group_size=args.n)
         print(format_summary(summary))
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(args.out, "summary.json"), summary)
         write_records(records, os.path.join(args.out, "samples.jsonl"))  # now with each image's scores
     if len(records) <= 256:  # one captioned overview: a row per prompt, its plans and scores under the images
         save_png(make_grid(images.numpy(), ncol=args.n, captions=[caption(r) for r in records]),

@@ -37,7 +37,7 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import rewards
 import t2i_r1 as R
-from model import HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt
+from model import HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt, write_json
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -690,7 +690,7 @@ def train_vq(c: PretrainConfig, images, codes, log=print):
         losses["vq"].append(rec.item())
         losses["vq_code"].append(code_loss.item())
         if (step + 1) % max(1, c.vq_steps // 10) == 0:
-            log(f"VQ step {step + 1}/{c.vq_steps}: recon {np.mean(losses['vq'][-20:]):.4f}, "
+            log(f"VQ {step + 1}/{c.vq_steps}: recon {np.mean(losses['vq'][-20:]):.4f}, "
                 f"code {np.mean(losses['vq_code'][-20:]):.4f}")
     return vq.eval(), losses
 
@@ -754,8 +754,8 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % max(1, c.lm_steps // 20) == 0:
-            log(f"Janus step {step + 1}/{c.lm_steps}: plan nll {np.mean(losses['text'][-20:]):.3f}, "
-                f"image nll {np.mean(losses['image'][-20:]):.3f}")
+            log(f"Janus step {step + 1}/{c.lm_steps}: nll of plans {np.mean(losses['text'][-20:]):.3f}, "
+                f"of images {np.mean(losses['image'][-20:]):.3f}")
     return janus.eval(), losses
 
 
@@ -786,11 +786,10 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     janus.save_pretrained(tmp, tokenizer=tok)
     with open(os.path.join(tmp, "reasoning_prompt.txt"), "w") as f:
         f.write(REASONING_TEMPLATE + "\n")
-    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
-        json.dump({"config": c.__dict__, "seconds": round(time.time() - t0, 1),
-                   "vq_recon_last": float(np.mean(vq_losses["vq"][-20:])), "vq_encode_accuracy": encode_acc,
-                   "plan_nll_last": float(np.mean(lm_losses["text"][-20:])),
-                   "image_nll_last": float(np.mean(lm_losses["image"][-20:]))}, f, indent=2)
+    write_json(os.path.join(tmp, "pretrain.json"), {
+        "config": c.__dict__, "seconds": round(time.time() - t0, 1), "vq_recon_last": float(np.mean(vq_losses["vq"][-20:])),
+        "vq_encode_accuracy": encode_acc, "plan_nll_last": float(np.mean(lm_losses["text"][-20:])),
+        "image_nll_last": float(np.mean(lm_losses["image"][-20:]))})
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -936,19 +935,18 @@ def build_parser():
     p = argparse.ArgumentParser(prog="shapes.py", formatter_class=HelpFormatter,
                                 description="The shapes world: prompt sets and the tiny pretrained base.")
     sub = p.add_subparsers(dest="cmd")
-    sp = sub.add_parser("prompts", help="write train.jsonl, val.jsonl and test.jsonl", formatter_class=HelpFormatter)
+    add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
+    sp = add("prompts", help="write train.jsonl, val.jsonl and test.jsonl")
     sp.add_argument("out_dir", nargs="?", default="data/shapes", help="folder for the three files (default: data/shapes)")
-    pp = sub.add_parser("pretrain", help="pretrain the tiny base (the default command)", formatter_class=HelpFormatter)
+    pp = add("pretrain", help="pretrain the tiny base (the default command)")
     pp.add_argument("--out", default=PRETRAIN_DIR, help="folder of the base (the shipped one is in assets/)")
     config_flags(pp, PretrainConfig)
-    dp = sub.add_parser("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base",
-                        formatter_class=HelpFormatter)
+    dp = add("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base")
     dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
     dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
     dp.add_argument("--n", type=int, default=16, help="images per prompt")
     dp.add_argument("--cfg", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
-    rp = sub.add_parser("report", help="the ablation table of finished train.py runs (mean and spread over seeds)",
-                        formatter_class=HelpFormatter)
+    rp = add("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
     rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
     return p

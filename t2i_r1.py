@@ -122,7 +122,7 @@ class SamplingConfig:
     text_top_p: float = None       # plan tokens: nucleus sampling mass (unset: off)
     max_plan_tokens: int = None    # plans are cut here; unset: 1024 (T2I-R1's limit), 64 for the shapes world
     chat_format: str = None        # t2i-r1 | janus; unset: janus if the checkpoint has a reasoning_prompt.txt
-    reasoning_prompt: str = None   # file: the plan request, {prompt} or {} placeholder; unset: the checkpoint's, else ours
+    reasoning_prompt: str = None   # file: the plan request, {prompt} or {} in it; unset: the checkpoint's, else ours
 
     def resolved(self, ckpt=None, kind=None) -> "SamplingConfig":
         """These settings with the unset ones filled in for a checkpoint folder (see default_chat_format) or
@@ -266,11 +266,10 @@ def prefill(janus, ids, mask, extra):
     return h[:, -1:], cache, full_mask
 
 
-def decode_loop(janus, step_fn, ids, mask, first_logits, n, steps, compile, *extra):
-    """The state every decode loop starts from: one prefill of (ids, mask) shared by n samples of each row.
-    Returns (logits (R*n, V) of the first token, a step(i, tokens) -> next logits function)."""
-    device = ids.device
-    T = ids.shape[1]
+def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *extra):
+    """One prefill of (ids, mask), shared by n samples of each row, with room for `steps` more tokens.
+    Returns the logits (R*n, V) of the first new token and step(i, tokens): token i in, logits of i + 1 out."""
+    device, T = ids.device, ids.shape[1]
     h, cache, full_mask = prefill(janus, ids, mask, steps)
     logits = first_logits(h[:, -1])
     if n > 1:  # one prefill, n samples
@@ -297,7 +296,7 @@ def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_token
     """Sample n continuations of each prompt (ids, mask (B, T) left-padded, BOS included). Returns plan ids
     (B * n, L) right-padded with pad_id and their mask: each plan ends with its first EOS, or after
     max_new_tokens. Sample j of prompt i is row i * n + j."""
-    logits, step = decode_loop(janus, text_step, ids, mask, janus.text_logits, n, max_new_tokens, compile)
+    logits, step = start_decoding(janus, text_step, ids, mask, janus.text_logits, n, max_new_tokens, compile)
     out = torch.full((logits.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):
@@ -333,7 +332,7 @@ def generate_images(janus: Janus, ids, mask, *, pad_id, n=1, cfg_weight=5.0, tem
     w = torch.tensor(float(cfg_weight), device=ids.device) if guided else None
     def first_logits(h):
         return guide(janus.image_logits(h), cfg_weight if guided else None)
-    logits, step = decode_loop(janus, image_step, ids, mask, first_logits, n, N, compile, w)
+    logits, step = start_decoding(janus, image_step, ids, mask, first_logits, n, N, compile, w)
     codes = torch.empty(logits.shape[0], N, dtype=torch.long, device=ids.device)
     for i in range(N):
         codes[:, i] = sample_from_logits(logits, temperature, top_k, None, generator)
@@ -425,6 +424,11 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
         raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {settings.chat_format!r}")
     s, fmt, device = settings, CHAT_FORMATS[settings.chat_format], janus.device
     rep = [p for p in prompts for _ in range(n)]
+
+    def images(ids, mask, n=1):  # the token level: n images for each image prompt
+        return generate_images(janus, ids, mask, pad_id=tok.pad_id, n=n, cfg_weight=s.cfg_weight,
+                               temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
+                               progress=progress)
     if cot:
         request_ids, request_mask = pad_tokens([tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts],
                                              tok.pad_id, device)
@@ -436,17 +440,13 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
         request_ids, request_mask = request_ids.repeat_interleave(n, 0), request_mask.repeat_interleave(n, 0)
         image_ids, image_mask = pad_tokens([tok.encode(fmt.image_text(p, d)) for p, d in zip(rep, decoded)],
                                          tok.pad_id, device)
-        codes = generate_images(janus, image_ids, image_mask, pad_id=tok.pad_id, cfg_weight=s.cfg_weight,
-                                temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
-                                progress=progress)
+        codes = images(image_ids, image_mask)
     else:
         decoded = [""] * len(rep)
         request_ids = plan_ids = torch.zeros(len(rep), 0, dtype=torch.long, device=device)
         request_mask = plan_mask = torch.zeros(len(rep), 0, dtype=torch.bool, device=device)
         image_ids, image_mask = pad_tokens([tok.encode(fmt.image_text(p)) for p in prompts], tok.pad_id, device)
-        codes = generate_images(janus, image_ids, image_mask, pad_id=tok.pad_id, n=n, cfg_weight=s.cfg_weight,
-                                temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
-                                progress=progress)
+        codes = images(image_ids, image_mask, n)
         image_ids, image_mask = image_ids.repeat_interleave(n, 0), image_mask.repeat_interleave(n, 0)
     return Rollout(rep, [d.strip() for d in decoded], request_ids, request_mask, plan_ids, plan_mask,
                    image_ids, image_mask, codes)
