@@ -825,6 +825,7 @@ class Reward:
 
     def __call__(self, images, metadata):
         images, metadata = check_batch(images, metadata)
+        self.check_metadata(metadata, require_any=False)  # a batch may hold only prompts a rule cannot check
         self._ensure_loaded()
         with torch.no_grad():
             scores, info = self.score(images, metadata)
@@ -838,6 +839,9 @@ class Reward:
             self.loaded = True
 
     def load(self):
+        pass
+
+    def check_metadata(self, metadata, require_any=True):
         pass
 
     def clip_model(self, key, preset):  # -> (CLIP, CLIPTokenizer), cached per file, device and dtype
@@ -950,14 +954,14 @@ class RuleReward(Reward):
         super().__init__(ckpt, device, dtype, cache)
         self.cfg = config or GenEvalConfig()
 
-    def check_metadata(self, metadata):
+    def check_metadata(self, metadata, require_any=True):
         for i, m in enumerate(metadata):
             if checkable(m) or "exclude" in m:
                 try:
                     check_geneval_metadata(m)
                 except ValueError as e:
                     raise ValueError(f"{self.name}: prompt {i} ({m.get('prompt', '')!r:.60}): {e}") from None
-        if metadata and not any(checkable(m) for m in metadata):
+        if require_any and metadata and not any(checkable(m) for m in metadata):
             raise ValueError(f"{self.name}: none of the {len(metadata)} prompt(s) carries GenEval metadata (no "
                              f"'include' clauses), e.g. {metadata[0].get('prompt', '')!r}; score this reward on JSON "
                              f"lines with GenEval metadata (the files `python shapes.py prompts` writes, GenEval's "
@@ -1053,7 +1057,8 @@ def parse_rewards(spec: str) -> dict:
             continue
         name, _, w = (s.strip() for s in item.partition(":"))
         if name not in REWARDS:
-            raise ValueError(f"--rewards: unknown reward '{name}'; choose from {', '.join(REWARDS)}")
+            raise ValueError(f"--rewards: unknown reward '{name}'; choose from {', '.join(REWARDS)}"
+                             + ("" if "shapes" in REWARDS else " (shapes: import shapes, which registers it)"))
         if name in weights:
             raise ValueError(f"--rewards: '{name}' given twice")
         try:
@@ -1119,8 +1124,7 @@ class RewardEnsemble:
         """Fail before any sampling when a reward cannot score these prompts (malformed GenEval metadata, or
         none at all for a rule reward)."""
         for reward in self.rewards.values():
-            if isinstance(reward, RuleReward):
-                reward.check_metadata(metadata)
+            reward.check_metadata(metadata)
 
     def unchecked_report(self, items, what="prompts") -> list:
         """A line per rule reward that cannot check some of these prompts (no GenEval metadata: it abstains on

@@ -149,7 +149,7 @@ class Progress:
 def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4, seed=0, show_progress=True,
              desc="image tokens", **kwargs):
     """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: cot,
-    reasoning_prompt, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
+    reasoning_template, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
     bar = Progress(-(-len(items) // batch_size) * janus.cfg.image_tokens, desc=desc) if show_progress else None
     rollout, images = R.sample_batches(janus, tok, [it["prompt"] for it in items], settings, n=n,
                                        batch_size=batch_size, seed=seed,
@@ -295,7 +295,7 @@ def main(argv=None):
 
     t0 = time.time()
     records, images = generate(janus, tok, items, settings, n=args.n, batch_size=args.rollout_batch, seed=args.seed,
-                               cot=args.levels != "token", reasoning_prompt=reasoning, compile=args.compile)
+                               cot=args.levels != "token", reasoning_template=reasoning, compile=args.compile)
     elapsed = time.time() - t0
     for rec, img in zip(records, images):
         rec["file"] = f"{rec['index']:04d}_{rec['sample']}.png"

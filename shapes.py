@@ -37,7 +37,8 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import rewards
 import t2i_r1 as R
-from model import HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt, write_json
+from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt, load_config,
+                   write_json)
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -861,7 +862,7 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     for cot in (True, False):
         rollout, images = R.sample_batches(janus, tok, [m["prompt"] for m in items], settings, n=n,
                                            batch_size=max(1, 64 // n), seed=seed + 1, cot=cot,
-                                           reasoning_prompt=reasoning)
+                                           reasoning_template=reasoning)
         if cot:
             judge("own plans, as text", [plan_detections(plan) for plan in rollout.plans])
         judge("drawn from own plans" if cot else "drawn from the prompt alone", detect_batch(images))
@@ -959,6 +960,11 @@ def main(argv=None):
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
+        try:  # the guidance weight and the checkpoint's files before any model is loaded
+            R.SamplingConfig(cfg_weight=args.cfg).check()
+            load_config(args.ckpt)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
         diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg)
     elif args.cmd == "report":
         try:

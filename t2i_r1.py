@@ -48,8 +48,9 @@ PLACEHOLDERS = ("{prompt}", "{}")  # ours, and T2I-R1's (it fills its template w
 def load_reasoning_prompt(path=None, ckpt=None) -> str:
     """The reasoning template: an explicit file, else the checkpoint's own `reasoning_prompt.txt`, else ours.
     The template holds the prompt's place with {prompt} or, as T2I-R1's file does, with {}."""
-    if path is None and ckpt is not None and os.path.isfile(os.path.join(ckpt, "reasoning_prompt.txt")):
-        path = os.path.join(ckpt, "reasoning_prompt.txt")
+    own = os.path.join(os.path.expanduser(ckpt), "reasoning_prompt.txt") if ckpt is not None else None
+    if path is None and own is not None and os.path.isfile(own):
+        path = own
     if path is None:
         return REASONING_PROMPT
     path = os.path.expanduser(path)
@@ -74,8 +75,12 @@ class ChatFormat:
     raw_join: bool = False  # image text f"{prompt}. {plan as decoded}" (T2I-R1); else one period, plan stripped
 
     def request_text(self, template: str, prompt: str) -> str:
-        """The plan request for one prompt: the template filled by a plain replace (other braces stay as written)."""
-        filled = template.replace(next(p for p in PLACEHOLDERS if p in template), prompt)
+        """The plan request for one prompt: the template (the text of a reasoning prompt file, not its path)
+        filled by a plain replace, so that other braces stay as written."""
+        key = next((p for p in PLACEHOLDERS if p in template), None)
+        if key is None:
+            raise ValueError(f"reasoning template {template!r:.80} holds no {{prompt}} or {{}} placeholder")
+        filled = template.replace(key, prompt)
         return chat_prompt(filled.strip(), self.plan_system, self.user, self.assistant)
 
     def image_text(self, prompt: str, plan: str = None) -> str:
@@ -369,7 +374,8 @@ class Rollout:
     rewards: torch.Tensor = None     # (B,) the combined reward (set by the trainer)
     advantages: torch.Tensor = None  # (B,) the rewards normalised within each prompt's group (set by the trainer)
 
-    PADDING = {"request": "left", "plan": "right", "image_prompt": "left"}
+    PADDED = (("request_ids", "request_mask", "left"), ("plan_ids", "plan_mask", "right"),
+              ("image_prompt_ids", "image_prompt_mask", "left"))  # token tensors, their masks, the padded side
 
     def __len__(self):
         return len(self.prompts)
@@ -377,11 +383,10 @@ class Rollout:
     def rows(self, i, j) -> "Rollout":
         """Rows i..j-1, with padding only as wide as their longest prompt and plan."""
         out = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[i:j] for f in fields(self)}
-        for name, side in self.PADDING.items():
-            ids, mask = out[name + "_ids"], out[name + "_mask"]
-            n = int(mask.sum(1).max()) if mask.numel() else 0
-            keep = slice(mask.shape[1] - n, None) if side == "left" else slice(0, n)
-            out[name + "_ids"], out[name + "_mask"] = ids[:, keep], mask[:, keep]
+        for ids, mask, side in self.PADDED:
+            n = int(out[mask].sum(1).max()) if out[mask].numel() else 0
+            keep = slice(out[mask].shape[1] - n, None) if side == "left" else slice(0, n)
+            out[ids], out[mask] = out[ids][:, keep], out[mask][:, keep]
         return Rollout(**out)
 
     @staticmethod
@@ -392,15 +397,14 @@ class Rollout:
             return torch.cat([F.pad(t, (W - t.shape[1], 0) if side == "left" else (0, W - t.shape[1]), value=value)
                               for t in ts])
         out = {}
+        for ids, mask, side in Rollout.PADDED:
+            out[ids] = widen([getattr(p, ids) for p in parts], side, pad_id)
+            out[mask] = widen([getattr(p, mask) for p in parts], side, False)
         for f in fields(Rollout):
             vals = [getattr(p, f.name) for p in parts]
-            name, _, kind = f.name.rpartition("_")
-            if vals[0] is None or isinstance(vals[0], list):
-                out[f.name] = None if vals[0] is None else [x for v in vals for x in v]
-            elif name in Rollout.PADDING:
-                out[f.name] = widen(vals, Rollout.PADDING[name], pad_id if kind == "ids" else False)
-            else:
-                out[f.name] = torch.cat(vals)
+            if f.name not in out:  # the texts are joined as lists, the other tensors as they are
+                out[f.name] = (None if vals[0] is None else [x for v in vals for x in v] if isinstance(vals[0], list)
+                               else torch.cat(vals))
         return Rollout(**out)
 
 
@@ -412,11 +416,14 @@ def image_prompt_text(prompt: str, plan: str) -> str:
 
 @torch.no_grad()
 def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n=1, cot=True,
-               reasoning_prompt=REASONING_PROMPT, generator=None, compile=False, progress=None) -> Rollout:
+               reasoning_template=REASONING_PROMPT, generator=None, compile=False, progress=None) -> Rollout:
     """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with cot=False,
-    n images per prompt from the prompt alone, sharing one prefill). settings: resolved for the checkpoint."""
-    if None in (settings.cfg_weight, settings.max_plan_tokens, settings.chat_format):
-        raise ValueError("sampling settings left unset: fill them for the checkpoint with SamplingConfig.resolved")
+    n images per prompt from the prompt alone, sharing one prefill). settings: resolved for the checkpoint;
+    reasoning_template: the request's text (load_reasoning_prompt reads it from a file or a checkpoint)."""
+    unset = [k for k in ("cfg_weight", "max_plan_tokens", "chat_format") if getattr(settings, k) is None]
+    if unset:
+        raise ValueError(f"sampling settings {', '.join(unset)} unset: fill them for the checkpoint with "
+                         f"SamplingConfig.resolved")
     for p in prompts:
         if not p or not p.strip():
             raise ValueError("empty prompt")
@@ -430,7 +437,7 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
                                temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
                                progress=progress)
     if cot:
-        request_ids, request_mask = pad_tokens([tok.encode(fmt.request_text(reasoning_prompt, p)) for p in prompts],
+        request_ids, request_mask = pad_tokens([tok.encode(fmt.request_text(reasoning_template, p)) for p in prompts],
                                              tok.pad_id, device)
         plan_ids, plan_mask = generate_text(janus, request_ids, request_mask, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                             n=n, max_new_tokens=s.max_plan_tokens, temperature=s.text_temperature,

@@ -747,7 +747,7 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = ["a red apple.", "two cups {on} a table"]
     t2i = settings(chat_format="t2i-r1", max_plan_tokens=6)
-    s = R.sample_t2i(m, tok, prompts, t2i, n=2, reasoning_prompt=template, generator=g)
+    s = R.sample_t2i(m, tok, prompts, t2i, n=2, reasoning_template=template, generator=g)
     requests, images = real(s.request_ids, s.request_mask), real(s.image_prompt_ids, s.image_prompt_mask)
     for i, p in enumerate(s.prompts):
         want = f'{system}\n\nUser: Describe the picture for "{p}" in a few words.\nDescription:\n\nAssistant:'
@@ -761,7 +761,7 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
     assert real(s.image_prompt_ids, s.image_prompt_mask)[1] == (tok.encode("User: two cups {on} a table\n\nAssistant:")
                                                                 + [tok.boi_id])
     # Janus-Pro's demos (and the shapes world): roles <|User|>/<|Assistant|>, no system prompt
-    s = R.sample_t2i(m, tok, prompts[:1], settings(max_plan_tokens=3), reasoning_prompt="plan {prompt}", generator=g)
+    s = R.sample_t2i(m, tok, prompts[:1], settings(max_plan_tokens=3), reasoning_template="plan {prompt}", generator=g)
     assert tok.tk.decode(real(s.request_ids, s.request_mask)[0][1:]) == "<|User|>: plan a red apple.\n\n<|Assistant|>:"
     # which format a checkpoint gets: its own reasoning_prompt.txt means it was trained on the janus format
     assert R.default_chat_format(str(tmp_path)) == "t2i-r1" and R.default_chat_format(None) == "t2i-r1"
@@ -2022,7 +2022,7 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     import sample as SA
     assert R.default_chat_format(str(folder)) == "janus"  # it was pretrained on its own request, janus format
     records, images = SA.generate(janus, tok, [S.colors("red", "circle")], settings(max_plan_tokens=12), n=2,
-                                  reasoning_prompt=reasoning, show_progress=False)
+                                  reasoning_template=reasoning, show_progress=False)
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8 and len(records) == 2
     # the diagnostics run on it: true scenes pass by construction, everything else is a fraction
     rows = S.diagnose(str(folder), [S.colors("red", "circle"), S.riddle("count", "square", count=3)], n=2,
@@ -2049,7 +2049,7 @@ def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
     import sample as SA
     meta = S.colors("red", "circle")
     records, images = SA.generate(janus, tok, [meta], settings(max_plan_tokens=24, cfg_weight=2.0), n=4,
-                                  reasoning_prompt=R.load_reasoning_prompt(ckpt=folder), show_progress=False, seed=0)
+                                  reasoning_template=R.load_reasoning_prompt(ckpt=folder), show_progress=False, seed=0)
     assert all("red circle" in r["plan"] for r in records), [r["plan"] for r in records]
     dets = S.detect_batch(images)
     assert sum(any(d["class"] == "circle" and d["color"] == "red" for d in ds) for ds in dets) >= 2, dets
@@ -2092,6 +2092,12 @@ def _fake_run(folder, levels, base, final, steps=10, seed=0):
     for step, acc in ((0, base), (steps, final)):
         g = {"per_tag": acc, "overall": float(np.mean([v for t, v in acc.items() if t in S.GENEVAL_TAGS]))}
         (folder / "eval" / f"test_{step:05d}.json").write_text(json.dumps({"rewards": {}, "geneval_shapes": g}))
+
+
+def test_shapes_diagnose_checks_its_flags_first(tmp_path, capsys):
+    """A bad guidance weight or a missing checkpoint stops `shapes.py diagnose` with one error line."""
+    assert "--cfg must be a positive" in cli_error(S.main, ["diagnose", "--cfg", "0"], capsys, "shapes.py")
+    assert "does not exist" in cli_error(S.main, ["diagnose", "--ckpt", str(tmp_path / "none")], capsys, "shapes.py")
 
 
 def test_shapes_report_averages_seeds_per_level(tmp_path):
@@ -2709,6 +2715,9 @@ def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out
     cfg = T.parse_args(["--out", str(tmp_path / "a"), "--resume", "--text-top-k", "3"])
     assert (cfg.sampling.cfg_weight, cfg.sampling.max_plan_tokens, cfg.sampling.text_top_k) == (3.0, 5, 3)
     assert cfg.ckpt == random_base and cfg.steps == 3
+    torch.save({**state, "config": {**state["config"], "no_such_setting": 1}}, state_file)
+    with pytest.raises(ValueError, match="train_state.pt: its saved settings do not fit.*no_such_setting"):
+        T.parse_args(["--out", str(tmp_path / "a"), "--resume"])
 
 
 # ---- bench.py, and the command line of every script ----------------------------------------------------------------

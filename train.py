@@ -28,6 +28,7 @@ Departures from T2I-R1's trainer:
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import json
 import math
@@ -220,7 +221,9 @@ def dist_setup(device):
     if world > 1 and not dist.is_initialized():
         # NCCL reduces CUDA tensors only; gloo serves any CPU tensor a collective may still meet (FSDP's
         # CPU-offloaded state dicts), so the group has one backend per device type
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        # the other processes wait while the first one evaluates: a 7B evaluation outlasts the 10-minute default
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     return (dist.get_rank(), world, device) if world > 1 else (0, 1, device)
 
 
@@ -410,7 +413,7 @@ def rollout(run: Run, step):
             g = torch.Generator(device=run.device).manual_seed(step_seed(cfg.seed, step, 1 + c))
             with run.autocast:
                 parts.append(R.sample_t2i(run.policy, run.tok, [it["prompt"] for it in batch], cfg.sampling,
-                                          n=cfg.group_size, cot=cfg.levels != "token", reasoning_prompt=run.reasoning,
+                                          n=cfg.group_size, cot=cfg.levels != "token", reasoning_template=run.reasoning,
                                           generator=g, compile=cfg.compile))
                 images.append(R.decode_images(run.policy, parts[-1].codes))
             metas += [it for it in batch for _ in range(cfg.group_size)]
@@ -499,16 +502,18 @@ def step_metrics(run: Run, step, r: R.Rollout, scores, checked, acc, seconds, ro
     w = torch.stack([torch.ones(len(r))] + [torch.tensor(checked[k]) for k in names]).double()
     sums = all_sum(torch.stack([(w * x).sum(1), (w * x * x).sum(1), w.sum(1)]), run.world, run.device)
     plan_len = r.plan_mask.sum(1).cpu()
-    last = r.plan_ids.cpu().gather(1, (plan_len - 1).clamp(min=0)[:, None]).squeeze(1) if r.plan_ids.shape[1] else plan_len
-    n_cut = int(((plan_len >= cfg.sampling.max_plan_tokens) & (last != run.tok.eos_id)).sum())  # no EOS at the cap
-    tot = all_sum(torch.tensor([len(r), float(plan_len.sum()), acc["tokens"], acc["kl"], acc["clipped"], acc["loss"],
-                                n_cut], dtype=torch.float64), run.world, run.device).tolist()
-    n, mean = tot[0], (sums[0] / sums[2]).tolist()                  # nan for a reward that checked nothing
+    last = r.plan_ids.cpu().gather(1, (plan_len - 1).clamp(min=0)[:, None])[:, 0] if r.plan_ids.shape[1] else plan_len
+    cut = (plan_len >= cfg.sampling.max_plan_tokens) & (last != run.tok.eos_id)  # plans that reached the cap, no EOS
+    local = {"samples": len(r), "plan_tokens": float(plan_len.sum()), "cut": float(cut.sum()), "tokens": acc["tokens"],
+             "kl": acc["kl"], "clipped": acc["clipped"], "loss": acc["loss"]}
+    tot = dict(zip(local, all_sum(torch.tensor(list(local.values()), dtype=torch.float64), run.world, run.device).tolist()))
+    n, mean = tot["samples"], (sums[0] / sums[2]).tolist()           # nan for a reward that checked nothing
     std = (sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt().tolist()  # [0]: the total reward's
     return {"step": step + 1, "reward": mean[0], "reward_std": std[0],
             **{f"reward_{k}": mean[1 + j] for j, k in enumerate(names)},
-            "kl": tot[3] / max(tot[2], 1), "clipped_frac": tot[4] / max(tot[2], 1), "loss": tot[5],
-            "plan_tokens": tot[1] / n, "plan_cut_frac": tot[6] / n, "grad_norm": acc["grad_norm"],
+            "kl": tot["kl"] / max(tot["tokens"], 1), "clipped_frac": tot["clipped"] / max(tot["tokens"], 1),
+            "loss": tot["loss"], "plan_tokens": tot["plan_tokens"] / n, "plan_cut_frac": tot["cut"] / n,
+            "grad_norm": acc["grad_norm"],
             "ratio_min": acc["rmin"], "ratio_max": acc["rmax"], "lr": lr_at(cfg, step), "seconds": seconds,
             "rollout_seconds": rollout_seconds}
 
@@ -571,7 +576,7 @@ def evaluate(run: Run, step, splits):
                 with run.autocast:
                     records, images = S.generate(run.policy, run.tok, run.eval_sets[split], cfg.sampling, n=cfg.eval_n,
                                                  batch_size=max(1, 64 // cfg.eval_n), seed=cfg.seed + 1,
-                                                 cot=cfg.levels != "token", reasoning_prompt=run.reasoning,
+                                                 cot=cfg.levels != "token", reasoning_template=run.reasoning,
                                                  desc=f"{split} evaluation: image tokens")
                 summary = S.score(run.scorer, images, records, group_size=cfg.eval_n,
                                   desc=f"{split} evaluation: scoring")
@@ -776,14 +781,17 @@ def parse_args(argv=None, parser=None) -> TrainConfig:
         if "sampling" not in saved:  # saved before SamplingConfig: the sampling settings sat among the others
             names = {f.name for f in fields(R.SamplingConfig)} | {"cfg"}
             saved["sampling"] = {"cfg_weight" if k == "cfg" else k: saved.pop(k) for k in list(saved) if k in names}
-        cfg = TrainConfig(**{**saved, **given})
+        try:
+            cfg = TrainConfig(**{**saved, **given})
+        except TypeError as e:  # a setting this version does not have
+            raise ValueError(f"{last_checkpoint(cfg.out)}/train_state.pt: its saved settings do not fit: {e}") from None
     return replace(cfg, sampling=replace(cfg.sampling, **sampling))
 
 
 def main(argv=None):
     parser = build_parser()
-    cfg = resolve_defaults(parse_args(argv, parser))
     try:  # bad input is a command-line error, reported before any pretraining, model loading or evaluation
+        cfg = resolve_defaults(parse_args(argv, parser))
         setup = prepare(cfg)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
