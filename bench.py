@@ -269,8 +269,7 @@ def cuda_step_table(janus, prompt_len, w, gbs, wbytes, name):
     ids, mask = torch.cat([ids, R.unconditional(ids, mask, 0)]), torch.cat([mask, mask])
     h, cache, mask = R.prefill(janus, ids, mask, N)
     codes, lengths = torch.zeros(1, dtype=torch.long, device=device), mask[:, :ids.shape[1]].sum(1, keepdim=True)
-    wt = torch.tensor(w, device=device)
-    pos = torch.tensor([ids.shape[1]], device=device)
+    wt, pos = torch.tensor(w, device=device), torch.tensor([ids.shape[1]], device=device)
     for _ in range(5):
         step(janus, codes, cache, pos, lengths, mask, wt)
     t, _ = timed(lambda: [step(janus, codes, cache, pos, lengths, mask, wt) for _ in range(100)], device)
@@ -290,17 +289,15 @@ def bench_train(args):
     try:
         write_random_checkpoint(cfg, folder, weights="safetensors", shards=1)
         shapes.make_tokenizer().save(os.path.join(folder, "tokenizer.json"))
-        argv = ["--ckpt", folder, "--out", os.path.join(folder, "run"), "--rewards", "shapes", "--steps", str(args.steps),
-                "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
-                "--rollout-batch", str(args.prompts_per_step), "--micro-batch", str(args.micro_batch),
-                "--max-plan-tokens", str(args.max_plan_tokens), "--lora-rank", str(args.lora_rank),
-                "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--device", str(device)]
-        argv += ["--grad-checkpointing"] if args.grad_checkpointing else []
-        argv += ["--compile"] if args.compile else []
+        flags = ["--rewards", "shapes", "--steps", str(args.steps), "--group-size", str(args.group_size),
+                 "--prompts-per-step", str(args.prompts_per_step), "--rollout-batch", str(args.prompts_per_step),
+                 "--micro-batch", str(args.micro_batch), "--max-plan-tokens", str(args.max_plan_tokens),
+                 "--lora-rank", str(args.lora_rank), "--device", str(device)]
+        flags += ["--grad-checkpointing"] if args.grad_checkpointing else []
+        flags += ["--compile"] if args.compile else []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, metrics = T.train(T.parse_args(argv), log=lambda *a, **k: None)
-        sec, roll = step_seconds(metrics)
+        _, sec, roll = time_steps(folder, *flags)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
         name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
         what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
@@ -311,12 +308,17 @@ def bench_train(args):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def step_seconds(metrics):
-    """Mean seconds per training step and of its rollout, over train.py's step metrics without the first (a
-    warm-up that also measures model.Linear's kernels), unless it is the only one."""
+def time_steps(ckpt, *flags):
+    """train.py from ckpt with these flags, quietly, in a temporary folder, no evaluation, samples or periodic
+    checkpoints -> (its config, mean seconds per step, of which rollout) over the steps after the first (a
+    warm-up that also measures model.Linear's kernels), unless there is only one."""
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as out:
+        cfg = T.parse_args(["--ckpt", ckpt, "--out", out, "--eval-every", "0", "--sample-every", "0",
+                            "--save-every", "0", *flags])
+        _, metrics = T.train(cfg, log=lambda *a, **k: None)
     steps = [m for m in metrics if "rollout_seconds" in m]
     steps = steps[1:] or steps
-    return (sum(m["seconds"] for m in steps) / len(steps), sum(m["rollout_seconds"] for m in steps) / len(steps))
+    return cfg, sum(m["seconds"] for m in steps) / len(steps), sum(m["rollout_seconds"] for m in steps) / len(steps)
 
 
 def bench_rl(args):
@@ -326,19 +328,12 @@ def bench_rl(args):
     measures model.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
     after the last step's clock stops."""
     base = args.ckpt or shapes.ensure_base()
-    folder = tempfile.mkdtemp(prefix="bench-rl-")
-    try:  # train.py's defaults: the shapes training prompts, no evaluation sets for a named checkpoint
-        argv = ["--ckpt", base, "--out", os.path.join(folder, "run"), "--steps", str(args.steps),
-                "--eval-every", "0", "--sample-every", "0", "--save-every", "0"]
-        cfg = T.parse_args(argv)
-        _, metrics = T.train(cfg, log=lambda *a, **k: None)
-        sec, roll = step_seconds(metrics)
-        mc = M.load_config(base)
-        print(f"\n| base | G x prompts | CPU | s / step | rollout (s) | update (s) |\n|---|---|---|---|---|---|\n"
-              f"| {mc.n_layer} layers x {mc.n_embd} | {cfg.group_size} x {cfg.prompts_per_step} "
-              f"| {cpu_name()} | {sec:.3f} | {roll:.3f} | {sec - roll:.3f} |")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    # train.py's defaults: the shapes training prompts, no evaluation sets for a named checkpoint
+    cfg, sec, roll = time_steps(base, "--steps", str(args.steps))
+    mc = M.load_config(base)
+    print(f"\n| base | G x prompts | CPU | s / step | rollout (s) | update (s) |\n|---|---|---|---|---|---|\n"
+          f"| {mc.n_layer} layers x {mc.n_embd} | {cfg.group_size} x {cfg.prompts_per_step} "
+          f"| {cpu_name()} | {sec:.3f} | {roll:.3f} | {sec - roll:.3f} |")
 
 
 def build_parser():

@@ -29,6 +29,7 @@ Where this departs from the reference code, and why:
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """
+import collections
 import gzip
 import json
 import math
@@ -1130,10 +1131,7 @@ class RewardEnsemble:
         """A line per rule reward that cannot check some of these prompts (no GenEval metadata: it abstains on
         them, see RuleReward): how many, by T2I-R1 task type when the rows carry one, and what that means."""
         bare = [m for m in items if not checkable(m)]
-        tasks = {}
-        for m in bare:
-            tasks[m.get("task_type")] = tasks.get(m.get("task_type"), 0) + 1
-        tasks.pop(None, None)
+        tasks = collections.Counter(m["task_type"] for m in bare if "task_type" in m)
         by_task = f" (T2I-R1 task types: {', '.join(f'{t} {c}' for t, c in sorted(tasks.items()))})" if tasks else ""
         return [f"{name}: {len(bare)} of the {len(items)} {what} carry no GenEval metadata it can check{by_task}; it "
                 f"scores them 0 for every sample, a constant within their groups, so the other rewards alone set "

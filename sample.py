@@ -139,10 +139,8 @@ class Progress:
             rate = self.n / max(now - self.t0, 1e-9)
             eta = (self.total - self.n) / max(rate, 1e-9)
             line = f"{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}".rstrip()
-            if self.tty:
-                self.stream.write("\r" + line + ("\n" if self.n >= self.total else ""))
-            else:
-                self.stream.write(line + "\n")
+            end = "\n" if self.n >= self.total or not self.tty else ""  # a terminal rewrites one line
+            self.stream.write(("\r" if self.tty else "") + line + end)
             self.stream.flush()
 
 
@@ -208,16 +206,6 @@ def summary_table(rows) -> str:
         g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
         cells = [g["per_tag"][t] for t in tags] + ([g["overall"]] if g else []) + list(summary["rewards"].values())
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
-    return "\n".join(lines)
-
-
-def format_summary(summary) -> str:
-    """sample.py's report: the summary table, the images a rule reward could not check, the diversity."""
-    lines = [summary_table([(f"{summary['images']} images", summary)])]
-    for k, n in summary.get("unchecked", {}).items():
-        lines.append(f"{k}: {n} of {summary['images']} images not checked (their prompts carry no GenEval metadata)")
-    if "diversity" in summary:
-        lines.append(f"diversity (mean pairwise CLIP cosine distance within a prompt): {summary['diversity']:.4f}")
     return "\n".join(lines)
 
 
@@ -308,7 +296,11 @@ def main(argv=None):
     write_records(records, os.path.join(args.out, "samples.jsonl"))
     if scorer is not None:
         summary = score(scorer, images, records, group_size=args.n)
-        print(format_summary(summary))
+        print(summary_table([(f"{summary['images']} images", summary)]))
+        for k, n in summary.get("unchecked", {}).items():
+            print(f"{k}: {n} of {summary['images']} images not checked (their prompts carry no GenEval metadata)")
+        if "diversity" in summary:
+            print(f"diversity (mean pairwise CLIP cosine distance within a prompt): {summary['diversity']:.4f}")
         write_json(os.path.join(args.out, "summary.json"), summary)
         write_records(records, os.path.join(args.out, "samples.jsonl"))  # now with each image's scores
     if len(records) <= 256:  # one captioned overview: a row per prompt, its plans and scores under the images

@@ -873,18 +873,15 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
 # The ablation report: runs of train.py grouped by level, mean and spread over their seeds
 
 
-def _eval_file(run, split, which):
-    """A run's first ("base") or last evaluation summary on split, as train.py writes them into run/eval/."""
+def _scores(run, split, which):
+    """Per-tag strict accuracy and GenEval overall of a run's first ("base") or last evaluation on split, from
+    the summaries train.py writes into run/eval/."""
     folder = os.path.join(run, "eval")
     files = sorted(f for f in os.listdir(folder) if f.startswith(split + "_")) if os.path.isdir(folder) else []
     if not files:
         raise FileNotFoundError(f"{folder} holds no {split} evaluation: is {run} a finished train.py run?")
     with open(os.path.join(folder, files[0] if which == "base" else files[-1])) as f:
-        return json.load(f)
-
-
-def _tag_scores(summary):
-    g = next(v for k, v in summary.items() if k.startswith("geneval_"))
+        g = next(v for k, v in json.load(f).items() if k.startswith("geneval_"))
     return {**g["per_tag"], "overall": g["overall"]}
 
 
@@ -904,10 +901,10 @@ def report(runs, split="test"):
     rows = []
     with_plan = list({seeds[r]: r for r in groups.get("semantic", []) + groups.get("both", [])}.values())
     if with_plan:
-        rows.append(("base, with its plans", [_tag_scores(_eval_file(r, split, "base")) for r in with_plan]))
+        rows.append(("base, with its plans", [_scores(r, split, "base") for r in with_plan]))
     if groups.get("token"):
-        rows.append(("base, no plan", [_tag_scores(_eval_file(r, split, "base")) for r in groups["token"]]))
-    final = {levels: [_tag_scores(_eval_file(r, split, "final")) for r in rs] for levels, rs in groups.items()}
+        rows.append(("base, no plan", [_scores(r, split, "base") for r in groups["token"]]))
+    final = {levels: [_scores(r, split, "final") for r in rs] for levels, rs in groups.items()}
     for levels, name in (("semantic", "semantic level only"), ("token", "token level only"),
                          ("both", "both levels (T2I-R1)")):
         if levels in final:
@@ -956,24 +953,22 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv if argv is not None else (None if len(sys.argv) > 1 else ["pretrain"]))
+    try:  # bad input is a command-line error, found before any model is loaded
+        if args.cmd == "diagnose":
+            R.SamplingConfig(cfg_weight=args.cfg).check()
+            load_config(args.ckpt)
+        table = report(args.runs, args.split) if args.cmd == "report" else None
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     if args.cmd == "prompts":
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
-        try:  # the guidance weight and the checkpoint's files before any model is loaded
-            R.SamplingConfig(cfg_weight=args.cfg).check()
-            load_config(args.ckpt)
-        except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
         diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg)
     elif args.cmd == "report":
-        try:
-            print(report(args.runs, args.split))
-        except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
+        print(table)
     else:
-        c = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
-        pretrain(args.out, c)
+        pretrain(args.out, PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)}))
 
 
 if __name__ == "__main__":

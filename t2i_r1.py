@@ -424,9 +424,8 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
     if unset:
         raise ValueError(f"sampling settings {', '.join(unset)} unset: fill them for the checkpoint with "
                          f"SamplingConfig.resolved")
-    for p in prompts:
-        if not p or not p.strip():
-            raise ValueError("empty prompt")
+    if any(not p or not p.strip() for p in prompts):
+        raise ValueError("empty prompt")
     if settings.chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {settings.chat_format!r}")
     s, fmt, device = settings, CHAT_FORMATS[settings.chat_format], janus.device

@@ -103,8 +103,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.sampling, dict):  # a saved config.json
             self.sampling = R.SamplingConfig(**self.sampling)
-        if self.ckpt is not None:
-            self.ckpt = os.path.expanduser(self.ckpt)  # "~/models/Janus-Pro-1B" as written in a shell
+        self.ckpt = self.ckpt and os.path.expanduser(self.ckpt)  # "~/models/Janus-Pro-1B" as written in a shell
 
 
 # allowed values of the string settings (argparse choices and the checks for API callers)
@@ -300,11 +299,9 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     for items in (train_items, *eval_sets.values()):
         scorer.check_metadata(items)
     if int(os.environ.get("RANK", "0")) == 0:
-        lines = scorer.unchecked_report(train_items, "training prompts")
-        for split, items in eval_sets.items():
-            lines += scorer.unchecked_report(items, f"{split} prompts")
-        for line in lines:
-            log(line)
+        for what, items in {"training": train_items, **eval_sets}.items():
+            for line in scorer.unchecked_report(items, f"{what} prompts"):
+                log(line)
     return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer}
 
 
@@ -335,8 +332,8 @@ class Run:
 def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
     """Processes, the starting checkpoint (the shapes base pretrained first when absent) and the tokenizer."""
     rank, world, device = dist_setup(train_device(cfg))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if cfg.dtype != "float32"
+                else contextlib.nullcontext())  # bf16 compute over float32 weights, or plain float32
     torch.manual_seed(cfg.seed)
     base = cfg.ckpt or (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
     if world > 1:
