@@ -2004,6 +2004,10 @@ def test_shapes_reward_uses_shapes_detect(monkeypatch):
     assert len(calls) == 3
     with pytest.raises(ValueError, match="shapes: none of the 1 prompt.*'a red circle'"):
         reward.check_metadata([{"prompt": "a red circle"}])
+    # a direct call checks each clause too: a position naming a missing clause is named, not an IndexError
+    bad = {"prompt": "a red circle", "include": [{"class": "circle", "count": 1, "position": ["left of", 3]}]}
+    with pytest.raises(ValueError, match=r"shapes: prompt 1 .*include\[0\]: 'position' must be"):
+        reward(np.zeros((2, 16, 16, 3), np.uint8), [meta[0], bad])
 
 
 def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
