@@ -14,7 +14,9 @@ Departures from the reference code:
 - rotary angles are computed from the positions on the fly (no cached tables, no length limit);
 - a padded query row attends to itself so that left-padded batches never produce NaN (the reference
   relies on the same trick inside transformers' mask code);
-- `text_logits`/`image_logits` return float32;
+- `text_logits`/`image_logits` compute in float32 (a bf16 product rounds logits of size ~10 by up to 0.03);
+- under autocast every weight enters the compute in autocast's dtype, norms and embeddings included, so a
+  model with float32 master weights computes exactly what the same model held in bf16 computes;
 - on CPU, linear layers pick their matmul kernel (MKL as x W^T or W x^T, or oneDNN) by measuring, per
   shape, in a decode step, and take oneDNN elsewhere (`Linear`).
 """
@@ -215,11 +217,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32, scale in the input dtype: the order transformers' LLaMA uses
+        # normalise in float32, scale in the input dtype: the order transformers' LLaMA uses. The weight is
+        # cast too, so float32 master weights under autocast keep a bf16 stream bf16, as bf16 weights do
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight.to(dtype) * x.to(dtype)
 
 
 def rotary(positions, head_dim, theta):
@@ -234,6 +237,13 @@ def apply_rotary(x, cos, sin):  # x (B, nh, T, hd)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def compute_dtype(device, default: torch.dtype) -> torch.dtype:
+    """The dtype layers compute in on this device: autocast's when it is on there, else `default` (the
+    weights' own)."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else default
 
 
 class KVCache:
@@ -381,6 +391,10 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         w, b = self.weight, self.bias
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # autocast knows F.linear (it computes in bf16 from cached casts of trainable weights) but not
+            # our kernels, which would compute and return float32
+            return F.linear(x, w, b)
         if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0
                 or type(w) not in (nn.Parameter, torch.Tensor)):
             return F.linear(x, w, b)  # GPUs, bf16, FSDP's sharded tensors
@@ -401,6 +415,19 @@ class Linear(nn.Linear):
         if kernel == "oneDNN" and grad:
             return _OneDNNLinear.apply(x, w, b)
         return CPU_KERNELS[kernel](x, w, b)
+
+
+def float32_logits(head: nn.Linear, h):
+    """A head's logits in float32. Under autocast the weight and h are first rounded to its dtype, as every
+    other layer sees them, and the product is then formed in float32: a bf16 product would round logits of
+    size ~10 by up to 0.03 (log-probs off by up to 0.09 nats), while the same rounding of the inputs lets a
+    bf16 copy of the model (the KL reference) give exactly the logits of its float32 master weights."""
+    if not torch.is_autocast_enabled(h.device.type):
+        return head(h).float()
+    dtype = torch.get_autocast_dtype(h.device.type)
+    w, b = head.weight.to(dtype).float(), head.bias
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h.to(dtype).float(), w, None if b is None else b.to(dtype).float())
 
 
 class Attention(nn.Module):
@@ -500,21 +527,24 @@ class Janus(nn.Module):
 
     # --- inputs and outputs
     def embed_text(self, ids):   # (B, T) -> (B, T, H)
-        return self.language_model.model.embed_tokens(ids)
+        e = self.language_model.model.embed_tokens(ids)  # autocast leaves embeddings in the table's dtype
+        return e.to(compute_dtype(e.device, e.dtype))
 
     def embed_image(self, codes):  # (B, T) -> (B, T, H)
-        return self.gen_aligner.layers(self.gen_embed(codes))
+        e = self.gen_embed(codes)
+        return self.gen_aligner.layers(e.to(compute_dtype(e.device, e.dtype)))
 
     def text_logits(self, h):    # (B, T, H) -> (B, T, vocab) float32
-        return self.language_model.lm_head(h).float()
+        return float32_logits(self.language_model.lm_head, h)
 
     def image_logits(self, h):   # (B, T, H) -> (B, T, codebook) float32
         head = self.gen_head
-        return head.vision_head(F.gelu(head.output_mlp_projector(h))).float()
+        return float32_logits(head.vision_head, F.gelu(head.output_mlp_projector(h)))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache in the compute dtype: autocast's (bf16 over float32 master weights), else the weights'."""
         p = self.language_model.lm_head.weight
-        return KVCache(self.cfg, batch, max_len, device=p.device, dtype=p.dtype)
+        return KVCache(self.cfg, batch, max_len, device=p.device, dtype=compute_dtype(p.device, p.dtype))
 
     def forward(self, x, positions=None, mask=None, cache=None, input_pos=None, kv_len=None):
         """x (B, T, H) embeddings -> final-normed hidden states (B, T, H).

@@ -190,12 +190,13 @@ def pad_tokens(seqs, pad_id, device=None, side="left"):
     """list of token lists -> ids (B, T) padded with pad_id on the left (prompts) or the right (completions),
     and mask (B, T), True on real tokens."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    # built on the CPU (one small copy per row), then moved in one transfer
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool, device="cpu")
     for i, s in enumerate(seqs):
         if len(s):
             cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-            ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+            ids[i, cols] = torch.as_tensor(s, dtype=torch.long, device="cpu")
             mask[i, cols] = True
     return ids.to(device), mask.to(device)
 
@@ -586,18 +587,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     k3 = torch.exp(d) - d - 1                                        # >= 0, unbiased for KL(pi || ref)
     per_token = -(surrogate - beta * k3)                             # (B, T)
     if norm == "token":
-        denom = mask.sum() if n_total is None else torch.as_tensor(float(n_total))
+        denom = mask.sum() if n_total is None else torch.tensor(float(n_total), device=logp.device)
         loss = (per_token * mask).sum() / denom.clamp(min=1)
     elif norm == "sequence":
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-        count = (mask.sum(1) > 0).sum() if n_total is None else torch.as_tensor(float(n_total))
+        count = (mask.sum(1) > 0).sum() if n_total is None else torch.tensor(float(n_total), device=logp.device)
         loss = per_seq.sum() / count.clamp(min=1)
     else:
         raise ValueError(f"norm must be 'token' or 'sequence', got {norm!r}")
     with torch.no_grad():
         m, n = mask.bool(), mask.sum().clamp(min=1)
         is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
-        r = ratio[m] if m.any() else torch.ones(1)
+        r = ratio[m] if m.any() else torch.ones(1, device=ratio.device)
         stats = {"kl": float((k3 * mask).sum() / n), "clip_frac": float((is_clipped & m).sum() / n),
                  "ratio_min": float(r.min()), "ratio_max": float(r.max()), "tokens": int(mask.sum())}
     return loss, stats

@@ -304,6 +304,62 @@ def test_linear_takes_the_measured_kernel_once_per_shape(monkeypatch):
     assert set(times) == {k for k in M.CPU_KERNELS if k != "oneDNN" or M.ONEDNN} and min(times.values()) > 0
 
 
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_linear_computes_in_bf16_under_cpu_autocast_whatever_its_kernel(monkeypatch, kernel):
+    """Under CPU autocast model.Linear computes in bf16 and returns bf16, as F.linear does and as every layer does
+    on a GPU, with any kernel pinned or measured, with and without autograd; its oneDNN kernel, which autocast
+    does not know, returned float32 there."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
+    torch.manual_seed(0)
+    lin = M.Linear(256, 512)
+    for shape in [(2, 256), (64, 256)]:  # a decode step's rows (measured kernel), and a prefill's
+        x = torch.randn(shape)
+        want = F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16())
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = lin(x)
+            assert y.dtype == torch.bfloat16, (shape, grad)
+            torch.testing.assert_close(y.float(), want.float(), rtol=0, atol=0.05)
+        y.float().sum().backward()
+        assert lin.weight.grad.dtype == torch.float32 and lin.weight.grad.abs().sum() > 0
+        lin.zero_grad()
+
+
+def test_float32_master_weights_under_autocast_compute_exactly_what_a_bf16_copy_computes():
+    """Mixed precision (float32 weights, bf16 autocast) gives bit for bit the hidden states and logits of the same
+    model held in bf16, which is what the KL reference is (so the first step's KL is exactly 0); it decodes
+    through a bf16 KV cache; and the heads return float32 logits of their bf16 inputs, not bf16 logits cast."""
+    import copy
+    m = tiny_model()
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 5), generator=g)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 6), generator=g)
+    outs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for model in (m, half):
+            x = torch.cat([model.embed_text(ids), model.embed_image(codes)], 1)  # (2, 11, H)
+            h = model(x)
+            outs.append((h, model.text_logits(h), model.image_logits(h)))
+        cache = m.new_cache(2, 11)
+        x = torch.cat([m.embed_text(ids), m.embed_image(codes)], 1)
+        steps = [m(x[:, :5], cache=cache, input_pos=torch.arange(5))]
+        for t in range(5, 11):
+            steps.append(m(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])))
+        head_in = F.gelu(m.gen_head.output_mlp_projector(outs[0][0]))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert outs[0][0].dtype == torch.bfloat16 and outs[0][1].dtype == outs[0][2].dtype == torch.float32
+    assert cache.k[0].dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat(steps, 1).float(), outs[0][0].float(), rtol=0.05, atol=0.05)
+    # the image head's product in float32 (float64 here) of its bf16 inputs: a bf16 product is ~1e-3 off
+    head = m.gen_head.vision_head
+    want = F.linear(head_in.double(), head.weight.bfloat16().double(), head.bias.bfloat16().double())
+    assert (outs[0][2].double() - want).abs().max() < 1e-6
+
+
 def test_kv_cache_incremental_decoding_equals_full_forward():
     m = tiny_model()
     g = torch.Generator().manual_seed(0)

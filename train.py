@@ -27,7 +27,6 @@ Departures from T2I-R1's trainer:
 
 import argparse
 import contextlib
-import copy
 import datetime
 import functools
 import json
@@ -261,12 +260,15 @@ def grad_sync(module, sync):
     return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
 
 
-def shard(root, janus):
-    """FSDP2 over processes: each decoder layer is a unit, the rest (embeddings, heads, VQ) the root's."""
-    from torch.distributed.fsdp import fully_shard
+def shard(root, janus, dtype):
+    """FSDP2 over processes: each decoder layer is a unit, the rest (embeddings, heads, VQ) the root's. Weights
+    are gathered in the compute dtype (half the traffic and memory of float32 in bf16) and gradients reduced
+    in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in janus.language_model.model.layers:
-        fully_shard(block)
-    fully_shard(root)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
     # FSDP2 finds its root on the first forward; sampling calls the layers before any root forward does
     root._get_fsdp_state()._lazy_init()
     return root
@@ -348,30 +350,35 @@ def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
 
 
 def build_models(run: Run):
-    """Policy (float32; bf16 autocast on a GPU), reference, loss module and optimizer, from the last checkpoint
-    of out/ with --resume. The VQ and the image embedding and head stay frozen, as in T2I-R1."""
-    cfg = run.cfg
+    """Policy, reference, loss module and optimizer, from the last checkpoint of out/ with --resume. What trains
+    keeps float32 master weights (autocast computes in cfg.dtype); what stays frozen is held in cfg.dtype
+    itself: the VQ and the image embedding and head (frozen, as in T2I-R1), the reference, and the base under
+    LoRA. So a bf16 reference takes half a float32 copy's memory, and autocast, which caches its casts of
+    trainable weights only, does not cast the frozen ones again at every decode step."""
+    cfg, dtype = run.cfg, getattr(torch, run.cfg.dtype)
     resume_from = last_checkpoint(cfg.out) if cfg.resume else None
-    state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=True) if resume_from else None
+    state = load_train_state(resume_from) if resume_from else None
     full_ft_resume = state is not None and state["lora"] is None
-    policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device, dtype=torch.float32)
+    lora = cfg.lora_rank > 0
+    policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device,
+                                   dtype=dtype if lora else torch.float32)
     for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
-        part.requires_grad_(False)
-    if cfg.lora_rank > 0:
+        part.requires_grad_(False).to(dtype)
+    if lora:  # the adapters are float32 master weights, the base stays in the compute dtype
         add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
         if state is not None:
             policy.load_state_dict(state["lora"], strict=False)
     policy.gradient_checkpointing = cfg.grad_checkpointing
-    if cfg.beta > 0 and cfg.lora_rank == 0:
-        run.ref = (Janus.from_pretrained(run.base, device=run.device, dtype=torch.float32) if full_ft_resume
-                   else copy.deepcopy(policy)).eval().requires_grad_(False)
+    if cfg.beta > 0 and not lora:  # the starting weights, read again in the compute dtype (not a deep copy)
+        run.ref = Janus.from_pretrained(run.base, device=run.device, dtype=dtype).eval().requires_grad_(False)
     run.policy, run.loss_module = policy, PolicyLoss(policy, cfg, run.tok.pad_id)
     if cfg.fsdp:
-        shard(run.loss_module, policy)
+        shard(run.loss_module, policy, dtype)
         if run.ref is not None:
-            shard(run.ref, run.ref)
-    elif run.world > 1:  # unused: with levels=token the text head, with an empty micro-batch part anything
-        run.loss_module = nn.parallel.DistributedDataParallel(run.loss_module, find_unused_parameters=True)
+            shard(run.ref, run.ref, dtype)
+    elif run.world > 1:  # with levels=token the text head has no gradient; otherwise every trained weight has
+        run.loss_module = nn.parallel.DistributedDataParallel(run.loss_module,
+                                                              find_unused_parameters=cfg.levels == "token")
     run.params = [p for p in policy.parameters() if p.requires_grad]
     run.opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
@@ -688,6 +695,12 @@ def save_checkpoint(run: Run, step):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_train_state(ckpt):
+    """ckpt/train_state.pt on the CPU, whatever device saved it (the optimizer moves its state to its
+    parameters' device), memory-mapped: processes read the pages they use instead of a private copy each."""
+    return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+
+
 def last_checkpoint(out):
     """The run folder's last whole checkpoint (ckpt, or ckpt.old when a save was interrupted), or None."""
     for name in ("ckpt", "ckpt.old"):
@@ -774,7 +787,7 @@ def parse_args(argv=None, parser=None) -> TrainConfig:
     sampling = {k: given.pop(k) for k in list(given) if k in {f.name for f in fields(R.SamplingConfig)}}
     cfg = TrainConfig(**given)
     if cfg.resume and last_checkpoint(cfg.out) is not None:
-        saved = torch.load(os.path.join(last_checkpoint(cfg.out), "train_state.pt"), weights_only=True)["config"]
+        saved = load_train_state(last_checkpoint(cfg.out))["config"]
         if "sampling" not in saved:  # saved before SamplingConfig: the sampling settings sat among the others
             names = {f.name for f in fields(R.SamplingConfig)} | {"cfg"}
             saved["sampling"] = {"cfg_weight" if k == "cfg" else k: saved.pop(k) for k in list(saved) if k in names}
