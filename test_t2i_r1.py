@@ -2569,6 +2569,32 @@ def test_fsdp_over_two_processes_matches_one(random_base, redness, tmp_path, dev
         torch.testing.assert_close(a[k], b[k], **tol)
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_bf16_processes_roll_out_update_save_resume_and_evaluate(random_base, redness, tmp_path, fsdp):
+    """The two-process gloo run under bf16, data parallel and FSDP (weights gathered in bf16 by its mixed-precision
+    policy, gradients reduced in float32): train, save, resume, evaluate; the first step's KL is exactly 0, and the
+    run ends where one bf16 process ends."""
+    import torch.multiprocessing as mp
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    common = [*BF16, "--save-every", "1", "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2"]
+    T.train(T.parse_args(train_args(random_base, tmp_path / "one", *common, "--steps", "2")), log=lambda *a, **k: None)
+    two = train_args(random_base, tmp_path / "two", *common, "--steps", "1", *(["--fsdp"] if fsdp else []))
+    mp.spawn(_ddp_worker, args=(_free_port(), two, None), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), ["--out", str(tmp_path / "two"), "--resume", "--steps", "2"], None),
+             nprocs=2, join=True)
+    steps = [m for m in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2] and steps[0]["kl"] == 0
+    assert sorted(os.listdir(tmp_path / "two" / "eval")) == ["test_00000.json", "test_00001.json", "test_00002.json"]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    if not fsdp:  # the same float32 gradients, summed over processes
+        assert diff.max() < 1e-6
+    else:  # FSDP forms gradients of its gathered bf16 weights (an embedding's rows add up in bf16): AdamW's first
+        # steps move a weight by about lr = 3e-3 whatever its gradient's size, so a rounding that flips a tiny
+        # gradient moves it by up to 2 lr a step; that happens to a few weights only
+        assert diff.max() <= 4 * 3e-3 and (diff > 1e-4).float().mean() < 1e-4
+
+
 def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):
     policy, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--lora-rank", "4")),
                            log=lambda *a, **k: None)
@@ -2582,6 +2608,98 @@ def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_pa
     saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))  # merged: loads with no adapter code
     with torch.no_grad():
         torch.testing.assert_close(saved(saved.embed_text(x)), policy(policy.embed_text(x)), rtol=0, atol=1e-5)
+
+
+# A GPU run, emulated on the CPU: bf16 autocast over float32 master weights, gradient checkpointing
+BF16 = ("--dtype", "bfloat16", "--device", "cpu", "--grad-checkpointing")
+
+
+def saved_as_on_cuda(path, monkeypatch):
+    """Rewrite a torch.save file so that its tensors are tagged cuda:0, byte for byte as a GPU run saves them."""
+    import torch.serialization
+    state = torch.load(path, weights_only=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("variant", [(), ("--lora-rank", "4"), ("--image-logp", "cfg")], ids=["full", "lora", "cfg"])
+def test_bf16_runs_roll_out_update_save_resume_and_evaluate(random_base, redness, tmp_path, monkeypatch, variant):
+    """The whole loop under bf16 (rollout, update with gradient checkpointing, checkpoint, resume from a state
+    saved on cuda:0, evaluation) for a full fine-tune, LoRA and --image-logp cfg. With mu = 1 the ratio is
+    exactly 1, and the first step's KL exactly 0: the bf16 reference (the base with its adapters off, under
+    LoRA) computes bit for bit what the policy computes before its first update."""
+    quiet = dict(log=lambda *a, **k: None)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    T.train(T.parse_args(train_args(random_base, tmp_path / "run", *BF16, *variant, "--steps", "1", "--save-every", "1",
+                                    "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")), **quiet)
+    saved_as_on_cuda(tmp_path / "run" / "ckpt" / "train_state.pt", monkeypatch)
+    policy, metrics = T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume", "--steps", "2"]), **quiet)
+    steps = [m for m in metrics if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0, [m["kl"] for m in steps]
+    assert all(m["ratio_min"] == m["ratio_max"] == 1 for m in steps)
+    assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["test_00000.json", "test_00001.json", "test_00002.json"]
+    saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))
+    assert not torch.equal(saved.language_model.model.layers[0].mlp.up_proj.weight,
+                           M.Janus.from_pretrained(random_base).language_model.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_what_trains_is_float32_and_what_is_frozen_is_held_in_bf16(random_base, redness, tmp_path, lora):
+    """Under --dtype bfloat16 the trained weights stay float32 (the optimizer's master copy) and everything frozen
+    is held in bf16: the VQ, the image embedding and head, the reference (half a float32 copy's bytes) and,
+    under LoRA, the base."""
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", *BF16,
+                                                     *(["--lora-rank", "4"] if lora else []))))
+    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
+    T.build_models(run)
+    trained = {n: p.dtype for n, p in run.policy.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in run.policy.named_parameters() if not p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert all(n.startswith(("gen_", "language_model")) for n in frozen)
+    assert any(".lora_" in n for n in trained) == lora and any(n.startswith("language_model") for n in frozen) == lora
+    if lora:
+        assert run.ref is None  # the policy with its adapters off
+    else:
+        assert {p.dtype for p in run.ref.parameters()} == {torch.bfloat16}
+        nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.language_model.parameters())
+        assert 2 * nbytes(run.ref) == nbytes(run.policy)
+
+
+class OnDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails the first op that takes a tensor on another device than `device`."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        wrong = [str(t.device) for t in leaves if isinstance(t, torch.Tensor) and t.device != self.device]
+        assert not wrong, f"{func} got tensors on {wrong}, the policy is on {self.device}"
+        return func(*args, **kwargs)
+
+
+def test_every_tensor_of_a_bf16_step_lives_on_the_policy_device(random_base, redness, tmp_path, monkeypatch):
+    """A GPU defect caught on the CPU: while sampling, decoding images, scoring log-probs and forming the loss,
+    "meta" stands in for the CPU that a GPU run's stray tensors would land on (it becomes the default device),
+    so a tensor created without device= is on the wrong device here as it would be there, and every op checks
+    its tensors against the policy's device. Runs a bf16 step with --image-logp cfg and an evaluation."""
+    def on_device(fn):
+        def wrapped(*a, **k):
+            with torch.device("meta"), OnDevice(torch.device("cpu")):
+                return fn(*a, **k)
+        return wrapped
+    for module, name in ((R, "sample_t2i"), (R, "decode_images"), (T, "logprobs"), (R, "grpo_loss")):
+        monkeypatch.setattr(module, name, on_device(getattr(module, name)))
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", *BF16, "--steps", "1",
+                                                 "--image-logp", "cfg", "--eval-prompts", str(tmp_path / "p.txt"),
+                                                 "--eval-n", "2")), log=lambda *a, **k: None)
+    assert metrics[-1]["step"] == 1 and (tmp_path / "run" / "eval" / "test_00001.json").exists()
 
 
 def test_default_image_logprobs_are_conditional_as_in_t2i_r1():

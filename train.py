@@ -263,9 +263,10 @@ def grad_sync(module, sync):
 def shard(root, janus, dtype):
     """FSDP2 over processes: each decoder layer is a unit, the rest (embeddings, heads, VQ) the root's. Weights
     are gathered in the compute dtype (half the traffic and memory of float32 in bf16) and gradients reduced
-    in float32."""
+    in float32. Inputs are left as they are: autocast casts what it computes with, while the loss's inputs
+    (old and reference log-probs, advantages) must stay float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in janus.language_model.model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(root, mp_policy=policy)
