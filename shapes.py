@@ -829,13 +829,14 @@ def plan_detections(plan, size=64):
     return dets
 
 
-def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
+def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=None):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
     images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
-    default, as train.py and sample.py sample). Returns {row name: geneval summary}."""
-    janus, tok = Janus.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
+    default, as train.py and sample.py sample). device, dtype: as Janus.from_pretrained's. Returns {row name:
+    geneval summary}."""
+    janus, tok = Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
     settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
     rng = np.random.default_rng(seed)
@@ -851,13 +852,14 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     clean = np.stack([render(s) for s in scenes])
     judge("true scenes", detect_batch(clean))
     with torch.no_grad():
-        codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(clean[i:i + 256])))
+        codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(clean[i:i + 256], device=janus.device)))
                            for i in range(0, len(clean), 256)])
     judge("VQ ceiling", detect_batch(R.decode_images(janus, codes)))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=janus.device).manual_seed(seed)
     ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
-    codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id), pad_id=tok.pad_id,
-                                         cfg_weight=settings.cfg_weight, generator=g) for i in range(0, len(ids), 64)])
+    codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id, janus.device),
+                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, generator=g)
+                       for i in range(0, len(ids), 64)])
     judge("drawn from true plans", detect_batch(R.decode_images(janus, codes)))
     for cot in (True, False):
         rollout, images = R.sample_batches(janus, tok, [m["prompt"] for m in items], settings, n=n,
@@ -944,6 +946,9 @@ def build_parser():
     dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
     dp.add_argument("--n", type=int, default=16, help="images per prompt")
     dp.add_argument("--cfg", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
+    dp.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    dp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     rp = add("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
     rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
@@ -964,7 +969,8 @@ def main(argv=None):
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
-        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg)
+        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg,
+                 device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
     elif args.cmd == "report":
         print(table)
     else:

@@ -132,6 +132,31 @@ def cli_error(main, argv, capsys, prog):
     return err[-1]
 
 
+class OnDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails the first op that takes a tensor on another device than `device`."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        wrong = [str(t.device) for t in leaves if isinstance(t, torch.Tensor) and t.device != self.device]
+        assert not wrong, f"{func} got tensors on {wrong}, the policy is on {self.device}"
+        return func(*args, **kwargs)
+
+
+def on_device(fn, device=torch.device("cpu")):
+    """fn, run with "meta" as the default device and every op checked by OnDevice: "meta" stands in for the CPU
+    that a GPU run's stray tensors land on, so a tensor made without device= is on the wrong device here as it
+    would be there."""
+    def wrapped(*a, **k):
+        with torch.device("meta"), OnDevice(device):
+            return fn(*a, **k)
+    return wrapped
+
+
 # ---- model.py and vq.py: the Janus-Pro transformer, VQ-16, checkpoints, tokenizer ----------------------------------
 
 
@@ -2160,6 +2185,20 @@ def test_shapes_diagnose_checks_its_flags_first(tmp_path, capsys):
     assert "does not exist" in cli_error(S.main, ["diagnose", "--ckpt", str(tmp_path / "none")], capsys, "shapes.py")
 
 
+def test_shapes_diagnose_runs_in_bf16_with_every_tensor_on_the_models_device(monkeypatch):
+    """diagnose on the model's device and dtype: its generator, prompts and images were made on the CPU (on_device:
+    a GPU run's stray tensors are caught on the CPU)."""
+    load = M.Janus.from_pretrained
+    def load_unchecked(*a, **k):  # loading builds the model on "meta" on purpose
+        with torch.device("cpu"), torch.utils._python_dispatch._disable_current_modes():
+            return load(*a, **k)
+    monkeypatch.setattr(M.Janus, "from_pretrained", staticmethod(load_unchecked))
+    items = S.prompt_sets()[2][:2]
+    lines = []
+    rows = on_device(S.diagnose)(S.BASE_DIR, items, n=2, device="cpu", dtype=torch.bfloat16, log=lines.append)
+    assert len(rows) == 6 and all(0 <= r["overall"] <= 1 for r in rows.values()) and len(lines) == 6
+
+
 def test_shapes_report_averages_seeds_per_level(tmp_path):
     tags = list(S.GENEVAL_TAGS)
     def acc(v, reasoning):
@@ -2625,14 +2664,15 @@ def saved_as_on_cuda(path, monkeypatch):
 
 @pytest.mark.parametrize("variant", [(), ("--lora-rank", "4"), ("--image-logp", "cfg")], ids=["full", "lora", "cfg"])
 def test_bf16_runs_roll_out_update_save_resume_and_evaluate(random_base, redness, tmp_path, monkeypatch, variant):
-    """The whole loop under bf16 (rollout, update with gradient checkpointing, checkpoint, resume from a state
-    saved on cuda:0, evaluation) for a full fine-tune, LoRA and --image-logp cfg. With mu = 1 the ratio is
+    """The whole loop under bf16 (rollout, update with gradient checkpointing, sample grids, checkpoint, resume from
+    a state saved on cuda:0, evaluation) for a full fine-tune, LoRA and --image-logp cfg. With mu = 1 the ratio is
     exactly 1, and the first step's KL exactly 0: the bf16 reference (the base with its adapters off, under
     LoRA) computes bit for bit what the policy computes before its first update."""
     quiet = dict(log=lambda *a, **k: None)
     (tmp_path / "p.txt").write_text("a red circle\n")
     T.train(T.parse_args(train_args(random_base, tmp_path / "run", *BF16, *variant, "--steps", "1", "--save-every", "1",
-                                    "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")), **quiet)
+                                    "--sample-every", "1", "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")),
+            **quiet)
     saved_as_on_cuda(tmp_path / "run" / "ckpt" / "train_state.pt", monkeypatch)
     policy, metrics = T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume", "--steps", "2"]), **quiet)
     steps = [m for m in metrics if "reward" in m]
@@ -2640,6 +2680,7 @@ def test_bf16_runs_roll_out_update_save_resume_and_evaluate(random_base, redness
     assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0, [m["kl"] for m in steps]
     assert all(m["ratio_min"] == m["ratio_max"] == 1 for m in steps)
     assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["test_00000.json", "test_00001.json", "test_00002.json"]
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == [f"step_0000{i}.{e}" for i in (1, 2) for e in ("jsonl", "png")]
     saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))
     assert not torch.equal(saved.language_model.model.layers[0].mlp.up_proj.weight,
                            M.Janus.from_pretrained(random_base).language_model.model.layers[0].mlp.up_proj.weight)
@@ -2668,31 +2709,9 @@ def test_what_trains_is_float32_and_what_is_frozen_is_held_in_bf16(random_base, 
         assert 2 * nbytes(run.ref) == nbytes(run.policy)
 
 
-class OnDevice(torch.utils._python_dispatch.TorchDispatchMode):
-    """Fails the first op that takes a tensor on another device than `device`."""
-
-    def __init__(self, device):
-        super().__init__()
-        self.device = device
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        wrong = [str(t.device) for t in leaves if isinstance(t, torch.Tensor) and t.device != self.device]
-        assert not wrong, f"{func} got tensors on {wrong}, the policy is on {self.device}"
-        return func(*args, **kwargs)
-
-
 def test_every_tensor_of_a_bf16_step_lives_on_the_policy_device(random_base, redness, tmp_path, monkeypatch):
-    """A GPU defect caught on the CPU: while sampling, decoding images, scoring log-probs and forming the loss,
-    "meta" stands in for the CPU that a GPU run's stray tensors would land on (it becomes the default device),
-    so a tensor created without device= is on the wrong device here as it would be there, and every op checks
-    its tensors against the policy's device. Runs a bf16 step with --image-logp cfg and an evaluation."""
-    def on_device(fn):
-        def wrapped(*a, **k):
-            with torch.device("meta"), OnDevice(torch.device("cpu")):
-                return fn(*a, **k)
-        return wrapped
+    """GPU defects caught on the CPU (on_device): sampling, decoding images, scoring log-probs and forming the loss
+    of a bf16 step with --image-logp cfg, and an evaluation, create no tensor off the policy's device."""
     for module, name in ((R, "sample_t2i"), (R, "decode_images"), (T, "logprobs"), (R, "grpo_loss")):
         monkeypatch.setattr(module, name, on_device(getattr(module, name)))
     (tmp_path / "p.txt").write_text("a red circle\n")
