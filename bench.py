@@ -294,13 +294,14 @@ def bench_train(args):
                  "--micro-batch", str(args.micro_batch), "--max-plan-tokens", str(args.max_plan_tokens),
                  "--lora-rank", str(args.lora_rank), "--device", str(device)]
         flags += ["--grad-checkpointing"] if args.grad_checkpointing else []
+        flags += ["--dtype", args.dtype] if args.dtype else []
         flags += ["--compile"] if args.compile else []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, sec, roll = time_steps(folder, *flags)
+        run_cfg, sec, roll = time_steps(folder, *flags)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
         name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-        what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
+        what = (f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune") + f", {run_cfg.dtype}"
         print(f"\n| preset | training | G x prompts | device | s / step | of which rollout (s) | peak memory (GiB) |"
               f"\n|---|---|---|---|---|---|---|\n| {args.preset} | {what} | {args.group_size} x {args.prompts_per_step} "
               f"| {name} | {sec:.2f} | {roll:.2f} | {peak:.2f} |")
@@ -376,6 +377,8 @@ def build_parser():
                     help="recompute decoder layers in backward")
     pt.add_argument("--compile", action="store_true", help="torch.compile the sampling decode steps")
     pt.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    pt.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="train.py's --dtype: autocast over float32 master weights (unset: bf16 on GPU, float32 on CPU)")
     pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
     pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
     pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")

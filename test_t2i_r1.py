@@ -2924,10 +2924,11 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     import argparse
     import bench
     args = argparse.Namespace(preset="tiny", steps=2, group_size=4, prompts_per_step=2, micro_batch=4,
-                              max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu")
+                              max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu",
+                              dtype="bfloat16")
     bench.bench_train(args)
     row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
-    assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4" and row[3].strip() == "4 x 2"
+    assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4, bfloat16" and row[3].strip() == "4 x 2"
     sec, roll, peak = (float(x) for x in row[5:8])
     assert 0 < roll <= sec and peak > 0
 
