@@ -287,8 +287,10 @@ def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *
 
     def step(i, tokens):  # token i of every row -> logits of token i + 1
         kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
-        return (compiled if i > 0 else step_fn)(janus, tokens, cache, torch.tensor([T + i], device=device),
-                                                lengths + i, full_mask, *extra, kv_len)
+        # the slot is filled in on the device: torch.tensor([T + i], device=...) copies from the host, and that
+        # copy waits for the GPU's queue at every token
+        slot = torch.full((1,), T + i, dtype=torch.long, device=device)
+        return (compiled if i > 0 else step_fn)(janus, tokens, cache, slot, lengths + i, full_mask, *extra, kv_len)
     return logits, step
 
 
