@@ -383,6 +383,9 @@ def test_float32_master_weights_under_autocast_compute_exactly_what_a_bf16_copy_
     head = m.gen_head.vision_head
     want = F.linear(head_in.double(), head.weight.bfloat16().double(), head.bias.bfloat16().double())
     assert (outs[0][2].double() - want).abs().max() < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head a few rows at a time, as a large head goes
+        blocks = M.float32_logits(head, head_in, chunk_bytes=4 * head.weight.shape[1] * 5)
+    assert (blocks.double() - want).abs().max() < 1e-6
 
 
 def test_kv_cache_incremental_decoding_equals_full_forward():
@@ -2931,6 +2934,26 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4, bfloat16" and row[3].strip() == "4 x 2"
     sec, roll, peak = (float(x) for x in row[5:8])
     assert 0 < roll <= sec and peak > 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bench_memory_counts_the_weights_train_py_holds(random_base, redness, tmp_path, lora, capsys):
+    """bench.py memory's weight rows are the bytes train.py's models hold under bf16 (trained float32 weights,
+    frozen bf16 ones, the bf16 reference), and its table prints a peak per plan length."""
+    import bench
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", *BF16,
+                                                     *(["--lora-rank", "4"] if lora else []))))
+    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
+    T.build_models(run)
+    est = bench.memory_estimate(run.policy.cfg, lora_rank=4 if lora else 0)
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps) / 2**30
+    params = list(run.policy.parameters())
+    assert est["trained weights (float32)"] == pytest.approx(nbytes(p for p in params if p.requires_grad))
+    assert est["frozen weights (bf16)"] == pytest.approx(nbytes(p for p in params if not p.requires_grad))
+    assert est["KL reference (bf16)"] == pytest.approx(0 if lora else nbytes(run.ref.parameters()))
+    bench.bench_memory(bench.build_parser().parse_args(["memory", "--preset", "janus-pro-7b", "--lora-rank", "64"]))
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| **peak")]
+    assert len(rows) == 2 and all(0 < float(x) < 40 for row in rows for x in row[2:4])
 
 
 def test_every_flag_of_every_script_has_a_help_line_with_its_default():

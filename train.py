@@ -496,6 +496,7 @@ def update(run: Run, step, r: R.Rollout):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         acc["grad_norm"] = float(grad_norm)
         run.opt.step()
+        run.opt.zero_grad(set_to_none=True)  # the next rollout runs without a float32 gradient per weight
     return acc
 
 
