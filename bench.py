@@ -5,6 +5,7 @@
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
   python bench.py train --preset janus-pro-1b               # GPU: seconds and peak memory of a BiCoT-GRPO step
   python bench.py train --preset janus-pro-7b --lora-rank 64
+  python bench.py memory --preset janus-pro-7b --lora-rank 64  # no GPU: a step's GPU memory, estimated from shapes
   python bench.py rl                                        # CPU: seconds per shapes-world RL step (train.py defaults)
 
 Speed compares, in one run and on one machine: our sampler eager, with the compiled decode step, eager
