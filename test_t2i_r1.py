@@ -2714,7 +2714,9 @@ def test_what_trains_is_float32_and_what_is_frozen_is_held_in_bf16(random_base, 
 
 def test_every_tensor_of_a_bf16_step_lives_on_the_policy_device(random_base, redness, tmp_path, monkeypatch):
     """GPU defects caught on the CPU (on_device): sampling, decoding images, scoring log-probs and forming the loss
-    of a bf16 step with --image-logp cfg, and an evaluation, create no tensor off the policy's device."""
+    of a bf16 step with --image-logp cfg, and an evaluation, create no tensor off the policy's device. The linear
+    layers are pinned to oneDNN, whose kernel computed in float32 under autocast."""
+    monkeypatch.setattr(M, "CPU_KERNEL", "oneDNN" if M.ONEDNN else None)
     for module, name in ((R, "sample_t2i"), (R, "decode_images"), (T, "logprobs"), (R, "grpo_loss")):
         monkeypatch.setattr(module, name, on_device(getattr(module, name)))
     (tmp_path / "p.txt").write_text("a red circle\n")
