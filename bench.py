@@ -357,7 +357,8 @@ def memory_estimate(cfg: M.JanusConfig, lora_rank=0, group=8, micro_batch=8, req
               "logits, two 256 MiB chunks": 2 * 2**28}
     kept_sum = sum(kept.values())
     return {**{k: v / gib for k, v in kept.items()},
-            **{f"rollout: {k}": v / gib for k, v in rollout.items()}, **{f"update: {k}": v / gib for k, v in update.items()},
+            **{f"rollout: {k}": v / gib for k, v in rollout.items()},
+            **{f"update: {k}": v / gib for k, v in update.items()},
             # gradients are freed after each step; the decoder runs once the cache is gone
             "peak: rollout": (kept_sum - trained * 4 + sum(rollout.values()) - min(vq_decode, rollout[
                 "KV cache (image rows with guidance)"])) / gib,
@@ -368,8 +369,8 @@ def bench_memory(args):
     """Print memory_estimate's table for a preset, a column per plan length."""
     cfg = M.preset(args.preset)
     plans = args.plan_tokens
-    est = [memory_estimate(cfg, args.lora_rank, args.group_size, args.micro_batch, plan=p, cfg_logp=args.image_logp == "cfg")
-           for p in plans]
+    est = [memory_estimate(cfg, args.lora_rank, args.group_size, args.micro_batch, plan=p,
+                           cfg_logp=args.image_logp == "cfg") for p in plans]
     what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
     print(f"{args.preset}, {what}: estimated GiB per GPU (G = {args.group_size}, one prompt per sampling call, "
           f"micro-batch {args.micro_batch}, gradient checkpointing, --image-logp {args.image_logp})\n")
@@ -434,7 +435,7 @@ def build_parser():
     pt.add_argument("--compile", action="store_true", help="torch.compile the sampling decode steps")
     pt.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
     pt.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                    help="train.py's --dtype: autocast over float32 master weights (unset: bf16 on GPU, float32 on CPU)")
+                    help="train.py's --dtype: autocast over float32 master weights (unset: bf16 on GPU, fp32 on CPU)")
     pm = add("memory", help="estimated GPU memory of a BiCoT-GRPO step, from parameter counts and shapes")
     pm.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
     pm.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA instead of a full fine-tune")
@@ -454,4 +455,5 @@ if __name__ == "__main__":
         load_child(sys.argv[2], sys.argv[3])
         sys.exit()
     args = build_parser().parse_args()
-    {"load": bench_load, "speed": bench_speed, "train": bench_train, "memory": bench_memory, "rl": bench_rl}[args.cmd](args)
+    commands = {"load": bench_load, "speed": bench_speed, "train": bench_train, "memory": bench_memory, "rl": bench_rl}
+    commands[args.cmd](args)

@@ -2683,7 +2683,8 @@ def test_bf16_runs_roll_out_update_save_resume_and_evaluate(random_base, redness
     assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0, [m["kl"] for m in steps]
     assert all(m["ratio_min"] == m["ratio_max"] == 1 for m in steps)
     assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["test_00000.json", "test_00001.json", "test_00002.json"]
-    assert sorted(os.listdir(tmp_path / "run" / "samples")) == [f"step_0000{i}.{e}" for i in (1, 2) for e in ("jsonl", "png")]
+    grids = [f"step_0000{i}.{ext}" for i in (1, 2) for ext in ("jsonl", "png")]
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == grids
     saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))
     assert not torch.equal(saved.language_model.model.layers[0].mlp.up_proj.weight,
                            M.Janus.from_pretrained(random_base).language_model.model.layers[0].mlp.up_proj.weight)

@@ -88,7 +88,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, more time)
     # system
     device: str = None             # cuda, cpu, ...; unset: CUDA when present (torchrun: GPU LOCAL_RANK)
-    dtype: str = None              # autocast over float32 weights: bfloat16 | float32; unset: bf16 on GPU
+    dtype: str = None              # bfloat16 | float32: autocast dtype, frozen weights held in it; unset: bf16 on GPU
     seed: int = 0                  # every random draw is keyed by (seed, step, sampling call)
     compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few % after ~20 s of compiling)
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
