@@ -349,7 +349,7 @@ def memory_estimate(cfg: M.JanusConfig, lora_rank=0, group=8, micro_batch=8, req
     kept = {"trained weights (float32)": trained * 4, "gradients (float32)": trained * 4,
             "AdamW moments (float32)": trained * 8, "frozen weights (bf16)": frozen * bf16,
             "KL reference (bf16)": 0 if lora_rank else every * bf16}
-    rollout = {"bf16 casts of trained weights": trained * bf16, "head blocks in float32": head_f32,
+    rollout = {"bf16 casts of trained weights": trained * bf16,
                "KV cache (image rows with guidance)": max(cache(group, t_text), cache(2 * group, t_image)),
                "VQ decoder (after the cache is freed)": vq_decode}
     update = {"bf16 casts of trained weights": trained * bf16, "head blocks in float32": head_f32,

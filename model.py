@@ -14,7 +14,8 @@ Departures from the reference code:
 - rotary angles are computed from the positions on the fly (no cached tables, no length limit);
 - a padded query row attends to itself so that left-padded batches never produce NaN (the reference
   relies on the same trick inside transformers' mask code);
-- `text_logits`/`image_logits` compute in float32 (a bf16 product rounds logits of size ~10 by up to 0.03);
+- `text_logits`/`image_logits` compute in float32 (a bf16 product rounds logits of size ~10 by up to 0.03),
+  except in decode steps, which sample from the compute dtype's product as Janus-Pro's own sampler does;
 - under autocast every weight enters the compute in autocast's dtype, norms and embeddings included, so a
   model with float32 master weights computes exactly what the same model held in bf16 computes;
 - on CPU, linear layers pick their matmul kernel (MKL as x W^T or W x^T, or oneDNN) by measuring, per
@@ -539,12 +540,16 @@ class Janus(nn.Module):
         e = self.gen_embed(codes)
         return self.gen_aligner.layers(e.to(compute_dtype(e.device, e.dtype)))
 
-    def text_logits(self, h):    # (B, T, H) -> (B, T, vocab) float32
-        return float32_logits(self.language_model.lm_head, h)
+    # float32=False (decode steps): the product in the compute dtype, cast; float32 takes a float32 copy of the
+    # head's weight (in blocks), which would add ~10% to the bytes a bandwidth-bound image decode step reads
+    def text_logits(self, h, float32=True):    # (B, T, H) -> (B, T, vocab) float32
+        head = self.language_model.lm_head
+        return float32_logits(head, h) if float32 else head(h).float()
 
-    def image_logits(self, h):   # (B, T, H) -> (B, T, codebook) float32
+    def image_logits(self, h, float32=True):   # (B, T, H) -> (B, T, codebook) float32
         head = self.gen_head
-        return float32_logits(head.vision_head, F.gelu(head.output_mlp_projector(h)))
+        x = F.gelu(head.output_mlp_projector(h))
+        return float32_logits(head.vision_head, x) if float32 else head.vision_head(x).float()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A cache in the compute dtype: autocast's (bf16 over float32 master weights), else the weights'."""

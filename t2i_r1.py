@@ -215,10 +215,11 @@ def unconditional(ids, mask, pad_id):
 
 
 def text_step(janus: Janus, tokens, cache, input_pos, positions, mask, kv_len=None):
-    """tokens (B,) fed at slot input_pos (1,) -> next-token logits (B, vocab) float32. kv_len: see Janus.forward."""
+    """tokens (B,) fed at slot input_pos (1,) -> next-token logits (B, vocab), the compute dtype's product cast to
+    float32. kv_len: see Janus.forward."""
     h = janus(janus.embed_text(tokens[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
               kv_len=kv_len)
-    return janus.text_logits(h[:, -1])
+    return janus.text_logits(h[:, -1], float32=False)
 
 
 def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weight, kv_len=None):
@@ -229,7 +230,7 @@ def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weigh
     rows = codes if cfg_weight is None else torch.cat([codes, codes])
     h = janus(janus.embed_image(rows[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
               kv_len=kv_len)
-    return guide(janus.image_logits(h[:, -1]), cfg_weight)
+    return guide(janus.image_logits(h[:, -1], float32=False), cfg_weight)
 
 
 def guide(logits, cfg_weight):
@@ -304,7 +305,9 @@ def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_token
     """Sample n continuations of each prompt (ids, mask (B, T) left-padded, BOS included). Returns plan ids
     (B * n, L) right-padded with pad_id and their mask: each plan ends with its first EOS, or after
     max_new_tokens. Sample j of prompt i is row i * n + j."""
-    logits, step = start_decoding(janus, text_step, ids, mask, janus.text_logits, n, max_new_tokens, compile)
+    def first_logits(h):
+        return janus.text_logits(h, float32=False)
+    logits, step = start_decoding(janus, text_step, ids, mask, first_logits, n, max_new_tokens, compile)
     out = torch.full((logits.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):
@@ -339,7 +342,7 @@ def generate_images(janus: Janus, ids, mask, *, pad_id, n=1, cfg_weight=5.0, tem
         ids, mask = torch.cat([ids, unconditional(ids, mask, pad_id)]), torch.cat([mask, mask])
     w = torch.tensor(float(cfg_weight), device=ids.device) if guided else None
     def first_logits(h):
-        return guide(janus.image_logits(h), cfg_weight if guided else None)
+        return guide(janus.image_logits(h, float32=False), cfg_weight if guided else None)
     logits, step = start_decoding(janus, image_step, ids, mask, first_logits, n, N, compile, w)
     codes = torch.empty(logits.shape[0], N, dtype=torch.long, device=ids.device)
     for i in range(N):
