@@ -132,6 +132,20 @@ def cli_error(main, argv, capsys, prog):
     return err[-1]
 
 
+class CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the dtype casts (aten._to_copy) of the tensors in `names` ({data_ptr: name}), by name."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names, self.counts = names, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.names:
+            name = self.names[args[0].data_ptr()]
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
 class OnDevice(torch.utils._python_dispatch.TorchDispatchMode):
     """Fails the first op that takes a tensor on another device than `device`."""
 
@@ -2711,6 +2725,16 @@ def test_what_trains_is_float32_and_what_is_frozen_is_held_in_bf16(random_base, 
         assert {p.dtype for p in run.ref.parameters()} == {torch.bfloat16}
         nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.language_model.parameters())
         assert 2 * nbytes(run.ref) == nbytes(run.policy)
+    # decoding under autocast never casts a frozen weight, and casts a trained matrix once for the whole call
+    names = {p.data_ptr(): n for n, p in run.policy.named_parameters()}
+    casts = CastCounter(names)
+    with torch.no_grad(), run.autocast, casts:
+        ids, mask = R.pad_tokens([[1, 5, 6, 2], [1, 7, 2]], 0)
+        R.generate_images(run.policy, ids, mask, pad_id=0, cfg_weight=2.0)
+        R.generate_text(run.policy, ids, mask, eos_id=-1, pad_id=0, max_new_tokens=4)
+    assert not [n for n in casts.counts if n in frozen], casts.counts
+    assert casts.counts  # the trained weights (LoRA: the adapters), cast by autocast once each
+    assert all(k == 1 for n, k in casts.counts.items() if run.policy.get_parameter(n).ndim == 2), casts.counts
 
 
 def test_every_tensor_of_a_bf16_step_lives_on_the_policy_device(random_base, redness, tmp_path, monkeypatch):
