@@ -2377,19 +2377,18 @@ def test_resume_continues_to_the_same_parameters(random_base, redness, tmp_path)
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness, tmp_path, monkeypatch):
     quiet = dict(log=lambda *a, **k: None)
-    real, calls = M.save_state_dict, []
-    def dying_save(state, folder, **kw):  # the second save dies half-way through writing its weights
-        calls.append(folder)
+    real, calls = M.write_tensors, []
+    def dying_save(state, path):  # the second save dies half-way through writing its weights
+        calls.append(path)
         if len(calls) == 2:
-            path = os.path.join(folder, "model.safetensors")
             with open(path, "wb") as f:
                 f.write(b"partial")
             raise KeyboardInterrupt("killed while saving")
-        return real(state, folder, **kw)
-    monkeypatch.setattr(M, "save_state_dict", dying_save)
+        return real(state, path)
+    monkeypatch.setattr(M, "write_tensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
         T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "4", "--save-every", "2")), **quiet)
-    monkeypatch.setattr(M, "save_state_dict", real)
+    monkeypatch.setattr(M, "write_tensors", real)
     ckpt = T.last_checkpoint(str(tmp_path / "run"))
     assert ckpt.endswith("ckpt")
     M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
@@ -2398,6 +2397,69 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     T.train(T.parse_args(train_args(random_base, tmp_path / "ref", "--steps", "4", "--save-every", "2")), **quiet)
     a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(random_base, redness, tmp_path, capsys):
+    """A second run into the same --out was silently clobbering the first: refused, unless --resume continues
+    it or --overwrite replaces it, and then nothing of the old run (metrics, evaluations) stays."""
+    out = tmp_path / "run"
+    T.main(train_args(random_base, out, "--steps", "2"))
+    err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
+    assert str(out) in err and "already holds a run" in err and "--overwrite" in err
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2  # untouched
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "eval" / "val_00008.json").write_text("{}")  # an evaluation the old run wrote
+    T.main(train_args(random_base, out, "--steps", "1", "--overwrite"))
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "eval" / "val_00008.json").exists()
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+    assert "step 1/1" in (out / "train.log").read_text()  # the log beside metrics.jsonl
+    assert "one of them" in cli_error(T.main, train_args(random_base, out, "--resume", "--overwrite"), capsys,
+                                      "train.py")
+
+
+def test_resume_of_a_folder_without_a_checkpoint_is_refused(random_base, redness, tmp_path, capsys):
+    err = cli_error(T.main, ["--out", str(tmp_path / "typo"), "--resume"], capsys, "train.py")
+    assert str(tmp_path / "typo") in err and "no checkpoint" in err
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "crashed").mkdir()  # a run that died before its first checkpoint
+    (tmp_path / "crashed" / "metrics.jsonl").write_text("")
+    err = cli_error(T.main, train_args(random_base, tmp_path / "crashed", "--resume"), capsys, "train.py")
+    assert "no checkpoint" in err and "metrics.jsonl" in err
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_one_leaves_no_lock(random_base, redness, tmp_path,
+                                                                                    capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    lock = T.lock_run_folder(str(out))  # another process's lock (flock locks are per open file)
+    err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
+    assert "in use by another train.py process" in err and str(os.getpid()) in err
+    lock.close()
+    # a process killed while holding the lock leaves the folder free
+    code = f"import os, train; train.lock_run_folder({str(out)!r}); os.kill(os.getpid(), 9)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(T.__file__)).returncode == -9
+    T.main(train_args(random_base, out, "--steps", "1"))
+    assert (out / "ckpt" / "train_state.pt").exists()
+
+
+def test_resume_refuses_changed_settings_and_records_the_allowed_ones(random_base, redness, tmp_path, capsys):
+    out = tmp_path / "run"
+    T.main(train_args(random_base, out, "--steps", "1"))
+    first = json.loads((out / "config.json").read_text())
+    err = cli_error(T.main, ["--out", str(out), "--resume", "--lr", "0.01", "--seed", "3", "--ckpt", str(tmp_path),
+                             "--steps", "2"], capsys, "train.py")
+    for flag in ("--lr 0.01", "--seed 3", "--ckpt"):
+        assert flag in err, err
+    assert "--steps" not in err  # more steps is a change a resume may make
+    assert "--cfg" in cli_error(T.main, ["--out", str(out), "--resume", "--cfg", "3"], capsys, "train.py")
+    T.main(["--out", str(out), "--resume", "--steps", "2", "--save-every", "1"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["resumes"] == [{"step": 1, "changed": {"steps": [1, 2], "save_every": [50, 1]}}]
+    assert {k: v for k, v in config.items() if k not in ("steps", "save_every", "resume", "resumes")} == \
+        {k: v for k, v in first.items() if k not in ("steps", "save_every", "resume")}
+    assert "already at step 2" in cli_error(T.main, ["--out", str(out), "--resume", "--steps", "1"], capsys, "train.py")
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
