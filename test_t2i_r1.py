@@ -488,7 +488,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # ---- model.py: fidelity against transformers' Janus port and deepseek's own code (optional: skipped without them) ---
 
 
-def tiny_hf_janus(noise, **vision):
+def tiny_hf_janus(noise, vocab_size=300, **vision):
     """transformers' JanusForConditionalGeneration at a tiny random size (GQA), every weight (norms and
     biases too) moved by `noise` * N(0, 1); skips the test when transformers or its Janus is missing."""
     transformers = reference_transformers()
@@ -497,7 +497,7 @@ def tiny_hf_janus(noise, **vision):
     from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
                               LlamaConfig)
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=16,
                                projection_dim=64, **vision)
@@ -2460,6 +2460,65 @@ def test_resume_refuses_changed_settings_and_records_the_allowed_ones(random_bas
     assert {k: v for k, v in config.items() if k not in ("steps", "save_every", "resume", "resumes")} == \
         {k: v for k, v in first.items() if k not in ("steps", "save_every", "resume")}
     assert "already at step 2" in cli_error(T.main, ["--out", str(out), "--resume", "--steps", "1"], capsys, "train.py")
+
+
+def janus_pro_like_base(random_base, folder, layout):
+    """A base as the published folders are: deepseek's layout (bf16 tensors in two pytorch_model shards with
+    their index, as Janus-Pro-7B ships, the understanding tower beside the generation path) or transformers'
+    (JanusForConditionalGeneration.save_pretrained, its SigLIP tower included), with processor files."""
+    import shutil
+    os.makedirs(folder)
+    if layout == "deepseek":
+        m = M.Janus.from_pretrained(random_base)
+        state = {k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}
+        state["vision_model.vision_tower.pos_embed"] = torch.randn(1, 4, 8, dtype=torch.bfloat16)
+        state["aligner.layers.0.weight"] = torch.randn(8, 8, dtype=torch.bfloat16)
+        M.save_state_dict(state, folder, weights="bin", shards=2)
+        M.write_json(os.path.join(folder, "config.json"), M.config_to_dict(m.cfg, torch.bfloat16))
+    else:
+        tiny_hf_janus(0.05, vocab_size=M.Tokenizer.from_pretrained(random_base).vocab_size,
+                      image_size=64).save_pretrained(folder)
+    for name in ("tokenizer.json", "reasoning_prompt.txt"):
+        shutil.copy(os.path.join(random_base, name), folder)
+    with open(os.path.join(folder, "processor_config.json"), "w") as f:
+        f.write('{"image_tag": "<image_placeholder>"}')
+    return folder
+
+
+def tensors(folder):
+    return {k: v for f in M.weight_files(folder) for k, v in M.read_tensors(f)}
+
+
+@pytest.mark.parametrize("layout", ["deepseek", "transformers"])
+def test_checkpoints_are_the_base_folder_with_the_trained_tensors_in_place(random_base, redness, tmp_path, layout):
+    """A trained checkpoint holds every file and tensor of its base, in the base's layout (the understanding
+    tower included), so the loader that read the base reads it; only the trained language model differs."""
+    base = janus_pro_like_base(random_base, str(tmp_path / "base"), layout)
+    policy, _ = T.train(T.parse_args(train_args(base, tmp_path / "run", "--steps", "1", "--cfg", "1")),
+                        log=lambda *a, **k: None)
+    ckpt = str(tmp_path / "run" / "ckpt")
+    assert set(os.listdir(base)) | {"train_state.pt"} == set(os.listdir(ckpt))
+    for name in ("config.json", "processor_config.json", "tokenizer.json"):
+        assert open(os.path.join(base, name)).read() == open(os.path.join(ckpt, name)).read(), name
+    before, after = tensors(base), tensors(ckpt)
+    assert before.keys() == after.keys()
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    ours = policy.state_dict()
+    changed = 0
+    for k, v in before.items():
+        name = M.to_original_key(k)
+        if name in trained:  # float32 master weights, as the policy holds them
+            assert after[k].dtype == torch.float32 and torch.equal(after[k], ours[name]), k
+            changed += not torch.equal(after[k], v.float())
+        else:  # understanding tower, VQ, image embedding and head: the base's, dtype and all
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert changed > 0 and any(k.startswith(("vision_model.", "model.vision_model.")) for k in before)
+    M.Janus.from_pretrained(ckpt)
+    if layout == "transformers":  # transformers' own loader takes it, every key in place
+        from transformers import JanusForConditionalGeneration
+        hf, info = JanusForConditionalGeneration.from_pretrained(ckpt, output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+        assert torch.equal(hf.lm_head.weight, ours["language_model.lm_head.weight"])
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
