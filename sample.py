@@ -146,21 +146,29 @@ def save_png(image, path):
 
 class Progress:
     """Progress of a long stage on stderr. On a terminal, one line rewritten in place every `every` seconds;
-    otherwise (a log file, CI) whole lines, at most one every `every_line` seconds, and always the last."""
+    otherwise (a log file, CI) whole lines, at most one every `every_line` seconds, and always the last.
+    The ETA counts only this stage's own time: while another stage runs (the plans between batches of image
+    tokens) it is paused."""
 
     def __init__(self, total, desc="", stream=None, every=0.5, every_line=30.0):
         self.total, self.desc, self.stream = total, desc, stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = every if self.tty else every_line
-        self.t0 = self.last = time.time()
-        self.n = 0
+        self.t0 = self.last = self.prev = time.time()
+        self.n, self.busy = 0, 0.0  # work done, and the seconds this stage took for it
+
+    def pause(self):
+        """Another stage runs: the time until this one's next update is not this one's."""
+        self.prev = None
 
     def update(self, k=1, note=""):
         self.n += k
         now = time.time()
+        self.busy += now - self.prev if self.prev is not None else 0.0
+        self.prev = now
         if now - self.last >= self.every or self.n >= self.total:
             self.last = now
-            rate = self.n / max(now - self.t0, 1e-9)
+            rate = self.n / max(self.busy, 1e-9)
             eta = (self.total - self.n) / max(rate, 1e-9)
             line = f"{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}".rstrip()
             end = "\n" if self.n >= self.total or not self.tty else ""  # a terminal rewrites one line
@@ -168,14 +176,31 @@ class Progress:
             self.stream.flush()
 
 
+def stage_progress(bar, other):
+    """A sampler's progress(i, N) callback (token i of N in each batch; plans that all end early jump to N)
+    advancing bar; other, the stage it alternates with, is paused meanwhile."""
+    last = [0]
+    def advance(i, N):
+        if other is not None and other.prev is not None:  # the other stage ran until its last update: this
+            bar.prev = other.prev if bar.prev is None else bar.prev  # one took over then
+            other.pause()
+        bar.update(i - last[0] if i > last[0] else i)
+        last[0] = i % N
+    return advance
+
+
 def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4, seed=0, show_progress=True,
              desc="image tokens", **kwargs):
     """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: cot,
-    reasoning_template, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
-    bar = Progress(-(-len(items) // batch_size) * janus.cfg.image_tokens, desc=desc) if show_progress else None
+    reasoning_template, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3).
+    Progress: a line for the plan tokens and one for the image tokens, each with its own ETA."""
+    batches = -(-len(items) // batch_size)
+    bar = Progress(batches * janus.cfg.image_tokens, desc=desc) if show_progress else None
+    plans = (Progress(batches * settings.max_plan_tokens, desc=desc.replace("image tokens", "plan tokens"))
+             if show_progress and kwargs.get("cot", True) else None)
     rollout, images = R.sample_batches(janus, tok, [it["prompt"] for it in items], settings, n=n,
-                                       batch_size=batch_size, seed=seed,
-                                       progress=bar and (lambda i, N: bar.update(1)), **kwargs)
+                                       batch_size=batch_size, seed=seed, progress=bar and stage_progress(bar, plans),
+                                       plan_progress=plans and stage_progress(plans, bar), **kwargs)
     records = [{"index": r // n, "sample": r % n, "prompt": rollout.prompts[r], "plan": rollout.plans[r],
                 "image_tokens": codes, "metadata": items[r // n]} for r, codes in enumerate(rollout.codes.tolist())]
     return records, images

@@ -451,6 +451,18 @@ def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
         M.Janus.from_pretrained(d)
 
 
+@pytest.mark.parametrize("key", ["gen_vision_model.decoder.conv_out.weight", "language_model.model.layers.1.mlp.up_proj.weight"])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, key):
+    """A NaN in the VQ decoder drew cyan images that scored 0 with exit code 0; one in the decoder failed
+    steps later inside torch.multinomial. Both are refused at load, naming the tensor and its file."""
+    m = tiny_model()
+    with torch.no_grad():
+        m.state_dict()[key].view(-1)[3] = float("inf" if "vision" in key else "nan")
+    m.save_pretrained(tmp_path)
+    with pytest.raises(M.CheckpointError, match=r"model.safetensors: tensor " + re.escape(key) + " holds 1 non-finite"):
+        M.Janus.from_pretrained(tmp_path)
+
+
 def test_tokenizer_one_bos_special_tokens_and_chat_format(tmp_path):
     tok = make_word_tokenizer(tmp_path)
     assert tok.tk.encode("a photo").ids[0] == tok.bos_id  # the post-processor adds BOS by itself ...
@@ -1558,6 +1570,26 @@ def test_geneval_color_step_on_crops(tmp_path):
     assert not r["strict"] and r["dense"] == pytest.approx((1 - 1 / 2 + 1 / 2) / 2)
 
 
+def test_rule_rewards_refuse_classes_colours_and_tags_they_cannot_recognise(tmp_path, capsys):
+    """A misspelt class, an unknown colour or tag could never be found: its prompt scored 0 forever."""
+    reward = S.ShapesReward()
+    good = {"prompt": "a photo of a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1,
+                                                                              "color": "red"}]}
+    reward.check_metadata([good])
+    for bad, msg in [({"class": "cirlce"}, "include\\[0\\]: class 'cirlce' is not one it detects \\(circle, square, triangle\\)"),
+                     ({"color": "cyan"}, "include\\[0\\]: color 'cyan' is not one it tells apart"),
+                     ({"color": "pink"}, "color 'pink'")]:  # a GenEval colour, but not one of this world's
+        m = {**good, "include": [{**good["include"][0], **bad}]}
+        with pytest.raises(ValueError, match="shapes: prompt 0 .*" + msg):
+            reward.check_metadata([m])
+    with pytest.raises(ValueError, match="tag 'colours' is not one of"):
+        reward.check_metadata([{**good, "tag": "colours"}])
+    assert RW.GenEvalReward.classes is None and "pink" in RW.GenEvalReward.colors  # OWL-ViT: any class name
+    (tmp_path / "p.jsonl").write_text(json.dumps({**good, "include": [{"class": "cirlce", "count": 1}]}) + "\n")
+    err = cli_error(T.main, ["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "run")], capsys, "train.py")
+    assert "class 'cirlce'" in err and not (tmp_path / "run").exists()
+
+
 def test_reward_args_parsing():
     assert RW.parse_rewards("hps:1,geneval, aesthetic:0.5") == {"hps": 1.0, "geneval": 1.0, "aesthetic": 0.5}
     assert RW.parse_reward_ckpt(["hps=/a/b", "clip=~/c"]) == {"hps": "/a/b", "clip": os.path.expanduser("~/c")}
@@ -2130,6 +2162,28 @@ def test_shapes_report_averages_seeds_per_level(tmp_path):
         S.report([str(tmp_path)])  # a run that never evaluated
 
 
+def test_shapes_report_refuses_to_pool_runs_with_other_settings(tmp_path):
+    """Runs with another --image-logp or --eval-n were pooled as seeds of one row: refused, naming each setting
+    that differs. A run scored without a rule reward, or a torn evaluation, is named too."""
+    acc = {t: 0.5 for t in S.GENEVAL_TAGS}
+    runs = [tmp_path / f"both{seed}" for seed in range(3)]
+    for seed, run in enumerate(runs):
+        _fake_run(run, "both", acc, acc, seed=seed)
+        extra = {"image_logp": "cfg" if seed == 2 else "cond", "eval_n": 16, "micro_batch": 4 + seed,
+                 "sampling": {"cfg_weight": 3.0, "temperature": 1.0 + (seed == 1)}}
+        (run / "config.json").write_text(json.dumps({"levels": "both", "seed": seed, **extra}))
+    S.report([str(r) for r in runs[:1]])
+    with pytest.raises(ValueError, match=r"differ in more than the seed .*--image-logp \('cond' in .*both0, 'cond' in "
+                                         r".*both1, 'cfg' in .*both2\); --temperature"):
+        S.report([str(r) for r in runs])
+    (runs[1] / "eval" / "test_00010.json").write_text(json.dumps({"rewards": {"clip": 0.3}}))
+    with pytest.raises(ValueError, match=r"test_00010.json holds no GenEval accuracy"):
+        S.report([str(runs[1])])
+    (runs[1] / "eval" / "test_00010.json").write_text('{"rewards": {"cl')
+    with pytest.raises(ValueError, match=r"test_00010.json is not valid JSON"):
+        S.report([str(runs[1])])
+
+
 # ---- sample.py: prompt files, the command line, fidelity of whole samples, progress --------------------------------
 
 
@@ -2165,6 +2219,22 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_bytes(tmp_path, capsys):
+    import sample as SA
+    m = tiny_model()
+    m.save_pretrained(tmp_path / "ckpt", tokenizer=make_word_tokenizer(tmp_path / "ckpt"))
+    args = ["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--n", "1", "--max-plan-tokens", "2",
+            "--out", str(tmp_path / "a")]
+    SA.main(args + ["--n", "3"])
+    err = cli_error(SA.main, args, capsys, "sample.py")
+    assert "already holds samples" in err and "--overwrite" in err
+    SA.main(args + ["--overwrite"])  # one image now: none of the three earlier ones stays beside it
+    assert sorted(p.name for p in (tmp_path / "a").glob("0000_*.png")) == ["0000_0.png"]
+    (tmp_path / "p.txt").write_bytes(b"a red circle\na blue \xff square\n")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "p.txt")) + r":2: not UTF-8 .*0xff at column 8"):
+        SA.read_prompts(str(tmp_path / "p.txt"))
 
 
 @pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
@@ -2218,6 +2288,33 @@ def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
     assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
 
 
+def test_plan_tokens_have_progress_and_the_image_eta_leaves_the_plans_out(tmp_path, monkeypatch):
+    import sample as SA
+    clock = [0.0]
+    monkeypatch.setattr(SA.time, "time", lambda: clock[0])
+    buf = io.StringIO()
+    images, plans = SA.Progress(4, "image tokens", stream=buf, every_line=0), SA.Progress(8, "plan tokens", stream=buf,
+                                                                                          every_line=0)
+    image_cb, plan_cb = SA.stage_progress(images, plans), SA.stage_progress(plans, images)
+    for batch in range(2):  # per batch: 2 plan tokens, 50 s each, then every plan has ended (a jump to 4 of 4)
+        for i in (1, 2):
+            clock[0] += 50
+            plan_cb(i, 4)
+        plan_cb(4, 4)
+        for i in (1, 2)[:2 - batch]:  # then the image tokens, 1 s each
+            clock[0] += 1
+            image_cb(i, 2)
+    lines = buf.getvalue().splitlines()
+    assert lines[-1].startswith("image tokens 3/4 [203s, eta 1s]"), lines  # 1 s per image token, plans apart
+    assert [l.split(" [")[0] for l in lines if l.startswith("plan")] == [f"plan tokens {n}/8" for n in (1, 2, 4, 5, 6, 8)]
+    monkeypatch.undo()  # the real clock again; a real sampler's plans and images
+    err, m = io.StringIO(), tiny_model()
+    monkeypatch.setattr(SA.sys, "stderr", err)
+    SA.generate(m, make_word_tokenizer(tmp_path), [{"prompt": "a red circle"}], settings(max_plan_tokens=3), n=2,
+                batch_size=1)
+    assert "plan tokens 3/3" in err.getvalue() and f"image tokens {m.cfg.image_tokens}/{m.cfg.image_tokens}" in err.getvalue()
+
+
 def test_shapes_t2i_r1_file_counts(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "one hamburger", "nouns": ["hamburger"], "task_type": "numeracy", '
@@ -2260,6 +2357,7 @@ def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_th
     assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
     # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
     shapes_reward = S.ShapesReward()
+    shapes_reward.classes = None  # the shapes detector stands in for an open-vocabulary one (T2I-R1's nouns)
     scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
     assert info["checked"] == [True, True, False, True, False, True]
     assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
@@ -2519,6 +2617,84 @@ def test_checkpoints_are_the_base_folder_with_the_trained_tensors_in_place(rando
         hf, info = JanusForConditionalGeneration.from_pretrained(ckpt, output_loading_info=True)
         assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
         assert torch.equal(hf.lm_head.weight, ours["language_model.lm_head.weight"])
+
+
+def test_evaluations_are_written_whole_and_a_torn_one_is_named(random_base, redness, tmp_path, monkeypatch):
+    (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")
+    args = train_args(random_base, tmp_path / "run", "--steps", "1", "--eval-prompts", str(tmp_path / "p.jsonl"),
+                      "--eval-n", "2")
+    real = json.dump
+    def dying_dump(obj, f, **kw):  # killed half-way through writing the base's evaluation
+        if isinstance(obj, dict) and "images" in obj:
+            f.write('{"images": 2, "rew')
+            raise KeyboardInterrupt
+        return real(obj, f, **kw)
+    monkeypatch.setattr(json, "dump", dying_dump)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.parse_args(args), log=lambda *a, **k: None)
+    monkeypatch.setattr(json, "dump", real)
+    assert os.listdir(tmp_path / "run" / "eval") == []  # no half file
+    T.train(T.parse_args(args + ["--overwrite"]), log=lambda *a, **k: None)
+    (tmp_path / "run" / "eval" / "test_00000.json").write_text('{"images": 2, "rew')  # torn by other means
+    with pytest.raises(ValueError, match=r"test_00000.json is not valid JSON"):
+        T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume", "--steps", "2"]), log=lambda *a, **k: None)
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_partial(random_base, redness, tmp_path, monkeypatch, capsys):
+    import shutil
+    real_save, saves = torch.save, []
+    def full_disk_save(obj, f, *a, **k):  # the second checkpoint's train_state.pt hits a full disk
+        saves.append(f)
+        if str(f).endswith("train_state.pt") and len(saves) > 1:
+            open(f, "wb").write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0 "
+                               "basic_ios::clear: iostream error")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=10**9, used=10**9, free=4096))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(random_base, out, "--steps", "2", "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("train.py: error: no space left on the disk of " + str(out)), err
+    assert "room for two" in err and "--resume" in err
+    assert sorted(os.listdir(out)) == ["ckpt", "config.json", "eval", "metrics.jsonl", "samples", "train.lock",
+                                       "train.log"]  # no ckpt.tmp
+    assert real_save and torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+
+
+def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(random_base, redness, tmp_path, monkeypatch,
+                                                                 capsys):
+    out = tmp_path / "run"
+    real = T.train_step
+    def interrupted(run, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(run, step)
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(random_base, out, "--steps", "3", "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and "Traceback" not in "\n".join(err)
+    assert err[-1] == (f"train.py: interrupted; the last checkpoint is {out}/ckpt (step 1); continue with "
+                       f"`python train.py --out {out} --resume`")
+
+
+def test_bad_devices_and_prompts_too_long_for_the_context_are_one_line_errors(tmp_path, capsys):
+    import sample as SA
+    long = tmp_path / "long.jsonl"
+    row = S.colors("red", "circle")
+    long.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt": "a photo of a red circle " * 200}) + "\n")
+    for main, prog in ((T.main, "train.py"), (SA.main, "sample.py")):
+        err = cli_error(main, ["--prompts", str(long), "--out", str(tmp_path / "out")], capsys, prog)
+        assert re.search(r"prompt 2 \('a photo of a red circle a photo.*4800 characters\) needs \d+ positions .* "
+                         r"context is 512", err), err
+        assert "not a device name" in cli_error(main, ["--device", "cdua", "--out", str(tmp_path / "out")], capsys,
+                                                prog)
+        if not torch.cuda.is_available():
+            assert "--device cuda: this torch" in cli_error(main, ["--device", "cuda", "--out", str(tmp_path / "out")],
+                                                          capsys, prog)
+    assert not (tmp_path / "out").exists()
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
