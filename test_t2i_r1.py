@@ -1512,6 +1512,24 @@ def test_geneval_position_rules():
     assert not r["strict"] and r["dense"] == pytest.approx((1 + (1 + 0.5) / 2) / 2)
 
 
+def test_geneval_include_means_at_least_and_positions_are_checked_against_every_pair():
+    # an include clause asks for at least `count` (GenEval): two circles still show "a photo of a circle"
+    one = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
+    assert RW.geneval_score([_det("circle", (0, 0, 10, 10)), _det("circle", (30, 0, 40, 10), 0.8)], one)["strict"]
+    # position credit is over every (clause object, reference object) pair: two cats, two dogs, one cat left of
+    # both dogs and the other right of both: 2 of 4 pairs
+    meta = {"tag": "position", "include": [{"class": "dog", "count": 2},
+                                           {"class": "cat", "count": 2, "position": ["left of", 0]}], "prompt": ""}
+    dogs = [_det("dog", (50, 0, 60, 10)), _det("dog", (200, 0, 210, 10), 0.8)]
+    cats = [_det("cat", (0, 0, 10, 10)), _det("cat", (300, 0, 310, 10), 0.8)]
+    r = RW.geneval_score(dogs + cats, meta)
+    assert not r["strict"] and r["dense"] == pytest.approx((1 + (1 + 2 / 4) / 2) / 2)
+    # a clause placed relative to itself has nothing matched to compare with: refused at validation
+    with pytest.raises(ValueError, match=r"include\[1\]: 'position' must be"):
+        RW.check_geneval_metadata({**meta, "include": [meta["include"][0], {**meta["include"][1],
+                                                                             "position": ["left of", 1]}]})
+
+
 def test_geneval_summary():
     recs = [("counting", True), ("counting", False), {"tag": "colors", "strict": True}, ("position", False)]
     s = RW.geneval_summary(recs)
@@ -2497,6 +2515,21 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_step_lines_show_each_reward_elapsed_time_and_eta_and_eval_every_0_means_no_validation(random_base, redness,
+                                                                                              tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")
+    lines = []
+    T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--rewards", "redness,shapes",
+                                    "--prompts", str(tmp_path / "p.jsonl"), "--val-prompts", str(tmp_path / "p.jsonl"))),
+            log=lines.append)
+    steps = [l for l in lines if l.startswith("step ")]
+    assert len(steps) == 2 and all(re.search(r"\| reward -?\d\.\d{3}±\d\.\d{3} redness -?\d\.\d{3} shapes \d\.\d{3} \| kl ", l)
+                                   for l in steps), steps
+    assert re.search(r"\| \d+s elapsed, eta \d+s$", steps[0]) and steps[1].endswith("elapsed, eta 0s"), steps
+    assert os.listdir(tmp_path / "run" / "eval") == []  # --eval-every 0: validation neither at the start nor the end
+    assert all(l in (tmp_path / "run" / "train.log").read_text() for l in steps)  # a log beside metrics.jsonl
+
+
 def test_an_existing_run_is_refused_unless_resumed_or_overwritten(random_base, redness, tmp_path, capsys):
     """A second run into the same --out was silently clobbering the first: refused, unless --resume continues
     it or --overwrite replaces it, and then nothing of the old run (metrics, evaluations) stays."""
@@ -2845,6 +2878,27 @@ def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
     assert not torch.allclose(cond, guided)
 
 
+def test_each_level_is_scored_at_its_own_sampling_temperature():
+    """Plan tokens are scored at --text-temperature, image tokens at --temperature, as each was sampled."""
+    m = tiny_model()
+    ids, mask = R.pad_tokens(image_prompts(m, lengths=(5, 7)), PAD)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    plan_ids, plan_mask = R.pad_tokens([[5, 6, 7], [8]], PAD, side="right")
+    batch = R.Rollout(["a", "b"], ["", ""], ids, mask, plan_ids, plan_mask, ids, mask, codes)
+    cfg = T.resolve_defaults(T.parse_args(["--text-temperature", "0.5", "--temperature", "1.7"]))
+    with torch.no_grad():
+        logp, got_mask = T.logprobs(m, batch, cfg, PAD)
+        plan = R.completion_logprobs(m, ids, mask, plan_ids, plan_mask, "text", temperature=0.5)
+        image = R.completion_logprobs(m, ids, mask, codes, torch.ones_like(codes, dtype=torch.bool), "image",
+                                      temperature=1.7)
+        image_at_plan_t = R.completion_logprobs(m, ids, mask, codes, torch.ones_like(codes, dtype=torch.bool),
+                                                "image", temperature=0.5)
+    assert got_mask.shape == (2, 3 + 4)
+    torch.testing.assert_close(logp[:, :3][plan_mask], plan[plan_mask])
+    torch.testing.assert_close(logp[:, 3:], image)
+    assert not torch.allclose(image, image_at_plan_t)
+
+
 def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
     """Over a step's sampling calls each sample's request, plan and image prompt belong together, and the
     log-prob pass over a micro-batch of different prompts gives each sample the log-probs it gets alone."""
@@ -3036,7 +3090,7 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     assert 0 < roll <= sec and peak > 0
 
 
-def test_every_flag_of_every_script_has_a_help_line_with_its_default():
+def test_every_flag_of_every_script_has_a_help_line_with_its_default(tmp_path):
     import argparse
     import bench
     import sample as SA
@@ -3056,6 +3110,8 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
                     continue
                 text = fmt._expand_help(a) if a.help else ""
                 assert a.help and "(default: " in text, (p.prog, a.dest, text)
+                # argparse reads a bare % as a format code: "a few % after" came out garbled
+                assert "%" not in re.sub(r"%\(\w+\)s", "", fmt._get_help_string(a)), (p.prog, a.dest, a.help)
                 seen += 1
     assert seen > 80
     # one name per idea across the scripts
@@ -3065,3 +3121,12 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
         assert all(both in f for f in flags.values()), both
     assert not ({"--score", "--no-cot", "--batch-size"} & flags[SA])
     assert bench.build_parser().parse_args(["speed", "--preset", "cpu-768"]).preset == "cpu-768"
+    assert "a few percent after ~20 s of compiling" in " ".join(T.build_parser().format_help().split())
+    # the examples of sample.py's help read files that exist once the command before them has run
+    written = [os.path.relpath(f) for f in S.write_prompt_sets(os.path.join(tmp_path, "data", "shapes"))]
+    examples = [e for e in re.findall(r"--prompts (\S+\.jsonl)", SA.__doc__) if "/" in e]  # not a user's own file
+    assert examples and all(os.path.join(os.path.relpath(tmp_path), e) in written for e in examples), examples
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert bench.cpu_name().endswith(", 1 thread")
+    torch.set_num_threads(threads)

@@ -478,7 +478,7 @@ def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
         for line in S.vocabulary_warnings(run.tok, items, f"{what} prompts"):
             run.log(line)
     load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
-    if device.type == "cpu" and not cfg.threads and load > cores / 2:
+    if device.type == "cpu" and not cfg.threads and torch.get_num_threads() > 1 and load > cores / 2:
         run.log(f"warning: load average {load:.1f} on {cores} cores before this run started: other processes use "
                 f"them, and torch's {torch.get_num_threads()} threads would wait on each other; --threads 1 (or "
                 f"OMP_NUM_THREADS=1) is often several times faster on a shared machine")
