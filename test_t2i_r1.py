@@ -2033,7 +2033,8 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
                       log=lambda *a, **k: None)
     assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
     assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
-                         "drawn from own plans", "drawn from the prompt alone"}
+                         "drawn from own plans", "drawn from the prompt alone", "plan-following, true plans",
+                         "plan-following, own plans"}
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
 
 
@@ -2087,6 +2088,29 @@ def test_shapes_plans_read_as_detections():
     meta = S.counting("triangle", 3)
     assert RW.geneval_score(S.plan_detections("red triangle top , red triangle left , red triangle right"), meta)["strict"]
     assert not RW.geneval_score(S.plan_detections("red triangle top , red triangle left"), meta)["strict"]
+
+
+def test_shapes_plan_following_counts_planned_objects_drawn_as_planned():
+    red = S.Obj("circle", "red", (0, 0, 16, 16))            # top left
+    blue = S.Obj("square", "blue", (40, 40, 64, 64))        # bottom right
+    plan = "red circle top left , blue square bottom right"
+    def follows(*objects, plan=plan):
+        return S.plan_following(plan, S.detect(S.render(S.Scene(list(objects)))))
+    assert follows(red, blue) == 1.0
+    assert follows(red, blue, S.Obj("triangle", "green", (40, 0, 56, 16))) == 1.0  # extras are GenEval's business
+    assert follows(red) == 0.5                                                      # one object missing
+    assert follows(red, S.Obj("square", "green", (40, 40, 64, 64))) == 0.5          # wrong colour
+    assert follows(red, S.Obj("circle", "blue", (40, 40, 64, 64))) == 0.5           # wrong shape
+    assert follows(red, S.Obj("square", "blue", (0, 40, 24, 64))) == 0.5            # wrong place
+    # one drawn object cannot follow two planned ones; an unplaced object takes any place left
+    assert follows(red, plan="red circle top left , red circle top left") == 0.5
+    assert follows(red, blue, plan="blue square , red circle top left") == 1.0
+    assert follows(red, plan="red circle , red circle top left") == 0.5
+    assert S.plan_following("nothing to draw", []) is None
+    metas = [{"tag": "colors"}, {"tag": "colors"}, {"tag": "position"}, {"tag": "position"}]
+    summary = S.following_summary(metas, [plan, plan, plan, "junk"],
+                                  [S.detect(S.render(S.Scene([red, blue]))), [], S.detect(S.render(S.Scene([red]))), []])
+    assert summary["per_tag"] == {"colors": 0.5, "position": 0.5} and summary["overall"] == 0.5
 
 
 def _fake_run(folder, levels, base, final, steps=10, seed=0):
