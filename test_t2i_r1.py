@@ -2974,6 +2974,33 @@ def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base
     assert not out.exists()
 
 
+def test_t2i_r1_preset_trains_a_step_on_t2i_r1_file(random_base, tmp_path):
+    """--rewards t2i-r1 (hps, t2i-r1-detect, git) on tiny published-layout folders and T2I-R1's prompt-file
+    format: it prints how many prompts each reward scores and trains one step."""
+    ckpt, _ = _reward_folders(tmp_path / "rw")
+    git = _write_git_folder(tmp_path / "rw" / "git", _tiny_git_cfg())
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))
+    args = train_args(random_base, tmp_path / "run", "--prompts", str(path), "--rewards", "t2i-r1", "--reward-ckpt",
+                      f"hps={ckpt['hps']}", f"geneval={ckpt['geneval']}", f"git={git}", "--steps", "1",
+                      "--sample-every", "1")
+    cfg = T.parse_args(args + ["--t2i-r1-as-released"])
+    assert cfg.t2i_r1_as_released and not T.parse_args(args).t2i_r1_as_released
+    lines = []
+    _, metrics = T.train(cfg, log=lines.append)
+    assert "hps: scores all 6 training prompts" in lines
+    assert "t2i-r1-detect: scores all 6 training prompts" in lines
+    assert any(l.startswith("git: scores 4 of the 6 training prompts; the other 2 (T2I-R1 task types: numeracy 1, "
+                            "spatial 1)") for l in lines), lines
+    saved = [json.loads(l) for l in (tmp_path / "run" / "samples" / "step_00001.jsonl").read_text().splitlines()]
+    task = {r["prompt"]: r["task_type"] for r in T2I_R1_ROWS}
+    for r in saved:
+        assert r["checked"]["t2i-r1-detect"] and r["checked"]["git"] == (task[r["prompt"]] not in ("spatial", "numeracy"))
+    m = metrics[0]
+    assert all(math.isfinite(m[k]) for k in ("reward", "reward_hps", "reward_t2i-r1-detect", "reward_git"))
+    assert 0 < m["reward_git"] < 1 and m["step"] == 1
+
+
 def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out_prompts(random_base, redness,
                                                                                        tmp_path, monkeypatch):
     """train_state.pt is read with weights_only=True; a run without held-out prompts still writes summary.md
