@@ -4,13 +4,16 @@ Top to bottom:
   1. CLIP: a pre-LN ViT and a causal text transformer with a dataclass config and presets. The module tree
      is named like transformers' CLIPModel so its checkpoints load as they are; OpenCLIP checkpoints (HPS)
      are renamed into the same tree. The CLIP BPE tokenizer (via `tokenizers`) and image preprocessing.
-  2. OWL-ViT detection heads on the same CLIP towers, and class-wise NMS.
-  3. The GenEval rule engine (strict pass/fail as GenEval computes it, plus a dense score for RL), and
-     T2I-R1's prompt file read as GenEval metadata where its fields allow.
+  2. OWL-ViT detection heads on the same CLIP towers, and class-wise NMS; GIT (VQA): the same ViT, a
+     projection and a BERT decoder, in transformers' GitForCausalLM layout, with its WordPiece tokenizer.
+  3. The GenEval rule engine (strict pass/fail as GenEval computes it, plus a dense score for RL),
+     T2I-R1's prompt file read as GenEval metadata where its fields allow, and T2I-R1's own rules read from
+     its released reward_git.py and reward_gdino.py (GIT questions; detection scores and position rule).
   4. Rewards, all called as `reward(images, metadata) -> (scores (B,) float32, info dict of per-image lists)`:
-     clip, pickscore, hps, aesthetic, geneval (shapes.py registers shapes, its world's detector + these rules).
-  5. Selection and weights from the command line, the reward ensemble, `sum` / `group` combination,
-     evaluation extras (diversity).
+     clip, pickscore, hps, aesthetic, geneval, git, t2i-r1-detect (shapes.py registers shapes, its world's
+     detector + the GenEval rules).
+  5. Selection and weights from the command line (and the t2i-r1 preset), the reward ensemble, `sum` /
+     `group` combination, evaluation extras (diversity).
 
 Where this departs from the reference code, and why:
   - Every model's resize is PIL bicubic on uint8 pixels (OpenAI CLIP, HF and OpenCLIP do the same up to
@@ -26,6 +29,10 @@ Where this departs from the reference code, and why:
   - The rule rewards (geneval, shapes) abstain on a prompt without GenEval metadata: score 0, marked not
     checked (see RuleReward); GenEval has no such prompts, and T2I-R1's GroundingDINO reward scores them by
     object presence.
+  - t2i-r1-detect: T2I-R1's GroundingDINO rules on OWL-ViT boxes (a query per object, threshold 0.1, NMS on
+    every row); where its code looks wrong ("above" and "on top of" never get position credit, every pair
+    is "near", a spatial row naming one object twice scores 0) T2IR1DetectConfig.as_released keeps it, the
+    default does what it means (see t2i_r1_position). git: an empty attr_nouns list falls back to the nouns.
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """

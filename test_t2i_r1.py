@@ -1740,7 +1740,7 @@ def test_git_presets_match_transformers_trees():
     assert 394e6 < n < 396e6  # 1.58 GB of float32, the published file's size
 
 
-def test_git_tokenizer_preprocessing_and_bad_files(tmp_path):
+def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path):
     transformers = reference_transformers()
     folder = _write_git_folder(tmp_path / "git", _tiny_git_cfg())
     ref = transformers.BertTokenizer(os.path.join(folder, "vocab.txt"))
@@ -1798,7 +1798,7 @@ def _planted_git(folder, yes_logit, no_logit):
     return _write_git_folder(folder, c, sd)
 
 
-def test_git_reward_scores_yes_over_yes_plus_no(tmp_path):
+def test_git_reward_is_yes_over_yes_plus_no_as_t2i_r1_computes_it_with_transformers(tmp_path):
     # a known answer: p(yes) / (p(yes) + p(no)) = 3 / (3 + 1) when the logits differ by ln 3, whatever the rest
     folder = _planted_git(tmp_path / "planted", math.log(3.0), 0.0)
     rows = [dict(r) for r in T2I_R1_ROWS]
