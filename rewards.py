@@ -664,6 +664,17 @@ class WordPieceTokenizer:
         return ids[0]
 
 
+def _read_json(path) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def git_preprocessing(folder, config: GITConfig) -> dict:
     """clip_preprocess arguments from preprocessor_config.json (CLIPImageProcessor: resize the short side,
     centre crop, normalise); without the file, the published vqav2 values: short side = crop = the ViT's size,
@@ -671,8 +682,7 @@ def git_preprocessing(folder, config: GITConfig) -> dict:
     path = os.path.join(folder, "preprocessor_config.json")
     if not os.path.isfile(path):
         return dict(size=config.image_size, crop=config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
-    with open(path) as f:
-        p = json.load(f)
+    p = _read_json(path)
     size, crop = p.get("size", config.image_size), p.get("crop_size", config.image_size)
     size = size.get("shortest_edge") if isinstance(size, dict) else size
     crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
@@ -1398,8 +1408,8 @@ class GitVQA(T2IR1Reward):
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None):
         super().__init__(ckpt, device, dtype, cache)
         weights, tok_file, cfg_file = self.files["git"]
-        with open(cfg_file) as f:  # the small files are read at start-up, so their errors come before sampling
-            self.config = git_config_from_hf(json.load(f), cfg_file)
+        # the small files are read at start-up, so their errors come before any sampling
+        self.config = git_config_from_hf(_read_json(cfg_file), cfg_file)
         self.prep = git_preprocessing(os.path.dirname(weights), self.config)
         self.tok = WordPieceTokenizer(os.path.dirname(tok_file))
         self.yes, self.no = self.tok.word_id("yes"), self.tok.word_id("no")

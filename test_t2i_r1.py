@@ -1770,6 +1770,10 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
     bad = json.loads((tmp_path / "git" / "config.json").read_text()) | {"num_image_with_embedding": 6}
     with pytest.raises(ValueError, match="config.json: not a single-image GIT"):
         RW.git_config_from_hf(bad, "config.json")
+    (tmp_path / "git" / "vocab.txt").write_text("\n".join(_GIT_WORDS))
+    (tmp_path / "git" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"git/config.json is not valid JSON"):
+        RW.GitVQA({"git": folder}, device="cpu")
 
 
 def test_git_questions_follow_t2i_r1():
