@@ -1758,6 +1758,15 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
     assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD)
     img = _images(1, 48)
     assert torch.equal(RW.clip_preprocess(img, **prep), RW.clip_preprocess(img, 32))
+    # a resize larger than the crop, on a non-square image, as transformers' CLIPImageProcessor (PIL backend)
+    conf = {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}, "resample": 3,
+            "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]}
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
+    prep = RW.git_preprocessing(folder, _tiny_git_cfg())
+    wide = np.random.RandomState(0).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(**conf)
+    want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
+    assert (RW.clip_preprocess(wide[None], **prep) - want).abs().max() < 1e-5
     (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps({"crop_size": 224, "size": 224}))
     with pytest.raises(ValueError, match="preprocessor_config.json: expected .* crop of the ViT's 32 px"):
         RW.git_preprocessing(folder, _tiny_git_cfg())
