@@ -563,7 +563,9 @@ def git_config_from_hf(cfg: dict, path="config.json") -> GITConfig:
 
 
 class GITLayer(nn.Module):
-    """BERT's post-LN block (transformers' GitLayer key names): x = LN(x + attn(x)), x = LN(x + mlp(x))."""
+    """BERT's post-LN block (transformers' GitLayer key names): x = LN(x + attn(x)), x = LN(x + mlp(x)).
+    Image tokens attend to their own image only, so they are computed once per image however many questions
+    ask about it; question tokens attend to their image's tokens and, causally, to themselves."""
 
     def __init__(self, c: GITConfig):
         super().__init__()
@@ -574,16 +576,22 @@ class GITLayer(nn.Module):
         self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(w, c.mlp)))
         self.output = nn.ModuleDict(dict(dense=nn.Linear(c.mlp, w), LayerNorm=nn.LayerNorm(w, eps=c.eps)))
 
-    def forward(self, x, mask):
-        B, T, C = x.shape
+    def forward(self, image, text, rows, mask):
+        """image (K, I, C), text (N, T, C) whose row n asks about image rows[n], mask (T, I + T) ->
+        the next image and text states."""
         qkv = self.attention["self"]
-        split = lambda t: t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, H, T, C/H)
-        y = F.scaled_dot_product_attention(split(qkv["query"](x)), split(qkv["key"](x)), split(qkv["value"](x)),
-                                           attn_mask=mask)
+        split = lambda t: t.view(*t.shape[:2], self.heads, -1).transpose(1, 2)  # (B, H, T, C/H)
+        qi, ki, vi = (split(qkv[n](image)) for n in ("query", "key", "value"))
+        qt, kt, vt = (split(qkv[n](text)) for n in ("query", "key", "value"))
+        yi = F.scaled_dot_product_attention(qi, ki, vi)
+        yt = F.scaled_dot_product_attention(qt, torch.cat([ki[rows], kt], 2), torch.cat([vi[rows], vt], 2),
+                                            attn_mask=mask)
+        return self.finish(image, yi), self.finish(text, yt)
+
+    def finish(self, x, y):  # residual + LN after attention (y (B, H, T, C/H)), then the MLP block
         out = self.attention["output"]
-        x = out["LayerNorm"](x + out["dense"](y.transpose(1, 2).reshape(B, T, C)))
-        h = F.gelu(self.intermediate["dense"](x))
-        return self.output["LayerNorm"](x + self.output["dense"](h))
+        x = out["LayerNorm"](x + out["dense"](y.transpose(1, 2).flatten(2)))
+        return self.output["LayerNorm"](x + self.output["dense"](F.gelu(self.intermediate["dense"](x))))
 
 
 class GIT(nn.Module):
@@ -611,19 +619,22 @@ class GIT(nn.Module):
         tokens, _ = vit(pixels)
         return self.git.visual_projection.visual_projection(vit.post_layernorm(tokens))  # post-LN on every token
 
-    def hidden(self, image_tokens, ids):  # (B, I, width), (B, T) -> (B, I + T, width)
+    def hidden(self, image_tokens, ids, rows=None):
+        """image_tokens (K, I, width), ids (N, T) whose row n asks about image rows[n] (default: row n) ->
+        final image states (K, I, width) and text states (N, T, width)."""
         I, T = image_tokens.shape[1], ids.shape[1]
+        rows = torch.arange(len(ids), device=ids.device) if rows is None else rows
         e = self.git.embeddings
         text = e["LayerNorm"](e["word_embeddings"](ids) + e["position_embeddings"].weight[:T])  # positions from 0
-        x = torch.cat([image_tokens, text.to(image_tokens.dtype)], dim=1)
-        mask = torch.ones(I + T, I + T, dtype=torch.bool, device=x.device).tril()  # text: causal, sees the image
-        mask[:I, :I] = True  # image tokens: all of the image, none of the text
+        image, text = image_tokens, text.to(image_tokens.dtype)
+        mask = torch.ones(T, I + T, dtype=torch.bool, device=ids.device)  # all of the image, then causal text
+        mask[:, I:] = mask[:, I:].tril()
         for layer in self.git.encoder.layer:
-            x = layer(x, mask)
-        return x
+            image, text = layer(image, text, rows, mask)
+        return image, text
 
     def forward(self, pixels, ids):  # -> logits (B, I + T, vocab), as GitForCausalLM returns them
-        return self.output(self.hidden(self.image_tokens(pixels), ids))
+        return self.output(torch.cat(self.hidden(self.image_tokens(pixels), ids), dim=1))
 
 
 def load_git(weights, config: GITConfig, device="cpu", dtype=torch.float32) -> GIT:
@@ -1429,8 +1440,9 @@ class GitVQA(T2IR1Reward):
         batch = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)  # right-padded: causal text never
         for j, x in enumerate(ids):                                           # sees the padding after it
             batch[j, :len(x)] = torch.tensor(x)
-        h = self.model.hidden(tokens[[i for i, _ in questions]], batch.to(self.device))  # (N, I + T, W)
-        last = torch.tensor([tokens.shape[1] + len(x) - 1 for x in ids], device=h.device)
+        rows = torch.tensor([i for i, _ in questions], device=self.device)
+        _, h = self.model.hidden(tokens, batch.to(self.device), rows)  # (N, T, W): each image computed once
+        last = torch.tensor([len(x) - 1 for x in ids], device=h.device)
         logits = self.model.output(h[torch.arange(len(ids), device=h.device), last]).float()  # (N, vocab)
         # p(yes) / (p(yes) + p(no)) under the softmax is sigmoid(logit_yes - logit_no): no vocabulary-wide sum
         return torch.sigmoid(logits[:, self.yes] - logits[:, self.no]).cpu()
