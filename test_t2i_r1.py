@@ -1788,8 +1788,8 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
 
 
 def test_git_questions_follow_t2i_r1():
-    rows = [{"task_type": "color", "prompt": "a purple elephant and a blue teddy bear", "nouns": ["elephant", "teddy bear"],
-             "attr_nouns": ["purple elephant", "blue teddy bear"]},
+    rows = [{"task_type": "color", "prompt": "a purple elephant and a blue teddy bear",
+             "nouns": ["elephant", "teddy bear"], "attr_nouns": ["purple elephant", "blue teddy bear"]},
             {"task_type": "complex", "prompt": "The rectangular mirror was hung above the marble sink.",
              "nouns": ["mirror", "sink"]},
             {"task_type": "spatial", "prompt": "a car below a zebra", "nouns": ["car", "zebra"],
@@ -3012,7 +3012,8 @@ def test_t2i_r1_preset_trains_a_step_on_t2i_r1_file(random_base, tmp_path):
     saved = [json.loads(l) for l in (tmp_path / "run" / "samples" / "step_00001.jsonl").read_text().splitlines()]
     task = {r["prompt"]: r["task_type"] for r in T2I_R1_ROWS}
     for r in saved:
-        assert r["checked"]["t2i-r1-detect"] and r["checked"]["git"] == (task[r["prompt"]] not in ("spatial", "numeracy"))
+        asked = task[r["prompt"]] not in ("spatial", "numeracy")
+        assert r["checked"]["t2i-r1-detect"] and r["checked"]["git"] == asked
     m = metrics[0]
     assert all(math.isfinite(m[k]) for k in ("reward", "reward_hps", "reward_t2i-r1-detect", "reward_git"))
     assert 0 < m["reward_git"] < 1 and m["step"] == 1
