@@ -10,7 +10,7 @@ module names follow, and the transformers-converted keys, renamed on load).
 
 Departures from the reference code:
 - only the generation path: the understanding tower (SigLIP + aligner) is not built; its tensors in a
-  checkpoint are skipped on load;
+  checkpoint are skipped on load, and `save_like` carries them over unchanged when it writes a trained one;
 - rotary angles are computed from the positions on the fly (no cached tables, no length limit);
 - a padded query row attends to itself so that left-padded batches never produce NaN (the reference
   relies on the same trick inside transformers' mask code);

@@ -21,6 +21,7 @@ Conventions used throughout: image arrays are uint8 (H, W, 3), y grows downwards
 (x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
 """
 import argparse
+import collections
 import functools
 import json
 import os
@@ -829,13 +830,45 @@ def plan_detections(plan, size=64):
     return dets
 
 
+def plan_following(plan, detections, size=64):
+    """The fraction of a plan's objects that an image shows as planned: each planned (colour, shape, place)
+    claims one detected object of the same colour, shape and place (place_of its box; a planned object with no
+    place takes any place, after the placed ones have claimed theirs). None for a plan with no object in it.
+    Objects drawn beyond the plan do not lower it: the GenEval rows judge those."""
+    planned = parse_plan(plan)
+    if not planned:
+        return None
+    drawn = collections.Counter((d["color"], d["class"], place_of(d["box"], size)) for d in detections)
+    followed = 0
+    for color, shape, place in sorted(planned, key=lambda p: p[2] is None):  # placed objects claim first
+        match = (color, shape, place) if place is not None else next(
+            (k for k in drawn if k[:2] == (color, shape) and drawn[k] > 0), None)
+        if match is not None and drawn[match] > 0:
+            drawn[match] -= 1
+            followed += 1
+    return followed / len(planned)
+
+
+def following_summary(metas, plans, detections):
+    """Mean plan-following per tag and over all images whose plan names an object: {"per_tag", "overall"}."""
+    by_tag = collections.defaultdict(list)
+    for m, plan, dets in zip(metas, plans, detections):
+        f = plan_following(plan, dets)
+        if f is not None:
+            by_tag[m["tag"]].append(f)
+    every = [f for fs in by_tag.values() for f in fs]
+    return {"per_tag": {t: float(np.mean(fs)) for t, fs in by_tag.items()},
+            "overall": float(np.mean(every)) if every else float("nan")}
+
+
 def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
     images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
-    default, as train.py and sample.py sample). Returns {row name: geneval summary}. Progress lines on stderr
-    inside the rows that sample."""
+    default, as train.py and sample.py sample), and how closely the images follow their plans (plan_following)
+    for the true plans and the base's own. Returns {row name: summary with "per_tag" and "overall"}. Progress
+    lines on stderr inside the rows that sample."""
     import sample  # sample.py imports this file: imported here, not at the top
     janus, tok = Janus.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
     settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
@@ -845,11 +878,18 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     scenes = [sample_scene(m, rng) for m in metas]
     rows = {}
 
+    def show(name, what):
+        log(f"{name:<28} " + " ".join(f"{t} {rows[name]['per_tag'][t]:.3f}" for t in TAGS if t in rows[name]["per_tag"])
+            + f" | {what} {rows[name]['overall']:.3f}")
+
     def judge(name, detections):
         rows[name] = rewards.geneval_summary([(m["tag"], rewards.geneval_score(d, m)["strict"])
                                               for m, d in zip(metas, detections)])
-        log(f"{name:<28} " + " ".join(f"{t} {rows[name]['per_tag'][t]:.3f}" for t in TAGS if t in rows[name]["per_tag"])
-            + f" | GenEval overall {rows[name]['overall']:.3f}")
+        show(name, "GenEval overall")
+
+    def following(name, plans, detections):
+        rows[name] = following_summary(metas, plans, detections)
+        show(name, "all objects")
     clean = np.stack([render(s) for s in scenes])
     judge("true scenes", detect_batch(clean))
     with torch.no_grad():
@@ -862,14 +902,19 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id), pad_id=tok.pad_id,
                                          cfg_weight=settings.cfg_weight, generator=g,
                                          progress=sample.stage_progress(bar, None)) for i in range(0, len(ids), 64)])
-    judge("drawn from true plans", detect_batch(R.decode_images(janus, codes)))
+    drawn = detect_batch(R.decode_images(janus, codes))
+    judge("drawn from true plans", drawn)
+    following("plan-following, true plans", [plan_of(s) for s in scenes], drawn)
     for cot in (True, False):
         row = "own plans" if cot else "the prompt alone"
         records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
                                           cot=cot, reasoning_template=reasoning, desc=f"{row}: image tokens")
         if cot:
             judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
-        judge("drawn from own plans" if cot else "drawn from the prompt alone", detect_batch(images))
+        drawn = detect_batch(images)
+        judge("drawn from own plans" if cot else "drawn from the prompt alone", drawn)
+        if cot:
+            following("plan-following, own plans", [r["plan"] for r in records], drawn)
     return rows
 
 

@@ -1700,6 +1700,305 @@ def test_shapes_t2i_r1_prompts_convert_to_geneval():
     assert got[10] is None and got[11] is None
 
 
+# GIT as published (microsoft/git-{base,large}-vqav2): config.json (GitForCausalLM), pytorch_model.bin in fp32
+# with the two int64 position_ids buffers the 2022 conversion saved (model.safetensors is the later variant),
+# a bert-base-uncased vocab.txt / tokenizer.json and a CLIPImageProcessor preprocessor_config.json. The tiny
+# vocabulary below keeps BERT's special tokens at the front; tiny models use image size 32, patch 8.
+_GIT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "?", "purple", "elephant", "blue", "teddy",
+              "bear", "wooden", "desk", "leather", "shoe", "green", "duck", "yellow", "frog", "child", "car", "zebra",
+              "plate", "cup", "bottle", "##s", "a", "photo", "of"]
+
+
+def _tiny_git_cfg():
+    return RW.GITConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+                        vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
+
+
+def _git_config_json(c):  # transformers' GitConfig names, written by hand
+    return {"model_type": "git", "architectures": ["GitForCausalLM"], "vocab_size": c.vocab_size,
+            "hidden_size": c.width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+            "intermediate_size": c.mlp, "max_position_embeddings": c.max_positions, "hidden_act": "gelu",
+            "layer_norm_eps": c.eps, "num_image_with_embedding": None, "bos_token_id": 2, "eos_token_id": 3,
+            "vision_config": {"model_type": "git_vision_model", "image_size": c.image_size, "patch_size": c.patch_size,
+                              "hidden_size": c.vision_width, "num_hidden_layers": c.vision_layers,
+                              "num_attention_heads": c.vision_heads, "intermediate_size": c.vision_mlp}}
+
+
+def _write_git_folder(folder, c, sd=None, seed=0):
+    """A tiny GIT folder in the published layout; sd defaults to random weights (norms and biases random too)."""
+    os.makedirs(folder, exist_ok=True)
+    sd = _random_state(RW.GIT(c), seed) if sd is None else sd
+    n_img = (c.image_size // c.patch_size) ** 2 + 1
+    buffers = {"git.embeddings.position_ids": torch.arange(c.max_positions)[None],
+               "git.image_encoder.vision_model.embeddings.position_ids": torch.arange(n_img)[None]}
+    torch.save({**sd, **buffers}, os.path.join(folder, "pytorch_model.bin"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(_git_config_json(c), f)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(_GIT_WORDS) + "\n")
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"crop_size": {"height": c.image_size, "width": c.image_size}, "do_center_crop": True,
+                   "image_mean": list(RW.CLIP_MEAN), "image_std": list(RW.CLIP_STD), "resample": 3,
+                   "image_processor_type": "CLIPImageProcessor", "processor_class": "GitProcessor",
+                   "size": {"shortest_edge": c.image_size}}, f)
+    return str(folder)
+
+
+def test_git_matches_transformers(tmp_path):
+    """GIT against transformers' GitForCausalLM on a tiny random checkpoint in both published weight files."""
+    transformers = reference_transformers()
+    cfg = transformers.GitConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        vocab_size=len(_GIT_WORDS), hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=32, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    ref = transformers.GitForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # LayerNorms and biases off their init values too
+    ref.save_pretrained(str(tmp_path / "st"))  # model.safetensors + config.json
+    c = RW.git_config_from_hf(json.loads((tmp_path / "st" / "config.json").read_text()))
+    assert c == _tiny_git_cfg()
+    _write_git_folder(tmp_path / "bin", c, {k: v for k, v in ref.state_dict().items() if "position_ids" not in k})
+    ids = torch.tensor([[2, 8, 9, 7], [2, 10, 11, 12]])  # [CLS] purple elephant ? / [CLS] blue teddy bear
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=px).logits  # (2, 17 image tokens + 4, vocab)
+        for weights in (tmp_path / "st" / "model.safetensors", tmp_path / "bin" / "pytorch_model.bin"):
+            got = RW.load_git(str(weights), c)(px, ids)
+            err = (got - want).abs().max().item()
+            print(f"\nGIT vs transformers ({weights.name}): logits max abs err {err:.2e}")
+            assert got.shape == want.shape and err <= 1e-4
+
+
+def test_git_presets_match_transformers_trees():
+    """The full-size GIT presets against transformers' module tree (meta device: shapes only, no weights)."""
+    transformers = reference_transformers()
+    vision = {"git-large-vqav2": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, image_size=420, patch_size=14),
+              "git-base-vqav2": dict(image_size=480)}  # the published config names only image_size
+    for name, vc in vision.items():
+        cfg = transformers.GitConfig(vision_config=vc)
+        with torch.device("meta"):
+            ref, ours = transformers.GitForCausalLM(cfg), RW.GIT(RW.GIT_PRESETS[name])
+        want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want, name
+        assert RW.git_config_from_hf(cfg.to_dict()) == RW.GIT_PRESETS[name], name
+        assert RW.git_config_from_hf({"model_type": "git", "vision_config": vc}) == RW.GIT_PRESETS[name], name
+    n = sum(v.numel() for v in RW.GIT(RW.GIT_PRESETS["git-large-vqav2"]).state_dict().values())
+    assert 394e6 < n < 396e6  # 1.58 GB of float32, the published file's size
+
+
+def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path):
+    transformers = reference_transformers()
+    folder = _write_git_folder(tmp_path / "git", _tiny_git_cfg())
+    ref = transformers.BertTokenizer(os.path.join(folder, "vocab.txt"))
+    ours = RW.WordPieceTokenizer(folder)
+    for text in ["purple elephant?", "Blue  Teddy bears?", "wooden desk", "a photo of a zébra?", "unknownword?"]:
+        assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+    assert ours.cls == 2 and ours.word_id("yes") == 5 and ours.word_id("no") == 6
+    fast = transformers.BertTokenizerFast(os.path.join(folder, "vocab.txt"))
+    fast.save_pretrained(str(tmp_path / "fast"))  # tokenizer.json, as published beside vocab.txt
+    assert RW.WordPieceTokenizer(str(tmp_path / "fast")).encode("Blue teddy bears?") == [10, 11, 12, 27, 7]
+    with pytest.raises(ValueError, match="'teddy bear' is 2 tokens"):
+        ours.word_id("teddy bear")
+    # the published preprocessing: resize the short side, centre crop, CLIP's mean and std
+    prep = RW.git_preprocessing(folder, _tiny_git_cfg())
+    assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD)
+    img = _images(1, 48)
+    assert torch.equal(RW.clip_preprocess(img, **prep), RW.clip_preprocess(img, 32))
+    # a resize larger than the crop, on a non-square image, as transformers' CLIPImageProcessor (PIL backend)
+    conf = {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}, "resample": 3,
+            "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]}
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
+    prep = RW.git_preprocessing(folder, _tiny_git_cfg())
+    wide = np.random.RandomState(0).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(**conf)
+    want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
+    err = (RW.clip_preprocess(wide[None], **prep) - want).abs().max().item()
+    print(f"\nGIT preprocessing vs transformers' CLIPImageProcessor: max abs err {err:.2e}")
+    assert err < 1e-5
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps({"crop_size": 224, "size": 224}))
+    with pytest.raises(ValueError, match="preprocessor_config.json: expected .* crop of the ViT's 32 px"):
+        RW.git_preprocessing(folder, _tiny_git_cfg())
+    # files are checked when the reward is built, naming the file and where to get it
+    os.remove(tmp_path / "git" / "vocab.txt")
+    with pytest.raises(FileNotFoundError, match=r"git: tokenizer.json or vocab.txt not found in .*git-large-vqav2"):
+        RW.GitVQA({"git": folder}, device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"git: needs the 'git' checkpoint .*--reward-ckpt git="):
+        RW.RewardEnsemble({"git": 1.0}, {}, device="cpu")
+    bad = json.loads((tmp_path / "git" / "config.json").read_text()) | {"num_image_with_embedding": 6}
+    with pytest.raises(ValueError, match="config.json: not a single-image GIT"):
+        RW.git_config_from_hf(bad, "config.json")
+    (tmp_path / "git" / "vocab.txt").write_text("\n".join(_GIT_WORDS))
+    (tmp_path / "git" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"git/config.json is not valid JSON"):
+        RW.GitVQA({"git": folder}, device="cpu")
+
+
+def test_git_questions_follow_t2i_r1():
+    rows = [{"task_type": "color", "prompt": "a purple elephant and a blue teddy bear",
+             "nouns": ["elephant", "teddy bear"], "attr_nouns": ["purple elephant", "blue teddy bear"]},
+            {"task_type": "complex", "prompt": "The rectangular mirror was hung above the marble sink.",
+             "nouns": ["mirror", "sink"]},
+            {"task_type": "spatial", "prompt": "a car below a zebra", "nouns": ["car", "zebra"],
+             "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "below"}},
+            {"task_type": "numeracy", "prompt": "two plates", "nouns": ["plate"],
+             "numeracy_info": [{"obj_name": "plate", "num": 2}]},
+            {"task_type": "non", "prompt": "A quiet street.", "nouns": []},
+            {"task_type": "shape", "prompt": "an oval mirror", "nouns": ["mirror"], "attr_nouns": []},
+            {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}]
+    assert [RW.git_questions(r) for r in rows] == [
+        (["purple elephant?", "blue teddy bear?"], None), (["mirror?", "sink?"], None), ([], 0.0), ([], 0.0),
+        ([], 1.0), (["mirror?"], None), ([], 0.0)]
+
+
+def _planted_git(folder, yes_logit, no_logit):
+    """A tiny GIT whose output layer ignores the hidden state for 'yes' and 'no': their logits are biases."""
+    c = _tiny_git_cfg()
+    sd = _random_state(RW.GIT(c), seed=3)
+    sd["output.weight"][[5, 6]] = 0.0
+    sd["output.bias"][5], sd["output.bias"][6] = yes_logit, no_logit
+    return _write_git_folder(folder, c, sd)
+
+
+def test_git_reward_is_yes_over_yes_plus_no_as_t2i_r1_computes_it_with_transformers(tmp_path):
+    # a known answer: p(yes) / (p(yes) + p(no)) = 3 / (3 + 1) when the logits differ by ln 3, whatever the rest
+    folder = _planted_git(tmp_path / "planted", math.log(3.0), 0.0)
+    rows = [dict(r) for r in T2I_R1_ROWS]
+    scores, info = RW.GitVQA({"git": folder}, device="cpu")(_images(len(rows), 40), rows)
+    asked = [bool(RW.git_questions(r)[0]) for r in rows]  # spatial and numeracy are not asked
+    assert asked == [False, False, True, True, True, True] and info["checked"] == asked
+    assert torch.allclose(scores, torch.tensor([0.0, 0.0, 0.75, 0.75, 0.75, 0.75]), atol=1e-6)
+    assert info["questions"][2] == ["wooden desk?", "leather shoe?"] and len(info["yes"][2]) == 2
+    # against T2I-R1's own procedure, one question at a time on transformers' GitForCausalLM: [CLS] + question,
+    # softmax over the vocabulary at the last position, p(yes) / (p(yes) + p(no)), mean over the questions
+    transformers = reference_transformers()
+    folder = _write_git_folder(tmp_path / "random", _tiny_git_cfg(), seed=7)
+    ref = transformers.GitForCausalLM.from_pretrained(folder).eval()
+    reward = RW.GitVQA({"git": folder}, device="cpu")
+    images = _images(len(rows), 40)
+    scores, info = reward(images, rows)
+    tok = RW.WordPieceTokenizer(folder)
+    for i, r in enumerate(rows):
+        qs = RW.git_questions(r)[0]
+        if not qs:
+            continue
+        px = RW.clip_preprocess(images[i:i + 1], 32)
+        ps = []
+        for q in qs:
+            with torch.no_grad():
+                p = ref(input_ids=torch.tensor([[2] + tok.encode(q)]), pixel_values=px).logits[0, -1].softmax(-1)
+            ps.append((p[5] / (p[5] + p[6])).item())
+        err = abs(scores[i].item() - sum(ps) / len(ps))
+        print(f"\ngit score vs T2I-R1's procedure on GitForCausalLM ({r['prompt']!r}): abs err {err:.2e}")
+        assert err <= 1e-5, r["prompt"]
+    # bf16 (the GPU precision policy) stays close
+    bf16 = RW.GitVQA({"git": folder}, device="cpu", dtype=torch.bfloat16)(images, rows)[0]
+    assert (bf16 - scores).abs().max() < 0.05
+
+
+def test_t2i_r1_position_rule_on_hand_boxes():
+    left, right = (0.0, 0.4, 0.2, 0.6), (0.8, 0.4, 1.0, 0.6)  # same height, far apart
+    top, bottom = (0.4, 0.0, 0.6, 0.2), (0.4, 0.8, 0.6, 1.0)
+    pos = RW.t2i_r1_position
+    assert pos("left of", left, right) == 1 and pos("on the left of", left, right) == 1
+    assert pos("right of", left, right) == 0 and pos("right of", right, left) == 1
+    assert pos("below", bottom, top) == 1 and pos("on the bottom of", top, bottom) == 0
+    assert pos("on the top of", top, bottom) == 1 and pos("top of", bottom, top) == 0
+    # "above" and "on top of" have no branch in T2I-R1's code: 0 as released, the "on the top of" rule here
+    for rel in ("above", "on top of"):
+        assert pos(rel, top, bottom) == 1 and pos(rel, top, bottom, as_released=True) == 0
+        assert pos(rel, bottom, top) == 0
+    # the other axis dominates: no credit
+    assert pos("left of", (0.0, 0.0, 0.2, 0.2), (0.1, 0.8, 0.3, 1.0)) == 0
+    # overlapping boxes: 0.1 / IoU; here IoU = (0.1 * 0.2) / (2 * 0.04 - 0.02) = 1/3
+    assert pos("left of", (0.0, 0.4, 0.2, 0.6), (0.1, 0.4, 0.3, 0.6)) == pytest.approx(0.3)
+    # near: 1 when either offset is under 150/512 of the side, else that threshold over the larger offset;
+    # T2I-R1 compares normalised boxes with 150 (pixels), so every pair is near as released
+    assert pos("next to", left, right) == 1  # same row: dy = 0
+    far = (0.8, 0.8, 1.0, 1.0)
+    assert pos("near", (0.0, 0.0, 0.2, 0.2), far) == pytest.approx((150 / 512) / 0.8)
+    assert pos("on side of", (0.0, 0.0, 0.2, 0.2), far, as_released=True) == 1
+    assert pos("inside", left, right) == 0
+
+
+def test_t2i_r1_detect_rules_on_hand_boxes():
+    box = lambda x0, y0=0.4: (x0, y0, x0 + 0.2, y0 + 0.2)
+    det = lambda cls, b, s=0.5: {"class": cls, "box": b, "score": s}
+    score = lambda dets, row, **kw: RW.t2i_r1_detect_score(dets, row, **kw)[0]
+    obj = {"task_type": "object", "prompt": "a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"]}
+    assert score([det("bottle", box(0))], obj) == 0.5 and score([], obj) == 0
+    assert score([det("bottle", box(0)), det("teddy bear", box(0.5))], obj) == 1
+    num = {"task_type": "numeracy", "prompt": "two plates and three cups", "nouns": ["plate", "cup"],
+           "numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "cup", "num": 3}]}
+    plates = [det("plate", box(0)), det("plate", box(0.5))]
+    assert score(plates, num) == 0.5  # plates exact (1), cups absent (0)
+    assert score(plates + [det("cup", box(0.1, 0))], num) == pytest.approx(0.6)  # cups present, wrong count: 0.2
+    assert score(plates + [det("cup", box(x, 0)) for x in (0, 0.3, 0.6)], num) == 1
+    assert score(plates[:1], num) == pytest.approx(0.1)
+    sp = {"task_type": "spatial", "prompt": "a car left of a zebra", "nouns": ["car", "zebra"],
+          "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "left of"}}
+    assert score([], sp) == 0 and score([det("car", box(0))], sp) == pytest.approx(0.2)
+    assert score([det("car", box(0)), det("zebra", box(0.7))], sp) == pytest.approx(0.9)  # 0.4 + 1 / 2
+    assert score([det("car", box(0.7)), det("zebra", box(0))], sp) == pytest.approx(0.4)
+    # the most confident box of each object decides the position
+    dets = [det("car", box(0.7), 0.9), det("car", box(0), 0.2), det("zebra", box(0.4))]
+    assert score(dets, sp) == pytest.approx(0.4)
+    above = {**sp, "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "above"}}
+    stacked = [det("car", box(0.4, 0)), det("zebra", box(0.4, 0.7))]
+    assert score(stacked, above) == pytest.approx(0.9)
+    assert score(stacked, above, as_released=True) == pytest.approx(0.4)
+    # one object named twice: the two most confident boxes of it; T2I-R1's code fails there and scores 0
+    twice = {**sp, "nouns": ["car", "car"], "spatial_info": {"obj1": "car", "obj2": "car", "locality": "left of"}}
+    pair = [det("car", box(0), 0.9), det("car", box(0.7), 0.8)]
+    assert score(pair, twice) == pytest.approx(0.9) and score(pair, twice, as_released=True) == 0
+    # a complex row with spatial_info is scored by object presence, as T2I-R1 does; no nouns: 1
+    cx = {**sp, "task_type": "complex"}
+    assert score([det("car", box(0.7)), det("zebra", box(0))], cx) == 1
+    assert score([], {"task_type": "non", "prompt": "A quiet street.", "nouns": []}) == 1
+
+
+def test_t2i_r1_detect_reward_on_planted_owlvit(tmp_path):
+    # the planted detector finds every queried object on the bright patch (row 1, column 2), none elsewhere
+    _planted_owlvit(tmp_path / "owl")
+    reward = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu")
+    img = np.zeros((2, 96, 96, 3), np.uint8)
+    img[0, 32:64, 64:96] = 255
+    rows = [{"task_type": "numeracy", "prompt": "one cup", "nouns": ["cup"],
+             "numeracy_info": [{"obj_name": "cup", "num": 1}]},
+            {"task_type": "numeracy", "prompt": "two cups", "nouns": ["cup"],
+             "numeracy_info": [{"obj_name": "cup", "num": 2}]}]
+    scores, info = reward(np.stack([img[0], img[0], img[1]]), rows + [rows[0]])
+    assert scores.tolist() == pytest.approx([1.0, 0.2, 0.0])
+    d = info["detections"][0]
+    assert len(d) == 1 and d[0]["class"] == "cup" and np.allclose(d[0]["box"], (2 / 3, 1 / 3, 1, 2 / 3), atol=1e-3)
+    rows = [dict(r) for r in T2I_R1_ROWS]
+    scores, info = reward(np.repeat(img[:1], len(rows), 0), rows)
+    # spatial: both found on the same box, so no position credit; objects all found; every row checked
+    assert scores.tolist() == pytest.approx([0.4, 0.2, 1.0, 1.0, 1.0, 1.0]) and all(info["checked"])
+    # the preset, and how many prompts each reward scores
+    assert RW.parse_rewards("t2i-r1") == {"hps": 1.0, "t2i-r1-detect": 1.0, "git": 1.0}
+    assert RW.parse_rewards("t2i-r1,aesthetic:0.5")["aesthetic"] == 0.5
+    with pytest.raises(ValueError, match="the preset 't2i-r1' takes no weight"):
+        RW.parse_rewards("t2i-r1:2")
+    ens = RW.RewardEnsemble({"t2i-r1-detect": 1, "git": 1}, {"geneval": str(tmp_path / "owl"),
+                                                             "git": _planted_git(tmp_path / "git", 0.0, 0.0)})
+    bare = [{"prompt": "a cat"}, {"task_type": "non", "prompt": "A quiet street.", "nouns": []}]
+    report = ens.unchecked_report(rows + bare, "training prompts")
+    assert report == [
+        "t2i-r1-detect: scores 6 of the 8 training prompts; the other 2 (T2I-R1 task types: non 1) get T2I-R1's "
+        "constant (0 without its fields), the same for every sample, so the other rewards alone set their "
+        "advantages (and its logged means leave them out)",
+        "git: scores 4 of the 8 training prompts; the other 4 (T2I-R1 task types: non 1, numeracy 1, spatial 1) get "
+        "T2I-R1's constant (0 without its fields), the same for every sample, so the other rewards alone set their "
+        "advantages (and its logged means leave them out)"]
+    assert RW.RewardEnsemble({"t2i-r1-detect": 1}, {"geneval": str(tmp_path / "owl")}).unchecked_report(rows) == []
+    with pytest.raises(ValueError, match=r"t2i-r1-detect: prompt 1 .*'numeracy_info' must be"):
+        ens.check_metadata([rows[0], {**rows[1], "numeracy_info": [{"obj_name": "cup", "num": "two"}]}])
+
+
 # ---- shapes.py: the world, its detector and reward, the tiny base, the ablation report -----------------------------
 
 
@@ -2083,7 +2382,8 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
                       log=lambda *a, **k: None)
     assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
     assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
-                         "drawn from own plans", "drawn from the prompt alone"}
+                         "drawn from own plans", "drawn from the prompt alone", "plan-following, true plans",
+                         "plan-following, own plans"}
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
 
 
@@ -2137,6 +2437,29 @@ def test_shapes_plans_read_as_detections():
     meta = S.counting("triangle", 3)
     assert RW.geneval_score(S.plan_detections("red triangle top , red triangle left , red triangle right"), meta)["strict"]
     assert not RW.geneval_score(S.plan_detections("red triangle top , red triangle left"), meta)["strict"]
+
+
+def test_shapes_plan_following_counts_planned_objects_drawn_as_planned():
+    red = S.Obj("circle", "red", (0, 0, 16, 16))            # top left
+    blue = S.Obj("square", "blue", (40, 40, 64, 64))        # bottom right
+    plan = "red circle top left , blue square bottom right"
+    def follows(*objects, plan=plan):
+        return S.plan_following(plan, S.detect(S.render(S.Scene(list(objects)))))
+    assert follows(red, blue) == 1.0
+    assert follows(red, blue, S.Obj("triangle", "green", (40, 0, 56, 16))) == 1.0  # extras are GenEval's business
+    assert follows(red) == 0.5                                                      # one object missing
+    assert follows(red, S.Obj("square", "green", (40, 40, 64, 64))) == 0.5          # wrong colour
+    assert follows(red, S.Obj("circle", "blue", (40, 40, 64, 64))) == 0.5           # wrong shape
+    assert follows(red, S.Obj("square", "blue", (0, 40, 24, 64))) == 0.5            # wrong place
+    # one drawn object cannot follow two planned ones; an unplaced object takes any place left
+    assert follows(red, plan="red circle top left , red circle top left") == 0.5
+    assert follows(red, blue, plan="blue square , red circle top left") == 1.0
+    assert follows(red, plan="red circle , red circle top left") == 0.5
+    assert S.plan_following("nothing to draw", []) is None
+    metas = [{"tag": "colors"}, {"tag": "colors"}, {"tag": "position"}, {"tag": "position"}]
+    summary = S.following_summary(metas, [plan, plan, plan, "junk"],
+                                  [S.detect(S.render(S.Scene([red, blue]))), [], S.detect(S.render(S.Scene([red]))), []])
+    assert summary["per_tag"] == {"colors": 0.5, "position": 0.5} and summary["overall"] == 0.5
 
 
 def _fake_run(folder, levels, base, final, steps=10, seed=0):
@@ -2784,6 +3107,7 @@ def test_process_group_has_a_backend_for_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: events.append(("init", backend)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", str(d))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is checked against the machine
     rank, world, device = T.dist_setup(T.train_device(T.TrainConfig(device="cuda")))
     assert (rank, world, str(device)) == (1, 2, "cuda:1")
     assert events[0] == ("set_device", "cuda:1") and events[1][0] == "init"
@@ -3041,6 +3365,34 @@ def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base
     assert "reasoning prompt file" in cli_error(T.main, bad + ["--reasoning-prompt", str(tmp_path / "x.txt")],
                                                  capsys, "train.py")
     assert not out.exists()
+
+
+def test_t2i_r1_preset_trains_a_step_on_t2i_r1_file(random_base, tmp_path):
+    """--rewards t2i-r1 (hps, t2i-r1-detect, git) on tiny published-layout folders and T2I-R1's prompt-file
+    format: it prints how many prompts each reward scores and trains one step."""
+    ckpt, _ = _reward_folders(tmp_path / "rw")
+    git = _write_git_folder(tmp_path / "rw" / "git", _tiny_git_cfg())
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))
+    args = train_args(random_base, tmp_path / "run", "--prompts", str(path), "--rewards", "t2i-r1", "--reward-ckpt",
+                      f"hps={ckpt['hps']}", f"geneval={ckpt['geneval']}", f"git={git}", "--steps", "1",
+                      "--sample-every", "1")
+    cfg = T.parse_args(args + ["--t2i-r1-as-released"])
+    assert cfg.t2i_r1_as_released and not T.parse_args(args).t2i_r1_as_released
+    lines = []
+    _, metrics = T.train(cfg, log=lines.append)
+    assert "hps: scores all 6 training prompts" in lines
+    assert "t2i-r1-detect: scores all 6 training prompts" in lines
+    assert any(l.startswith("git: scores 4 of the 6 training prompts; the other 2 (T2I-R1 task types: numeracy 1, "
+                            "spatial 1)") for l in lines), lines
+    saved = [json.loads(l) for l in (tmp_path / "run" / "samples" / "step_00001.jsonl").read_text().splitlines()]
+    task = {r["prompt"]: r["task_type"] for r in T2I_R1_ROWS}
+    for r in saved:
+        asked = task[r["prompt"]] not in ("spatial", "numeracy")
+        assert r["checked"]["t2i-r1-detect"] and r["checked"]["git"] == asked
+    m = metrics[0]
+    assert all(math.isfinite(m[k]) for k in ("reward", "reward_hps", "reward_t2i-r1-detect", "reward_git"))
+    assert 0 < m["reward_git"] < 1 and m["step"] == 1
 
 
 def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out_prompts(random_base, redness,

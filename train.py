@@ -19,7 +19,7 @@ Departures from T2I-R1's trainer:
 - optional LoRA, whose reference policy is the same model with the adapters switched off;
 - rule rewards (geneval) abstain on prompts without GenEval metadata (T2I-R1's shape, texture and most
   complex rows): a constant score within the group, so the other rewards set those advantages; T2I-R1's
-  GroundingDINO reward scores them by object presence instead;
+  own rules (`--rewards t2i-r1`: its GroundingDINO rules on OWL-ViT, and GIT) score them as it does;
 - `--image-logp cfg` (an option) scores image tokens under the guided distribution they were sampled from;
   the default is T2I-R1's conditional forward alone (`cond`); on the shapes world's validation split they
   end within the spread of seeds (README, "Results on the shapes world").
@@ -65,9 +65,10 @@ class TrainConfig:
     test_eval: bool = True         # evaluate the test prompts (off while choosing settings on val)
     out: str = "runs/shapes"       # run folder: logs, metrics.jsonl, samples, eval/, ckpt/
     # rewards (rewards.py): NAME:WEIGHT list, checkpoint folders, how they add up
-    rewards: str = "shapes"        # NAME[:WEIGHT],...: clip, pickscore, hps, aesthetic, geneval, shapes
+    rewards: str = "shapes"        # NAME[:WEIGHT],... (README, Rewards); the preset t2i-r1 = hps,t2i-r1-detect,git
     reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: the reward checkpoints' folders (README, Rewards)
     reward_combine: str = "sum"    # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
+    t2i_r1_as_released: bool = False  # t2i-r1-detect keeps T2I-R1's code where it looks wrong (README, Rewards)
     # the method
     levels: str = "both"           # both | semantic (plans trained, image tokens not) | token (no plan)
     group_size: int = 8            # G samples per prompt
@@ -282,7 +283,7 @@ def logging_to(path, log):
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x with W frozen and B = 0 at the start. The frozen weight keeps its published
-    key (`...q_proj.weight`); save_pretrained writes W + (alpha / r) B A under it."""
+    key (`...q_proj.weight`); checkpoints hold W + (alpha / r) B A under it (Janus.export_state)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -418,7 +419,8 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                  "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
     eval_sets = {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
-                                    device=train_device(cfg))
+                                    device=train_device(cfg),
+                                    t2i_r1_detect=rewards.T2IR1DetectConfig(as_released=cfg.t2i_r1_as_released))
     for items in (train_items, *eval_sets.values()):
         scorer.check_metadata(items)
     base = cfg.ckpt or shapes.BASE_DIR  # the shapes base: shipped, or pretrained later (its context fits)
