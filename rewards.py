@@ -31,8 +31,10 @@ Where this departs from the reference code, and why:
     object presence.
   - t2i-r1-detect: T2I-R1's GroundingDINO rules on OWL-ViT boxes (a query per object, threshold 0.1, NMS on
     every row); where its code looks wrong ("above" and "on top of" never get position credit, every pair
-    is "near", a spatial row naming one object twice scores 0) T2IR1DetectConfig.as_released keeps it, the
-    default does what it means (see t2i_r1_position). git: an empty attr_nouns list falls back to the nouns.
+    is "near", a spatial row naming one object twice scores 0, its counting NMS reads (cx, cy, w, h) boxes as
+    corners, a noun of three or more words is never found) T2IR1DetectConfig.as_released keeps it, the
+    default does what it means (see t2i_r1_position, t2i_r1_nms). git: an empty attr_nouns list falls back to
+    the nouns.
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """
@@ -976,7 +978,8 @@ class T2IR1DetectConfig:
     nms_iou: float = 0.5  # reward_gdino.py's NMS before counting
     query: str = "a photo of a {}"  # OWL-ViT's prompt style; GroundingDINO reads "noun1 . noun2." spans instead
     # True: reward_gdino.py's behaviour where it looks wrong ("above" and "on top of" get no position credit,
-    # every pair is "near", a spatial prompt naming one object twice scores 0); see t2i_r1_position
+    # every pair is "near", a spatial prompt naming one object twice scores 0, NMS reads (cx, cy, w, h) as
+    # corners, a noun of 3+ words is never found); see t2i_r1_position, t2i_r1_nms, t2i_r1_detect_score
     as_released: bool = False
 
 
@@ -1013,6 +1016,16 @@ def t2i_r1_position(locality, box1, box2, as_released=False) -> float:
     return 1.0 if iou < 0.1 else 0.1 / iou
 
 
+def t2i_r1_nms(boxes, scores, iou_threshold=0.5, as_released=False):
+    """Class-wise NMS of one object's boxes (x0, y0, x1, y1) -> kept indices. reward_gdino.py runs it before
+    counting, but on GroundingDINO's (cx, cy, w, h) boxes, which torchvision's nms reads as corners: a box
+    narrower than its centre's x (or shorter than its y) then overlaps nothing, so most duplicates survive and
+    are counted. as_released keeps that; otherwise the boxes are compared as boxes."""
+    if as_released:
+        boxes = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], -1)  # (N, 4) cx cy w h
+    return nms(boxes, scores, iou_threshold)
+
+
 def t2i_r1_detect_classes(m) -> list:
     """The objects reward_gdino.py looks for in a row: a spatial row's two objects, a numeracy row's counted
     objects, else its nouns."""
@@ -1031,7 +1044,10 @@ def t2i_r1_detect_score(detections, m, as_released=False):
     0 when absent, averaged over the objects. Other task types: the fraction of nouns found."""
     by_class = {}
     for d in sorted(detections, key=lambda d: -float(d["score"])):
-        by_class.setdefault(d["class"], []).append(d["box"])
+        # reward_gdino.py names a box by its noun's first and last word, so a noun of three or more words
+        # ("roll of paper towel") never matches itself there
+        if not (as_released and len(d["class"].split()) > 2):
+            by_class.setdefault(d["class"], []).append(d["box"])
     if not m.get("nouns"):
         return T2I_R1_NO_NOUNS, "no nouns: T2I-R1's constant"
     task = m.get("task_type")
@@ -1486,14 +1502,15 @@ class T2IR1Detect(T2IR1Reward):
             for name in sorted(set(t2i_r1_detect_classes(m))) if self.checks(m) else []:
                 q = p[:, classes.index(name)]
                 idx = (q > self.cfg.threshold).nonzero().flatten()
-                for i in idx[nms(bx[idx], q[idx], self.cfg.nms_iou)].tolist():
+                for i in idx[t2i_r1_nms(bx[idx], q[idx], self.cfg.nms_iou, self.cfg.as_released)].tolist():
                     dets.append({"class": name, "box": tuple(bx[i].clamp(0, 1).tolist()), "score": q[i].item()})
             out.append(dets)
         return out
 
     def score(self, images, metadata):
         dets = self.detect(images, metadata)
-        res = [t2i_r1_detect_score(d, m, self.cfg.as_released) if self.checks(m) else (0.0, "no T2I-R1 fields")
+        # a T2I-R1 row without nouns gets its constant 1 from t2i_r1_detect_score; other prompts abstain with 0
+        res = [t2i_r1_detect_score(d, m, self.cfg.as_released) if t2i_r1_row(m) else (0.0, "no T2I-R1 fields")
                for d, m in zip(dets, metadata)]
         return torch.tensor([r[0] for r in res]), {"reasons": [r[1] for r in res], "detections": dets,
                                                    "checked": [self.checks(m) for m in metadata]}

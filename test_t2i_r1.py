@@ -1910,6 +1910,34 @@ def test_t2i_r1_detect_rules_on_hand_boxes():
     assert score([], {"task_type": "non", "prompt": "A quiet street.", "nouns": []}) == 1
 
 
+def test_t2i_r1_detect_as_released_keeps_its_nms_on_centre_size_boxes_and_its_phrase_match():
+    # reward_gdino.py hands GroundingDINO's (cx, cy, w, h) boxes to torchvision's nms, which reads them as
+    # corners: two copies of one small cup survive it (they count as two cups), a large box near the top-left
+    # corner still suppresses its copy
+    cups = torch.tensor([[0.6, 0.6, 0.8, 0.8], [0.61, 0.6, 0.81, 0.8]])  # (x0, y0, x1, y1), IoU 0.9
+    big = torch.tensor([[0.0, 0.0, 0.9, 0.9], [0.0, 0.0, 0.88, 0.9]])
+    scores = torch.tensor([0.9, 0.8])
+    assert RW.t2i_r1_nms(cups, scores, 0.5).tolist() == [0]
+    assert RW.t2i_r1_nms(cups, scores, 0.5, as_released=True).tolist() == [0, 1]
+    assert RW.t2i_r1_nms(big, scores, 0.5, as_released=True).tolist() == [0]
+    # its detection phrase for a noun is the noun's first and last word, so a noun of three or more words
+    # ("roll of paper towel", four rows of the file) is never matched as released
+    row = {"task_type": "shape", "prompt": "a tissue box and a roll of paper towel",
+           "nouns": ["tissue box", "roll of paper towel"]}
+    dets = [{"class": n, "box": (0.1, 0.1, 0.3, 0.3), "score": 0.5} for n in row["nouns"]]
+    assert RW.t2i_r1_detect_score(dets, row)[0] == 1
+    assert RW.t2i_r1_detect_score(dets, row, as_released=True)[0] == 0.5
+
+
+def test_t2i_r1_detect_reward_scores_a_row_without_nouns_with_t2i_r1s_constant(tmp_path):
+    _planted_owlvit(tmp_path / "owl")
+    reward = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu")
+    rows = [{"task_type": "non", "prompt": "A quiet street.", "nouns": []}, {"prompt": "a cat"}]
+    scores, info = reward(np.zeros((2, 96, 96, 3), np.uint8), rows)
+    assert scores.tolist() == [1.0, 0.0] and info["checked"] == [False, False]
+    assert info["reasons"][0].startswith("no nouns") and info["reasons"][1] == "no T2I-R1 fields"
+
+
 def test_t2i_r1_detect_reward_on_planted_owlvit(tmp_path):
     # the planted detector finds every queried object on the bright patch (row 1, column 2), none elsewhere
     _planted_owlvit(tmp_path / "owl")
