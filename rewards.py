@@ -555,10 +555,12 @@ _GIT_TEXT_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "layers"
 def git_config_from_hf(cfg: dict, path="config.json") -> GITConfig:
     """GITConfig from a transformers GitForCausalLM config.json dict; refuses what this GIT does not build."""
     vis = cfg.get("vision_config") or {}
-    if cfg.get("model_type") != "git" or cfg.get("num_image_with_embedding") or cfg.get("hidden_act", "gelu") != "gelu":
+    vision_act = vis.get("hidden_act", "quick_gelu")  # the ViT's MLP knows these two only (CLIP's Encoder)
+    if (cfg.get("model_type") != "git" or cfg.get("num_image_with_embedding")
+            or cfg.get("hidden_act", "gelu") != "gelu" or vision_act not in ("quick_gelu", "gelu")):
         raise ValueError(f"{path}: not a single-image GIT with gelu (model_type {cfg.get('model_type')!r}, "
                          f"num_image_with_embedding {cfg.get('num_image_with_embedding')!r}, "
-                         f"hidden_act {cfg.get('hidden_act')!r})")
+                         f"hidden_act {cfg.get('hidden_act')!r}, vision hidden_act {vision_act!r})")
     found = {ours: vis.get(key) for ours, key in _GIT_FIELDS.items()}
     found |= {ours: cfg.get(key) for ours, key in _GIT_TEXT_FIELDS.items()}
     return replace(_GIT_DEFAULTS, **{k: v for k, v in found.items() if v is not None})

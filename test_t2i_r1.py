@@ -1787,6 +1787,15 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
         RW.GitVQA({"git": folder}, device="cpu")
 
 
+def test_git_config_refuses_a_vision_activation_it_does_not_build():
+    good = _git_config_json(_tiny_git_cfg())
+    assert RW.git_config_from_hf(good | {"vision_config": good["vision_config"] | {"hidden_act": "gelu"}}).vision_act \
+        == "gelu"
+    bad = good | {"vision_config": good["vision_config"] | {"hidden_act": "relu"}}
+    with pytest.raises(ValueError, match="git/config.json: .*vision hidden_act 'relu'"):
+        RW.git_config_from_hf(bad, "git/config.json")
+
+
 def test_git_questions_follow_t2i_r1():
     rows = [{"task_type": "color", "prompt": "a purple elephant and a blue teddy bear",
              "nouns": ["elephant", "teddy bear"], "attr_nouns": ["purple elephant", "blue teddy bear"]},
