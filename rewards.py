@@ -408,16 +408,18 @@ def _to_pixels(pils, mean=CLIP_MEAN, std=CLIP_STD):  # PIL RGB images of one siz
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def clip_preprocess(images, size=224, crop=None, mean=CLIP_MEAN, std=CLIP_STD):
+def clip_preprocess(images, size=224, crop=None, mean=CLIP_MEAN, std=CLIP_STD, floor_offset=False):
     """CLIP / PickScore / GIT: bicubic resize of the short side to `size`, centre crop to `crop` (default
-    `size`), normalise."""
+    `size`), normalise. The crop offset is rounded as OpenAI CLIP's torchvision CenterCrop does, or floored
+    as transformers' CLIPImageProcessor (GIT's) does (floor_offset); they differ on non-square images only."""
     crop, pils = crop or size, []
+    offset = (lambda n: (n - crop) // 2) if floor_offset else (lambda n: int(round((n - crop) / 2)))
     for a in as_rgb_list(images):
         h, w = a.shape[:2]
         s = size / min(h, w)
         nh, nw = (size, int(w * s)) if h <= w else (int(h * s), size)
         im = Image.fromarray(a).resize((nw, nh), Image.BICUBIC)
-        top, left = int(round((nh - crop) / 2)), int(round((nw - crop) / 2))
+        top, left = offset(nh), offset(nw)
         pils.append(im.crop((left, top, left + crop, top + crop)))
     return _to_pixels(pils, mean, std)
 
@@ -696,7 +698,7 @@ def git_preprocessing(folder, config: GITConfig) -> dict:
     CLIP's mean and std."""
     path = os.path.join(folder, "preprocessor_config.json")
     if not os.path.isfile(path):
-        return dict(size=config.image_size, crop=config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
+        return dict(size=config.image_size, crop=config.image_size, mean=CLIP_MEAN, std=CLIP_STD, floor_offset=True)
     p = _read_json(path)
     size, crop = p.get("size", config.image_size), p.get("crop_size", config.image_size)
     size = size.get("shortest_edge") if isinstance(size, dict) else size
@@ -705,7 +707,7 @@ def git_preprocessing(folder, config: GITConfig) -> dict:
         raise ValueError(f"{path}: expected a bicubic resize (resample 3) and a square crop of the ViT's "
                          f"{config.image_size} px, got size {size!r}, crop {crop!r}, resample {p.get('resample')!r}")
     return dict(size=size, crop=config.image_size, mean=tuple(p.get("image_mean", CLIP_MEAN)),
-                std=tuple(p.get("image_std", CLIP_STD)))
+                std=tuple(p.get("image_std", CLIP_STD)), floor_offset=True)
 
 
 # -----------------------------------------------------------------------------------------------------

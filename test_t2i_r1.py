@@ -1659,8 +1659,8 @@ _GIT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "?", "p
               "plate", "cup", "bottle", "##s", "a", "photo", "of"]
 
 
-def _tiny_git_cfg():
-    return RW.GITConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+def _tiny_git_cfg(image_size=32):
+    return RW.GITConfig(image_size=image_size, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
                         vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
 
 
@@ -1755,7 +1755,7 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
         ours.word_id("teddy bear")
     # the published preprocessing: resize the short side, centre crop, CLIP's mean and std
     prep = RW.git_preprocessing(folder, _tiny_git_cfg())
-    assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD)
+    assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD, floor_offset=True)
     img = _images(1, 48)
     assert torch.equal(RW.clip_preprocess(img, **prep), RW.clip_preprocess(img, 32))
     # a resize larger than the crop, on a non-square image, as transformers' CLIPImageProcessor (PIL backend)
@@ -1785,6 +1785,21 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
     (tmp_path / "git" / "config.json").write_text("{")
     with pytest.raises(ValueError, match=r"git/config.json is not valid JSON"):
         RW.GitVQA({"git": folder}, device="cpu")
+
+
+def test_git_preprocessing_crops_where_clip_image_processor_does(tmp_path):
+    """transformers' CLIPImageProcessor (GIT's) floors the centre-crop offset; OpenAI CLIP's torchvision
+    CenterCrop rounds it. A 64x48 image, short side to 40 (53x40), crop 30: the left offset is 11.5."""
+    transformers = reference_transformers()
+    folder = _write_git_folder(tmp_path / "git", _tiny_git_cfg(image_size=30))
+    conf = {"size": {"shortest_edge": 40}, "crop_size": {"height": 30, "width": 30}, "resample": 3}
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
+    wide = np.random.RandomState(1).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(
+        **conf, image_mean=list(RW.CLIP_MEAN), image_std=list(RW.CLIP_STD))
+    want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
+    got = RW.clip_preprocess(wide[None], **RW.git_preprocessing(folder, _tiny_git_cfg(image_size=30)))
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5
 
 
 def test_git_config_refuses_a_vision_activation_it_does_not_build():
