@@ -1660,8 +1660,8 @@ _GIT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "?", "p
 
 
 def _tiny_git_cfg(image_size=32):
-    return RW.GITConfig(image_size=image_size, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
-                        vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
+    return RW.GITConfig(image_size=image_size, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
+                        vision_mlp=64, vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
 
 
 def _git_config_json(c):  # transformers' GitConfig names, written by hand
