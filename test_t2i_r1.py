@@ -1953,6 +1953,20 @@ def test_t2i_r1_detect_as_released_keeps_its_nms_on_centre_size_boxes_and_its_ph
     assert RW.t2i_r1_detect_score(dets, row, as_released=True)[0] == 0.5
 
 
+def test_t2i_r1_detect_reward_counts_duplicate_boxes_as_released(tmp_path):
+    # two bright patches whose boxes the planted box head puts on one spot, a third of the side wide, at the
+    # bottom-right corner: one cup after NMS on boxes, two after NMS on (cx, cy, w, h) read as corners
+    _planted_owlvit(tmp_path / "owl", box_logits=[10.0, 10.0, 0.0, 0.0])
+    img = np.zeros((1, 96, 96, 3), np.uint8)
+    img[0, 32:64, 32:96] = 255
+    rows = [{"task_type": "numeracy", "prompt": "one cup", "nouns": ["cup"],
+             "numeracy_info": [{"obj_name": "cup", "num": 1}]}]
+    for as_released, want in ((False, 1.0), (True, 0.2)):
+        cfg = RW.T2IR1DetectConfig(as_released=as_released)
+        scores, info = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu", config=cfg)(img, rows)
+        assert scores.tolist() == pytest.approx([want]), info["reasons"]
+
+
 def test_t2i_r1_detect_reward_scores_a_row_without_nouns_with_t2i_r1s_constant(tmp_path):
     _planted_owlvit(tmp_path / "owl")
     reward = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu")
