@@ -31,8 +31,10 @@ Where this departs from the reference code, and why:
     object presence.
   - t2i-r1-detect: T2I-R1's GroundingDINO rules on OWL-ViT boxes (a query per object, threshold 0.1, NMS on
     every row); where its code looks wrong ("above" and "on top of" never get position credit, every pair
-    is "near", a spatial row naming one object twice scores 0) T2IR1DetectConfig.as_released keeps it, the
-    default does what it means (see t2i_r1_position). git: an empty attr_nouns list falls back to the nouns.
+    is "near", a spatial row naming one object twice scores 0, its counting NMS reads (cx, cy, w, h) boxes as
+    corners, a noun of three or more words is never found) T2IR1DetectConfig.as_released keeps it, the
+    default does what it means (see t2i_r1_position, t2i_r1_nms). git: an empty attr_nouns list falls back to
+    the nouns.
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """
@@ -406,16 +408,18 @@ def _to_pixels(pils, mean=CLIP_MEAN, std=CLIP_STD):  # PIL RGB images of one siz
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def clip_preprocess(images, size=224, crop=None, mean=CLIP_MEAN, std=CLIP_STD):
+def clip_preprocess(images, size=224, crop=None, mean=CLIP_MEAN, std=CLIP_STD, floor_offset=False):
     """CLIP / PickScore / GIT: bicubic resize of the short side to `size`, centre crop to `crop` (default
-    `size`), normalise."""
+    `size`), normalise. The crop offset is rounded as OpenAI CLIP's torchvision CenterCrop does, or floored
+    as transformers' CLIPImageProcessor (GIT's) does (floor_offset); they differ on non-square images only."""
     crop, pils = crop or size, []
+    offset = (lambda n: (n - crop) // 2) if floor_offset else (lambda n: int(round((n - crop) / 2)))
     for a in as_rgb_list(images):
         h, w = a.shape[:2]
         s = size / min(h, w)
         nh, nw = (size, int(w * s)) if h <= w else (int(h * s), size)
         im = Image.fromarray(a).resize((nw, nh), Image.BICUBIC)
-        top, left = int(round((nh - crop) / 2)), int(round((nw - crop) / 2))
+        top, left = offset(nh), offset(nw)
         pils.append(im.crop((left, top, left + crop, top + crop)))
     return _to_pixels(pils, mean, std)
 
@@ -553,10 +557,12 @@ _GIT_TEXT_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "layers"
 def git_config_from_hf(cfg: dict, path="config.json") -> GITConfig:
     """GITConfig from a transformers GitForCausalLM config.json dict; refuses what this GIT does not build."""
     vis = cfg.get("vision_config") or {}
-    if cfg.get("model_type") != "git" or cfg.get("num_image_with_embedding") or cfg.get("hidden_act", "gelu") != "gelu":
+    vision_act = vis.get("hidden_act", "quick_gelu")  # the ViT's MLP knows these two only (CLIP's Encoder)
+    if (cfg.get("model_type") != "git" or cfg.get("num_image_with_embedding")
+            or cfg.get("hidden_act", "gelu") != "gelu" or vision_act not in ("quick_gelu", "gelu")):
         raise ValueError(f"{path}: not a single-image GIT with gelu (model_type {cfg.get('model_type')!r}, "
                          f"num_image_with_embedding {cfg.get('num_image_with_embedding')!r}, "
-                         f"hidden_act {cfg.get('hidden_act')!r})")
+                         f"hidden_act {cfg.get('hidden_act')!r}, vision hidden_act {vision_act!r})")
     found = {ours: vis.get(key) for ours, key in _GIT_FIELDS.items()}
     found |= {ours: cfg.get(key) for ours, key in _GIT_TEXT_FIELDS.items()}
     return replace(_GIT_DEFAULTS, **{k: v for k, v in found.items() if v is not None})
@@ -692,7 +698,7 @@ def git_preprocessing(folder, config: GITConfig) -> dict:
     CLIP's mean and std."""
     path = os.path.join(folder, "preprocessor_config.json")
     if not os.path.isfile(path):
-        return dict(size=config.image_size, crop=config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
+        return dict(size=config.image_size, crop=config.image_size, mean=CLIP_MEAN, std=CLIP_STD, floor_offset=True)
     p = _read_json(path)
     size, crop = p.get("size", config.image_size), p.get("crop_size", config.image_size)
     size = size.get("shortest_edge") if isinstance(size, dict) else size
@@ -701,7 +707,7 @@ def git_preprocessing(folder, config: GITConfig) -> dict:
         raise ValueError(f"{path}: expected a bicubic resize (resample 3) and a square crop of the ViT's "
                          f"{config.image_size} px, got size {size!r}, crop {crop!r}, resample {p.get('resample')!r}")
     return dict(size=size, crop=config.image_size, mean=tuple(p.get("image_mean", CLIP_MEAN)),
-                std=tuple(p.get("image_std", CLIP_STD)))
+                std=tuple(p.get("image_std", CLIP_STD)), floor_offset=True)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -976,7 +982,8 @@ class T2IR1DetectConfig:
     nms_iou: float = 0.5  # reward_gdino.py's NMS before counting
     query: str = "a photo of a {}"  # OWL-ViT's prompt style; GroundingDINO reads "noun1 . noun2." spans instead
     # True: reward_gdino.py's behaviour where it looks wrong ("above" and "on top of" get no position credit,
-    # every pair is "near", a spatial prompt naming one object twice scores 0); see t2i_r1_position
+    # every pair is "near", a spatial prompt naming one object twice scores 0, NMS reads (cx, cy, w, h) as
+    # corners, a noun of 3+ words is never found); see t2i_r1_position, t2i_r1_nms, t2i_r1_detect_score
     as_released: bool = False
 
 
@@ -1013,6 +1020,16 @@ def t2i_r1_position(locality, box1, box2, as_released=False) -> float:
     return 1.0 if iou < 0.1 else 0.1 / iou
 
 
+def t2i_r1_nms(boxes, scores, iou_threshold=0.5, as_released=False):
+    """Class-wise NMS of one object's boxes (x0, y0, x1, y1) -> kept indices. reward_gdino.py runs it before
+    counting, but on GroundingDINO's (cx, cy, w, h) boxes, which torchvision's nms reads as corners: a box
+    narrower than its centre's x (or shorter than its y) then overlaps nothing, so most duplicates survive and
+    are counted. as_released keeps that; otherwise the boxes are compared as boxes."""
+    if as_released:
+        boxes = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], -1)  # (N, 4) cx cy w h
+    return nms(boxes, scores, iou_threshold)
+
+
 def t2i_r1_detect_classes(m) -> list:
     """The objects reward_gdino.py looks for in a row: a spatial row's two objects, a numeracy row's counted
     objects, else its nouns."""
@@ -1031,7 +1048,10 @@ def t2i_r1_detect_score(detections, m, as_released=False):
     0 when absent, averaged over the objects. Other task types: the fraction of nouns found."""
     by_class = {}
     for d in sorted(detections, key=lambda d: -float(d["score"])):
-        by_class.setdefault(d["class"], []).append(d["box"])
+        # reward_gdino.py names a box by its noun's first and last word, so a noun of three or more words
+        # ("roll of paper towel") never matches itself there
+        if not (as_released and len(d["class"].split()) > 2):
+            by_class.setdefault(d["class"], []).append(d["box"])
     if not m.get("nouns"):
         return T2I_R1_NO_NOUNS, "no nouns: T2I-R1's constant"
     task = m.get("task_type")
@@ -1504,14 +1524,15 @@ class T2IR1Detect(T2IR1Reward):
             for name in sorted(set(t2i_r1_detect_classes(m))) if self.checks(m) else []:
                 q = p[:, classes.index(name)]
                 idx = (q > self.cfg.threshold).nonzero().flatten()
-                for i in idx[nms(bx[idx], q[idx], self.cfg.nms_iou)].tolist():
+                for i in idx[t2i_r1_nms(bx[idx], q[idx], self.cfg.nms_iou, self.cfg.as_released)].tolist():
                     dets.append({"class": name, "box": tuple(bx[i].clamp(0, 1).tolist()), "score": q[i].item()})
             out.append(dets)
         return out
 
     def score(self, images, metadata):
         dets = self.detect(images, metadata)
-        res = [t2i_r1_detect_score(d, m, self.cfg.as_released) if self.checks(m) else (0.0, "no T2I-R1 fields")
+        # a T2I-R1 row without nouns gets its constant 1 from t2i_r1_detect_score; other prompts abstain with 0
+        res = [t2i_r1_detect_score(d, m, self.cfg.as_released) if t2i_r1_row(m) else (0.0, "no T2I-R1 fields")
                for d, m in zip(dets, metadata)]
         return torch.tensor([r[0] for r in res]), {"reasons": [r[1] for r in res], "detections": dets,
                                                    "checked": [self.checks(m) for m in metadata]}

@@ -1709,9 +1709,9 @@ _GIT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "?", "p
               "plate", "cup", "bottle", "##s", "a", "photo", "of"]
 
 
-def _tiny_git_cfg():
-    return RW.GITConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
-                        vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
+def _tiny_git_cfg(image_size=32):
+    return RW.GITConfig(image_size=image_size, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
+                        vision_mlp=64, vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
 
 
 def _git_config_json(c):  # transformers' GitConfig names, written by hand
@@ -1805,7 +1805,7 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
         ours.word_id("teddy bear")
     # the published preprocessing: resize the short side, centre crop, CLIP's mean and std
     prep = RW.git_preprocessing(folder, _tiny_git_cfg())
-    assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD)
+    assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD, floor_offset=True)
     img = _images(1, 48)
     assert torch.equal(RW.clip_preprocess(img, **prep), RW.clip_preprocess(img, 32))
     # a resize larger than the crop, on a non-square image, as transformers' CLIPImageProcessor (PIL backend)
@@ -1835,6 +1835,30 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
     (tmp_path / "git" / "config.json").write_text("{")
     with pytest.raises(ValueError, match=r"git/config.json is not valid JSON"):
         RW.GitVQA({"git": folder}, device="cpu")
+
+
+def test_git_preprocessing_crops_where_clip_image_processor_does(tmp_path):
+    """transformers' CLIPImageProcessor (GIT's) floors the centre-crop offset; OpenAI CLIP's torchvision
+    CenterCrop rounds it. A 64x48 image, short side to 40 (53x40), crop 30: the left offset is 11.5."""
+    transformers = reference_transformers()
+    folder = _write_git_folder(tmp_path / "git", _tiny_git_cfg(image_size=30))
+    conf = {"size": {"shortest_edge": 40}, "crop_size": {"height": 30, "width": 30}, "resample": 3}
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
+    wide = np.random.RandomState(1).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(
+        **conf, image_mean=list(RW.CLIP_MEAN), image_std=list(RW.CLIP_STD))
+    want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
+    got = RW.clip_preprocess(wide[None], **RW.git_preprocessing(folder, _tiny_git_cfg(image_size=30)))
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5
+
+
+def test_git_config_refuses_a_vision_activation_it_does_not_build():
+    good = _git_config_json(_tiny_git_cfg())
+    assert RW.git_config_from_hf(good | {"vision_config": good["vision_config"] | {"hidden_act": "gelu"}}).vision_act \
+        == "gelu"
+    bad = good | {"vision_config": good["vision_config"] | {"hidden_act": "relu"}}
+    with pytest.raises(ValueError, match="git/config.json: .*vision hidden_act 'relu'"):
+        RW.git_config_from_hf(bad, "git/config.json")
 
 
 def test_git_questions_follow_t2i_r1():
@@ -1958,6 +1982,48 @@ def test_t2i_r1_detect_rules_on_hand_boxes():
     cx = {**sp, "task_type": "complex"}
     assert score([det("car", box(0.7)), det("zebra", box(0))], cx) == 1
     assert score([], {"task_type": "non", "prompt": "A quiet street.", "nouns": []}) == 1
+
+
+def test_t2i_r1_detect_as_released_keeps_its_nms_on_centre_size_boxes_and_its_phrase_match():
+    # reward_gdino.py hands GroundingDINO's (cx, cy, w, h) boxes to torchvision's nms, which reads them as
+    # corners: two copies of one small cup survive it (they count as two cups), a large box near the top-left
+    # corner still suppresses its copy
+    cups = torch.tensor([[0.6, 0.6, 0.8, 0.8], [0.61, 0.6, 0.81, 0.8]])  # (x0, y0, x1, y1), IoU 0.9
+    big = torch.tensor([[0.0, 0.0, 0.9, 0.9], [0.0, 0.0, 0.88, 0.9]])
+    scores = torch.tensor([0.9, 0.8])
+    assert RW.t2i_r1_nms(cups, scores, 0.5).tolist() == [0]
+    assert RW.t2i_r1_nms(cups, scores, 0.5, as_released=True).tolist() == [0, 1]
+    assert RW.t2i_r1_nms(big, scores, 0.5, as_released=True).tolist() == [0]
+    # its detection phrase for a noun is the noun's first and last word, so a noun of three or more words
+    # ("roll of paper towel", four rows of the file) is never matched as released
+    row = {"task_type": "shape", "prompt": "a tissue box and a roll of paper towel",
+           "nouns": ["tissue box", "roll of paper towel"]}
+    dets = [{"class": n, "box": (0.1, 0.1, 0.3, 0.3), "score": 0.5} for n in row["nouns"]]
+    assert RW.t2i_r1_detect_score(dets, row)[0] == 1
+    assert RW.t2i_r1_detect_score(dets, row, as_released=True)[0] == 0.5
+
+
+def test_t2i_r1_detect_reward_counts_duplicate_boxes_as_released(tmp_path):
+    # two bright patches whose boxes the planted box head puts on one spot, a third of the side wide, at the
+    # bottom-right corner: one cup after NMS on boxes, two after NMS on (cx, cy, w, h) read as corners
+    _planted_owlvit(tmp_path / "owl", box_logits=[10.0, 10.0, 0.0, 0.0])
+    img = np.zeros((1, 96, 96, 3), np.uint8)
+    img[0, 32:64, 32:96] = 255
+    rows = [{"task_type": "numeracy", "prompt": "one cup", "nouns": ["cup"],
+             "numeracy_info": [{"obj_name": "cup", "num": 1}]}]
+    for as_released, want in ((False, 1.0), (True, 0.2)):
+        cfg = RW.T2IR1DetectConfig(as_released=as_released)
+        scores, info = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu", config=cfg)(img, rows)
+        assert scores.tolist() == pytest.approx([want]), info["reasons"]
+
+
+def test_t2i_r1_detect_reward_scores_a_row_without_nouns_with_t2i_r1s_constant(tmp_path):
+    _planted_owlvit(tmp_path / "owl")
+    reward = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu")
+    rows = [{"task_type": "non", "prompt": "A quiet street.", "nouns": []}, {"prompt": "a cat"}]
+    scores, info = reward(np.zeros((2, 96, 96, 3), np.uint8), rows)
+    assert scores.tolist() == [1.0, 0.0] and info["checked"] == [False, False]
+    assert info["reasons"][0].startswith("no nouns") and info["reasons"][1] == "no T2I-R1 fields"
 
 
 def test_t2i_r1_detect_reward_on_planted_owlvit(tmp_path):
