@@ -1318,15 +1318,33 @@ class RuleReward(Reward):
     exactly 0); the other rewards alone decide. The caller reports how many prompts that concerns
     (RewardEnsemble.unchecked_report); a set of prompts none of which can be checked is refused."""
 
+    # what its metadata may name: a class, colour or tag outside these could never be found, and its prompt
+    # would score 0 forever (a misspelt "cirlce"). classes None: an open vocabulary (OWL-ViT reads any name)
+    classes, colors, tags = None, tuple(GENEVAL_COLORS), GENEVAL_TAGS
+
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
         super().__init__(ckpt, device, dtype, cache)
         self.cfg = config or GenEvalConfig()
+
+    def check_vocabulary(self, m):
+        """ValueError naming the first class, colour or tag of metadata m that this reward cannot recognise."""
+        if "tag" in m and m["tag"] not in self.tags:
+            raise ValueError(f"tag {m['tag']!r} is not one of {', '.join(self.tags)}")
+        for part in ("include", "exclude"):
+            for j, c in enumerate(m.get(part, [])):
+                if self.classes is not None and c["class"] not in self.classes:
+                    raise ValueError(f"{part}[{j}]: class {c['class']!r} is not one it detects "
+                                     f"({', '.join(self.classes)})")
+                if "color" in c and c["color"] not in self.colors:
+                    raise ValueError(f"{part}[{j}]: color {c['color']!r} is not one it tells apart "
+                                     f"({', '.join(self.colors)})")
 
     def check_metadata(self, metadata, require_any=True):
         for i, m in enumerate(metadata):
             if checkable(m) or "exclude" in m:
                 try:
                     check_geneval_metadata(m)
+                    self.check_vocabulary(m)
                 except ValueError as e:
                     raise ValueError(f"{self.name}: prompt {i} ({m.get('prompt', '')!r:.60}): {e}") from None
         if require_any and metadata and not any(checkable(m) for m in metadata):

@@ -39,7 +39,7 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 import rewards
 import t2i_r1 as R
 from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt, load_config,
-                   write_json)
+                   read_json, write_json)
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -544,7 +544,7 @@ def detect(image, **kwargs):
 
 class ShapesReward(rewards.RuleReward):
     """GenEval's rules on this world's exact detector: `--rewards shapes` in sample.py and train.py."""
-    name = "shapes"
+    name, classes, colors, tags = "shapes", SHAPES, tuple(COLORS), TAGS
 
     def score(self, images, metadata):
         return self.rule_scores([detect(img) if rewards.checkable(m) else [] for img, m in zip(images, metadata)],
@@ -867,7 +867,9 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
     images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
     default, as train.py and sample.py sample), and how closely the images follow their plans (plan_following)
-    for the true plans and the base's own. Returns {row name: summary with "per_tag" and "overall"}."""
+    for the true plans and the base's own. Returns {row name: summary with "per_tag" and "overall"}. Progress
+    lines on stderr inside the rows that sample."""
+    import sample  # sample.py imports this file: imported here, not at the top
     janus, tok = Janus.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
     settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
@@ -896,21 +898,23 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     judge("VQ ceiling", detect_batch(R.decode_images(janus, codes)))
     g = torch.Generator().manual_seed(seed)
     ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
+    bar = sample.Progress(-(-len(ids) // 64) * janus.cfg.image_tokens, "drawn from true plans: image tokens")
     codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id), pad_id=tok.pad_id,
-                                         cfg_weight=settings.cfg_weight, generator=g) for i in range(0, len(ids), 64)])
+                                         cfg_weight=settings.cfg_weight, generator=g,
+                                         progress=sample.stage_progress(bar, None)) for i in range(0, len(ids), 64)])
     drawn = detect_batch(R.decode_images(janus, codes))
     judge("drawn from true plans", drawn)
     following("plan-following, true plans", [plan_of(s) for s in scenes], drawn)
     for cot in (True, False):
-        rollout, images = R.sample_batches(janus, tok, [m["prompt"] for m in items], settings, n=n,
-                                           batch_size=max(1, 64 // n), seed=seed + 1, cot=cot,
-                                           reasoning_template=reasoning)
+        row = "own plans" if cot else "the prompt alone"
+        records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
+                                          cot=cot, reasoning_template=reasoning, desc=f"{row}: image tokens")
         if cot:
-            judge("own plans, as text", [plan_detections(plan) for plan in rollout.plans])
+            judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
         drawn = detect_batch(images)
         judge("drawn from own plans" if cot else "drawn from the prompt alone", drawn)
         if cot:
-            following("plan-following, own plans", rollout.plans, drawn)
+            following("plan-following, own plans", [r["plan"] for r in records], drawn)
     return rows
 
 
@@ -925,9 +929,32 @@ def _scores(run, split, which):
     files = sorted(f for f in os.listdir(folder) if f.startswith(split + "_")) if os.path.isdir(folder) else []
     if not files:
         raise FileNotFoundError(f"{folder} holds no {split} evaluation: is {run} a finished train.py run?")
-    with open(os.path.join(folder, files[0] if which == "base" else files[-1])) as f:
-        g = next(v for k, v in json.load(f).items() if k.startswith("geneval_"))
+    path = os.path.join(folder, files[0] if which == "base" else files[-1])
+    g = next((v for k, v in read_json(path).items() if k.startswith("geneval_")), None)
+    if g is None:
+        raise ValueError(f"{path} holds no GenEval accuracy: {run} was scored by no rule reward (shapes, geneval)")
     return {**g["per_tag"], "overall": g["overall"]}
+
+
+# what may differ between the runs of one table: the seed (the spread is over it), the level (the rows), and
+# how each run was laid out on its machine; any other setting would pool unlike runs as seeds of one row
+POOLED_OVER = {"seed", "levels", "out", "resume", "overwrite", "resumes", "device", "compile", "threads", "micro_batch",
+               "grad_checkpointing", "fsdp", "sample_every", "save_every", "eval_every"}
+
+
+def check_comparable(configs: dict):
+    """{run: its config.json} -> ValueError naming every setting other than POOLED_OVER that differs."""
+    def flat(c):
+        return {**{k: v for k, v in c.items() if k != "sampling"},
+                **{f"sampling.{k}": v for k, v in (c.get("sampling") or {}).items()}}
+    flats = {run: flat(c) for run, c in configs.items()}
+    names = sorted({k for c in flats.values() for k in c} - POOLED_OVER)
+    differ = [k for k in names if len({json.dumps(c.get(k)) for c in flats.values()}) > 1]
+    if differ:
+        raise ValueError("these runs differ in more than the seed and the level, so their rows would pool unlike "
+                         "runs: " + "; ".join(f"--{k.removeprefix('sampling.').replace('_', '-')} ("
+                                              + ", ".join(f"{c.get(k)!r} in {run}" for run, c in flats.items()) + ")"
+                                              for k in differ))
 
 
 def report(runs, split="test"):
@@ -935,14 +962,14 @@ def report(runs, split="test"):
     runs of each level (their seeds) +- the sample standard deviation. The base rows are the runs' own step-0
     evaluations: with plans for semantic and both, without for token (as each run samples); a semantic and a
     both run of one seed evaluate the same base with the same draws, so each seed counts once there."""
-    groups, seeds = {}, {}
+    groups, seeds, configs = {}, {}, {}
     for run in runs:
         if not os.path.isfile(os.path.join(run, "config.json")):
             raise FileNotFoundError(f"{run} is not a train.py run folder (no config.json)")
-        with open(os.path.join(run, "config.json")) as f:
-            config = json.load(f)
+        config = configs[run] = read_json(os.path.join(run, "config.json"))
         groups.setdefault(config["levels"], []).append(run)
         seeds[run] = config.get("seed", run)
+    check_comparable(configs)
     rows = []
     with_plan = list({seeds[r]: r for r in groups.get("semantic", []) + groups.get("both", [])}.values())
     if with_plan:

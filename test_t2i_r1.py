@@ -451,6 +451,18 @@ def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
         M.Janus.from_pretrained(d)
 
 
+@pytest.mark.parametrize("key", ["gen_vision_model.decoder.conv_out.weight", "language_model.model.layers.1.mlp.up_proj.weight"])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, key):
+    """A NaN in the VQ decoder drew cyan images that scored 0 with exit code 0; one in the decoder failed
+    steps later inside torch.multinomial. Both are refused at load, naming the tensor and its file."""
+    m = tiny_model()
+    with torch.no_grad():
+        m.state_dict()[key].view(-1)[3] = float("inf" if "vision" in key else "nan")
+    m.save_pretrained(tmp_path)
+    with pytest.raises(M.CheckpointError, match=r"model.safetensors: tensor " + re.escape(key) + " holds 1 non-finite"):
+        M.Janus.from_pretrained(tmp_path)
+
+
 def test_tokenizer_one_bos_special_tokens_and_chat_format(tmp_path):
     tok = make_word_tokenizer(tmp_path)
     assert tok.tk.encode("a photo").ids[0] == tok.bos_id  # the post-processor adds BOS by itself ...
@@ -488,7 +500,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # ---- model.py: fidelity against transformers' Janus port and deepseek's own code (optional: skipped without them) ---
 
 
-def tiny_hf_janus(noise, **vision):
+def tiny_hf_janus(noise, vocab_size=300, **vision):
     """transformers' JanusForConditionalGeneration at a tiny random size (GQA), every weight (norms and
     biases too) moved by `noise` * N(0, 1); skips the test when transformers or its Janus is missing."""
     transformers = reference_transformers()
@@ -497,7 +509,7 @@ def tiny_hf_janus(noise, **vision):
     from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
                               LlamaConfig)
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=16,
                                projection_dim=64, **vision)
@@ -1500,6 +1512,24 @@ def test_geneval_position_rules():
     assert not r["strict"] and r["dense"] == pytest.approx((1 + (1 + 0.5) / 2) / 2)
 
 
+def test_geneval_include_means_at_least_and_positions_are_checked_against_every_pair():
+    # an include clause asks for at least `count` (GenEval): two circles still show "a photo of a circle"
+    one = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
+    assert RW.geneval_score([_det("circle", (0, 0, 10, 10)), _det("circle", (30, 0, 40, 10), 0.8)], one)["strict"]
+    # position credit is over every (clause object, reference object) pair: two cats, two dogs, one cat left of
+    # both dogs and the other right of both: 2 of 4 pairs
+    meta = {"tag": "position", "include": [{"class": "dog", "count": 2},
+                                           {"class": "cat", "count": 2, "position": ["left of", 0]}], "prompt": ""}
+    dogs = [_det("dog", (50, 0, 60, 10)), _det("dog", (200, 0, 210, 10), 0.8)]
+    cats = [_det("cat", (0, 0, 10, 10)), _det("cat", (300, 0, 310, 10), 0.8)]
+    r = RW.geneval_score(dogs + cats, meta)
+    assert not r["strict"] and r["dense"] == pytest.approx((1 + (1 + 2 / 4) / 2) / 2)
+    # a clause placed relative to itself has nothing matched to compare with: refused at validation
+    with pytest.raises(ValueError, match=r"include\[1\]: 'position' must be"):
+        RW.check_geneval_metadata({**meta, "include": [meta["include"][0], {**meta["include"][1],
+                                                                             "position": ["left of", 1]}]})
+
+
 def test_geneval_summary():
     recs = [("counting", True), ("counting", False), {"tag": "colors", "strict": True}, ("position", False)]
     s = RW.geneval_summary(recs)
@@ -1556,6 +1586,26 @@ def test_geneval_color_step_on_crops(tmp_path):
     assert [d["color"] for d in dets] == ["white", "red", None]
     r = RW.geneval_score(dets, meta)
     assert not r["strict"] and r["dense"] == pytest.approx((1 - 1 / 2 + 1 / 2) / 2)
+
+
+def test_rule_rewards_refuse_classes_colours_and_tags_they_cannot_recognise(tmp_path, capsys):
+    """A misspelt class, an unknown colour or tag could never be found: its prompt scored 0 forever."""
+    reward = S.ShapesReward()
+    good = {"prompt": "a photo of a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1,
+                                                                              "color": "red"}]}
+    reward.check_metadata([good])
+    for bad, msg in [({"class": "cirlce"}, "include\\[0\\]: class 'cirlce' is not one it detects \\(circle, square, triangle\\)"),
+                     ({"color": "cyan"}, "include\\[0\\]: color 'cyan' is not one it tells apart"),
+                     ({"color": "pink"}, "color 'pink'")]:  # a GenEval colour, but not one of this world's
+        m = {**good, "include": [{**good["include"][0], **bad}]}
+        with pytest.raises(ValueError, match="shapes: prompt 0 .*" + msg):
+            reward.check_metadata([m])
+    with pytest.raises(ValueError, match="tag 'colours' is not one of"):
+        reward.check_metadata([{**good, "tag": "colours"}])
+    assert RW.GenEvalReward.classes is None and "pink" in RW.GenEvalReward.colors  # OWL-ViT: any class name
+    (tmp_path / "p.jsonl").write_text(json.dumps({**good, "include": [{"class": "cirlce", "count": 1}]}) + "\n")
+    err = cli_error(T.main, ["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "run")], capsys, "train.py")
+    assert "class 'cirlce'" in err and not (tmp_path / "run").exists()
 
 
 def test_reward_args_parsing():
@@ -2519,6 +2569,28 @@ def test_shapes_report_averages_seeds_per_level(tmp_path):
         S.report([str(tmp_path)])  # a run that never evaluated
 
 
+def test_shapes_report_refuses_to_pool_runs_with_other_settings(tmp_path):
+    """Runs with another --image-logp or --eval-n were pooled as seeds of one row: refused, naming each setting
+    that differs. A run scored without a rule reward, or a torn evaluation, is named too."""
+    acc = {t: 0.5 for t in S.GENEVAL_TAGS}
+    runs = [tmp_path / f"both{seed}" for seed in range(3)]
+    for seed, run in enumerate(runs):
+        _fake_run(run, "both", acc, acc, seed=seed)
+        extra = {"image_logp": "cfg" if seed == 2 else "cond", "eval_n": 16, "micro_batch": 4 + seed,
+                 "sampling": {"cfg_weight": 3.0, "temperature": 1.0 + (seed == 1)}}
+        (run / "config.json").write_text(json.dumps({"levels": "both", "seed": seed, **extra}))
+    S.report([str(r) for r in runs[:1]])
+    with pytest.raises(ValueError, match=r"differ in more than the seed .*--image-logp \('cond' in .*both0, 'cond' in "
+                                         r".*both1, 'cfg' in .*both2\); --temperature"):
+        S.report([str(r) for r in runs])
+    (runs[1] / "eval" / "test_00010.json").write_text(json.dumps({"rewards": {"clip": 0.3}}))
+    with pytest.raises(ValueError, match=r"test_00010.json holds no GenEval accuracy"):
+        S.report([str(runs[1])])
+    (runs[1] / "eval" / "test_00010.json").write_text('{"rewards": {"cl')
+    with pytest.raises(ValueError, match=r"test_00010.json is not valid JSON"):
+        S.report([str(runs[1])])
+
+
 # ---- sample.py: prompt files, the command line, fidelity of whole samples, progress --------------------------------
 
 
@@ -2554,6 +2626,22 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_bytes(tmp_path, capsys):
+    import sample as SA
+    m = tiny_model()
+    m.save_pretrained(tmp_path / "ckpt", tokenizer=make_word_tokenizer(tmp_path / "ckpt"))
+    args = ["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--n", "1", "--max-plan-tokens", "2",
+            "--out", str(tmp_path / "a")]
+    SA.main(args + ["--n", "3"])
+    err = cli_error(SA.main, args, capsys, "sample.py")
+    assert "already holds samples" in err and "--overwrite" in err
+    SA.main(args + ["--overwrite"])  # one image now: none of the three earlier ones stays beside it
+    assert sorted(p.name for p in (tmp_path / "a").glob("0000_*.png")) == ["0000_0.png"]
+    (tmp_path / "p.txt").write_bytes(b"a red circle\na blue \xff square\n")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "p.txt")) + r":2: not UTF-8 .*0xff at column 8"):
+        SA.read_prompts(str(tmp_path / "p.txt"))
 
 
 @pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
@@ -2607,6 +2695,33 @@ def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
     assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
 
 
+def test_plan_tokens_have_progress_and_the_image_eta_leaves_the_plans_out(tmp_path, monkeypatch):
+    import sample as SA
+    clock = [0.0]
+    monkeypatch.setattr(SA.time, "time", lambda: clock[0])
+    buf = io.StringIO()
+    images, plans = SA.Progress(4, "image tokens", stream=buf, every_line=0), SA.Progress(8, "plan tokens", stream=buf,
+                                                                                          every_line=0)
+    image_cb, plan_cb = SA.stage_progress(images, plans), SA.stage_progress(plans, images)
+    for batch in range(2):  # per batch: 2 plan tokens, 50 s each, then every plan has ended (a jump to 4 of 4)
+        for i in (1, 2):
+            clock[0] += 50
+            plan_cb(i, 4)
+        plan_cb(4, 4)
+        for i in (1, 2)[:2 - batch]:  # then the image tokens, 1 s each
+            clock[0] += 1
+            image_cb(i, 2)
+    lines = buf.getvalue().splitlines()
+    assert lines[-1].startswith("image tokens 3/4 [203s, eta 1s]"), lines  # 1 s per image token, plans apart
+    assert [l.split(" [")[0] for l in lines if l.startswith("plan")] == [f"plan tokens {n}/8" for n in (1, 2, 4, 5, 6, 8)]
+    monkeypatch.undo()  # the real clock again; a real sampler's plans and images
+    err, m = io.StringIO(), tiny_model()
+    monkeypatch.setattr(SA.sys, "stderr", err)
+    SA.generate(m, make_word_tokenizer(tmp_path), [{"prompt": "a red circle"}], settings(max_plan_tokens=3), n=2,
+                batch_size=1)
+    assert "plan tokens 3/3" in err.getvalue() and f"image tokens {m.cfg.image_tokens}/{m.cfg.image_tokens}" in err.getvalue()
+
+
 def test_shapes_t2i_r1_file_counts(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "one hamburger", "nouns": ["hamburger"], "task_type": "numeracy", '
@@ -2649,6 +2764,7 @@ def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_th
     assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
     # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
     shapes_reward = S.ShapesReward()
+    shapes_reward.classes = None  # the shapes detector stands in for an open-vocabulary one (T2I-R1's nouns)
     scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
     assert info["checked"] == [True, True, False, True, False, True]
     assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
@@ -2766,19 +2882,18 @@ def test_resume_continues_to_the_same_parameters(random_base, redness, tmp_path)
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness, tmp_path, monkeypatch):
     quiet = dict(log=lambda *a, **k: None)
-    real, calls = M.save_state_dict, []
-    def dying_save(state, folder, **kw):  # the second save dies half-way through writing its weights
-        calls.append(folder)
+    real, calls = M.write_tensors, []
+    def dying_save(state, path):  # the second save dies half-way through writing its weights
+        calls.append(path)
         if len(calls) == 2:
-            path = os.path.join(folder, "model.safetensors")
             with open(path, "wb") as f:
                 f.write(b"partial")
             raise KeyboardInterrupt("killed while saving")
-        return real(state, folder, **kw)
-    monkeypatch.setattr(M, "save_state_dict", dying_save)
+        return real(state, path)
+    monkeypatch.setattr(M, "write_tensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
         T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "4", "--save-every", "2")), **quiet)
-    monkeypatch.setattr(M, "save_state_dict", real)
+    monkeypatch.setattr(M, "write_tensors", real)
     ckpt = T.last_checkpoint(str(tmp_path / "run"))
     assert ckpt.endswith("ckpt")
     M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
@@ -2787,6 +2902,221 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     T.train(T.parse_args(train_args(random_base, tmp_path / "ref", "--steps", "4", "--save-every", "2")), **quiet)
     a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_lines_show_each_reward_elapsed_time_and_eta_and_eval_every_0_means_no_validation(random_base, redness,
+                                                                                              tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")
+    lines = []
+    T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--rewards", "redness,shapes",
+                                    "--prompts", str(tmp_path / "p.jsonl"), "--val-prompts", str(tmp_path / "p.jsonl"))),
+            log=lines.append)
+    steps = [l for l in lines if l.startswith("step ")]
+    assert len(steps) == 2 and all(re.search(r"\| reward -?\d\.\d{3}±\d\.\d{3} redness -?\d\.\d{3} shapes \d\.\d{3} \| kl ", l)
+                                   for l in steps), steps
+    assert re.search(r"\| \d+s elapsed, eta \d+s$", steps[0]) and steps[1].endswith("elapsed, eta 0s"), steps
+    assert os.listdir(tmp_path / "run" / "eval") == []  # --eval-every 0: validation neither at the start nor the end
+    assert all(l in (tmp_path / "run" / "train.log").read_text() for l in steps)  # a log beside metrics.jsonl
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(random_base, redness, tmp_path, capsys):
+    """A second run into the same --out was silently clobbering the first: refused, unless --resume continues
+    it or --overwrite replaces it, and then nothing of the old run (metrics, evaluations) stays."""
+    out = tmp_path / "run"
+    T.main(train_args(random_base, out, "--steps", "2"))
+    err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
+    assert str(out) in err and "already holds a run" in err and "--overwrite" in err
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2  # untouched
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "eval" / "val_00008.json").write_text("{}")  # an evaluation the old run wrote
+    T.main(train_args(random_base, out, "--steps", "1", "--overwrite"))
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "eval" / "val_00008.json").exists()
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+    assert "step 1/1" in (out / "train.log").read_text()  # the log beside metrics.jsonl
+    assert "one of them" in cli_error(T.main, train_args(random_base, out, "--resume", "--overwrite"), capsys,
+                                      "train.py")
+
+
+def test_resume_of_a_folder_without_a_checkpoint_is_refused(random_base, redness, tmp_path, capsys):
+    err = cli_error(T.main, ["--out", str(tmp_path / "typo"), "--resume"], capsys, "train.py")
+    assert str(tmp_path / "typo") in err and "no checkpoint" in err
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "crashed").mkdir()  # a run that died before its first checkpoint
+    (tmp_path / "crashed" / "metrics.jsonl").write_text("")
+    err = cli_error(T.main, train_args(random_base, tmp_path / "crashed", "--resume"), capsys, "train.py")
+    assert "no checkpoint" in err and "metrics.jsonl" in err
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_one_leaves_no_lock(random_base, redness, tmp_path,
+                                                                                    capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    lock = T.lock_run_folder(str(out))  # another process's lock (flock locks are per open file)
+    err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
+    assert "in use by another train.py process" in err and str(os.getpid()) in err
+    lock.close()
+    # a process killed while holding the lock leaves the folder free
+    code = f"import os, train; train.lock_run_folder({str(out)!r}); os.kill(os.getpid(), 9)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(T.__file__)).returncode == -9
+    T.main(train_args(random_base, out, "--steps", "1"))
+    assert (out / "ckpt" / "train_state.pt").exists()
+
+
+def test_resume_refuses_changed_settings_and_records_the_allowed_ones(random_base, redness, tmp_path, capsys):
+    out = tmp_path / "run"
+    T.main(train_args(random_base, out, "--steps", "1"))
+    first = json.loads((out / "config.json").read_text())
+    err = cli_error(T.main, ["--out", str(out), "--resume", "--lr", "0.01", "--seed", "3", "--ckpt", str(tmp_path),
+                             "--steps", "2"], capsys, "train.py")
+    for flag in ("--lr 0.01", "--seed 3", "--ckpt"):
+        assert flag in err, err
+    assert "--steps" not in err  # more steps is a change a resume may make
+    assert "--cfg" in cli_error(T.main, ["--out", str(out), "--resume", "--cfg", "3"], capsys, "train.py")
+    T.main(["--out", str(out), "--resume", "--steps", "2", "--save-every", "1"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["resumes"] == [{"step": 1, "changed": {"steps": [1, 2], "save_every": [50, 1]}}]
+    assert {k: v for k, v in config.items() if k not in ("steps", "save_every", "resume", "resumes")} == \
+        {k: v for k, v in first.items() if k not in ("steps", "save_every", "resume")}
+    assert "already at step 2" in cli_error(T.main, ["--out", str(out), "--resume", "--steps", "1"], capsys, "train.py")
+
+
+def janus_pro_like_base(random_base, folder, layout):
+    """A base as the published folders are: deepseek's layout (bf16 tensors in two pytorch_model shards with
+    their index, as Janus-Pro-7B ships, the understanding tower beside the generation path) or transformers'
+    (JanusForConditionalGeneration.save_pretrained, its SigLIP tower included), with processor files."""
+    import shutil
+    os.makedirs(folder)
+    if layout == "deepseek":
+        m = M.Janus.from_pretrained(random_base)
+        state = {k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}
+        state["vision_model.vision_tower.pos_embed"] = torch.randn(1, 4, 8, dtype=torch.bfloat16)
+        state["aligner.layers.0.weight"] = torch.randn(8, 8, dtype=torch.bfloat16)
+        M.save_state_dict(state, folder, weights="bin", shards=2)
+        M.write_json(os.path.join(folder, "config.json"), M.config_to_dict(m.cfg, torch.bfloat16))
+    else:
+        tiny_hf_janus(0.05, vocab_size=M.Tokenizer.from_pretrained(random_base).vocab_size,
+                      image_size=64).save_pretrained(folder)
+    for name in ("tokenizer.json", "reasoning_prompt.txt"):
+        shutil.copy(os.path.join(random_base, name), folder)
+    with open(os.path.join(folder, "processor_config.json"), "w") as f:
+        f.write('{"image_tag": "<image_placeholder>"}')
+    return folder
+
+
+def tensors(folder):
+    return {k: v for f in M.weight_files(folder) for k, v in M.read_tensors(f)}
+
+
+@pytest.mark.parametrize("layout", ["deepseek", "transformers"])
+def test_checkpoints_are_the_base_folder_with_the_trained_tensors_in_place(random_base, redness, tmp_path, layout):
+    """A trained checkpoint holds every file and tensor of its base, in the base's layout (the understanding
+    tower included), so the loader that read the base reads it; only the trained language model differs."""
+    base = janus_pro_like_base(random_base, str(tmp_path / "base"), layout)
+    policy, _ = T.train(T.parse_args(train_args(base, tmp_path / "run", "--steps", "1", "--cfg", "1")),
+                        log=lambda *a, **k: None)
+    ckpt = str(tmp_path / "run" / "ckpt")
+    assert set(os.listdir(base)) | {"train_state.pt"} == set(os.listdir(ckpt))
+    for name in ("config.json", "processor_config.json", "tokenizer.json"):
+        assert open(os.path.join(base, name)).read() == open(os.path.join(ckpt, name)).read(), name
+    before, after = tensors(base), tensors(ckpt)
+    assert before.keys() == after.keys()
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    ours = policy.state_dict()
+    changed = 0
+    for k, v in before.items():
+        name = M.to_original_key(k)
+        if name in trained:  # float32 master weights, as the policy holds them
+            assert after[k].dtype == torch.float32 and torch.equal(after[k], ours[name]), k
+            changed += not torch.equal(after[k], v.float())
+        else:  # understanding tower, VQ, image embedding and head: the base's, dtype and all
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert changed > 0 and any(k.startswith(("vision_model.", "model.vision_model.")) for k in before)
+    M.Janus.from_pretrained(ckpt)
+    if layout == "transformers":  # transformers' own loader takes it, every key in place
+        from transformers import JanusForConditionalGeneration
+        hf, info = JanusForConditionalGeneration.from_pretrained(ckpt, output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+        assert torch.equal(hf.lm_head.weight, ours["language_model.lm_head.weight"])
+
+
+def test_evaluations_are_written_whole_and_a_torn_one_is_named(random_base, redness, tmp_path, monkeypatch):
+    (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")
+    args = train_args(random_base, tmp_path / "run", "--steps", "1", "--eval-prompts", str(tmp_path / "p.jsonl"),
+                      "--eval-n", "2")
+    real = json.dump
+    def dying_dump(obj, f, **kw):  # killed half-way through writing the base's evaluation
+        if isinstance(obj, dict) and "images" in obj:
+            f.write('{"images": 2, "rew')
+            raise KeyboardInterrupt
+        return real(obj, f, **kw)
+    monkeypatch.setattr(json, "dump", dying_dump)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.parse_args(args), log=lambda *a, **k: None)
+    monkeypatch.setattr(json, "dump", real)
+    assert os.listdir(tmp_path / "run" / "eval") == []  # no half file
+    T.train(T.parse_args(args + ["--overwrite"]), log=lambda *a, **k: None)
+    (tmp_path / "run" / "eval" / "test_00000.json").write_text('{"images": 2, "rew')  # torn by other means
+    with pytest.raises(ValueError, match=r"test_00000.json is not valid JSON"):
+        T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume", "--steps", "2"]), log=lambda *a, **k: None)
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_partial(random_base, redness, tmp_path, monkeypatch, capsys):
+    import shutil
+    real_save, saves = torch.save, []
+    def full_disk_save(obj, f, *a, **k):  # the second checkpoint's train_state.pt hits a full disk
+        saves.append(f)
+        if str(f).endswith("train_state.pt") and len(saves) > 1:
+            open(f, "wb").write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0 "
+                               "basic_ios::clear: iostream error")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=10**9, used=10**9, free=4096))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(random_base, out, "--steps", "2", "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("train.py: error: no space left on the disk of " + str(out)), err
+    assert "room for two" in err and "--resume" in err
+    assert sorted(os.listdir(out)) == ["ckpt", "config.json", "eval", "metrics.jsonl", "samples", "train.lock",
+                                       "train.log"]  # no ckpt.tmp
+    assert real_save and torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+
+
+def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(random_base, redness, tmp_path, monkeypatch,
+                                                                 capsys):
+    out = tmp_path / "run"
+    real = T.train_step
+    def interrupted(run, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(run, step)
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(random_base, out, "--steps", "3", "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and "Traceback" not in "\n".join(err)
+    assert err[-1] == (f"train.py: interrupted; the last checkpoint is {out}/ckpt (step 1); continue with "
+                       f"`python train.py --out {out} --resume`")
+
+
+def test_bad_devices_and_prompts_too_long_for_the_context_are_one_line_errors(tmp_path, capsys):
+    import sample as SA
+    long = tmp_path / "long.jsonl"
+    row = S.colors("red", "circle")
+    long.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt": "a photo of a red circle " * 200}) + "\n")
+    for main, prog in ((T.main, "train.py"), (SA.main, "sample.py")):
+        err = cli_error(main, ["--prompts", str(long), "--out", str(tmp_path / "out")], capsys, prog)
+        assert re.search(r"prompt 2 \('a photo of a red circle a photo.*4800 characters\) needs \d+ positions .* "
+                         r"context is 512", err), err
+        assert "not a device name" in cli_error(main, ["--device", "cdua", "--out", str(tmp_path / "out")], capsys,
+                                                prog)
+        if not torch.cuda.is_available():
+            assert "--device cuda: this torch" in cli_error(main, ["--device", "cuda", "--out", str(tmp_path / "out")],
+                                                          capsys, prog)
+    assert not (tmp_path / "out").exists()
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
@@ -2843,6 +3173,7 @@ def test_process_group_has_a_backend_for_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: events.append(("init", backend)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", str(d))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is checked against the machine
     rank, world, device = T.dist_setup(T.train_device(T.TrainConfig(device="cuda")))
     assert (rank, world, str(device)) == (1, 2, "cuda:1")
     assert events[0] == ("set_device", "cuda:1") and events[1][0] == "init"
@@ -2935,6 +3266,27 @@ def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
     torch.testing.assert_close(default, cond)
     torch.testing.assert_close(cfg, guided)
     assert not torch.allclose(cond, guided)
+
+
+def test_each_level_is_scored_at_its_own_sampling_temperature():
+    """Plan tokens are scored at --text-temperature, image tokens at --temperature, as each was sampled."""
+    m = tiny_model()
+    ids, mask = R.pad_tokens(image_prompts(m, lengths=(5, 7)), PAD)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    plan_ids, plan_mask = R.pad_tokens([[5, 6, 7], [8]], PAD, side="right")
+    batch = R.Rollout(["a", "b"], ["", ""], ids, mask, plan_ids, plan_mask, ids, mask, codes)
+    cfg = T.resolve_defaults(T.parse_args(["--text-temperature", "0.5", "--temperature", "1.7"]))
+    with torch.no_grad():
+        logp, got_mask = T.logprobs(m, batch, cfg, PAD)
+        plan = R.completion_logprobs(m, ids, mask, plan_ids, plan_mask, "text", temperature=0.5)
+        image = R.completion_logprobs(m, ids, mask, codes, torch.ones_like(codes, dtype=torch.bool), "image",
+                                      temperature=1.7)
+        image_at_plan_t = R.completion_logprobs(m, ids, mask, codes, torch.ones_like(codes, dtype=torch.bool),
+                                                "image", temperature=0.5)
+    assert got_mask.shape == (2, 3 + 4)
+    torch.testing.assert_close(logp[:, :3][plan_mask], plan[plan_mask])
+    torch.testing.assert_close(logp[:, 3:], image)
+    assert not torch.allclose(image, image_at_plan_t)
 
 
 def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
@@ -3156,7 +3508,7 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     assert 0 < roll <= sec and peak > 0
 
 
-def test_every_flag_of_every_script_has_a_help_line_with_its_default():
+def test_every_flag_of_every_script_has_a_help_line_with_its_default(tmp_path):
     import argparse
     import bench
     import sample as SA
@@ -3176,6 +3528,8 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
                     continue
                 text = fmt._expand_help(a) if a.help else ""
                 assert a.help and "(default: " in text, (p.prog, a.dest, text)
+                # argparse reads a bare % as a format code: "a few % after" came out garbled
+                assert "%" not in re.sub(r"%\(\w+\)s", "", fmt._get_help_string(a)), (p.prog, a.dest, a.help)
                 seen += 1
     assert seen > 80
     # one name per idea across the scripts
@@ -3185,3 +3539,12 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
         assert all(both in f for f in flags.values()), both
     assert not ({"--score", "--no-cot", "--batch-size"} & flags[SA])
     assert bench.build_parser().parse_args(["speed", "--preset", "cpu-768"]).preset == "cpu-768"
+    assert "a few percent after ~20 s of compiling" in " ".join(T.build_parser().format_help().split())
+    # the examples of sample.py's help read files that exist once the command before them has run
+    written = [os.path.relpath(f) for f in S.write_prompt_sets(os.path.join(tmp_path, "data", "shapes"))]
+    examples = [e for e in re.findall(r"--prompts (\S+\.jsonl)", SA.__doc__) if "/" in e]  # not a user's own file
+    assert examples and all(os.path.join(os.path.relpath(tmp_path), e) in written for e in examples), examples
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert bench.cpu_name().endswith(", 1 thread")
+    torch.set_num_threads(threads)
