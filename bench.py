@@ -170,7 +170,8 @@ def cpu_name() -> str:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{name}, {n} thread{'s' if n > 1 else ''}"
 
 
 @contextlib.contextmanager

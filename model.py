@@ -10,7 +10,7 @@ module names follow, and the transformers-converted keys, renamed on load).
 
 Departures from the reference code:
 - only the generation path: the understanding tower (SigLIP + aligner) is not built; its tensors in a
-  checkpoint are skipped on load;
+  checkpoint are skipped on load, and `save_like` carries them over unchanged when it writes a trained one;
 - rotary angles are computed from the positions on the fly (no cached tables, no length limit);
 - a padded query row attends to itself so that left-padded batches never produce NaN (the reference
   relies on the same trick inside transformers' mask code);
@@ -23,11 +23,13 @@ Departures from the reference code:
 """
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
 import platform
 import re
+import shutil
 import time
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
@@ -614,6 +616,15 @@ class Janus(nn.Module):
             model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
         return model.eval()
 
+    def export_state(self) -> dict:
+        """The tensors a checkpoint holds, under their published names: adapters (train.LoRALinear) merged,
+        torch.compile's prefix dropped."""
+        state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items() if ".lora_" not in k}
+        for name, module in self.named_modules():
+            if hasattr(module, "merged_weight"):
+                state[name.replace("_orig_mod.", "") + ".weight"] = module.merged_weight()
+        return state
+
     def save_pretrained(self, folder, tokenizer=None, weights="safetensors", shards=1, state=None):
         """Write config.json + weights in deepseek's original layout (+ tokenizer files).
 
@@ -623,11 +634,7 @@ class Janus(nn.Module):
         """
         folder = os.path.expanduser(folder)
         os.makedirs(folder, exist_ok=True)
-        if state is None:
-            state = {k.replace("_orig_mod.", ""): v for k, v in self.state_dict().items() if ".lora_" not in k}
-            for name, module in self.named_modules():  # adapters (train.LoRALinear) are saved merged
-                if hasattr(module, "merged_weight"):
-                    state[name.replace("_orig_mod.", "") + ".weight"] = module.merged_weight()
+        state = self.export_state() if state is None else state
         dtype = state["language_model.model.embed_tokens.weight"].dtype
         write_json(os.path.join(folder, "config.json"), config_to_dict(self.cfg, dtype))
         if self.cfg.tie_word_embeddings:  # stored once, as tied checkpoints are
@@ -660,16 +667,48 @@ class CheckpointError(ValueError):
 
 
 def default_device(device=None) -> torch.device:
-    """The device asked for, else CUDA when present, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device asked for, else CUDA when present, else the CPU. ValueError for a name torch does not know
+    (`cdua`) or a GPU this torch cannot see, instead of a traceback at the first tensor put there."""
+    if device is None or isinstance(device, torch.device):
+        return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return d
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yield a temporary name to write path under; renamed over path once whole. On any error (a full disk, a
+    Ctrl-C) the partial file is removed: path is the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json(path, obj):
-    """obj as indented JSON at path, written to a temporary name and renamed (never half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """obj as indented JSON at path, written atomically."""
+    with atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+
+
+def read_json(path):
+    """A JSON file; a torn or invalid one is a ValueError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): a torn write? delete it or rerun what wrote it") from None
 
 
 def load_config(path) -> JanusConfig:
@@ -778,6 +817,10 @@ def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -
                 misshaped.append(f"{key} ({where}): {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
                 continue
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                # a NaN in the VQ decoder draws cyan images that score 0; one in the decoder fails steps later
+                raise CheckpointError(f"{file}: tensor {key} holds {int((~torch.isfinite(t)).sum())} non-finite "
+                                      f"values (NaN or inf) of {t.numel()}: a corrupt or diverged checkpoint")
             if t.device.type == "cpu" and t.data_ptr() % 64:
                 # safetensors maps tensors at 8-byte offsets; CPU GEMM kernels round differently on such
                 # addresses, so a checkpoint would compute other last bits depending on its file format
@@ -812,17 +855,52 @@ def save_state_dict(state: dict, folder, weights="safetensors", shards=1):
         acc += s
     names = [f"{stem}.{ext}"] if shards == 1 else [f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
     for name, group in zip(names, groups):
-        part, path = {k: state[k] for k in group}, os.path.join(folder, name)
-        if weights == "safetensors":
-            from safetensors.torch import save_file
-            save_file(part, path + ".tmp", metadata={"format": "pt"})
-        else:
-            torch.save(part, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_tensors({k: state[k] for k in group}, os.path.join(folder, name))
     if shards > 1:
         weight_map = {k: name for name, group in zip(names, groups) for k in group}
         write_json(os.path.join(folder, f"{stem}.{ext}.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_tensors(tensors: dict, path):
+    """One weight file, its format by its name (.safetensors or a torch pickle), written atomically."""
+    with atomic(path) as tmp:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp)
+
+
+def save_like(base, folder, state: dict):
+    """A complete checkpoint in the layout of the Janus-Pro folder base: its config.json, tokenizer and other
+    files as they are, its weight files under their names holding every tensor of the base, those named in
+    state (our names, e.g. the trained language model) replaced by state's, at state's dtype. Everything else
+    (the understanding tower, the frozen image path) is the base's, byte for byte. So the loader that read
+    the base reads the result: deepseek's for its layout, transformers' for the converted one."""
+    files = weight_files(base)
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(base)):  # config, tokenizer, processor, reasoning template, ...
+        src = os.path.join(base, name)
+        if (os.path.isfile(src) and src not in files and name not in WEIGHT_FILES and name != "train_state.pt"
+                and not name.endswith(".tmp")):
+            shutil.copy(src, folder)
+    placed, total = set(), 0
+    for file in files:
+        out = {}
+        for key, t in read_tensors(file):
+            name = to_original_key(key)
+            out[key] = state[name].detach().contiguous() if name in state else t.contiguous()
+            placed.add(name)
+            total += out[key].numel() * out[key].element_size()
+        write_tensors(out, os.path.join(folder, os.path.basename(file)))
+    lost = sorted(set(state) - placed)
+    if lost:
+        raise CheckpointError(f"{base} has no place for these trained tensors: {', '.join(lost[:10])}")
+    index = next((n for n in WEIGHT_FILES if n.endswith(".index.json") and os.path.isfile(os.path.join(base, n))), None)
+    if index:  # the same keys in the same files; only the byte count changes with the dtype
+        d = read_json(os.path.join(base, index))
+        write_json(os.path.join(folder, index), {**d, "metadata": {**d.get("metadata", {}), "total_size": total}})
 
 
 # -----------------------------------------------------------------------------

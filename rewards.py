@@ -4,13 +4,16 @@ Top to bottom:
   1. CLIP: a pre-LN ViT and a causal text transformer with a dataclass config and presets. The module tree
      is named like transformers' CLIPModel so its checkpoints load as they are; OpenCLIP checkpoints (HPS)
      are renamed into the same tree. The CLIP BPE tokenizer (via `tokenizers`) and image preprocessing.
-  2. OWL-ViT detection heads on the same CLIP towers, and class-wise NMS.
-  3. The GenEval rule engine (strict pass/fail as GenEval computes it, plus a dense score for RL), and
-     T2I-R1's prompt file read as GenEval metadata where its fields allow.
+  2. OWL-ViT detection heads on the same CLIP towers, and class-wise NMS; GIT (VQA): the same ViT, a
+     projection and a BERT decoder, in transformers' GitForCausalLM layout, with its WordPiece tokenizer.
+  3. The GenEval rule engine (strict pass/fail as GenEval computes it, plus a dense score for RL),
+     T2I-R1's prompt file read as GenEval metadata where its fields allow, and T2I-R1's own rules read from
+     its released reward_git.py and reward_gdino.py (GIT questions; detection scores and position rule).
   4. Rewards, all called as `reward(images, metadata) -> (scores (B,) float32, info dict of per-image lists)`:
-     clip, pickscore, hps, aesthetic, geneval (shapes.py registers shapes, its world's detector + these rules).
-  5. Selection and weights from the command line, the reward ensemble, `sum` / `group` combination,
-     evaluation extras (diversity).
+     clip, pickscore, hps, aesthetic, geneval, git, t2i-r1-detect (shapes.py registers shapes, its world's
+     detector + the GenEval rules).
+  5. Selection and weights from the command line (and the t2i-r1 preset), the reward ensemble, `sum` /
+     `group` combination, evaluation extras (diversity).
 
 Where this departs from the reference code, and why:
   - Every model's resize is PIL bicubic on uint8 pixels (OpenAI CLIP, HF and OpenCLIP do the same up to
@@ -26,6 +29,12 @@ Where this departs from the reference code, and why:
   - The rule rewards (geneval, shapes) abstain on a prompt without GenEval metadata: score 0, marked not
     checked (see RuleReward); GenEval has no such prompts, and T2I-R1's GroundingDINO reward scores them by
     object presence.
+  - t2i-r1-detect: T2I-R1's GroundingDINO rules on OWL-ViT boxes (a query per object, threshold 0.1, NMS on
+    every row); where its code looks wrong ("above" and "on top of" never get position credit, every pair
+    is "near", a spatial row naming one object twice scores 0, its counting NMS reads (cx, cy, w, h) boxes as
+    corners, a noun of three or more words is never found) T2IR1DetectConfig.as_released keeps it, the
+    default does what it means (see t2i_r1_position, t2i_r1_nms). git: an empty attr_nouns list falls back to
+    the nouns.
   - HPS preprocessing pads every non-square image; HPS's code skips the pad when the longest side is
     already 224, which would hand a non-square tensor to a fixed-size ViT.
 """
@@ -43,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import BPE
+from tokenizers.models import BPE, WordPiece
 
 from model import default_device, mismatch_error, read_tensors
 from t2i_r1 import group_advantages
@@ -394,22 +403,25 @@ def as_rgb_list(images) -> list:
     return out
 
 
-def _to_pixels(pils):  # list of PIL RGB images of one size -> (B, 3, S, S) float32, CLIP-normalised
+def _to_pixels(pils, mean=CLIP_MEAN, std=CLIP_STD):  # PIL RGB images of one size -> (B, 3, S, S) float32
     x = torch.from_numpy(np.stack([np.asarray(p) for p in pils])).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def clip_preprocess(images, size=224):
-    """CLIP / PickScore: bicubic resize of the short side to `size`, centre crop, normalise."""
-    pils = []
+def clip_preprocess(images, size=224, crop=None, mean=CLIP_MEAN, std=CLIP_STD, floor_offset=False):
+    """CLIP / PickScore / GIT: bicubic resize of the short side to `size`, centre crop to `crop` (default
+    `size`), normalise. The crop offset is rounded as OpenAI CLIP's torchvision CenterCrop does, or floored
+    as transformers' CLIPImageProcessor (GIT's) does (floor_offset); they differ on non-square images only."""
+    crop, pils = crop or size, []
+    offset = (lambda n: (n - crop) // 2) if floor_offset else (lambda n: int(round((n - crop) / 2)))
     for a in as_rgb_list(images):
         h, w = a.shape[:2]
         s = size / min(h, w)
         nh, nw = (size, int(w * s)) if h <= w else (int(h * s), size)
         im = Image.fromarray(a).resize((nw, nh), Image.BICUBIC)
-        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
-        pils.append(im.crop((left, top, left + size, top + size)))
-    return _to_pixels(pils)
+        top, left = offset(nh), offset(nw)
+        pils.append(im.crop((left, top, left + crop, top + crop)))
+    return _to_pixels(pils, mean, std)
 
 
 def hps_preprocess(images, size=224):
@@ -496,6 +508,206 @@ def nms(boxes, scores, iou_threshold=0.5):
             keep.append(i)
             dropped |= iou[i] > iou_threshold
     return torch.tensor(keep, dtype=torch.long)
+
+
+# ---- GIT (microsoft/git-*-vqav2): CLIP's ViT, a projection, and a BERT decoder over [image; question]
+
+
+@dataclass
+class GITConfig:
+    image_size: int = 420  # git-large-vqav2; git-base-vqav2 is 480 with patch 16 and a ViT-B
+    patch_size: int = 14
+    vision_width: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_mlp: int = 4096
+    vision_act: str = "quick_gelu"
+    vision_eps: float = 1e-5  # the ViT's LayerNorms and the projection's
+    vocab_size: int = 30522  # bert-base-uncased WordPiece
+    width: int = 768
+    layers: int = 6
+    heads: int = 12
+    mlp: int = 3072
+    max_positions: int = 1024
+    eps: float = 1e-12  # BERT's LayerNorms
+
+    def vision(self) -> CLIPConfig:  # the image tower as a CLIPConfig (its text fields are unused)
+        return replace(PRESETS["tiny"], image_size=self.image_size, patch_size=self.patch_size,
+                       vision_width=self.vision_width, vision_layers=self.vision_layers, vision_heads=self.vision_heads,
+                       vision_mlp=self.vision_mlp, act=self.vision_act, eps=self.vision_eps)
+
+
+GIT_PRESETS = {
+    "git-large-vqav2": GITConfig(),
+    "git-base-vqav2": GITConfig(image_size=480, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                                vision_mlp=3072),
+}
+# transformers' GitConfig / GitVisionConfig defaults fill what a config.json leaves out (git-base-vqav2's
+# vision_config names only image_size)
+_GIT_DEFAULTS = GITConfig(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                          vision_mlp=3072)
+_GIT_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "vision_width": "hidden_size",
+               "vision_layers": "num_hidden_layers", "vision_heads": "num_attention_heads",
+               "vision_mlp": "intermediate_size", "vision_act": "hidden_act", "vision_eps": "layer_norm_eps"}
+_GIT_TEXT_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "layers": "num_hidden_layers",
+                    "heads": "num_attention_heads", "mlp": "intermediate_size",
+                    "max_positions": "max_position_embeddings", "eps": "layer_norm_eps"}
+
+
+def git_config_from_hf(cfg: dict, path="config.json") -> GITConfig:
+    """GITConfig from a transformers GitForCausalLM config.json dict; refuses what this GIT does not build."""
+    vis = cfg.get("vision_config") or {}
+    vision_act = vis.get("hidden_act", "quick_gelu")  # the ViT's MLP knows these two only (CLIP's Encoder)
+    if (cfg.get("model_type") != "git" or cfg.get("num_image_with_embedding")
+            or cfg.get("hidden_act", "gelu") != "gelu" or vision_act not in ("quick_gelu", "gelu")):
+        raise ValueError(f"{path}: not a single-image GIT with gelu (model_type {cfg.get('model_type')!r}, "
+                         f"num_image_with_embedding {cfg.get('num_image_with_embedding')!r}, "
+                         f"hidden_act {cfg.get('hidden_act')!r}, vision hidden_act {vision_act!r})")
+    found = {ours: vis.get(key) for ours, key in _GIT_FIELDS.items()}
+    found |= {ours: cfg.get(key) for ours, key in _GIT_TEXT_FIELDS.items()}
+    return replace(_GIT_DEFAULTS, **{k: v for k, v in found.items() if v is not None})
+
+
+class GITLayer(nn.Module):
+    """BERT's post-LN block (transformers' GitLayer key names): x = LN(x + attn(x)), x = LN(x + mlp(x)).
+    Image tokens attend to their own image only, so they are computed once per image however many questions
+    ask about it; question tokens attend to their image's tokens and, causally, to themselves."""
+
+    def __init__(self, c: GITConfig):
+        super().__init__()
+        w, self.heads = c.width, c.heads
+        self.attention = nn.ModuleDict(dict(
+            self=nn.ModuleDict(dict(query=nn.Linear(w, w), key=nn.Linear(w, w), value=nn.Linear(w, w))),
+            output=nn.ModuleDict(dict(dense=nn.Linear(w, w), LayerNorm=nn.LayerNorm(w, eps=c.eps)))))
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(w, c.mlp)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(c.mlp, w), LayerNorm=nn.LayerNorm(w, eps=c.eps)))
+
+    def forward(self, image, text, rows, mask):
+        """image (K, I, C), text (N, T, C) whose row n asks about image rows[n], mask (T, I + T) ->
+        the next image and text states."""
+        qkv = self.attention["self"]
+        split = lambda t: t.view(*t.shape[:2], self.heads, -1).transpose(1, 2)  # (B, H, T, C/H)
+        qi, ki, vi = (split(qkv[n](image)) for n in ("query", "key", "value"))
+        qt, kt, vt = (split(qkv[n](text)) for n in ("query", "key", "value"))
+        yi = F.scaled_dot_product_attention(qi, ki, vi)
+        yt = F.scaled_dot_product_attention(qt, torch.cat([ki[rows], kt], 2), torch.cat([vi[rows], vt], 2),
+                                            attn_mask=mask)
+        return self.finish(image, yi), self.finish(text, yt)
+
+    def finish(self, x, y):  # residual + LN after attention (y (B, H, T, C/H)), then the MLP block
+        out = self.attention["output"]
+        x = out["LayerNorm"](x + out["dense"](y.transpose(1, 2).flatten(2)))
+        return self.output["LayerNorm"](x + self.output["dense"](F.gelu(self.intermediate["dense"](x))))
+
+
+class GIT(nn.Module):
+    """GIT (transformers' GitForCausalLM key layout): the ViT's tokens, projected, are a prefix the question
+    tokens attend to; image tokens attend to each other only, question tokens causally."""
+
+    def __init__(self, c: GITConfig):
+        super().__init__()
+        self.config, w = c, c.width
+        self.git = nn.Module()
+        self.git.embeddings = nn.ModuleDict(dict(word_embeddings=nn.Embedding(c.vocab_size, w),
+                                                 position_embeddings=nn.Embedding(c.max_positions, w),
+                                                 LayerNorm=nn.LayerNorm(w, eps=c.eps)))
+        self.git.image_encoder = nn.Module()
+        self.git.image_encoder.vision_model = VisionTower(c.vision())
+        self.git.visual_projection = nn.Module()
+        self.git.visual_projection.visual_projection = nn.Sequential(nn.Linear(c.vision_width, w),
+                                                                     nn.LayerNorm(w, eps=c.vision_eps))
+        self.git.encoder = nn.Module()
+        self.git.encoder.layer = nn.ModuleList(GITLayer(c) for _ in range(c.layers))
+        self.output = nn.Linear(w, c.vocab_size)
+
+    def image_tokens(self, pixels):  # (B, 3, S, S) -> (B, 1 + P, width)
+        vit = self.git.image_encoder.vision_model
+        tokens, _ = vit(pixels)
+        return self.git.visual_projection.visual_projection(vit.post_layernorm(tokens))  # post-LN on every token
+
+    def hidden(self, image_tokens, ids, rows=None):
+        """image_tokens (K, I, width), ids (N, T) whose row n asks about image rows[n] (default: row n) ->
+        final image states (K, I, width) and text states (N, T, width)."""
+        I, T = image_tokens.shape[1], ids.shape[1]
+        rows = torch.arange(len(ids), device=ids.device) if rows is None else rows
+        e = self.git.embeddings
+        text = e["LayerNorm"](e["word_embeddings"](ids) + e["position_embeddings"].weight[:T])  # positions from 0
+        image, text = image_tokens, text.to(image_tokens.dtype)
+        mask = torch.ones(T, I + T, dtype=torch.bool, device=ids.device)  # all of the image, then causal text
+        mask[:, I:] = mask[:, I:].tril()
+        for layer in self.git.encoder.layer:
+            image, text = layer(image, text, rows, mask)
+        return image, text
+
+    def forward(self, pixels, ids):  # -> logits (B, I + T, vocab), as GitForCausalLM returns them
+        return self.output(torch.cat(self.hidden(self.image_tokens(pixels), ids), dim=1))
+
+
+def load_git(weights, config: GITConfig, device="cpu", dtype=torch.float32) -> GIT:
+    with torch.device("meta"):
+        model = GIT(config)
+    return load_weights(model, dict(read_tensors(weights)), weights).to(device, dtype)
+
+
+class WordPieceTokenizer:
+    """bert-base-uncased's WordPiece (GIT's tokenizer): tokenizer.json, or vocab.txt built the way BERT's
+    uncased tokenizer reads it (clean text, split CJK, strip accents, lowercase; split on spaces and punctuation)."""
+
+    def __init__(self, folder):
+        p = lambda name: os.path.join(folder, name)
+        if os.path.isfile(p("tokenizer.json")):
+            self.tok = Tokenizer.from_file(p("tokenizer.json"))
+        elif os.path.isfile(p("vocab.txt")):
+            with open(p("vocab.txt"), encoding="utf-8") as f:
+                vocab = {w: i for i, w in enumerate(line.rstrip("\n") for line in f)}
+            self.tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+            self.tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+            self.tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        else:
+            raise FileNotFoundError(f"no WordPiece vocabulary (tokenizer.json or vocab.txt) in {folder}")
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        self.cls = self.tok.token_to_id("[CLS]")
+        if self.cls is None:
+            raise ValueError(f"{folder}: the vocabulary has no [CLS] token")
+
+    def encode(self, text) -> list:  # no special tokens
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def word_id(self, word) -> int:
+        ids = self.encode(word)
+        if len(ids) != 1:
+            raise ValueError(f"'{word}' is {len(ids)} tokens in this vocabulary, not one")
+        return ids[0]
+
+
+def _read_json(path) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def git_preprocessing(folder, config: GITConfig) -> dict:
+    """clip_preprocess arguments from preprocessor_config.json (CLIPImageProcessor: resize the short side,
+    centre crop, normalise); without the file, the published vqav2 values: short side = crop = the ViT's size,
+    CLIP's mean and std."""
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return dict(size=config.image_size, crop=config.image_size, mean=CLIP_MEAN, std=CLIP_STD, floor_offset=True)
+    p = _read_json(path)
+    size, crop = p.get("size", config.image_size), p.get("crop_size", config.image_size)
+    size = size.get("shortest_edge") if isinstance(size, dict) else size
+    crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+    if crop != (config.image_size, config.image_size) or not isinstance(size, int) or p.get("resample", 3) != 3:
+        raise ValueError(f"{path}: expected a bicubic resize (resample 3) and a square crop of the ViT's "
+                         f"{config.image_size} px, got size {size!r}, crop {crop!r}, resample {p.get('resample')!r}")
+    return dict(size=size, crop=config.image_size, mean=tuple(p.get("image_mean", CLIP_MEAN)),
+                std=tuple(p.get("image_std", CLIP_STD)), floor_offset=True)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -739,6 +951,131 @@ def from_t2i_r1(row):
     return meta
 
 
+# ---- T2I-R1's own rules (CaraJ7/T2I-R1, src/t2i-r1/src/utils/reward_git.py and reward_gdino.py), on its rows
+
+T2I_R1_NOT_ASKED = ("spatial", "numeracy")  # reward_git.py scores these task types 0 without asking GIT
+T2I_R1_NO_NOUNS = 1.0  # both reward_git.py and reward_gdino.py: a row with no nouns scores 1
+
+
+def t2i_r1_row(m) -> bool:
+    """Whether a prompt carries T2I-R1's fields (a prompt-file row), which its own rules read."""
+    return "task_type" in m or "nouns" in m
+
+
+def git_questions(m):
+    """T2I-R1's GIT questions for one row -> (questions, constant): questions to ask, or a constant score.
+    As reward_git.py: task types spatial and numeracy are not asked (constant 0); the phrases are the row's
+    attr_nouns when it has them (e.g. "purple elephant"), else its nouns; each is asked as "<phrase>?"; a row
+    with neither scores 1. (An empty attr_nouns list falls back to the nouns here; there it averaged nothing.)
+    A prompt without T2I-R1's fields is not asked either (constant 0: the reward abstains)."""
+    if not t2i_r1_row(m) or m.get("task_type") in T2I_R1_NOT_ASKED:
+        return [], 0.0
+    phrases = m.get("attr_nouns") or m.get("nouns") or []
+    return ([f"{p}?" for p in phrases], None) if phrases else ([], T2I_R1_NO_NOUNS)
+
+
+@dataclass
+class T2IR1DetectConfig:
+    # reward_gdino.py keeps GroundingDINO boxes whose phrase score exceeds 0.3; OWL-ViT's sigmoid scores run
+    # lower, so the threshold is OWL-ViT's text-query value, as in GenEvalConfig (NOT calibrated on real images)
+    threshold: float = 0.1
+    nms_iou: float = 0.5  # reward_gdino.py's NMS before counting
+    query: str = "a photo of a {}"  # OWL-ViT's prompt style; GroundingDINO reads "noun1 . noun2." spans instead
+    # True: reward_gdino.py's behaviour where it looks wrong ("above" and "on top of" get no position credit,
+    # every pair is "near", a spatial prompt naming one object twice scores 0, NMS reads (cx, cy, w, h) as
+    # corners, a noun of 3+ words is never found); see t2i_r1_position, t2i_r1_nms, t2i_r1_detect_score
+    as_released: bool = False
+
+
+# "near" within 150 px: T2I-CompBench's threshold for its 512 px images, which reward_gdino.py applies to boxes
+# normalised to [0, 1] (so every pair is near); here 150 / 512 of the image side
+T2I_R1_NEAR = 150 / 512
+_T2I_R1_SIDES = {"right of": ("x", -1), "on the right of": ("x", -1), "left of": ("x", 1), "on the left of": ("x", 1),
+                 "below": ("y", -1), "on the bottom of": ("y", -1), "on the top of": ("y", 1), "top of": ("y", 1),
+                 "above": ("y", 1), "on top of": ("y", 1)}
+
+
+def t2i_r1_position(locality, box1, box2, as_released=False) -> float:
+    """reward_gdino.py's position rule (T2I-CompBench's), box1 = obj1's box, box2 = obj2's, (x0, y0, x1, y1)
+    normalised to [0, 1], y down. d = centre(box2) - centre(box1).
+    near / next to / on side of: 1 if |dx| or |dy| < T2I_R1_NEAR, else T2I_R1_NEAR / max(|dx|, |dy|);
+    left/right/above/below: 0 unless d points the right way along the relation's axis and is longer there than
+    on the other axis; then 1 if IoU < 0.1, else 0.1 / IoU (overlapping boxes get partial credit);
+    anything else: 0. Its code has no branch for "above" and "on top of" (only "on the top of" and "top of"),
+    so they score 0 there; here they use the "on the top of" rule unless as_released."""
+    locality = locality.strip().lower()
+    c1 = ((box1[0] + box1[2]) / 2, (box1[1] + box1[3]) / 2)
+    c2 = ((box2[0] + box2[2]) / 2, (box2[1] + box2[3]) / 2)
+    d = {"x": c2[0] - c1[0], "y": c2[1] - c1[1]}
+    if locality in ("next to", "on side of", "near"):
+        near = 150 if as_released else T2I_R1_NEAR
+        return 1.0 if min(abs(d["x"]), abs(d["y"])) < near else near / max(abs(d["x"]), abs(d["y"]))
+    if locality not in _T2I_R1_SIDES or (as_released and locality in ("above", "on top of")):
+        return 0.0
+    axis, sign = _T2I_R1_SIDES[locality]
+    other = "y" if axis == "x" else "x"
+    if d[axis] * sign <= 0 or abs(d[axis]) <= abs(d[other]):
+        return 0.0
+    iou = box_iou(torch.tensor([box1], dtype=torch.float64), torch.tensor([box2], dtype=torch.float64)).item()
+    return 1.0 if iou < 0.1 else 0.1 / iou
+
+
+def t2i_r1_nms(boxes, scores, iou_threshold=0.5, as_released=False):
+    """Class-wise NMS of one object's boxes (x0, y0, x1, y1) -> kept indices. reward_gdino.py runs it before
+    counting, but on GroundingDINO's (cx, cy, w, h) boxes, which torchvision's nms reads as corners: a box
+    narrower than its centre's x (or shorter than its y) then overlaps nothing, so most duplicates survive and
+    are counted. as_released keeps that; otherwise the boxes are compared as boxes."""
+    if as_released:
+        boxes = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], -1)  # (N, 4) cx cy w h
+    return nms(boxes, scores, iou_threshold)
+
+
+def t2i_r1_detect_classes(m) -> list:
+    """The objects reward_gdino.py looks for in a row: a spatial row's two objects, a numeracy row's counted
+    objects, else its nouns."""
+    if m.get("task_type") == "spatial" and m.get("spatial_info"):
+        return [m["spatial_info"]["obj1"], m["spatial_info"]["obj2"]]
+    if m.get("task_type") == "numeracy" and m.get("numeracy_info"):
+        return [i["obj_name"] for i in m["numeracy_info"]]
+    return list(m.get("nouns") or [])
+
+
+def t2i_r1_detect_score(detections, m, as_released=False):
+    """reward_gdino.py's score for one image -> (score, reason). detections: {"class", "box" (x0, y0, x1, y1)
+    in [0, 1], "score"} after the threshold and class-wise NMS.
+    no nouns: 1. spatial: 0.2 per object found; with both, + position / 2 of the two most confident boxes
+    (at most 0.9). numeracy: per counted object, 1 for the exact count, 0.2 when found with another count,
+    0 when absent, averaged over the objects. Other task types: the fraction of nouns found."""
+    by_class = {}
+    for d in sorted(detections, key=lambda d: -float(d["score"])):
+        # reward_gdino.py names a box by its noun's first and last word, so a noun of three or more words
+        # ("roll of paper towel") never matches itself there
+        if not (as_released and len(d["class"].split()) > 2):
+            by_class.setdefault(d["class"], []).append(d["box"])
+    if not m.get("nouns"):
+        return T2I_R1_NO_NOUNS, "no nouns: T2I-R1's constant"
+    task = m.get("task_type")
+    if task == "spatial" and m.get("spatial_info"):
+        sp = m["spatial_info"]
+        a, b = by_class.get(sp["obj1"], []), by_class.get(sp["obj2"], [])
+        score = 0.2 * bool(a) + 0.2 * bool(b)
+        if a and b:
+            if sp["obj1"] == sp["obj2"]:  # reward_gdino.py fails on this pair and scores the image 0
+                if as_released:
+                    return 0.0, f"{sp['obj1']} twice: 0 as released"
+                a, b = a[:1], a[1:2]
+            if b:
+                score += t2i_r1_position(sp["locality"], a[0], b[0], as_released) / 2
+        return score, f"{sp['obj1']} {sp['locality']} {sp['obj2']}: found {len(a)} and {len(b)}"
+    if task == "numeracy" and m.get("numeracy_info"):
+        info = m["numeracy_info"]
+        found = [len(by_class.get(i["obj_name"], [])) for i in info]
+        score = sum(1.0 if n == i["num"] else 0.2 if n else 0.0 for n, i in zip(found, info)) / len(info)
+        return score, ", ".join(f"{i['obj_name']}: {n} of {i['num']}" for n, i in zip(found, info))
+    found = [n for n in m["nouns"] if n in by_class]
+    return len(found) / len(m["nouns"]), f"found {len(found)} of {len(m['nouns'])} nouns"
+
+
 # -----------------------------------------------------------------------------------------------------
 # 4. Rewards: reward(images, metadata) -> (scores (B,) float32 on CPU, info {key: list of B values})
 
@@ -762,6 +1099,9 @@ CHECKPOINTS = {
                             "sac+logos+ava1-l14-linearMSE.pth"),
     "geneval": Checkpoint((("model.safetensors", "pytorch_model.bin"), ("vocab.json + merges.txt", "tokenizer.json")),
                           "https://huggingface.co/google/owlvit-base-patch32"),
+    "git": Checkpoint((("model.safetensors", "pytorch_model.bin"), ("tokenizer.json", "vocab.txt"), ("config.json",)),
+                      "https://huggingface.co/microsoft/git-large-vqav2 (T2I-R1's choice, 1.6 GB) or "
+                      "https://huggingface.co/microsoft/git-base-vqav2 (0.7 GB)"),
 }
 
 
@@ -844,6 +1184,28 @@ class Reward:
 
     def check_metadata(self, metadata, require_any=True):
         pass
+
+    def checks(self, m) -> bool:
+        """Whether this reward really scores prompt m (rewards that abstain on some prompts say False)."""
+        return True
+
+    def owlvit_model(self):  # -> (OwlViT, CLIPTokenizer) from the 'geneval' checkpoint, cached like clip_model
+        weights, tok_file = self.files["geneval"]
+        cache_key = ("owlvit", weights, str(self.device), self.dtype)
+        if cache_key not in self.cache:
+            c = read_config(os.path.dirname(weights), "owlvit-base-patch32")
+            self.cache[cache_key] = (load_owlvit(weights, c, self.device, self.dtype),
+                                     CLIPTokenizer.from_folder(os.path.dirname(tok_file), c.context_length))
+        return self.cache[cache_key]
+
+    def owlvit_scores(self, images, classes, query):
+        """OWL-ViT on images with one text query per class -> probabilities (B, P, Q) and boxes (B, P, 4) as
+        (x0, y0, x1, y1) in [0, 1], float32 on the CPU."""
+        owl, tok = self.owlvit_model()
+        pixels = owlvit_preprocess(images, owl.config.image_size).to(self.device, self.dtype)
+        logits, boxes = owl(pixels, tok([query.format(c) for c in classes]).to(self.device))  # (B, P, Q), (B, P, 4)
+        cx, cy, w, h = boxes.float().cpu().unbind(-1)
+        return torch.sigmoid(logits.float()).cpu(), torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
     def clip_model(self, key, preset):  # -> (CLIP, CLIPTokenizer), cached per file, device and dtype
         weights, tok_file = self.files[key]
@@ -933,6 +1295,11 @@ class GenEvalConfig:
     score: str = "dense"  # what the reward returns: "dense" in [0, 1] or "strict" in {0, 1}
 
 
+def _by_task(items):  # " (T2I-R1 task types: color 2, shape 1)" for the rows that carry a task type, or ""
+    tasks = collections.Counter(m["task_type"] for m in items if "task_type" in m)
+    return f" (T2I-R1 task types: {', '.join(f'{t} {c}' for t, c in sorted(tasks.items()))})" if tasks else ""
+
+
 def _clauses(m):
     return m.get("include", []) + m.get("exclude", [])
 
@@ -951,15 +1318,33 @@ class RuleReward(Reward):
     exactly 0); the other rewards alone decide. The caller reports how many prompts that concerns
     (RewardEnsemble.unchecked_report); a set of prompts none of which can be checked is refused."""
 
+    # what its metadata may name: a class, colour or tag outside these could never be found, and its prompt
+    # would score 0 forever (a misspelt "cirlce"). classes None: an open vocabulary (OWL-ViT reads any name)
+    classes, colors, tags = None, tuple(GENEVAL_COLORS), GENEVAL_TAGS
+
     def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
         super().__init__(ckpt, device, dtype, cache)
         self.cfg = config or GenEvalConfig()
+
+    def check_vocabulary(self, m):
+        """ValueError naming the first class, colour or tag of metadata m that this reward cannot recognise."""
+        if "tag" in m and m["tag"] not in self.tags:
+            raise ValueError(f"tag {m['tag']!r} is not one of {', '.join(self.tags)}")
+        for part in ("include", "exclude"):
+            for j, c in enumerate(m.get(part, [])):
+                if self.classes is not None and c["class"] not in self.classes:
+                    raise ValueError(f"{part}[{j}]: class {c['class']!r} is not one it detects "
+                                     f"({', '.join(self.classes)})")
+                if "color" in c and c["color"] not in self.colors:
+                    raise ValueError(f"{part}[{j}]: color {c['color']!r} is not one it tells apart "
+                                     f"({', '.join(self.colors)})")
 
     def check_metadata(self, metadata, require_any=True):
         for i, m in enumerate(metadata):
             if checkable(m) or "exclude" in m:
                 try:
                     check_geneval_metadata(m)
+                    self.check_vocabulary(m)
                 except ValueError as e:
                     raise ValueError(f"{self.name}: prompt {i} ({m.get('prompt', '')!r:.60}): {e}") from None
         if require_any and metadata and not any(checkable(m) for m in metadata):
@@ -967,6 +1352,14 @@ class RuleReward(Reward):
                              f"'include' clauses), e.g. {metadata[0].get('prompt', '')!r}; score this reward on JSON "
                              f"lines with GenEval metadata (the files `python shapes.py prompts` writes, GenEval's "
                              f"evaluation_metadata.jsonl) or T2I-R1's prompt file")
+
+    def checks(self, m) -> bool:
+        return checkable(m)
+
+    def unchecked_line(self, bare, items, what):
+        return (f"{self.name}: {len(bare)} of the {len(items)} {what} carry no GenEval metadata it can check"
+                f"{_by_task(bare)}; it scores them 0 for every sample, a constant within their groups, so the other "
+                f"rewards alone set their advantages (and its logged means leave them out)")
 
     def rule_scores(self, dets, metadata):
         res = [geneval_score(d, m) if checkable(m) else None for d, m in zip(dets, metadata)]
@@ -981,10 +1374,7 @@ class GenEvalReward(RuleReward):
     name, needs = "geneval", ("geneval", "clip")  # OWL-ViT boxes, CLIP ViT-L/14 colours
 
     def load(self):
-        weights, tok_file = self.files["geneval"]
-        c = read_config(os.path.dirname(weights), "owlvit-base-patch32")
-        self.owl = load_owlvit(weights, c, self.device, self.dtype)
-        self.owl_tok = CLIPTokenizer.from_folder(os.path.dirname(tok_file), c.context_length)
+        self.owlvit_model()
         self.clip, self.tok = self.clip_model("clip", "clip-vit-large-patch14")
         self.color_heads = {}  # object class -> (10, E) colour classifier
 
@@ -994,10 +1384,7 @@ class GenEvalReward(RuleReward):
         if not classes:
             return [[] for _ in images]
         column = {c: i for i, c in enumerate(classes)}
-        queries = self.owl_tok([self.cfg.query.format(c) for c in classes]).to(self.device)
-        pixels = owlvit_preprocess(images, self.owl.config.image_size).to(self.device, self.dtype)
-        logits, boxes = self.owl(pixels, queries)  # (B, P, Q), (B, P, 4)
-        probs, boxes = torch.sigmoid(logits.float()).cpu(), boxes.float().cpu()
+        probs, boxes = self.owlvit_scores(images, classes, self.cfg.query)  # (B, P, Q), (B, P, 4) x0 y0 x1 y1
         out = []
         for img, m, p, bx in zip(images, metadata, probs, boxes):
             names = sorted({c["class"] for c in _clauses(m)})
@@ -1008,8 +1395,7 @@ class GenEvalReward(RuleReward):
             score, label = p[:, [column[n] for n in names]].max(-1)  # (P,)
             thr = self.cfg.counting_threshold if m.get("tag") == "counting" else self.cfg.threshold
             h, w = img.shape[:2]
-            cx, cy, bw, bh = bx.unbind(-1)
-            xyxy = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+            xyxy = bx * torch.tensor([w, h, w, h])
             xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
             xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
             dets = []
@@ -1043,22 +1429,139 @@ class GenEvalReward(RuleReward):
         return self.rule_scores(dets, metadata)
 
 
+class T2IR1Reward(Reward):
+    """Base of the rewards that score T2I-R1's prompt-file rows by its own rules (git, t2i-r1-detect). Where
+    those rules give a constant (see git_questions, t2i_r1_detect_score), and on prompts without T2I-R1's
+    fields (score 0), the sample is marked not checked: a constant within its group moves no advantage, and
+    the logged means leave it out."""
+
+    def check_metadata(self, metadata, require_any=True):
+        for i, m in enumerate(metadata):
+            if t2i_r1_row(m):
+                try:
+                    check_t2i_r1_row(m)
+                except ValueError as e:
+                    raise ValueError(f"{self.name}: prompt {i} ({m.get('prompt', '')!r:.60}): {e}") from None
+
+    def unchecked_line(self, bare, items, what):
+        return (f"{self.name}: scores {len(items) - len(bare)} of the {len(items)} {what}; the other {len(bare)}"
+                f"{_by_task(bare)} get T2I-R1's constant (0 without its fields), the same for every sample, so the "
+                f"other rewards alone set their advantages (and its logged means leave them out)")
+
+
+class GitVQA(T2IR1Reward):
+    """T2I-R1's GIT reward: per question "<phrase>?" (git_questions), p(yes) / (p(yes) + p(no)) of the first
+    answer token, averaged over the prompt's questions."""
+    name, needs = "git", ("git",)
+
+    def __init__(self, ckpt=None, device=None, dtype=None, cache=None):
+        super().__init__(ckpt, device, dtype, cache)
+        weights, tok_file, cfg_file = self.files["git"]
+        # the small files are read at start-up, so their errors come before any sampling
+        self.config = git_config_from_hf(_read_json(cfg_file), cfg_file)
+        self.prep = git_preprocessing(os.path.dirname(weights), self.config)
+        self.tok = WordPieceTokenizer(os.path.dirname(tok_file))
+        self.yes, self.no = self.tok.word_id("yes"), self.tok.word_id("no")
+
+    def checks(self, m) -> bool:
+        return bool(git_questions(m)[0])
+
+    def load(self):
+        self.model = load_git(self.files["git"][0], self.config, self.device, self.dtype)
+
+    def yes_probability(self, images, questions):
+        """images (K of them), questions [(image index, text)] -> (N,) p(yes) / (p(yes) + p(no)), float32 CPU."""
+        tokens = self.model.image_tokens(clip_preprocess(images, **self.prep).to(self.device, self.dtype))  # (K, I, W)
+        ids = [[self.tok.cls] + self.tok.encode(q) for _, q in questions]  # GIT's VQA input: [CLS] question
+        if max(map(len, ids)) > self.config.max_positions:
+            raise ValueError(f"git: a question is longer than GIT's {self.config.max_positions} text positions")
+        batch = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)  # right-padded: causal text never
+        for j, x in enumerate(ids):                                           # sees the padding after it
+            batch[j, :len(x)] = torch.tensor(x)
+        rows = torch.tensor([i for i, _ in questions], device=self.device)
+        _, h = self.model.hidden(tokens, batch.to(self.device), rows)  # (N, T, W): each image computed once
+        last = torch.tensor([len(x) - 1 for x in ids], device=h.device)
+        logits = self.model.output(h[torch.arange(len(ids), device=h.device), last]).float()  # (N, vocab)
+        # p(yes) / (p(yes) + p(no)) under the softmax is sigmoid(logit_yes - logit_no): no vocabulary-wide sum
+        return torch.sigmoid(logits[:, self.yes] - logits[:, self.no]).cpu()
+
+    def score(self, images, metadata):
+        asked = [git_questions(m) for m in metadata]
+        rows = [i for i, (qs, _) in enumerate(asked) if qs]
+        pairs = [(k, q) for k, i in enumerate(rows) for q in asked[i][0]]
+        p = self.yes_probability([images[i] for i in rows], pairs).tolist() if rows else []
+        yes = [[] for _ in images]
+        for (k, _), v in zip(pairs, p):
+            yes[rows[k]].append(v)
+        scores = torch.tensor([sum(y) / len(y) if y else c for y, (_, c) in zip(yes, asked)])
+        return scores, {"questions": [qs for qs, _ in asked], "yes": yes, "checked": [bool(y) for y in yes]}
+
+
+class T2IR1Detect(T2IR1Reward):
+    """T2I-R1's GroundingDINO scoring rules (t2i_r1_detect_score) on OWL-ViT detections: each of a row's
+    objects is its own text query, every box above the threshold counts for it, class-wise NMS."""
+    name, needs = "t2i-r1-detect", ("geneval",)  # the OWL-ViT folder the geneval reward reads
+
+    def __init__(self, ckpt=None, device=None, dtype=None, cache=None, config=None):
+        super().__init__(ckpt, device, dtype, cache)
+        self.cfg = config or T2IR1DetectConfig()
+
+    def checks(self, m) -> bool:
+        return t2i_r1_row(m) and bool(m.get("nouns"))
+
+    def load(self):
+        self.owlvit_model()
+
+    def detect(self, images, metadata):
+        """-> per image, detections {"class", "box" (x0, y0, x1, y1) in [0, 1], "score"} of its row's objects."""
+        classes = sorted({c for m in metadata if self.checks(m) for c in t2i_r1_detect_classes(m)})
+        if not classes:
+            return [[] for _ in images]
+        probs, boxes = self.owlvit_scores(images, classes, self.cfg.query)  # (B, P, Q), (B, P, 4)
+        out = []
+        for m, p, bx in zip(metadata, probs, boxes):
+            dets = []
+            for name in sorted(set(t2i_r1_detect_classes(m))) if self.checks(m) else []:
+                q = p[:, classes.index(name)]
+                idx = (q > self.cfg.threshold).nonzero().flatten()
+                for i in idx[t2i_r1_nms(bx[idx], q[idx], self.cfg.nms_iou, self.cfg.as_released)].tolist():
+                    dets.append({"class": name, "box": tuple(bx[i].clamp(0, 1).tolist()), "score": q[i].item()})
+            out.append(dets)
+        return out
+
+    def score(self, images, metadata):
+        dets = self.detect(images, metadata)
+        # a T2I-R1 row without nouns gets its constant 1 from t2i_r1_detect_score; other prompts abstain with 0
+        res = [t2i_r1_detect_score(d, m, self.cfg.as_released) if t2i_r1_row(m) else (0.0, "no T2I-R1 fields")
+               for d, m in zip(dets, metadata)]
+        return torch.tensor([r[0] for r in res]), {"reasons": [r[1] for r in res], "detections": dets,
+                                                   "checked": [self.checks(m) for m in metadata]}
+
+
 # -----------------------------------------------------------------------------------------------------
 # 5. Selection, weights, combination, evaluation extras
 
 # name -> Reward class; the shapes world registers its own ("shapes") when imported
-REWARDS = {"clip": ClipScore, "pickscore": PickScore, "hps": HPS, "aesthetic": Aesthetic, "geneval": GenEvalReward}
+REWARDS = {"clip": ClipScore, "pickscore": PickScore, "hps": HPS, "aesthetic": Aesthetic, "geneval": GenEvalReward,
+           "git": GitVQA, "t2i-r1-detect": T2IR1Detect}
+# T2I-R1's ensemble minus its 7B LLaVA output reward model (README, Rewards): each at weight 1, summed
+REWARD_PRESETS = {"t2i-r1": "hps:1,t2i-r1-detect:1,git:1"}
 
 
 def parse_rewards(spec: str) -> dict:
-    """'hps:1,geneval:1,aesthetic:0.5' -> {"hps": 1.0, "geneval": 1.0, "aesthetic": 0.5}; weight defaults to 1."""
+    """'hps:1,geneval:1,aesthetic:0.5' -> {"hps": 1.0, "geneval": 1.0, "aesthetic": 0.5}; weight defaults to 1.
+    A preset name (REWARD_PRESETS: t2i-r1) stands for its list."""
     weights = {}
-    for item in (spec or "").split(","):
+    items = [REWARD_PRESETS.get(item.strip(), item) for item in (spec or "").split(",")]
+    for item in ",".join(items).split(","):
         if not item.strip():
             continue
         name, _, w = (s.strip() for s in item.partition(":"))
+        if name in REWARD_PRESETS:
+            raise ValueError(f"--rewards: the preset '{name}' takes no weight (it is {REWARD_PRESETS[name]})")
         if name not in REWARDS:
-            raise ValueError(f"--rewards: unknown reward '{name}'; choose from {', '.join(REWARDS)}"
+            raise ValueError(f"--rewards: unknown reward '{name}'; choose from {', '.join(REWARDS)} or the preset "
+                             f"{', '.join(REWARD_PRESETS)}"
                              + ("" if "shapes" in REWARDS else " (shapes: import shapes, which registers it)"))
         if name in weights:
             raise ValueError(f"--rewards: '{name}' given twice")
@@ -1113,12 +1616,15 @@ class RewardEnsemble:
     """The chosen rewards with their weights. Construction checks every file (fails at start-up, not at step
     500); models load on first use; scoring runs in batches and refuses NaN/inf."""
 
-    def __init__(self, weights: dict, ckpt: dict, device=None, dtype=None, batch_size=16, geneval=None):
+    def __init__(self, weights: dict, ckpt: dict, device=None, dtype=None, batch_size=16, geneval=None,
+                 t2i_r1_detect=None):
         cache = {}
         self.weights, self.batch_size = dict(weights), batch_size
         self.rewards = {}
         for name in self.weights:
-            extra = {"config": geneval} if issubclass(REWARDS[name], RuleReward) and geneval is not None else {}
+            config = geneval if issubclass(REWARDS[name], RuleReward) else t2i_r1_detect if name == "t2i-r1-detect" \
+                else None
+            extra = {"config": config} if config is not None else {}
             self.rewards[name] = REWARDS[name](ckpt, device, dtype, cache, **extra)
 
     def check_metadata(self, metadata):
@@ -1128,15 +1634,15 @@ class RewardEnsemble:
             reward.check_metadata(metadata)
 
     def unchecked_report(self, items, what="prompts") -> list:
-        """A line per rule reward that cannot check some of these prompts (no GenEval metadata: it abstains on
-        them, see RuleReward): how many, by T2I-R1 task type when the rows carry one, and what that means."""
-        bare = [m for m in items if not checkable(m)]
-        tasks = collections.Counter(m["task_type"] for m in bare if "task_type" in m)
-        by_task = f" (T2I-R1 task types: {', '.join(f'{t} {c}' for t, c in sorted(tasks.items()))})" if tasks else ""
-        return [f"{name}: {len(bare)} of the {len(items)} {what} carry no GenEval metadata it can check{by_task}; it "
-                f"scores them 0 for every sample, a constant within their groups, so the other rewards alone set "
-                f"their advantages (and its logged means leave them out)"
-                for name, r in self.rewards.items() if isinstance(r, RuleReward) and bare]
+        """How many of these prompts each reward scores, a line per reward, when some reward abstains on some
+        of them (a rule reward without GenEval metadata, git and t2i-r1-detect where T2I-R1 gives a constant):
+        how many, by T2I-R1 task type when the rows carry one, and what that means. Nothing when every reward
+        scores every prompt."""
+        bare = {name: [m for m in items if not r.checks(m)] for name, r in self.rewards.items()}
+        if not any(bare.values()):
+            return []
+        return [r.unchecked_line(bare[name], items, what) if bare[name] else f"{name}: scores all {len(items)} {what}"
+                for name, r in self.rewards.items()]
 
     def __call__(self, images, metadata, progress=None):
         """-> scores {name: (B,) float32}, info {name: {key: list of B values}}. progress(k) is called after

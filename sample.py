@@ -3,7 +3,7 @@
   python sample.py                                         # the shapes world's tiny base (trained first if absent)
   python sample.py --ckpt ~/models/Janus-Pro-7B --prompt "a red apple left of a blue cup" --n 4
   python sample.py --ckpt DIR --prompts prompts.jsonl --levels token --cfg 5 --temperature 0
-  python sample.py --prompts out/prompts/test.jsonl --rewards shapes   # evaluation: per-tag GenEval accuracy
+  python sample.py --prompts data/shapes/test.jsonl --rewards shapes   # evaluation (after `python shapes.py prompts`)
 
 Writes PNGs, one grid per prompt and samples.jsonl (one line per image) into --out; with --rewards also
 summary.json. Sampling departs from T2I-R1's code only as t2i_r1.py lists; evaluation with the geneval
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 import rewards
 import shapes
 import t2i_r1 as R
-from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device, load_config, write_json
+from model import HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, write_json
 
 
 def read_prompts(path):
@@ -38,9 +38,13 @@ def read_prompts(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found")
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"convert the file to UTF-8") from None
             if not line:
                 continue
             if not line.startswith("{"):
@@ -82,6 +86,23 @@ def vocabulary_warnings(tok, items, what="prompts") -> list:
             f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})"]
 
 
+def check_lengths(tok, items, settings: R.SamplingConfig, reasoning, model_cfg, cot=True, what="prompts"):
+    """ValueError naming the first prompt whose longest sequence does not fit the model's context
+    (max_position_embeddings): the plan request and a plan of max_plan_tokens, or the image request with that
+    plan and the image tokens. Checked on the tokenizer alone: a 1 MB prompt would otherwise ask for a cache
+    of a million positions."""
+    fmt, limit = R.CHAT_FORMATS[settings.chat_format], model_cfg.max_position_embeddings
+    plan = settings.max_plan_tokens if cot else 0
+    for i, it in enumerate(items):
+        n = len(tok.encode(fmt.image_text(it["prompt"]))) + plan + model_cfg.image_tokens
+        if cot:
+            n = max(n, len(tok.encode(fmt.request_text(reasoning, it["prompt"]))) + plan)
+        if n > limit:
+            raise ValueError(f"{what}: prompt {i + 1} ({it['prompt'][:60]!r}{'...' if len(it['prompt']) > 60 else ''}, "
+                             f"{len(it['prompt'])} characters) needs {n} positions with a {plan}-token plan and "
+                             f"{model_cfg.image_tokens} image tokens; the model's context is {limit}")
+
+
 def make_grid(images, ncol=None, pad=2, captions=None, min_width=160):
     """uint8 (n, H, W, 3) -> one uint8 image with the n images in a grid, ncol per row. With captions (n
     strings, lines split on newlines and wrapped), each image is shown at least min_width pixels wide
@@ -117,26 +138,37 @@ def make_grid(images, ncol=None, pad=2, captions=None, min_width=160):
 
 
 def save_png(image, path):
-    Image.fromarray(np.asarray(image)).save(path)
+    """A PIL image or a uint8 (H, W, 3) array as a PNG, written atomically."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    with atomic(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 class Progress:
     """Progress of a long stage on stderr. On a terminal, one line rewritten in place every `every` seconds;
-    otherwise (a log file, CI) whole lines, at most one every `every_line` seconds, and always the last."""
+    otherwise (a log file, CI) whole lines, at most one every `every_line` seconds, and always the last.
+    The ETA counts only this stage's own time: while another stage runs (the plans between batches of image
+    tokens) it is paused."""
 
     def __init__(self, total, desc="", stream=None, every=0.5, every_line=30.0):
         self.total, self.desc, self.stream = total, desc, stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = every if self.tty else every_line
-        self.t0 = self.last = time.time()
-        self.n = 0
+        self.t0 = self.last = self.prev = time.time()
+        self.n, self.busy = 0, 0.0  # work done, and the seconds this stage took for it
+
+    def pause(self):
+        """Another stage runs: the time until this one's next update is not this one's."""
+        self.prev = None
 
     def update(self, k=1, note=""):
         self.n += k
         now = time.time()
+        self.busy += now - self.prev if self.prev is not None else 0.0
+        self.prev = now
         if now - self.last >= self.every or self.n >= self.total:
             self.last = now
-            rate = self.n / max(now - self.t0, 1e-9)
+            rate = self.n / max(self.busy, 1e-9)
             eta = (self.total - self.n) / max(rate, 1e-9)
             line = f"{self.desc} {self.n}/{self.total} [{now - self.t0:.0f}s, eta {eta:.0f}s] {note}".rstrip()
             end = "\n" if self.n >= self.total or not self.tty else ""  # a terminal rewrites one line
@@ -144,14 +176,31 @@ class Progress:
             self.stream.flush()
 
 
+def stage_progress(bar, other):
+    """A sampler's progress(i, N) callback (token i of N in each batch; plans that all end early jump to N)
+    advancing bar; other, the stage it alternates with, is paused meanwhile."""
+    last = [0]
+    def advance(i, N):
+        if other is not None and other.prev is not None:  # the other stage ran until its last update: this
+            bar.prev = other.prev if bar.prev is None else bar.prev  # one took over then
+            other.pause()
+        bar.update(i - last[0] if i > last[0] else i)
+        last[0] = i % N
+    return advance
+
+
 def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4, seed=0, show_progress=True,
              desc="image tokens", **kwargs):
     """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: cot,
-    reasoning_template, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3)."""
-    bar = Progress(-(-len(items) // batch_size) * janus.cfg.image_tokens, desc=desc) if show_progress else None
+    reasoning_template, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3).
+    Progress: a line for the plan tokens and one for the image tokens, each with its own ETA."""
+    batches = -(-len(items) // batch_size)
+    bar = Progress(batches * janus.cfg.image_tokens, desc=desc) if show_progress else None
+    plans = (Progress(batches * settings.max_plan_tokens, desc=desc.replace("image tokens", "plan tokens"))
+             if show_progress and kwargs.get("cot", True) else None)
     rollout, images = R.sample_batches(janus, tok, [it["prompt"] for it in items], settings, n=n,
-                                       batch_size=batch_size, seed=seed,
-                                       progress=bar and (lambda i, N: bar.update(1)), **kwargs)
+                                       batch_size=batch_size, seed=seed, progress=bar and stage_progress(bar, plans),
+                                       plan_progress=plans and stage_progress(plans, bar), **kwargs)
     records = [{"index": r // n, "sample": r % n, "prompt": rollout.prompts[r], "plan": rollout.plans[r],
                 "image_tokens": codes, "metadata": items[r // n]} for r, codes in enumerate(rollout.codes.tolist())]
     return records, images
@@ -188,11 +237,10 @@ def score(scorer, images, records, group_size=None, show_progress=True, desc="sc
 
 
 def write_records(records, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """JSON lines, written atomically."""
+    with atomic(path) as tmp, open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def summary_table(rows) -> str:
@@ -222,9 +270,13 @@ def build_parser():
     p.add_argument("--rollout-batch", type=int, default=4, help="prompts per sampling call, each with its n images")
     p.add_argument("--seed", type=int, default=0, help="seeds one generator for the whole run")
     p.add_argument("--out", default="out/samples", help="folder for the PNGs, grids and samples.jsonl")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the samples already in --out (without it a folder holding samples is refused)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (GPUs; on CPU a few percent faster than eager after a compile of ~20 s, see README)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--rewards", default=None, metavar="NAMES",
@@ -248,6 +300,13 @@ def main(argv=None):
         if args.n < 1 or args.rollout_batch < 1:
             raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
         settings.check()
+        default_device(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        old = sample_files(args.out)
+        if old and not args.overwrite:
+            raise ValueError(f"{args.out} already holds samples ({len(old)} files, e.g. {old[0]}): --overwrite replaces "
+                             f"them, or choose another --out")
         if args.ckpt is not None:
             args.ckpt = os.path.expanduser(args.ckpt)
             load_config(args.ckpt)
@@ -270,14 +329,22 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = args.ckpt or shapes.ensure_base()  # unset: the shapes world's base
-    janus = Janus.from_pretrained(ckpt, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
     tok = Tokenizer.from_pretrained(ckpt)
     settings = settings.resolved(ckpt)
     reasoning = R.load_reasoning_prompt(settings.reasoning_prompt, ckpt)
+    try:
+        check_lengths(tok, items, settings, reasoning, load_config(ckpt), cot=args.levels != "token")
+    except ValueError as e:
+        p.error(str(e))
+    janus = Janus.from_pretrained(ckpt, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
     for line in vocabulary_warnings(tok, items):
         print(line)
     os.makedirs(args.out, exist_ok=True)
+    for name in old:  # --overwrite: none of the last run's images stays among the new ones
+        os.remove(os.path.join(args.out, name))
     recorded = {**{k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")},
                 **asdict(settings), "ckpt": ckpt}
 
@@ -307,6 +374,12 @@ def main(argv=None):
         save_png(make_grid(images.numpy(), ncol=args.n, captions=[caption(r) for r in records]),
                  os.path.join(args.out, "grid.png"))
     return records
+
+
+def sample_files(folder) -> list:
+    """The files an earlier sample.py run left in folder (images, grids, samples.jsonl, summary.json)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [n for n in names if n.endswith(".png") or n in ("samples.jsonl", "summary.json")]
 
 
 def caption(record):

@@ -21,6 +21,7 @@ Conventions used throughout: image arrays are uint8 (H, W, 3), y grows downwards
 (x0, y0, x1, y1) in pixels with x1, y1 EXCLUSIVE, so an object is image[y0:y1, x0:x1].
 """
 import argparse
+import collections
 import functools
 import json
 import os
@@ -37,8 +38,8 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import rewards
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt, load_config,
-                   write_json)
+from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, default_device, image_prompt,
+                   load_config, read_json, write_json)
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -543,7 +544,7 @@ def detect(image, **kwargs):
 
 class ShapesReward(rewards.RuleReward):
     """GenEval's rules on this world's exact detector: `--rewards shapes` in sample.py and train.py."""
-    name = "shapes"
+    name, classes, colors, tags = "shapes", SHAPES, tuple(COLORS), TAGS
 
     def score(self, images, metadata):
         return self.rule_scores([detect(img) if rewards.checkable(m) else [] for img, m in zip(images, metadata)],
@@ -829,13 +830,46 @@ def plan_detections(plan, size=64):
     return dets
 
 
+def plan_following(plan, detections, size=64):
+    """The fraction of a plan's objects that an image shows as planned: each planned (colour, shape, place)
+    claims one detected object of the same colour, shape and place (place_of its box; a planned object with no
+    place takes any place, after the placed ones have claimed theirs). None for a plan with no object in it.
+    Objects drawn beyond the plan do not lower it: the GenEval rows judge those."""
+    planned = parse_plan(plan)
+    if not planned:
+        return None
+    drawn = collections.Counter((d["color"], d["class"], place_of(d["box"], size)) for d in detections)
+    followed = 0
+    for color, shape, place in sorted(planned, key=lambda p: p[2] is None):  # placed objects claim first
+        match = (color, shape, place) if place is not None else next(
+            (k for k in drawn if k[:2] == (color, shape) and drawn[k] > 0), None)
+        if match is not None and drawn[match] > 0:
+            drawn[match] -= 1
+            followed += 1
+    return followed / len(planned)
+
+
+def following_summary(metas, plans, detections):
+    """Mean plan-following per tag and over all images whose plan names an object: {"per_tag", "overall"}."""
+    by_tag = collections.defaultdict(list)
+    for m, plan, dets in zip(metas, plans, detections):
+        f = plan_following(plan, dets)
+        if f is not None:
+            by_tag[m["tag"]].append(f)
+    every = [f for fs in by_tag.values() for f in fs]
+    return {"per_tag": {t: float(np.mean(fs)) for t, fs in by_tag.items()},
+            "overall": float(np.mean(every)) if every else float("nan")}
+
+
 def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=None):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
     images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
-    default, as train.py and sample.py sample). device, dtype: as Janus.from_pretrained's. Returns {row name:
-    geneval summary}."""
+    default, as train.py and sample.py sample), and how closely the images follow their plans (plan_following)
+    for the true plans and the base's own. device, dtype: as Janus.from_pretrained's. Returns {row name: summary
+    with "per_tag" and "overall"}. Progress lines on stderr inside the rows that sample."""
+    import sample  # sample.py imports this file: imported here, not at the top
     janus, tok = Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
     settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
@@ -844,11 +878,18 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=
     scenes = [sample_scene(m, rng) for m in metas]
     rows = {}
 
+    def show(name, what):
+        log(f"{name:<28} " + " ".join(f"{t} {rows[name]['per_tag'][t]:.3f}" for t in TAGS if t in rows[name]["per_tag"])
+            + f" | {what} {rows[name]['overall']:.3f}")
+
     def judge(name, detections):
         rows[name] = rewards.geneval_summary([(m["tag"], rewards.geneval_score(d, m)["strict"])
                                               for m, d in zip(metas, detections)])
-        log(f"{name:<28} " + " ".join(f"{t} {rows[name]['per_tag'][t]:.3f}" for t in TAGS if t in rows[name]["per_tag"])
-            + f" | GenEval overall {rows[name]['overall']:.3f}")
+        show(name, "GenEval overall")
+
+    def following(name, plans, detections):
+        rows[name] = following_summary(metas, plans, detections)
+        show(name, "all objects")
     clean = np.stack([render(s) for s in scenes])
     judge("true scenes", detect_batch(clean))
     with torch.no_grad():
@@ -857,17 +898,23 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=
     judge("VQ ceiling", detect_batch(R.decode_images(janus, codes)))
     g = torch.Generator(device=janus.device).manual_seed(seed)
     ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
+    bar = sample.Progress(-(-len(ids) // 64) * janus.cfg.image_tokens, "drawn from true plans: image tokens")
     codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id, janus.device),
-                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, generator=g)
-                       for i in range(0, len(ids), 64)])
-    judge("drawn from true plans", detect_batch(R.decode_images(janus, codes)))
+                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, generator=g,
+                                         progress=sample.stage_progress(bar, None)) for i in range(0, len(ids), 64)])
+    drawn = detect_batch(R.decode_images(janus, codes))
+    judge("drawn from true plans", drawn)
+    following("plan-following, true plans", [plan_of(s) for s in scenes], drawn)
     for cot in (True, False):
-        rollout, images = R.sample_batches(janus, tok, [m["prompt"] for m in items], settings, n=n,
-                                           batch_size=max(1, 64 // n), seed=seed + 1, cot=cot,
-                                           reasoning_template=reasoning)
+        row = "own plans" if cot else "the prompt alone"
+        records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
+                                          cot=cot, reasoning_template=reasoning, desc=f"{row}: image tokens")
         if cot:
-            judge("own plans, as text", [plan_detections(plan) for plan in rollout.plans])
-        judge("drawn from own plans" if cot else "drawn from the prompt alone", detect_batch(images))
+            judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
+        drawn = detect_batch(images)
+        judge("drawn from own plans" if cot else "drawn from the prompt alone", drawn)
+        if cot:
+            following("plan-following, own plans", [r["plan"] for r in records], drawn)
     return rows
 
 
@@ -882,9 +929,32 @@ def _scores(run, split, which):
     files = sorted(f for f in os.listdir(folder) if f.startswith(split + "_")) if os.path.isdir(folder) else []
     if not files:
         raise FileNotFoundError(f"{folder} holds no {split} evaluation: is {run} a finished train.py run?")
-    with open(os.path.join(folder, files[0] if which == "base" else files[-1])) as f:
-        g = next(v for k, v in json.load(f).items() if k.startswith("geneval_"))
+    path = os.path.join(folder, files[0] if which == "base" else files[-1])
+    g = next((v for k, v in read_json(path).items() if k.startswith("geneval_")), None)
+    if g is None:
+        raise ValueError(f"{path} holds no GenEval accuracy: {run} was scored by no rule reward (shapes, geneval)")
     return {**g["per_tag"], "overall": g["overall"]}
+
+
+# what may differ between the runs of one table: the seed (the spread is over it), the level (the rows), and
+# how each run was laid out on its machine; any other setting would pool unlike runs as seeds of one row
+POOLED_OVER = {"seed", "levels", "out", "resume", "overwrite", "resumes", "device", "compile", "threads", "micro_batch",
+               "grad_checkpointing", "fsdp", "sample_every", "save_every", "eval_every"}
+
+
+def check_comparable(configs: dict):
+    """{run: its config.json} -> ValueError naming every setting other than POOLED_OVER that differs."""
+    def flat(c):
+        return {**{k: v for k, v in c.items() if k != "sampling"},
+                **{f"sampling.{k}": v for k, v in (c.get("sampling") or {}).items()}}
+    flats = {run: flat(c) for run, c in configs.items()}
+    names = sorted({k for c in flats.values() for k in c} - POOLED_OVER)
+    differ = [k for k in names if len({json.dumps(c.get(k)) for c in flats.values()}) > 1]
+    if differ:
+        raise ValueError("these runs differ in more than the seed and the level, so their rows would pool unlike "
+                         "runs: " + "; ".join(f"--{k.removeprefix('sampling.').replace('_', '-')} ("
+                                              + ", ".join(f"{c.get(k)!r} in {run}" for run, c in flats.items()) + ")"
+                                              for k in differ))
 
 
 def report(runs, split="test"):
@@ -892,14 +962,14 @@ def report(runs, split="test"):
     runs of each level (their seeds) +- the sample standard deviation. The base rows are the runs' own step-0
     evaluations: with plans for semantic and both, without for token (as each run samples); a semantic and a
     both run of one seed evaluate the same base with the same draws, so each seed counts once there."""
-    groups, seeds = {}, {}
+    groups, seeds, configs = {}, {}, {}
     for run in runs:
         if not os.path.isfile(os.path.join(run, "config.json")):
             raise FileNotFoundError(f"{run} is not a train.py run folder (no config.json)")
-        with open(os.path.join(run, "config.json")) as f:
-            config = json.load(f)
+        config = configs[run] = read_json(os.path.join(run, "config.json"))
         groups.setdefault(config["levels"], []).append(run)
         seeds[run] = config.get("seed", run)
+    check_comparable(configs)
     rows = []
     with_plan = list({seeds[r]: r for r in groups.get("semantic", []) + groups.get("both", [])}.values())
     if with_plan:
@@ -962,6 +1032,7 @@ def main(argv=None):
         if args.cmd == "diagnose":
             R.SamplingConfig(cfg_weight=args.cfg).check()
             load_config(args.ckpt)
+            default_device(args.device)
         table = report(args.runs, args.split) if args.cmd == "report" else None
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))

@@ -301,10 +301,11 @@ def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *
 
 @torch.no_grad()
 def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_tokens=96, temperature=1.0,
-                  top_k=None, top_p=None, generator=None, compile=False):
+                  top_k=None, top_p=None, generator=None, compile=False, progress=None):
     """Sample n continuations of each prompt (ids, mask (B, T) left-padded, BOS included). Returns plan ids
     (B * n, L) right-padded with pad_id and their mask: each plan ends with its first EOS, or after
-    max_new_tokens. Sample j of prompt i is row i * n + j."""
+    max_new_tokens. Sample j of prompt i is row i * n + j. progress(i, N) is called after each token, and
+    with i = N when every plan has ended early."""
     def first_logits(h):
         return janus.text_logits(h, float32=False)
     logits, step = start_decoding(janus, text_step, ids, mask, first_logits, n, max_new_tokens, compile)
@@ -315,7 +316,11 @@ def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_token
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)  # finished rows: filler, masked below
         out[:, i] = tok
         done |= tok == eos_id
+        if progress is not None:
+            progress(i + 1, max_new_tokens)
         if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
+            if progress is not None and i < max_new_tokens - 1:
+                progress(max_new_tokens, max_new_tokens)
             break
         logits = step(i, tok)
     # a plan ends at its first EOS (inclusive): the mask is cut there, never by token value, since a plan may
@@ -422,10 +427,12 @@ def image_prompt_text(prompt: str, plan: str) -> str:
 
 @torch.no_grad()
 def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n=1, cot=True,
-               reasoning_template=REASONING_PROMPT, generator=None, compile=False, progress=None) -> Rollout:
+               reasoning_template=REASONING_PROMPT, generator=None, compile=False, progress=None,
+               plan_progress=None) -> Rollout:
     """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with cot=False,
     n images per prompt from the prompt alone, sharing one prefill). settings: resolved for the checkpoint;
-    reasoning_template: the request's text (load_reasoning_prompt reads it from a file or a checkpoint)."""
+    reasoning_template: the request's text (load_reasoning_prompt reads it from a file or a checkpoint).
+    progress(i, N), plan_progress(i, N): after each image token, after each plan token."""
     unset = [k for k in ("cfg_weight", "max_plan_tokens", "chat_format") if getattr(settings, k) is None]
     if unset:
         raise ValueError(f"sampling settings {', '.join(unset)} unset: fill them for the checkpoint with "
@@ -447,7 +454,7 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
         plan_ids, plan_mask = generate_text(janus, request_ids, request_mask, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                             n=n, max_new_tokens=s.max_plan_tokens, temperature=s.text_temperature,
                                             top_k=s.text_top_k or None, top_p=s.text_top_p, generator=generator,
-                                            compile=compile)
+                                            compile=compile, progress=plan_progress)
         decoded = [tok.decode(ids[:k]) for ids, k in zip(plan_ids.tolist(), plan_mask.sum(1).tolist())]
         request_ids, request_mask = request_ids.repeat_interleave(n, 0), request_mask.repeat_interleave(n, 0)
         image_ids, image_mask = pad_tokens([tok.encode(fmt.image_text(p, d)) for p, d in zip(rep, decoded)],
@@ -466,14 +473,14 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
 
 @torch.no_grad()
 def sample_batches(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n, batch_size, seed,
-                   progress=None, **kwargs):
+                   progress=None, plan_progress=None, **kwargs):
     """sample_t2i over a list of prompts, batch_size prompts at a time, with one generator seeded once (the
     same seed and batch size give the same samples). Returns the rollout and its images, uint8 (B, S, S, 3)."""
     g = torch.Generator(device=janus.device).manual_seed(seed)
     parts, images = [], []
     for i in range(0, len(prompts), batch_size):
         parts.append(sample_t2i(janus, tok, prompts[i:i + batch_size], settings, n=n, generator=g,
-                                progress=progress, **kwargs))
+                                progress=progress, plan_progress=plan_progress, **kwargs))
         images.append(decode_images(janus, parts[-1].codes))
     return Rollout.cat(parts, tok.pad_id), torch.cat(images)
 

@@ -549,6 +549,18 @@ def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
         M.Janus.from_pretrained(d)
 
 
+@pytest.mark.parametrize("key", ["gen_vision_model.decoder.conv_out.weight", "language_model.model.layers.1.mlp.up_proj.weight"])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, key):
+    """A NaN in the VQ decoder drew cyan images that scored 0 with exit code 0; one in the decoder failed
+    steps later inside torch.multinomial. Both are refused at load, naming the tensor and its file."""
+    m = tiny_model()
+    with torch.no_grad():
+        m.state_dict()[key].view(-1)[3] = float("inf" if "vision" in key else "nan")
+    m.save_pretrained(tmp_path)
+    with pytest.raises(M.CheckpointError, match=r"model.safetensors: tensor " + re.escape(key) + " holds 1 non-finite"):
+        M.Janus.from_pretrained(tmp_path)
+
+
 def test_tokenizer_one_bos_special_tokens_and_chat_format(tmp_path):
     tok = make_word_tokenizer(tmp_path)
     assert tok.tk.encode("a photo").ids[0] == tok.bos_id  # the post-processor adds BOS by itself ...
@@ -586,7 +598,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # ---- model.py: fidelity against transformers' Janus port and deepseek's own code (optional: skipped without them) ---
 
 
-def tiny_hf_janus(noise, **vision):
+def tiny_hf_janus(noise, vocab_size=300, **vision):
     """transformers' JanusForConditionalGeneration at a tiny random size (GQA), every weight (norms and
     biases too) moved by `noise` * N(0, 1); skips the test when transformers or its Janus is missing."""
     transformers = reference_transformers()
@@ -595,7 +607,7 @@ def tiny_hf_janus(noise, **vision):
     from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
                               LlamaConfig)
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=16,
                                projection_dim=64, **vision)
@@ -1598,6 +1610,24 @@ def test_geneval_position_rules():
     assert not r["strict"] and r["dense"] == pytest.approx((1 + (1 + 0.5) / 2) / 2)
 
 
+def test_geneval_include_means_at_least_and_positions_are_checked_against_every_pair():
+    # an include clause asks for at least `count` (GenEval): two circles still show "a photo of a circle"
+    one = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
+    assert RW.geneval_score([_det("circle", (0, 0, 10, 10)), _det("circle", (30, 0, 40, 10), 0.8)], one)["strict"]
+    # position credit is over every (clause object, reference object) pair: two cats, two dogs, one cat left of
+    # both dogs and the other right of both: 2 of 4 pairs
+    meta = {"tag": "position", "include": [{"class": "dog", "count": 2},
+                                           {"class": "cat", "count": 2, "position": ["left of", 0]}], "prompt": ""}
+    dogs = [_det("dog", (50, 0, 60, 10)), _det("dog", (200, 0, 210, 10), 0.8)]
+    cats = [_det("cat", (0, 0, 10, 10)), _det("cat", (300, 0, 310, 10), 0.8)]
+    r = RW.geneval_score(dogs + cats, meta)
+    assert not r["strict"] and r["dense"] == pytest.approx((1 + (1 + 2 / 4) / 2) / 2)
+    # a clause placed relative to itself has nothing matched to compare with: refused at validation
+    with pytest.raises(ValueError, match=r"include\[1\]: 'position' must be"):
+        RW.check_geneval_metadata({**meta, "include": [meta["include"][0], {**meta["include"][1],
+                                                                             "position": ["left of", 1]}]})
+
+
 def test_geneval_summary():
     recs = [("counting", True), ("counting", False), {"tag": "colors", "strict": True}, ("position", False)]
     s = RW.geneval_summary(recs)
@@ -1654,6 +1684,26 @@ def test_geneval_color_step_on_crops(tmp_path):
     assert [d["color"] for d in dets] == ["white", "red", None]
     r = RW.geneval_score(dets, meta)
     assert not r["strict"] and r["dense"] == pytest.approx((1 - 1 / 2 + 1 / 2) / 2)
+
+
+def test_rule_rewards_refuse_classes_colours_and_tags_they_cannot_recognise(tmp_path, capsys):
+    """A misspelt class, an unknown colour or tag could never be found: its prompt scored 0 forever."""
+    reward = S.ShapesReward()
+    good = {"prompt": "a photo of a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1,
+                                                                              "color": "red"}]}
+    reward.check_metadata([good])
+    for bad, msg in [({"class": "cirlce"}, "include\\[0\\]: class 'cirlce' is not one it detects \\(circle, square, triangle\\)"),
+                     ({"color": "cyan"}, "include\\[0\\]: color 'cyan' is not one it tells apart"),
+                     ({"color": "pink"}, "color 'pink'")]:  # a GenEval colour, but not one of this world's
+        m = {**good, "include": [{**good["include"][0], **bad}]}
+        with pytest.raises(ValueError, match="shapes: prompt 0 .*" + msg):
+            reward.check_metadata([m])
+    with pytest.raises(ValueError, match="tag 'colours' is not one of"):
+        reward.check_metadata([{**good, "tag": "colours"}])
+    assert RW.GenEvalReward.classes is None and "pink" in RW.GenEvalReward.colors  # OWL-ViT: any class name
+    (tmp_path / "p.jsonl").write_text(json.dumps({**good, "include": [{"class": "cirlce", "count": 1}]}) + "\n")
+    err = cli_error(T.main, ["--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "run")], capsys, "train.py")
+    assert "class 'cirlce'" in err and not (tmp_path / "run").exists()
 
 
 def test_reward_args_parsing():
@@ -1746,6 +1796,371 @@ def test_shapes_t2i_r1_prompts_convert_to_geneval():
                       "prompt": "A room with white walls."}
     assert got[9]["tag"] == "two_object" and got[9]["include"][1] == {"class": "teddy bear", "count": 1}
     assert got[10] is None and got[11] is None
+
+
+# GIT as published (microsoft/git-{base,large}-vqav2): config.json (GitForCausalLM), pytorch_model.bin in fp32
+# with the two int64 position_ids buffers the 2022 conversion saved (model.safetensors is the later variant),
+# a bert-base-uncased vocab.txt / tokenizer.json and a CLIPImageProcessor preprocessor_config.json. The tiny
+# vocabulary below keeps BERT's special tokens at the front; tiny models use image size 32, patch 8.
+_GIT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "?", "purple", "elephant", "blue", "teddy",
+              "bear", "wooden", "desk", "leather", "shoe", "green", "duck", "yellow", "frog", "child", "car", "zebra",
+              "plate", "cup", "bottle", "##s", "a", "photo", "of"]
+
+
+def _tiny_git_cfg(image_size=32):
+    return RW.GITConfig(image_size=image_size, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
+                        vision_mlp=64, vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
+
+
+def _git_config_json(c):  # transformers' GitConfig names, written by hand
+    return {"model_type": "git", "architectures": ["GitForCausalLM"], "vocab_size": c.vocab_size,
+            "hidden_size": c.width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+            "intermediate_size": c.mlp, "max_position_embeddings": c.max_positions, "hidden_act": "gelu",
+            "layer_norm_eps": c.eps, "num_image_with_embedding": None, "bos_token_id": 2, "eos_token_id": 3,
+            "vision_config": {"model_type": "git_vision_model", "image_size": c.image_size, "patch_size": c.patch_size,
+                              "hidden_size": c.vision_width, "num_hidden_layers": c.vision_layers,
+                              "num_attention_heads": c.vision_heads, "intermediate_size": c.vision_mlp}}
+
+
+def _write_git_folder(folder, c, sd=None, seed=0):
+    """A tiny GIT folder in the published layout; sd defaults to random weights (norms and biases random too)."""
+    os.makedirs(folder, exist_ok=True)
+    sd = _random_state(RW.GIT(c), seed) if sd is None else sd
+    n_img = (c.image_size // c.patch_size) ** 2 + 1
+    buffers = {"git.embeddings.position_ids": torch.arange(c.max_positions)[None],
+               "git.image_encoder.vision_model.embeddings.position_ids": torch.arange(n_img)[None]}
+    torch.save({**sd, **buffers}, os.path.join(folder, "pytorch_model.bin"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(_git_config_json(c), f)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(_GIT_WORDS) + "\n")
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"crop_size": {"height": c.image_size, "width": c.image_size}, "do_center_crop": True,
+                   "image_mean": list(RW.CLIP_MEAN), "image_std": list(RW.CLIP_STD), "resample": 3,
+                   "image_processor_type": "CLIPImageProcessor", "processor_class": "GitProcessor",
+                   "size": {"shortest_edge": c.image_size}}, f)
+    return str(folder)
+
+
+def test_git_matches_transformers(tmp_path):
+    """GIT against transformers' GitForCausalLM on a tiny random checkpoint in both published weight files."""
+    transformers = reference_transformers()
+    cfg = transformers.GitConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        vocab_size=len(_GIT_WORDS), hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=32, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    ref = transformers.GitForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # LayerNorms and biases off their init values too
+    ref.save_pretrained(str(tmp_path / "st"))  # model.safetensors + config.json
+    c = RW.git_config_from_hf(json.loads((tmp_path / "st" / "config.json").read_text()))
+    assert c == _tiny_git_cfg()
+    _write_git_folder(tmp_path / "bin", c, {k: v for k, v in ref.state_dict().items() if "position_ids" not in k})
+    ids = torch.tensor([[2, 8, 9, 7], [2, 10, 11, 12]])  # [CLS] purple elephant ? / [CLS] blue teddy bear
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=px).logits  # (2, 17 image tokens + 4, vocab)
+        for weights in (tmp_path / "st" / "model.safetensors", tmp_path / "bin" / "pytorch_model.bin"):
+            got = RW.load_git(str(weights), c)(px, ids)
+            err = (got - want).abs().max().item()
+            print(f"\nGIT vs transformers ({weights.name}): logits max abs err {err:.2e}")
+            assert got.shape == want.shape and err <= 1e-4
+
+
+def test_git_presets_match_transformers_trees():
+    """The full-size GIT presets against transformers' module tree (meta device: shapes only, no weights)."""
+    transformers = reference_transformers()
+    vision = {"git-large-vqav2": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, image_size=420, patch_size=14),
+              "git-base-vqav2": dict(image_size=480)}  # the published config names only image_size
+    for name, vc in vision.items():
+        cfg = transformers.GitConfig(vision_config=vc)
+        with torch.device("meta"):
+            ref, ours = transformers.GitForCausalLM(cfg), RW.GIT(RW.GIT_PRESETS[name])
+        want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want, name
+        assert RW.git_config_from_hf(cfg.to_dict()) == RW.GIT_PRESETS[name], name
+        assert RW.git_config_from_hf({"model_type": "git", "vision_config": vc}) == RW.GIT_PRESETS[name], name
+    n = sum(v.numel() for v in RW.GIT(RW.GIT_PRESETS["git-large-vqav2"]).state_dict().values())
+    assert 394e6 < n < 396e6  # 1.58 GB of float32, the published file's size
+
+
+def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path):
+    transformers = reference_transformers()
+    folder = _write_git_folder(tmp_path / "git", _tiny_git_cfg())
+    ref = transformers.BertTokenizer(os.path.join(folder, "vocab.txt"))
+    ours = RW.WordPieceTokenizer(folder)
+    for text in ["purple elephant?", "Blue  Teddy bears?", "wooden desk", "a photo of a zébra?", "unknownword?"]:
+        assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+    assert ours.cls == 2 and ours.word_id("yes") == 5 and ours.word_id("no") == 6
+    fast = transformers.BertTokenizerFast(os.path.join(folder, "vocab.txt"))
+    fast.save_pretrained(str(tmp_path / "fast"))  # tokenizer.json, as published beside vocab.txt
+    assert RW.WordPieceTokenizer(str(tmp_path / "fast")).encode("Blue teddy bears?") == [10, 11, 12, 27, 7]
+    with pytest.raises(ValueError, match="'teddy bear' is 2 tokens"):
+        ours.word_id("teddy bear")
+    # the published preprocessing: resize the short side, centre crop, CLIP's mean and std
+    prep = RW.git_preprocessing(folder, _tiny_git_cfg())
+    assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD, floor_offset=True)
+    img = _images(1, 48)
+    assert torch.equal(RW.clip_preprocess(img, **prep), RW.clip_preprocess(img, 32))
+    # a resize larger than the crop, on a non-square image, as transformers' CLIPImageProcessor (PIL backend)
+    conf = {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}, "resample": 3,
+            "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]}
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
+    prep = RW.git_preprocessing(folder, _tiny_git_cfg())
+    wide = np.random.RandomState(0).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(**conf)
+    want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
+    err = (RW.clip_preprocess(wide[None], **prep) - want).abs().max().item()
+    print(f"\nGIT preprocessing vs transformers' CLIPImageProcessor: max abs err {err:.2e}")
+    assert err < 1e-5
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps({"crop_size": 224, "size": 224}))
+    with pytest.raises(ValueError, match="preprocessor_config.json: expected .* crop of the ViT's 32 px"):
+        RW.git_preprocessing(folder, _tiny_git_cfg())
+    # files are checked when the reward is built, naming the file and where to get it
+    os.remove(tmp_path / "git" / "vocab.txt")
+    with pytest.raises(FileNotFoundError, match=r"git: tokenizer.json or vocab.txt not found in .*git-large-vqav2"):
+        RW.GitVQA({"git": folder}, device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"git: needs the 'git' checkpoint .*--reward-ckpt git="):
+        RW.RewardEnsemble({"git": 1.0}, {}, device="cpu")
+    bad = json.loads((tmp_path / "git" / "config.json").read_text()) | {"num_image_with_embedding": 6}
+    with pytest.raises(ValueError, match="config.json: not a single-image GIT"):
+        RW.git_config_from_hf(bad, "config.json")
+    (tmp_path / "git" / "vocab.txt").write_text("\n".join(_GIT_WORDS))
+    (tmp_path / "git" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"git/config.json is not valid JSON"):
+        RW.GitVQA({"git": folder}, device="cpu")
+
+
+def test_git_preprocessing_crops_where_clip_image_processor_does(tmp_path):
+    """transformers' CLIPImageProcessor (GIT's) floors the centre-crop offset; OpenAI CLIP's torchvision
+    CenterCrop rounds it. A 64x48 image, short side to 40 (53x40), crop 30: the left offset is 11.5."""
+    transformers = reference_transformers()
+    folder = _write_git_folder(tmp_path / "git", _tiny_git_cfg(image_size=30))
+    conf = {"size": {"shortest_edge": 40}, "crop_size": {"height": 30, "width": 30}, "resample": 3}
+    (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
+    wide = np.random.RandomState(1).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(
+        **conf, image_mean=list(RW.CLIP_MEAN), image_std=list(RW.CLIP_STD))
+    want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
+    got = RW.clip_preprocess(wide[None], **RW.git_preprocessing(folder, _tiny_git_cfg(image_size=30)))
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5
+
+
+def test_git_config_refuses_a_vision_activation_it_does_not_build():
+    good = _git_config_json(_tiny_git_cfg())
+    assert RW.git_config_from_hf(good | {"vision_config": good["vision_config"] | {"hidden_act": "gelu"}}).vision_act \
+        == "gelu"
+    bad = good | {"vision_config": good["vision_config"] | {"hidden_act": "relu"}}
+    with pytest.raises(ValueError, match="git/config.json: .*vision hidden_act 'relu'"):
+        RW.git_config_from_hf(bad, "git/config.json")
+
+
+def test_git_questions_follow_t2i_r1():
+    rows = [{"task_type": "color", "prompt": "a purple elephant and a blue teddy bear",
+             "nouns": ["elephant", "teddy bear"], "attr_nouns": ["purple elephant", "blue teddy bear"]},
+            {"task_type": "complex", "prompt": "The rectangular mirror was hung above the marble sink.",
+             "nouns": ["mirror", "sink"]},
+            {"task_type": "spatial", "prompt": "a car below a zebra", "nouns": ["car", "zebra"],
+             "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "below"}},
+            {"task_type": "numeracy", "prompt": "two plates", "nouns": ["plate"],
+             "numeracy_info": [{"obj_name": "plate", "num": 2}]},
+            {"task_type": "non", "prompt": "A quiet street.", "nouns": []},
+            {"task_type": "shape", "prompt": "an oval mirror", "nouns": ["mirror"], "attr_nouns": []},
+            {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}]
+    assert [RW.git_questions(r) for r in rows] == [
+        (["purple elephant?", "blue teddy bear?"], None), (["mirror?", "sink?"], None), ([], 0.0), ([], 0.0),
+        ([], 1.0), (["mirror?"], None), ([], 0.0)]
+
+
+def _planted_git(folder, yes_logit, no_logit):
+    """A tiny GIT whose output layer ignores the hidden state for 'yes' and 'no': their logits are biases."""
+    c = _tiny_git_cfg()
+    sd = _random_state(RW.GIT(c), seed=3)
+    sd["output.weight"][[5, 6]] = 0.0
+    sd["output.bias"][5], sd["output.bias"][6] = yes_logit, no_logit
+    return _write_git_folder(folder, c, sd)
+
+
+def test_git_reward_is_yes_over_yes_plus_no_as_t2i_r1_computes_it_with_transformers(tmp_path):
+    # a known answer: p(yes) / (p(yes) + p(no)) = 3 / (3 + 1) when the logits differ by ln 3, whatever the rest
+    folder = _planted_git(tmp_path / "planted", math.log(3.0), 0.0)
+    rows = [dict(r) for r in T2I_R1_ROWS]
+    scores, info = RW.GitVQA({"git": folder}, device="cpu")(_images(len(rows), 40), rows)
+    asked = [bool(RW.git_questions(r)[0]) for r in rows]  # spatial and numeracy are not asked
+    assert asked == [False, False, True, True, True, True] and info["checked"] == asked
+    assert torch.allclose(scores, torch.tensor([0.0, 0.0, 0.75, 0.75, 0.75, 0.75]), atol=1e-6)
+    assert info["questions"][2] == ["wooden desk?", "leather shoe?"] and len(info["yes"][2]) == 2
+    # against T2I-R1's own procedure, one question at a time on transformers' GitForCausalLM: [CLS] + question,
+    # softmax over the vocabulary at the last position, p(yes) / (p(yes) + p(no)), mean over the questions
+    transformers = reference_transformers()
+    folder = _write_git_folder(tmp_path / "random", _tiny_git_cfg(), seed=7)
+    ref = transformers.GitForCausalLM.from_pretrained(folder).eval()
+    reward = RW.GitVQA({"git": folder}, device="cpu")
+    images = _images(len(rows), 40)
+    scores, info = reward(images, rows)
+    tok = RW.WordPieceTokenizer(folder)
+    for i, r in enumerate(rows):
+        qs = RW.git_questions(r)[0]
+        if not qs:
+            continue
+        px = RW.clip_preprocess(images[i:i + 1], 32)
+        ps = []
+        for q in qs:
+            with torch.no_grad():
+                p = ref(input_ids=torch.tensor([[2] + tok.encode(q)]), pixel_values=px).logits[0, -1].softmax(-1)
+            ps.append((p[5] / (p[5] + p[6])).item())
+        err = abs(scores[i].item() - sum(ps) / len(ps))
+        print(f"\ngit score vs T2I-R1's procedure on GitForCausalLM ({r['prompt']!r}): abs err {err:.2e}")
+        assert err <= 1e-5, r["prompt"]
+    # bf16 (the GPU precision policy) stays close
+    bf16 = RW.GitVQA({"git": folder}, device="cpu", dtype=torch.bfloat16)(images, rows)[0]
+    assert (bf16 - scores).abs().max() < 0.05
+
+
+def test_t2i_r1_position_rule_on_hand_boxes():
+    left, right = (0.0, 0.4, 0.2, 0.6), (0.8, 0.4, 1.0, 0.6)  # same height, far apart
+    top, bottom = (0.4, 0.0, 0.6, 0.2), (0.4, 0.8, 0.6, 1.0)
+    pos = RW.t2i_r1_position
+    assert pos("left of", left, right) == 1 and pos("on the left of", left, right) == 1
+    assert pos("right of", left, right) == 0 and pos("right of", right, left) == 1
+    assert pos("below", bottom, top) == 1 and pos("on the bottom of", top, bottom) == 0
+    assert pos("on the top of", top, bottom) == 1 and pos("top of", bottom, top) == 0
+    # "above" and "on top of" have no branch in T2I-R1's code: 0 as released, the "on the top of" rule here
+    for rel in ("above", "on top of"):
+        assert pos(rel, top, bottom) == 1 and pos(rel, top, bottom, as_released=True) == 0
+        assert pos(rel, bottom, top) == 0
+    # the other axis dominates: no credit
+    assert pos("left of", (0.0, 0.0, 0.2, 0.2), (0.1, 0.8, 0.3, 1.0)) == 0
+    # overlapping boxes: 0.1 / IoU; here IoU = (0.1 * 0.2) / (2 * 0.04 - 0.02) = 1/3
+    assert pos("left of", (0.0, 0.4, 0.2, 0.6), (0.1, 0.4, 0.3, 0.6)) == pytest.approx(0.3)
+    # near: 1 when either offset is under 150/512 of the side, else that threshold over the larger offset;
+    # T2I-R1 compares normalised boxes with 150 (pixels), so every pair is near as released
+    assert pos("next to", left, right) == 1  # same row: dy = 0
+    far = (0.8, 0.8, 1.0, 1.0)
+    assert pos("near", (0.0, 0.0, 0.2, 0.2), far) == pytest.approx((150 / 512) / 0.8)
+    assert pos("on side of", (0.0, 0.0, 0.2, 0.2), far, as_released=True) == 1
+    assert pos("inside", left, right) == 0
+
+
+def test_t2i_r1_detect_rules_on_hand_boxes():
+    box = lambda x0, y0=0.4: (x0, y0, x0 + 0.2, y0 + 0.2)
+    det = lambda cls, b, s=0.5: {"class": cls, "box": b, "score": s}
+    score = lambda dets, row, **kw: RW.t2i_r1_detect_score(dets, row, **kw)[0]
+    obj = {"task_type": "object", "prompt": "a bottle and a teddy bear", "nouns": ["bottle", "teddy bear"]}
+    assert score([det("bottle", box(0))], obj) == 0.5 and score([], obj) == 0
+    assert score([det("bottle", box(0)), det("teddy bear", box(0.5))], obj) == 1
+    num = {"task_type": "numeracy", "prompt": "two plates and three cups", "nouns": ["plate", "cup"],
+           "numeracy_info": [{"obj_name": "plate", "num": 2}, {"obj_name": "cup", "num": 3}]}
+    plates = [det("plate", box(0)), det("plate", box(0.5))]
+    assert score(plates, num) == 0.5  # plates exact (1), cups absent (0)
+    assert score(plates + [det("cup", box(0.1, 0))], num) == pytest.approx(0.6)  # cups present, wrong count: 0.2
+    assert score(plates + [det("cup", box(x, 0)) for x in (0, 0.3, 0.6)], num) == 1
+    assert score(plates[:1], num) == pytest.approx(0.1)
+    sp = {"task_type": "spatial", "prompt": "a car left of a zebra", "nouns": ["car", "zebra"],
+          "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "left of"}}
+    assert score([], sp) == 0 and score([det("car", box(0))], sp) == pytest.approx(0.2)
+    assert score([det("car", box(0)), det("zebra", box(0.7))], sp) == pytest.approx(0.9)  # 0.4 + 1 / 2
+    assert score([det("car", box(0.7)), det("zebra", box(0))], sp) == pytest.approx(0.4)
+    # the most confident box of each object decides the position
+    dets = [det("car", box(0.7), 0.9), det("car", box(0), 0.2), det("zebra", box(0.4))]
+    assert score(dets, sp) == pytest.approx(0.4)
+    above = {**sp, "spatial_info": {"obj1": "car", "obj2": "zebra", "locality": "above"}}
+    stacked = [det("car", box(0.4, 0)), det("zebra", box(0.4, 0.7))]
+    assert score(stacked, above) == pytest.approx(0.9)
+    assert score(stacked, above, as_released=True) == pytest.approx(0.4)
+    # one object named twice: the two most confident boxes of it; T2I-R1's code fails there and scores 0
+    twice = {**sp, "nouns": ["car", "car"], "spatial_info": {"obj1": "car", "obj2": "car", "locality": "left of"}}
+    pair = [det("car", box(0), 0.9), det("car", box(0.7), 0.8)]
+    assert score(pair, twice) == pytest.approx(0.9) and score(pair, twice, as_released=True) == 0
+    # a complex row with spatial_info is scored by object presence, as T2I-R1 does; no nouns: 1
+    cx = {**sp, "task_type": "complex"}
+    assert score([det("car", box(0.7)), det("zebra", box(0))], cx) == 1
+    assert score([], {"task_type": "non", "prompt": "A quiet street.", "nouns": []}) == 1
+
+
+def test_t2i_r1_detect_as_released_keeps_its_nms_on_centre_size_boxes_and_its_phrase_match():
+    # reward_gdino.py hands GroundingDINO's (cx, cy, w, h) boxes to torchvision's nms, which reads them as
+    # corners: two copies of one small cup survive it (they count as two cups), a large box near the top-left
+    # corner still suppresses its copy
+    cups = torch.tensor([[0.6, 0.6, 0.8, 0.8], [0.61, 0.6, 0.81, 0.8]])  # (x0, y0, x1, y1), IoU 0.9
+    big = torch.tensor([[0.0, 0.0, 0.9, 0.9], [0.0, 0.0, 0.88, 0.9]])
+    scores = torch.tensor([0.9, 0.8])
+    assert RW.t2i_r1_nms(cups, scores, 0.5).tolist() == [0]
+    assert RW.t2i_r1_nms(cups, scores, 0.5, as_released=True).tolist() == [0, 1]
+    assert RW.t2i_r1_nms(big, scores, 0.5, as_released=True).tolist() == [0]
+    # its detection phrase for a noun is the noun's first and last word, so a noun of three or more words
+    # ("roll of paper towel", four rows of the file) is never matched as released
+    row = {"task_type": "shape", "prompt": "a tissue box and a roll of paper towel",
+           "nouns": ["tissue box", "roll of paper towel"]}
+    dets = [{"class": n, "box": (0.1, 0.1, 0.3, 0.3), "score": 0.5} for n in row["nouns"]]
+    assert RW.t2i_r1_detect_score(dets, row)[0] == 1
+    assert RW.t2i_r1_detect_score(dets, row, as_released=True)[0] == 0.5
+
+
+def test_t2i_r1_detect_reward_counts_duplicate_boxes_as_released(tmp_path):
+    # two bright patches whose boxes the planted box head puts on one spot, a third of the side wide, at the
+    # bottom-right corner: one cup after NMS on boxes, two after NMS on (cx, cy, w, h) read as corners
+    _planted_owlvit(tmp_path / "owl", box_logits=[10.0, 10.0, 0.0, 0.0])
+    img = np.zeros((1, 96, 96, 3), np.uint8)
+    img[0, 32:64, 32:96] = 255
+    rows = [{"task_type": "numeracy", "prompt": "one cup", "nouns": ["cup"],
+             "numeracy_info": [{"obj_name": "cup", "num": 1}]}]
+    for as_released, want in ((False, 1.0), (True, 0.2)):
+        cfg = RW.T2IR1DetectConfig(as_released=as_released)
+        scores, info = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu", config=cfg)(img, rows)
+        assert scores.tolist() == pytest.approx([want]), info["reasons"]
+
+
+def test_t2i_r1_detect_reward_scores_a_row_without_nouns_with_t2i_r1s_constant(tmp_path):
+    _planted_owlvit(tmp_path / "owl")
+    reward = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu")
+    rows = [{"task_type": "non", "prompt": "A quiet street.", "nouns": []}, {"prompt": "a cat"}]
+    scores, info = reward(np.zeros((2, 96, 96, 3), np.uint8), rows)
+    assert scores.tolist() == [1.0, 0.0] and info["checked"] == [False, False]
+    assert info["reasons"][0].startswith("no nouns") and info["reasons"][1] == "no T2I-R1 fields"
+
+
+def test_t2i_r1_detect_reward_on_planted_owlvit(tmp_path):
+    # the planted detector finds every queried object on the bright patch (row 1, column 2), none elsewhere
+    _planted_owlvit(tmp_path / "owl")
+    reward = RW.T2IR1Detect({"geneval": str(tmp_path / "owl")}, device="cpu")
+    img = np.zeros((2, 96, 96, 3), np.uint8)
+    img[0, 32:64, 64:96] = 255
+    rows = [{"task_type": "numeracy", "prompt": "one cup", "nouns": ["cup"],
+             "numeracy_info": [{"obj_name": "cup", "num": 1}]},
+            {"task_type": "numeracy", "prompt": "two cups", "nouns": ["cup"],
+             "numeracy_info": [{"obj_name": "cup", "num": 2}]}]
+    scores, info = reward(np.stack([img[0], img[0], img[1]]), rows + [rows[0]])
+    assert scores.tolist() == pytest.approx([1.0, 0.2, 0.0])
+    d = info["detections"][0]
+    assert len(d) == 1 and d[0]["class"] == "cup" and np.allclose(d[0]["box"], (2 / 3, 1 / 3, 1, 2 / 3), atol=1e-3)
+    rows = [dict(r) for r in T2I_R1_ROWS]
+    scores, info = reward(np.repeat(img[:1], len(rows), 0), rows)
+    # spatial: both found on the same box, so no position credit; objects all found; every row checked
+    assert scores.tolist() == pytest.approx([0.4, 0.2, 1.0, 1.0, 1.0, 1.0]) and all(info["checked"])
+    # the preset, and how many prompts each reward scores
+    assert RW.parse_rewards("t2i-r1") == {"hps": 1.0, "t2i-r1-detect": 1.0, "git": 1.0}
+    assert RW.parse_rewards("t2i-r1,aesthetic:0.5")["aesthetic"] == 0.5
+    with pytest.raises(ValueError, match="the preset 't2i-r1' takes no weight"):
+        RW.parse_rewards("t2i-r1:2")
+    ens = RW.RewardEnsemble({"t2i-r1-detect": 1, "git": 1}, {"geneval": str(tmp_path / "owl"),
+                                                             "git": _planted_git(tmp_path / "git", 0.0, 0.0)})
+    bare = [{"prompt": "a cat"}, {"task_type": "non", "prompt": "A quiet street.", "nouns": []}]
+    report = ens.unchecked_report(rows + bare, "training prompts")
+    assert report == [
+        "t2i-r1-detect: scores 6 of the 8 training prompts; the other 2 (T2I-R1 task types: non 1) get T2I-R1's "
+        "constant (0 without its fields), the same for every sample, so the other rewards alone set their "
+        "advantages (and its logged means leave them out)",
+        "git: scores 4 of the 8 training prompts; the other 4 (T2I-R1 task types: non 1, numeracy 1, spatial 1) get "
+        "T2I-R1's constant (0 without its fields), the same for every sample, so the other rewards alone set their "
+        "advantages (and its logged means leave them out)"]
+    assert RW.RewardEnsemble({"t2i-r1-detect": 1}, {"geneval": str(tmp_path / "owl")}).unchecked_report(rows) == []
+    with pytest.raises(ValueError, match=r"t2i-r1-detect: prompt 1 .*'numeracy_info' must be"):
+        ens.check_metadata([rows[0], {**rows[1], "numeracy_info": [{"obj_name": "cup", "num": "two"}]}])
 
 
 # ---- shapes.py: the world, its detector and reward, the tiny base, the ablation report -----------------------------
@@ -2131,7 +2546,8 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
                       log=lambda *a, **k: None)
     assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
     assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
-                         "drawn from own plans", "drawn from the prompt alone"}
+                         "drawn from own plans", "drawn from the prompt alone", "plan-following, true plans",
+                         "plan-following, own plans"}
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
 
 
@@ -2187,6 +2603,29 @@ def test_shapes_plans_read_as_detections():
     assert not RW.geneval_score(S.plan_detections("red triangle top , red triangle left"), meta)["strict"]
 
 
+def test_shapes_plan_following_counts_planned_objects_drawn_as_planned():
+    red = S.Obj("circle", "red", (0, 0, 16, 16))            # top left
+    blue = S.Obj("square", "blue", (40, 40, 64, 64))        # bottom right
+    plan = "red circle top left , blue square bottom right"
+    def follows(*objects, plan=plan):
+        return S.plan_following(plan, S.detect(S.render(S.Scene(list(objects)))))
+    assert follows(red, blue) == 1.0
+    assert follows(red, blue, S.Obj("triangle", "green", (40, 0, 56, 16))) == 1.0  # extras are GenEval's business
+    assert follows(red) == 0.5                                                      # one object missing
+    assert follows(red, S.Obj("square", "green", (40, 40, 64, 64))) == 0.5          # wrong colour
+    assert follows(red, S.Obj("circle", "blue", (40, 40, 64, 64))) == 0.5           # wrong shape
+    assert follows(red, S.Obj("square", "blue", (0, 40, 24, 64))) == 0.5            # wrong place
+    # one drawn object cannot follow two planned ones; an unplaced object takes any place left
+    assert follows(red, plan="red circle top left , red circle top left") == 0.5
+    assert follows(red, blue, plan="blue square , red circle top left") == 1.0
+    assert follows(red, plan="red circle , red circle top left") == 0.5
+    assert S.plan_following("nothing to draw", []) is None
+    metas = [{"tag": "colors"}, {"tag": "colors"}, {"tag": "position"}, {"tag": "position"}]
+    summary = S.following_summary(metas, [plan, plan, plan, "junk"],
+                                  [S.detect(S.render(S.Scene([red, blue]))), [], S.detect(S.render(S.Scene([red]))), []])
+    assert summary["per_tag"] == {"colors": 0.5, "position": 0.5} and summary["overall"] == 0.5
+
+
 def _fake_run(folder, levels, base, final, steps=10, seed=0):
     """A finished train.py run folder as shapes.report reads it: config.json and eval/test_*.json."""
     os.makedirs(folder / "eval")
@@ -2197,9 +2636,11 @@ def _fake_run(folder, levels, base, final, steps=10, seed=0):
 
 
 def test_shapes_diagnose_checks_its_flags_first(tmp_path, capsys):
-    """A bad guidance weight or a missing checkpoint stops `shapes.py diagnose` with one error line."""
+    """A bad guidance weight, a missing checkpoint or an unknown device stops `shapes.py diagnose` with one error
+    line."""
     assert "--cfg must be a positive" in cli_error(S.main, ["diagnose", "--cfg", "0"], capsys, "shapes.py")
     assert "does not exist" in cli_error(S.main, ["diagnose", "--ckpt", str(tmp_path / "none")], capsys, "shapes.py")
+    assert "not a device name" in cli_error(S.main, ["diagnose", "--device", "cdua"], capsys, "shapes.py")
 
 
 def test_shapes_diagnose_runs_in_bf16_with_every_tensor_on_the_models_device(monkeypatch):
@@ -2213,7 +2654,8 @@ def test_shapes_diagnose_runs_in_bf16_with_every_tensor_on_the_models_device(mon
     items = S.prompt_sets()[2][:2]
     lines = []
     rows = on_device(S.diagnose)(S.BASE_DIR, items, n=2, device="cpu", dtype=torch.bfloat16, log=lines.append)
-    assert len(rows) == 6 and all(0 <= r["overall"] <= 1 for r in rows.values()) and len(lines) == 6
+    assert {"VQ ceiling", "drawn from true plans", "drawn from own plans", "drawn from the prompt alone"} <= set(rows)
+    assert all(0 <= r["overall"] <= 1 for r in rows.values()) and len(lines) >= len(rows)
 
 
 def test_shapes_report_averages_seeds_per_level(tmp_path):
@@ -2240,6 +2682,28 @@ def test_shapes_report_averages_seeds_per_level(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"levels": "both", "seed": 0}))
     with pytest.raises(FileNotFoundError, match="no test evaluation"):
         S.report([str(tmp_path)])  # a run that never evaluated
+
+
+def test_shapes_report_refuses_to_pool_runs_with_other_settings(tmp_path):
+    """Runs with another --image-logp or --eval-n were pooled as seeds of one row: refused, naming each setting
+    that differs. A run scored without a rule reward, or a torn evaluation, is named too."""
+    acc = {t: 0.5 for t in S.GENEVAL_TAGS}
+    runs = [tmp_path / f"both{seed}" for seed in range(3)]
+    for seed, run in enumerate(runs):
+        _fake_run(run, "both", acc, acc, seed=seed)
+        extra = {"image_logp": "cfg" if seed == 2 else "cond", "eval_n": 16, "micro_batch": 4 + seed,
+                 "sampling": {"cfg_weight": 3.0, "temperature": 1.0 + (seed == 1)}}
+        (run / "config.json").write_text(json.dumps({"levels": "both", "seed": seed, **extra}))
+    S.report([str(r) for r in runs[:1]])
+    with pytest.raises(ValueError, match=r"differ in more than the seed .*--image-logp \('cond' in .*both0, 'cond' in "
+                                         r".*both1, 'cfg' in .*both2\); --temperature"):
+        S.report([str(r) for r in runs])
+    (runs[1] / "eval" / "test_00010.json").write_text(json.dumps({"rewards": {"clip": 0.3}}))
+    with pytest.raises(ValueError, match=r"test_00010.json holds no GenEval accuracy"):
+        S.report([str(runs[1])])
+    (runs[1] / "eval" / "test_00010.json").write_text('{"rewards": {"cl')
+    with pytest.raises(ValueError, match=r"test_00010.json is not valid JSON"):
+        S.report([str(runs[1])])
 
 
 # ---- sample.py: prompt files, the command line, fidelity of whole samples, progress --------------------------------
@@ -2277,6 +2741,22 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_bytes(tmp_path, capsys):
+    import sample as SA
+    m = tiny_model()
+    m.save_pretrained(tmp_path / "ckpt", tokenizer=make_word_tokenizer(tmp_path / "ckpt"))
+    args = ["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--n", "1", "--max-plan-tokens", "2",
+            "--out", str(tmp_path / "a")]
+    SA.main(args + ["--n", "3"])
+    err = cli_error(SA.main, args, capsys, "sample.py")
+    assert "already holds samples" in err and "--overwrite" in err
+    SA.main(args + ["--overwrite"])  # one image now: none of the three earlier ones stays beside it
+    assert sorted(p.name for p in (tmp_path / "a").glob("0000_*.png")) == ["0000_0.png"]
+    (tmp_path / "p.txt").write_bytes(b"a red circle\na blue \xff square\n")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "p.txt")) + r":2: not UTF-8 .*0xff at column 8"):
+        SA.read_prompts(str(tmp_path / "p.txt"))
 
 
 @pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
@@ -2330,6 +2810,33 @@ def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
     assert buf.getvalue().count("\r") == 3 and buf.getvalue().count("\n") == 1
 
 
+def test_plan_tokens_have_progress_and_the_image_eta_leaves_the_plans_out(tmp_path, monkeypatch):
+    import sample as SA
+    clock = [0.0]
+    monkeypatch.setattr(SA.time, "time", lambda: clock[0])
+    buf = io.StringIO()
+    images, plans = SA.Progress(4, "image tokens", stream=buf, every_line=0), SA.Progress(8, "plan tokens", stream=buf,
+                                                                                          every_line=0)
+    image_cb, plan_cb = SA.stage_progress(images, plans), SA.stage_progress(plans, images)
+    for batch in range(2):  # per batch: 2 plan tokens, 50 s each, then every plan has ended (a jump to 4 of 4)
+        for i in (1, 2):
+            clock[0] += 50
+            plan_cb(i, 4)
+        plan_cb(4, 4)
+        for i in (1, 2)[:2 - batch]:  # then the image tokens, 1 s each
+            clock[0] += 1
+            image_cb(i, 2)
+    lines = buf.getvalue().splitlines()
+    assert lines[-1].startswith("image tokens 3/4 [203s, eta 1s]"), lines  # 1 s per image token, plans apart
+    assert [l.split(" [")[0] for l in lines if l.startswith("plan")] == [f"plan tokens {n}/8" for n in (1, 2, 4, 5, 6, 8)]
+    monkeypatch.undo()  # the real clock again; a real sampler's plans and images
+    err, m = io.StringIO(), tiny_model()
+    monkeypatch.setattr(SA.sys, "stderr", err)
+    SA.generate(m, make_word_tokenizer(tmp_path), [{"prompt": "a red circle"}], settings(max_plan_tokens=3), n=2,
+                batch_size=1)
+    assert "plan tokens 3/3" in err.getvalue() and f"image tokens {m.cfg.image_tokens}/{m.cfg.image_tokens}" in err.getvalue()
+
+
 def test_shapes_t2i_r1_file_counts(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "one hamburger", "nouns": ["hamburger"], "task_type": "numeracy", '
@@ -2372,6 +2879,7 @@ def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_th
     assert items[2]["nouns"] == ["desk", "shoe"] and "include" not in items[2]  # its own fields are kept
     # the rules abstain on rows they cannot check: score 0 (a constant within the group), marked unchecked
     shapes_reward = S.ShapesReward()
+    shapes_reward.classes = None  # the shapes detector stands in for an open-vocabulary one (T2I-R1's nouns)
     scores, info = shapes_reward(np.full((6, 8, 8, 3), 240, np.uint8), items)
     assert info["checked"] == [True, True, False, True, False, True]
     assert scores[2] == 0 and scores[4] == 0 and info["strict"][2] is None
@@ -2489,19 +2997,18 @@ def test_resume_continues_to_the_same_parameters(random_base, redness, tmp_path)
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness, tmp_path, monkeypatch):
     quiet = dict(log=lambda *a, **k: None)
-    real, calls = M.save_state_dict, []
-    def dying_save(state, folder, **kw):  # the second save dies half-way through writing its weights
-        calls.append(folder)
+    real, calls = M.write_tensors, []
+    def dying_save(state, path):  # the second save dies half-way through writing its weights
+        calls.append(path)
         if len(calls) == 2:
-            path = os.path.join(folder, "model.safetensors")
             with open(path, "wb") as f:
                 f.write(b"partial")
             raise KeyboardInterrupt("killed while saving")
-        return real(state, folder, **kw)
-    monkeypatch.setattr(M, "save_state_dict", dying_save)
+        return real(state, path)
+    monkeypatch.setattr(M, "write_tensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
         T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "4", "--save-every", "2")), **quiet)
-    monkeypatch.setattr(M, "save_state_dict", real)
+    monkeypatch.setattr(M, "write_tensors", real)
     ckpt = T.last_checkpoint(str(tmp_path / "run"))
     assert ckpt.endswith("ckpt")
     M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
@@ -2510,6 +3017,221 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
     T.train(T.parse_args(train_args(random_base, tmp_path / "ref", "--steps", "4", "--save-every", "2")), **quiet)
     a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_lines_show_each_reward_elapsed_time_and_eta_and_eval_every_0_means_no_validation(random_base, redness,
+                                                                                              tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")
+    lines = []
+    T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--rewards", "redness,shapes",
+                                    "--prompts", str(tmp_path / "p.jsonl"), "--val-prompts", str(tmp_path / "p.jsonl"))),
+            log=lines.append)
+    steps = [l for l in lines if l.startswith("step ")]
+    assert len(steps) == 2 and all(re.search(r"\| reward -?\d\.\d{3}±\d\.\d{3} redness -?\d\.\d{3} shapes \d\.\d{3} \| kl ", l)
+                                   for l in steps), steps
+    assert re.search(r"\| \d+s elapsed, eta \d+s$", steps[0]) and steps[1].endswith("elapsed, eta 0s"), steps
+    assert os.listdir(tmp_path / "run" / "eval") == []  # --eval-every 0: validation neither at the start nor the end
+    assert all(l in (tmp_path / "run" / "train.log").read_text() for l in steps)  # a log beside metrics.jsonl
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(random_base, redness, tmp_path, capsys):
+    """A second run into the same --out was silently clobbering the first: refused, unless --resume continues
+    it or --overwrite replaces it, and then nothing of the old run (metrics, evaluations) stays."""
+    out = tmp_path / "run"
+    T.main(train_args(random_base, out, "--steps", "2"))
+    err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
+    assert str(out) in err and "already holds a run" in err and "--overwrite" in err
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2  # untouched
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "eval" / "val_00008.json").write_text("{}")  # an evaluation the old run wrote
+    T.main(train_args(random_base, out, "--steps", "1", "--overwrite"))
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "eval" / "val_00008.json").exists()
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+    assert "step 1/1" in (out / "train.log").read_text()  # the log beside metrics.jsonl
+    assert "one of them" in cli_error(T.main, train_args(random_base, out, "--resume", "--overwrite"), capsys,
+                                      "train.py")
+
+
+def test_resume_of_a_folder_without_a_checkpoint_is_refused(random_base, redness, tmp_path, capsys):
+    err = cli_error(T.main, ["--out", str(tmp_path / "typo"), "--resume"], capsys, "train.py")
+    assert str(tmp_path / "typo") in err and "no checkpoint" in err
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "crashed").mkdir()  # a run that died before its first checkpoint
+    (tmp_path / "crashed" / "metrics.jsonl").write_text("")
+    err = cli_error(T.main, train_args(random_base, tmp_path / "crashed", "--resume"), capsys, "train.py")
+    assert "no checkpoint" in err and "metrics.jsonl" in err
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_one_leaves_no_lock(random_base, redness, tmp_path,
+                                                                                    capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    lock = T.lock_run_folder(str(out))  # another process's lock (flock locks are per open file)
+    err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
+    assert "in use by another train.py process" in err and str(os.getpid()) in err
+    lock.close()
+    # a process killed while holding the lock leaves the folder free
+    code = f"import os, train; train.lock_run_folder({str(out)!r}); os.kill(os.getpid(), 9)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(T.__file__)).returncode == -9
+    T.main(train_args(random_base, out, "--steps", "1"))
+    assert (out / "ckpt" / "train_state.pt").exists()
+
+
+def test_resume_refuses_changed_settings_and_records_the_allowed_ones(random_base, redness, tmp_path, capsys):
+    out = tmp_path / "run"
+    T.main(train_args(random_base, out, "--steps", "1"))
+    first = json.loads((out / "config.json").read_text())
+    err = cli_error(T.main, ["--out", str(out), "--resume", "--lr", "0.01", "--seed", "3", "--ckpt", str(tmp_path),
+                             "--steps", "2"], capsys, "train.py")
+    for flag in ("--lr 0.01", "--seed 3", "--ckpt"):
+        assert flag in err, err
+    assert "--steps" not in err  # more steps is a change a resume may make
+    assert "--cfg" in cli_error(T.main, ["--out", str(out), "--resume", "--cfg", "3"], capsys, "train.py")
+    T.main(["--out", str(out), "--resume", "--steps", "2", "--save-every", "1"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["resumes"] == [{"step": 1, "changed": {"steps": [1, 2], "save_every": [50, 1]}}]
+    assert {k: v for k, v in config.items() if k not in ("steps", "save_every", "resume", "resumes")} == \
+        {k: v for k, v in first.items() if k not in ("steps", "save_every", "resume")}
+    assert "already at step 2" in cli_error(T.main, ["--out", str(out), "--resume", "--steps", "1"], capsys, "train.py")
+
+
+def janus_pro_like_base(random_base, folder, layout):
+    """A base as the published folders are: deepseek's layout (bf16 tensors in two pytorch_model shards with
+    their index, as Janus-Pro-7B ships, the understanding tower beside the generation path) or transformers'
+    (JanusForConditionalGeneration.save_pretrained, its SigLIP tower included), with processor files."""
+    import shutil
+    os.makedirs(folder)
+    if layout == "deepseek":
+        m = M.Janus.from_pretrained(random_base)
+        state = {k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}
+        state["vision_model.vision_tower.pos_embed"] = torch.randn(1, 4, 8, dtype=torch.bfloat16)
+        state["aligner.layers.0.weight"] = torch.randn(8, 8, dtype=torch.bfloat16)
+        M.save_state_dict(state, folder, weights="bin", shards=2)
+        M.write_json(os.path.join(folder, "config.json"), M.config_to_dict(m.cfg, torch.bfloat16))
+    else:
+        tiny_hf_janus(0.05, vocab_size=M.Tokenizer.from_pretrained(random_base).vocab_size,
+                      image_size=64).save_pretrained(folder)
+    for name in ("tokenizer.json", "reasoning_prompt.txt"):
+        shutil.copy(os.path.join(random_base, name), folder)
+    with open(os.path.join(folder, "processor_config.json"), "w") as f:
+        f.write('{"image_tag": "<image_placeholder>"}')
+    return folder
+
+
+def tensors(folder):
+    return {k: v for f in M.weight_files(folder) for k, v in M.read_tensors(f)}
+
+
+@pytest.mark.parametrize("layout", ["deepseek", "transformers"])
+def test_checkpoints_are_the_base_folder_with_the_trained_tensors_in_place(random_base, redness, tmp_path, layout):
+    """A trained checkpoint holds every file and tensor of its base, in the base's layout (the understanding
+    tower included), so the loader that read the base reads it; only the trained language model differs."""
+    base = janus_pro_like_base(random_base, str(tmp_path / "base"), layout)
+    policy, _ = T.train(T.parse_args(train_args(base, tmp_path / "run", "--steps", "1", "--cfg", "1")),
+                        log=lambda *a, **k: None)
+    ckpt = str(tmp_path / "run" / "ckpt")
+    assert set(os.listdir(base)) | {"train_state.pt"} == set(os.listdir(ckpt))
+    for name in ("config.json", "processor_config.json", "tokenizer.json"):
+        assert open(os.path.join(base, name)).read() == open(os.path.join(ckpt, name)).read(), name
+    before, after = tensors(base), tensors(ckpt)
+    assert before.keys() == after.keys()
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    ours = policy.state_dict()
+    changed = 0
+    for k, v in before.items():
+        name = M.to_original_key(k)
+        if name in trained:  # float32 master weights, as the policy holds them
+            assert after[k].dtype == torch.float32 and torch.equal(after[k], ours[name]), k
+            changed += not torch.equal(after[k], v.float())
+        else:  # understanding tower, VQ, image embedding and head: the base's, dtype and all
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert changed > 0 and any(k.startswith(("vision_model.", "model.vision_model.")) for k in before)
+    M.Janus.from_pretrained(ckpt)
+    if layout == "transformers":  # transformers' own loader takes it, every key in place
+        from transformers import JanusForConditionalGeneration
+        hf, info = JanusForConditionalGeneration.from_pretrained(ckpt, output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+        assert torch.equal(hf.lm_head.weight, ours["language_model.lm_head.weight"])
+
+
+def test_evaluations_are_written_whole_and_a_torn_one_is_named(random_base, redness, tmp_path, monkeypatch):
+    (tmp_path / "p.jsonl").write_text(json.dumps(S.colors("red", "circle")) + "\n")
+    args = train_args(random_base, tmp_path / "run", "--steps", "1", "--eval-prompts", str(tmp_path / "p.jsonl"),
+                      "--eval-n", "2")
+    real = json.dump
+    def dying_dump(obj, f, **kw):  # killed half-way through writing the base's evaluation
+        if isinstance(obj, dict) and "images" in obj:
+            f.write('{"images": 2, "rew')
+            raise KeyboardInterrupt
+        return real(obj, f, **kw)
+    monkeypatch.setattr(json, "dump", dying_dump)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.parse_args(args), log=lambda *a, **k: None)
+    monkeypatch.setattr(json, "dump", real)
+    assert os.listdir(tmp_path / "run" / "eval") == []  # no half file
+    T.train(T.parse_args(args + ["--overwrite"]), log=lambda *a, **k: None)
+    (tmp_path / "run" / "eval" / "test_00000.json").write_text('{"images": 2, "rew')  # torn by other means
+    with pytest.raises(ValueError, match=r"test_00000.json is not valid JSON"):
+        T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume", "--steps", "2"]), log=lambda *a, **k: None)
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_partial(random_base, redness, tmp_path, monkeypatch, capsys):
+    import shutil
+    real_save, saves = torch.save, []
+    def full_disk_save(obj, f, *a, **k):  # the second checkpoint's train_state.pt hits a full disk
+        saves.append(f)
+        if str(f).endswith("train_state.pt") and len(saves) > 1:
+            open(f, "wb").write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0 "
+                               "basic_ios::clear: iostream error")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=10**9, used=10**9, free=4096))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(random_base, out, "--steps", "2", "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("train.py: error: no space left on the disk of " + str(out)), err
+    assert "room for two" in err and "--resume" in err
+    assert sorted(os.listdir(out)) == ["ckpt", "config.json", "eval", "metrics.jsonl", "samples", "train.lock",
+                                       "train.log"]  # no ckpt.tmp
+    assert real_save and torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+
+
+def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(random_base, redness, tmp_path, monkeypatch,
+                                                                 capsys):
+    out = tmp_path / "run"
+    real = T.train_step
+    def interrupted(run, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(run, step)
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(random_base, out, "--steps", "3", "--save-every", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and "Traceback" not in "\n".join(err)
+    assert err[-1] == (f"train.py: interrupted; the last checkpoint is {out}/ckpt (step 1); continue with "
+                       f"`python train.py --out {out} --resume`")
+
+
+def test_bad_devices_and_prompts_too_long_for_the_context_are_one_line_errors(tmp_path, capsys):
+    import sample as SA
+    long = tmp_path / "long.jsonl"
+    row = S.colors("red", "circle")
+    long.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt": "a photo of a red circle " * 200}) + "\n")
+    for main, prog in ((T.main, "train.py"), (SA.main, "sample.py")):
+        err = cli_error(main, ["--prompts", str(long), "--out", str(tmp_path / "out")], capsys, prog)
+        assert re.search(r"prompt 2 \('a photo of a red circle a photo.*4800 characters\) needs \d+ positions .* "
+                         r"context is 512", err), err
+        assert "not a device name" in cli_error(main, ["--device", "cdua", "--out", str(tmp_path / "out")], capsys,
+                                                prog)
+        if not torch.cuda.is_available():
+            assert "--device cuda: this torch" in cli_error(main, ["--device", "cuda", "--out", str(tmp_path / "out")],
+                                                          capsys, prog)
+    assert not (tmp_path / "out").exists()
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
@@ -2566,6 +3288,7 @@ def test_process_group_has_a_backend_for_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: events.append(("init", backend)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", str(d))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is checked against the machine
     rank, world, device = T.dist_setup(T.train_device(T.TrainConfig(device="cuda")))
     assert (rank, world, str(device)) == (1, 2, "cuda:1")
     assert events[0] == ("set_device", "cuda:1") and events[1][0] == "init"
@@ -2702,6 +3425,8 @@ def test_bf16_runs_roll_out_update_save_resume_and_evaluate(random_base, redness
     saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))
     assert not torch.equal(saved.language_model.model.layers[0].mlp.up_proj.weight,
                            M.Janus.from_pretrained(random_base).language_model.model.layers[0].mlp.up_proj.weight)
+    # the trained tensors are saved in float32, LoRA's merged ones too (over a bf16 base they were rounded to bf16)
+    assert final_weights(tmp_path / "run")["language_model.model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -2769,6 +3494,27 @@ def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
     torch.testing.assert_close(default, cond)
     torch.testing.assert_close(cfg, guided)
     assert not torch.allclose(cond, guided)
+
+
+def test_each_level_is_scored_at_its_own_sampling_temperature():
+    """Plan tokens are scored at --text-temperature, image tokens at --temperature, as each was sampled."""
+    m = tiny_model()
+    ids, mask = R.pad_tokens(image_prompts(m, lengths=(5, 7)), PAD)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    plan_ids, plan_mask = R.pad_tokens([[5, 6, 7], [8]], PAD, side="right")
+    batch = R.Rollout(["a", "b"], ["", ""], ids, mask, plan_ids, plan_mask, ids, mask, codes)
+    cfg = T.resolve_defaults(T.parse_args(["--text-temperature", "0.5", "--temperature", "1.7"]))
+    with torch.no_grad():
+        logp, got_mask = T.logprobs(m, batch, cfg, PAD)
+        plan = R.completion_logprobs(m, ids, mask, plan_ids, plan_mask, "text", temperature=0.5)
+        image = R.completion_logprobs(m, ids, mask, codes, torch.ones_like(codes, dtype=torch.bool), "image",
+                                      temperature=1.7)
+        image_at_plan_t = R.completion_logprobs(m, ids, mask, codes, torch.ones_like(codes, dtype=torch.bool),
+                                                "image", temperature=0.5)
+    assert got_mask.shape == (2, 3 + 4)
+    torch.testing.assert_close(logp[:, :3][plan_mask], plan[plan_mask])
+    torch.testing.assert_close(logp[:, 3:], image)
+    assert not torch.allclose(image, image_at_plan_t)
 
 
 def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp_path):
@@ -2915,6 +3661,34 @@ def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base
     assert not out.exists()
 
 
+def test_t2i_r1_preset_trains_a_step_on_t2i_r1_file(random_base, tmp_path):
+    """--rewards t2i-r1 (hps, t2i-r1-detect, git) on tiny published-layout folders and T2I-R1's prompt-file
+    format: it prints how many prompts each reward scores and trains one step."""
+    ckpt, _ = _reward_folders(tmp_path / "rw")
+    git = _write_git_folder(tmp_path / "rw" / "git", _tiny_git_cfg())
+    path = tmp_path / "geneval_and_t2i_data_final.json"
+    path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))
+    args = train_args(random_base, tmp_path / "run", "--prompts", str(path), "--rewards", "t2i-r1", "--reward-ckpt",
+                      f"hps={ckpt['hps']}", f"geneval={ckpt['geneval']}", f"git={git}", "--steps", "1",
+                      "--sample-every", "1")
+    cfg = T.parse_args(args + ["--t2i-r1-as-released"])
+    assert cfg.t2i_r1_as_released and not T.parse_args(args).t2i_r1_as_released
+    lines = []
+    _, metrics = T.train(cfg, log=lines.append)
+    assert "hps: scores all 6 training prompts" in lines
+    assert "t2i-r1-detect: scores all 6 training prompts" in lines
+    assert any(l.startswith("git: scores 4 of the 6 training prompts; the other 2 (T2I-R1 task types: numeracy 1, "
+                            "spatial 1)") for l in lines), lines
+    saved = [json.loads(l) for l in (tmp_path / "run" / "samples" / "step_00001.jsonl").read_text().splitlines()]
+    task = {r["prompt"]: r["task_type"] for r in T2I_R1_ROWS}
+    for r in saved:
+        asked = task[r["prompt"]] not in ("spatial", "numeracy")
+        assert r["checked"]["t2i-r1-detect"] and r["checked"]["git"] == asked
+    m = metrics[0]
+    assert all(math.isfinite(m[k]) for k in ("reward", "reward_hps", "reward_t2i-r1-detect", "reward_git"))
+    assert 0 < m["reward_git"] < 1 and m["step"] == 1
+
+
 def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out_prompts(random_base, redness,
                                                                                        tmp_path, monkeypatch):
     """train_state.pt is read with weights_only=True; a run without held-out prompts still writes summary.md
@@ -2983,7 +3757,7 @@ def test_bench_memory_counts_the_weights_train_py_holds(random_base, redness, tm
     assert len(rows) == 2 and all(0 < float(x) < 40 for row in rows for x in row[2:4])
 
 
-def test_every_flag_of_every_script_has_a_help_line_with_its_default():
+def test_every_flag_of_every_script_has_a_help_line_with_its_default(tmp_path):
     import argparse
     import bench
     import sample as SA
@@ -3003,6 +3777,8 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
                     continue
                 text = fmt._expand_help(a) if a.help else ""
                 assert a.help and "(default: " in text, (p.prog, a.dest, text)
+                # argparse reads a bare % as a format code: "a few % after" came out garbled
+                assert "%" not in re.sub(r"%\(\w+\)s", "", fmt._get_help_string(a)), (p.prog, a.dest, a.help)
                 seen += 1
     assert seen > 80
     # one name per idea across the scripts
@@ -3012,3 +3788,12 @@ def test_every_flag_of_every_script_has_a_help_line_with_its_default():
         assert all(both in f for f in flags.values()), both
     assert not ({"--score", "--no-cot", "--batch-size"} & flags[SA])
     assert bench.build_parser().parse_args(["speed", "--preset", "cpu-768"]).preset == "cpu-768"
+    assert "a few percent after ~20 s of compiling" in " ".join(T.build_parser().format_help().split())
+    # the examples of sample.py's help read files that exist once the command before them has run
+    written = [os.path.relpath(f) for f in S.write_prompt_sets(os.path.join(tmp_path, "data", "shapes"))]
+    examples = [e for e in re.findall(r"--prompts (\S+\.jsonl)", SA.__doc__) if "/" in e]  # not a user's own file
+    assert examples and all(os.path.join(os.path.relpath(tmp_path), e) in written for e in examples), examples
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert bench.cpu_name().endswith(", 1 thread")
+    torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ Departures from T2I-R1's trainer:
 - optional LoRA, whose reference policy is the same model with the adapters switched off;
 - rule rewards (geneval) abstain on prompts without GenEval metadata (T2I-R1's shape, texture and most
   complex rows): a constant score within the group, so the other rewards set those advantages; T2I-R1's
-  GroundingDINO reward scores them by object presence instead;
+  own rules (`--rewards t2i-r1`: its GroundingDINO rules on OWL-ViT, and GIT) score them as it does;
 - `--image-logp cfg` (an option) scores image tokens under the guided distribution they were sampled from;
   the default is T2I-R1's conditional forward alone (`cond`); on the shapes world's validation split they
   end within the spread of seeds (README, "Results on the shapes world").
@@ -28,11 +28,14 @@ Departures from T2I-R1's trainer:
 import argparse
 import contextlib
 import datetime
+import errno
+import fcntl
 import functools
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -47,7 +50,8 @@ import rewards
 import sample as S
 import shapes
 import t2i_r1 as R
-from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device, load_config, write_json
+from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, read_json,
+                   save_like, write_json)
 
 
 @dataclass
@@ -60,9 +64,10 @@ class TrainConfig:
     test_eval: bool = True         # evaluate the test prompts (off while choosing settings on val)
     out: str = "runs/shapes"       # run folder: logs, metrics.jsonl, samples, eval/, ckpt/
     # rewards (rewards.py): NAME:WEIGHT list, checkpoint folders, how they add up
-    rewards: str = "shapes"        # NAME[:WEIGHT],...: clip, pickscore, hps, aesthetic, geneval, shapes
+    rewards: str = "shapes"        # NAME[:WEIGHT],... (README, Rewards); the preset t2i-r1 = hps,t2i-r1-detect,git
     reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: the reward checkpoints' folders (README, Rewards)
     reward_combine: str = "sum"    # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
+    t2i_r1_as_released: bool = False  # t2i-r1-detect keeps T2I-R1's code where it looks wrong (README, Rewards)
     # the method
     levels: str = "both"           # both | semantic (plans trained, image tokens not) | token (no plan)
     group_size: int = 8            # G samples per prompt
@@ -90,7 +95,8 @@ class TrainConfig:
     device: str = None             # cuda, cpu, ...; unset: CUDA when present (torchrun: GPU LOCAL_RANK)
     dtype: str = None              # bfloat16 | float32: autocast dtype, frozen weights held in it; unset: bf16 on GPU
     seed: int = 0                  # every random draw is keyed by (seed, step, sampling call)
-    compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few % after ~20 s of compiling)
+    compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few percent after ~20 s of compiling)
+    threads: int = None            # CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
     sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
@@ -98,6 +104,7 @@ class TrainConfig:
     eval_n: int = 16               # images per evaluated prompt
     save_every: int = 50           # checkpoint (also at the end)
     resume: bool = False           # continue the run in out/ from its last checkpoint, with its saved settings
+    overwrite: bool = False        # start afresh in out/: the run there (checkpoint, metrics, evaluations) is deleted
 
     def __post_init__(self):
         if isinstance(self.sampling, dict):  # a saved config.json
@@ -130,6 +137,8 @@ def check_config(cfg: TrainConfig):
     for name in ("beta", "weight_decay"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {cfg.threads}")
     cfg.sampling.check()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.fsdp and (world < 2 or cfg.lora_rank):
@@ -156,12 +165,127 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 # -----------------------------------------------------------------------------
+# run folders: an existing run is continued (--resume) or replaced (--overwrite), never overwritten by accident;
+# one process at a time; a resume keeps the run's settings
+
+RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "summary.md", "curves.png", "eval", "samples", "ckpt",
+             "ckpt.old", "ckpt.tmp")
+# what a resume may change: how long the run goes, what it logs, evaluates and saves, and how the same
+# computation is laid out on the machine; anything else would change the run half-way without a trace
+RESUMABLE = ("steps", "sample_every", "eval_every", "save_every", "test_eval", "device", "compile", "threads",
+             "micro_batch", "grad_checkpointing", "fsdp", "resume", "overwrite")
+
+
+def check_run_folder(cfg: TrainConfig):
+    """--out against what is there; ValueError naming the folder."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is a file, not a folder")
+    present = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.out, n))]
+    if cfg.resume and last_checkpoint(cfg.out) is None:
+        held = f"it holds {', '.join(present)} but" if present else "no run there,"
+        raise ValueError(f"--resume: {cfg.out} holds no checkpoint to continue ({held} no ckpt/train_state.pt); "
+                         f"check the folder's name, or start a new run there without --resume"
+                         + (" and with --overwrite" if present else ""))
+    if present and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{cfg.out} already holds a run ({', '.join(present)}): --resume continues it, --overwrite "
+                         f"deletes it and starts afresh, or choose another --out")
+
+
+def saved_state(out) -> dict:
+    """train_state.pt of out's last checkpoint, memory-mapped (its config and step are read without reading
+    the optimizer state), its config in this version's form."""
+    path = os.path.join(last_checkpoint(out), "train_state.pt")
+    # on the CPU whatever device saved it (the optimizer moves its state to its parameters' device), so a run
+    # saved on a GPU resumes anywhere and no process loads onto cuda:0; memory-mapped, so processes read the
+    # pages they use rather than each a private copy
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = state["config"]
+    if "sampling" not in saved:  # saved before SamplingConfig: the sampling settings sat among the others
+        names = {f.name for f in fields(R.SamplingConfig)} | {"cfg"}
+        saved["sampling"] = {"cfg_weight" if k == "cfg" else k: saved.pop(k) for k in list(saved) if k in names}
+    try:
+        TrainConfig(**saved)
+    except TypeError as e:  # a setting this version does not have
+        raise ValueError(f"{path}: its saved settings do not fit: {e}") from None
+    return state
+
+
+def resume_changes(cfg: TrainConfig) -> dict:
+    """The settings this resume changes, {name: [saved, now]}; ValueError naming every change a resume may not
+    make (another --lr, --levels or --seed; a new --ckpt would swap the KL reference half-way)."""
+    state = saved_state(cfg.out)
+    def flat(c):
+        d = asdict(c)
+        return {**{k: v for k, v in d.items() if k != "sampling"}, **d["sampling"]}
+    saved, now = flat(TrainConfig(**state["config"])), flat(cfg)
+    changed = {k: [saved[k], now[k]] for k in now if now[k] != saved[k]}
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        raise ValueError(f"--resume: {cfg.out} was trained with other settings, which a resume may not change: "
+                         + "; ".join(f"--{k.replace('_', '-')} {changed[k][1]!r} (the run's: {changed[k][0]!r})"
+                                     for k in refused) + ". Leave these flags out, or start a new run")
+    if cfg.steps < state["step"]:
+        raise ValueError(f"--steps {cfg.steps}: {cfg.out}'s checkpoint is already at step {state['step']}")
+    return {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
+
+
+def lock_run_folder(out):
+    """An exclusive lock on out/train.lock, held while the returned file is open. flock's lock goes with the
+    process: a crashed or killed run leaves nothing stuck."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, "train.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ValueError(f"{out} is in use by another train.py process (pid {pid}): two runs in one folder would "
+                         f"interleave their metrics and checkpoints") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def claim_run_folder(cfg: TrainConfig):
+    """On the first process: lock out/, check it again under the lock, and with --overwrite delete the run
+    there. Returns the lock (close it to release)."""
+    lock = lock_run_folder(cfg.out)
+    try:
+        check_run_folder(cfg)
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                p = os.path.join(cfg.out, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def logging_to(path, log):
+    """log, and each line appended to path as well (the run's train.log)."""
+    def both(*args, **kwargs):
+        log(*args, **kwargs)
+        with open(path, "a") as f:
+            print(*args, file=f)
+    return both
+
+
+# -----------------------------------------------------------------------------
 # LoRA
 
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x with W frozen and B = 0 at the start. The frozen weight keeps its published
-    key (`...q_proj.weight`); save_pretrained writes W + (alpha / r) B A under it."""
+    key (`...q_proj.weight`); checkpoints hold W + (alpha / r) B A under it (Janus.export_state)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -179,8 +303,8 @@ class LoRALinear(nn.Module):
             y = y + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
 
-    def merged_weight(self):
-        return (self.weight.float() + self.scale * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype)
+    def merged_weight(self):  # float32 as the trained tensors are saved: a bf16 base would round the update away
+        return self.weight.float() + self.scale * self.lora_B.float() @ self.lora_A.float()
 
 
 def add_lora(janus: Janus, rank: int, alpha: float):
@@ -283,8 +407,11 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
     """Everything that can be checked without a model, before pretraining, model loading or the first
     evaluation: the settings, the checkpoint folder, the reasoning template, the prompt files and their
     metadata, the rewards' names and files. Raises ValueError or FileNotFoundError naming what is wrong.
-    Returns the training and held-out prompts and the reward ensemble."""
+    Returns the training and held-out prompts, the reward ensemble, the settings a resume changes, and on
+    the first process the run folder's lock (train releases it)."""
     check_config(cfg)
+    check_run_folder(cfg)
+    changes = resume_changes(cfg) if cfg.resume else {}
     if cfg.ckpt is not None:
         load_config(cfg.ckpt)  # the folder, its config.json (weights are checked on load)
         tok_file = os.path.join(cfg.ckpt, "tokenizer.json")
@@ -298,14 +425,22 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                  "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
     eval_sets = {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
-                                    device=train_device(cfg))
+                                    device=train_device(cfg),
+                                    t2i_r1_detect=rewards.T2IR1DetectConfig(as_released=cfg.t2i_r1_as_released))
     for items in (train_items, *eval_sets.values()):
         scorer.check_metadata(items)
+    base = cfg.ckpt or shapes.BASE_DIR  # the shapes base: shipped, or pretrained later (its context fits)
+    if os.path.isdir(base):
+        tok, template = Tokenizer.from_pretrained(base), R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base)
+        for what, items in {"training": train_items, **eval_sets}.items():
+            S.check_lengths(tok, items, cfg.sampling, template, load_config(base), cfg.levels != "token", f"{what} prompts")
     if int(os.environ.get("RANK", "0")) == 0:
         for what, items in {"training": train_items, **eval_sets}.items():
             for line in scorer.unchecked_report(items, f"{what} prompts"):
                 log(line)
-    return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer}
+    # last, once every input is known to be good: the folder is locked (and with --overwrite emptied)
+    lock = claim_run_folder(cfg) if int(os.environ.get("RANK", "0")) == 0 else None
+    return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer, "changes": changes, "lock": lock}
 
 
 @dataclass
@@ -330,11 +465,14 @@ class Run:
     opt: torch.optim.Optimizer = None
     start: int = 0
     metrics: list = field(default_factory=list)
+    t0: float = 0.0           # when this process's first step began (elapsed time and ETA)
 
 
 def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
     """Processes, the starting checkpoint (the shapes base pretrained first when absent) and the tokenizer."""
     rank, world, device = dist_setup(train_device(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if cfg.dtype != "float32"
                 else contextlib.nullcontext())  # bf16 compute over float32 weights, or plain float32
     torch.manual_seed(cfg.seed)
@@ -347,6 +485,11 @@ def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
     for what, items in {"training": run.train_items, **run.eval_sets}.items():
         for line in S.vocabulary_warnings(run.tok, items, f"{what} prompts"):
             run.log(line)
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if device.type == "cpu" and not cfg.threads and torch.get_num_threads() > 1 and load > cores / 2:
+        run.log(f"warning: load average {load:.1f} on {cores} cores before this run started: other processes use "
+                f"them, and torch's {torch.get_num_threads()} threads would wait on each other; --threads 1 (or "
+                f"OMP_NUM_THREADS=1) is often several times faster on a shared machine")
     return run
 
 
@@ -358,7 +501,7 @@ def build_models(run: Run):
     trainable weights only, does not cast the frozen ones again at every decode step."""
     cfg, dtype = run.cfg, getattr(torch, run.cfg.dtype)
     resume_from = last_checkpoint(cfg.out) if cfg.resume else None
-    state = load_train_state(resume_from) if resume_from else None
+    state = saved_state(cfg.out) if resume_from else None
     full_ft_resume = state is not None and state["lora"] is None
     lora = cfg.lora_rank > 0
     policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device,
@@ -541,11 +684,13 @@ def log_step(run: Run, m, r: R.Rollout, images, scores, checked):
     """The step's line on the console and in metrics.jsonl; every sample_every steps a grid of the first
     prompts' samples, with their plans and rewards, and the same as JSON lines."""
     cfg, names = run.cfg, [k for k in m if k.startswith("reward_") and k != "reward_std"]
-    per = " ".join(f"{k[7:]} {m[k]:.3f}" for k in names) if len(names) > 1 else ""
-    run.log(f"step {m['step']}/{cfg.steps} | reward {m['reward']:.3f}±{m['reward_std']:.3f} {per}| kl {m['kl']:.4f} "
+    per = "".join(f" {k[7:]} {m[k]:.3f}" for k in names) if len(names) > 1 else ""
+    elapsed = time.time() - run.t0  # since this process's first step, evaluations and saves included
+    eta = elapsed / (m["step"] - run.start) * (cfg.steps - m["step"])
+    run.log(f"step {m['step']}/{cfg.steps} | reward {m['reward']:.3f}±{m['reward_std']:.3f}{per} | kl {m['kl']:.4f} "
             f"| loss {m['loss']:.4f} | plan {m['plan_tokens']:.1f} tok, {m['plan_cut_frac']:.2f} cut "
             f"| clipped {m['clipped_frac']:.3f} | grad {m['grad_norm']:.2f} | {m['seconds']:.1f}s "
-            f"(rollout {m['rollout_seconds']:.1f}s)")
+            f"(rollout {m['rollout_seconds']:.1f}s) | {clock(elapsed)} elapsed, eta {clock(eta)}")
     record(run, m)
     if run.rank == 0 and cfg.sample_every and m["step"] % cfg.sample_every == 0:
         k = min(len(r), 4 * cfg.group_size)
@@ -556,6 +701,12 @@ def log_step(run: Run, m, r: R.Rollout, images, scores, checked):
         captions = [S.caption({"prompt": x["prompt"], "plan": x["plan"], "scores": {"reward": x["reward"]}}) for x in rows]
         S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size, captions=captions), path + ".png")
         S.write_records(rows, path + ".jsonl")
+
+
+def clock(seconds):
+    """1h02m, 3m05s, 42s."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def record(run: Run, m):
@@ -588,8 +739,7 @@ def evaluate(run: Run, step, splits):
                                   desc=f"{split} evaluation: scoring")
         if run.rank != 0:
             continue
-        with open(os.path.join(cfg.out, "eval", f"{split}_{step:05d}.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json(os.path.join(cfg.out, "eval", f"{split}_{step:05d}.json"), summary)
         g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
         record(run, {"step": step, f"{split}_overall": g["overall"] if g else float("nan"),
                      **{f"{split}_{k}": v for k, v in summary["rewards"].items()},
@@ -620,7 +770,7 @@ def plot_curves(metrics, path, keys=("reward", "val_overall", "test_overall")):
     d.rectangle([pad, pad // 2, W - pad // 2, H - pad], outline="black")
     steps = [m["step"] for m in metrics if "reward" in m]
     if not steps:
-        img.save(path)
+        S.save_png(img, path)
         return
     x_max = max(1, max(m["step"] for m in metrics))
     colors = {"reward": (31, 119, 180), "val_overall": (214, 39, 40), "test_overall": (44, 160, 44)}
@@ -643,7 +793,7 @@ def plot_curves(metrics, path, keys=("reward", "val_overall", "test_overall")):
     d.text((4, pad // 2), f"{hi:.2f}", fill="black")
     d.text((4, H - pad - 10), f"{lo:.2f}", fill="black")
     d.text((W // 3, H - pad + 8), "train reward (blue), GenEval on val (red) and test (green)", fill="black")
-    img.save(path)
+    S.save_png(img, path)
 
 
 def write_report(run: Run):
@@ -651,7 +801,7 @@ def write_report(run: Run):
     curves.png."""
     cfg, report = run.cfg, []
     for split in run.eval_sets:
-        rows = [(name, json.load(open(p))) for name, p in
+        rows = [(name, read_json(p)) for name, p in
                 (("base", os.path.join(cfg.out, "eval", f"{split}_00000.json")),
                  (f"after {cfg.steps} steps", os.path.join(cfg.out, "eval", f"{split}_{cfg.steps:05d}.json")))
                 if os.path.isfile(p)]
@@ -660,18 +810,30 @@ def write_report(run: Run):
                           f"before and after:\n\n{S.summary_table(rows)}\n")
     report.append(train_table([m for m in run.metrics if "reward" in m]))
     run.log("\n" + "\n".join(report))
-    with open(os.path.join(cfg.out, "summary.md"), "w") as f:
+    with atomic(os.path.join(cfg.out, "summary.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(report) + "\n")
     plot_curves(run.metrics, os.path.join(cfg.out, "curves.png"))
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: save_pretrained (merged weights, loadable anywhere) + train_state.pt, written atomically
+# checkpoints: the base's folder with the trained tensors in place (a complete Janus-Pro checkpoint in the
+# base's layout) + train_state.pt, written atomically
+
+
+def trained_state(run: Run, model_state=None) -> dict:
+    """The tensors training changes, under their published names: the trainable parameters (LoRA: the
+    adapted weights, merged), from model_state (FSDP's gathered tensors) when given."""
+    names = {n.rsplit(".lora_", 1)[0] + ".weight" if ".lora_" in n else n
+             for n, p in run.policy.named_parameters() if p.requires_grad}
+    state = run.policy.export_state() if model_state is None else model_state
+    return {k: v for k, v in state.items() if k in names}
 
 
 def save_checkpoint(run: Run, step):
-    """out/ckpt: the policy as a Janus-Pro folder (LoRA merged; FSDP shards gathered, a collective) and
-    train_state.pt (optimizer, adapters, config, metrics). The previous one stays whole until the new one is."""
+    """out/ckpt: the starting checkpoint's folder, every file and tensor of it, with the trained tensors in
+    float32 in place (model.save_like; FSDP shards gathered, a collective), and train_state.pt (optimizer,
+    adapters, config, metrics). The previous one stays whole until the new one is; a failed save leaves
+    nothing partial, and a full disk is named as the cause."""
     cfg, model_state, opt_state = run.cfg, None, run.opt.state_dict()
     if cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -683,12 +845,16 @@ def save_checkpoint(run: Run, step):
         return
     path, tmp, old = (os.path.join(cfg.out, name) for name in ("ckpt", "ckpt.tmp", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    run.policy.save_pretrained(tmp, tokenizer=run.tok, state=model_state)
-    if os.path.isfile(os.path.join(run.base, "reasoning_prompt.txt")):
-        shutil.copy(os.path.join(run.base, "reasoning_prompt.txt"), tmp)
-    lora = {k: v for k, v in run.policy.state_dict().items() if ".lora_" in k} if model_state is None else {}
-    torch.save({"step": step, "optimizer": opt_state, "config": asdict(cfg), "lora": lora or None,
-                "metrics": run.metrics}, os.path.join(tmp, "train_state.pt"))
+    try:
+        save_like(run.base, tmp, trained_state(run, model_state))
+        lora = {k: v for k, v in run.policy.state_dict().items() if ".lora_" in k} if model_state is None else {}
+        torch.save({"step": step, "optimizer": opt_state, "config": asdict(cfg), "lora": lora or None,
+                    "metrics": run.metrics}, os.path.join(tmp, "train_state.pt"))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise disk_full(e, cfg.out, step, run) from e
+        raise
     # a crash leaves ckpt, or ckpt.old
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
@@ -697,10 +863,21 @@ def save_checkpoint(run: Run, step):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_train_state(ckpt):
-    """ckpt/train_state.pt on the CPU, whatever device saved it (the optimizer moves its state to its
-    parameters' device), memory-mapped: processes read the pages they use instead of a private copy each."""
-    return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+def disk_full(e, out, step, run: Run):
+    """e, or an OSError(ENOSPC) saying so when the disk is full: torch.save reports a full disk as
+    "basic_ios::clear: iostream error", naming neither the cause nor the file."""
+    need = sum(t.numel() * t.element_size() for t in run.policy.state_dict().values())
+    need += sum(t.numel() * t.element_size() for s in run.opt.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    free = shutil.disk_usage(out).free
+    if getattr(e, "errno", None) != errno.ENOSPC and free >= need:
+        return e
+    last = last_checkpoint(out)
+    return OSError(errno.ENOSPC, f"no space left on the disk of {out} for the step-{step} checkpoint: "
+                   f"{free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed (a save writes the new checkpoint "
+                   f"beside the last one, so the disk needs room for two); nothing partial was left. "
+                   + (f"The last checkpoint, {last}, is whole: free some space and continue with "
+                      f"`python train.py --out {out} --resume`" if last else "There is no earlier checkpoint"))
 
 
 def last_checkpoint(out):
@@ -721,9 +898,12 @@ def resume(run: Run, state, path):
     else:
         run.opt.load_state_dict(state["optimizer"])
     run.start, run.metrics = state["step"], [m for m in state["metrics"] if m["step"] <= state["step"]]
-    if run.rank == 0:  # lines written after the checkpoint by the interrupted run are dropped
-        with open(os.path.join(run.cfg.out, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in run.metrics)
+    if run.rank == 0:  # lines and evaluations written after the checkpoint by the interrupted run are dropped
+        S.write_records(run.metrics, os.path.join(run.cfg.out, "metrics.jsonl"))
+        folder = os.path.join(run.cfg.out, "eval")
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.endswith(".json") and name[-10:-5].isdigit() and int(name[-10:-5]) > run.start:
+                os.remove(os.path.join(folder, name))
     run.log(f"resumed from {path} at step {run.start}")
 
 
@@ -742,32 +922,47 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None
     """Run BiCoT-GRPO. setup: what prepare(cfg) returned (main() runs it first, to report bad input as a
     command-line error); None runs it here. Returns the policy and the metrics."""
     cfg = resolve_defaults(cfg)
-    run = start_run(cfg, setup or prepare(cfg, log), log)
-    build_models(run)
-    for folder in ("samples", "eval"):
-        os.makedirs(os.path.join(cfg.out, folder), exist_ok=True)
-    if run.rank == 0:
-        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-    if run.start == 0:
-        evaluate(run, 0, ("test", "val"))
-    for step in range(run.start, cfg.steps):
-        train_step(run, step)
-        if step + 1 == cfg.steps:
-            evaluate(run, step + 1, ("test", "val"))
-        elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            evaluate(run, step + 1, ("val",))
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            save_checkpoint(run, step + 1)
+    setup = setup or prepare(cfg, log)
+    with setup["lock"] or contextlib.nullcontext():  # the run folder's lock, released on leaving
+        run = start_run(cfg, setup, logging_to(os.path.join(cfg.out, "train.log"), log) if setup["lock"] else log)
+        build_models(run)
+        for folder in ("samples", "eval"):
+            os.makedirs(os.path.join(cfg.out, folder), exist_ok=True)
+        if run.rank == 0:
+            record_settings(run, setup["changes"])
+        at_ends = ("test", "val") if cfg.eval_every else ("test",)  # --eval-every 0: no validation at all
+        if run.start == 0:
+            evaluate(run, 0, at_ends)
+        run.t0 = time.time()
+        for step in range(run.start, cfg.steps):
+            train_step(run, step)
+            if step + 1 == cfg.steps:
+                evaluate(run, step + 1, at_ends)
+            elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                evaluate(run, step + 1, ("val",))
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                save_checkpoint(run, step + 1)
+            if run.world > 1:
+                dist.barrier()
+        if run.rank == 0:
+            write_report(run)
         if run.world > 1:
+            # leave together, DDP's reducer first: gloo aborts a process whose peer closes the group under it
             dist.barrier()
-    if run.rank == 0:
-        write_report(run)
-    if run.world > 1:
-        # leave together, DDP's reducer first: gloo aborts a process whose peer closes the group under it
-        dist.barrier()
-        run.loss_module = None
-        dist.destroy_process_group()
+            run.loss_module = None
+            dist.destroy_process_group()
     return run.policy, run.metrics
+
+
+def record_settings(run: Run, changes):
+    """out/config.json: the run's settings, and for each resume that changed some, its step and the changes
+    ({name: [before, after]}), so the folder tells how every part of the run was trained."""
+    path = os.path.join(run.cfg.out, "config.json")
+    resumes = read_json(path).get("resumes", []) if run.start and os.path.isfile(path) else []
+    if run.start and changes:
+        resumes.append({"step": run.start, "changed": changes})
+        run.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    write_json(path, {**asdict(run.cfg), **({"resumes": resumes} if resumes else {})})
 
 
 # -----------------------------------------------------------------------------
@@ -788,15 +983,9 @@ def parse_args(argv=None, parser=None) -> TrainConfig:
     given = vars((parser or build_parser()).parse_args(argv))
     sampling = {k: given.pop(k) for k in list(given) if k in {f.name for f in fields(R.SamplingConfig)}}
     cfg = TrainConfig(**given)
-    if cfg.resume and last_checkpoint(cfg.out) is not None:
-        saved = load_train_state(last_checkpoint(cfg.out))["config"]
-        if "sampling" not in saved:  # saved before SamplingConfig: the sampling settings sat among the others
-            names = {f.name for f in fields(R.SamplingConfig)} | {"cfg"}
-            saved["sampling"] = {"cfg_weight" if k == "cfg" else k: saved.pop(k) for k in list(saved) if k in names}
-        try:
-            cfg = TrainConfig(**{**saved, **given})
-        except TypeError as e:  # a setting this version does not have
-            raise ValueError(f"{last_checkpoint(cfg.out)}/train_state.pt: its saved settings do not fit: {e}") from None
+    if cfg.resume and last_checkpoint(cfg.out) is not None:  # without one, prepare names the folder
+        saved = {k: v for k, v in saved_state(cfg.out)["config"].items() if k not in ("resume", "overwrite")}
+        cfg = TrainConfig(**{**saved, **given})
     return replace(cfg, sampling=replace(cfg.sampling, **sampling))
 
 
@@ -807,7 +996,19 @@ def main(argv=None):
         setup = prepare(cfg)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    return train(cfg, setup=setup)
+    try:
+        return train(cfg, setup=setup)
+    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to continue it
+        last = last_checkpoint(cfg.out)
+        where = (f"the last checkpoint is {last} (step {saved_state(cfg.out)['step']}); continue with `python train.py "
+                 f"--out {cfg.out} --resume`" if last else f"no checkpoint was saved in {cfg.out} yet")
+        print(f"\ntrain.py: interrupted; {where}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"train.py: error: {e.strerror}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
