@@ -308,7 +308,8 @@ class KVCache:
 #   elsewhere nn.Linear's F.linear.
 # CPU_KERNEL (env T2I_R1_CPU_KERNEL) pins one kernel for every CPU linear layer: tests use it, and so can a
 # run that must give the same bits in every process (measurements may pick differently in another process
-# when two kernels are about as fast).
+# when two kernels are about as fast). All of this is float32: under CPU autocast every layer takes F.linear,
+# the one autocast knows, and computes in bf16 as it would on a GPU.
 
 
 def _x_wt(x, w, b):
