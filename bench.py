@@ -5,6 +5,7 @@
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
   python bench.py train --preset janus-pro-1b               # GPU: seconds and peak memory of a BiCoT-GRPO step
   python bench.py train --preset janus-pro-7b --lora-rank 64
+  python bench.py memory --preset janus-pro-7b --lora-rank 64  # no GPU: a step's GPU memory, estimated from shapes
   python bench.py rl                                        # CPU: seconds per shapes-world RL step (train.py defaults)
 
 Speed compares, in one run and on one machine: our sampler eager, with the compiled decode step, eager
@@ -295,13 +296,14 @@ def bench_train(args):
                  "--micro-batch", str(args.micro_batch), "--max-plan-tokens", str(args.max_plan_tokens),
                  "--lora-rank", str(args.lora_rank), "--device", str(device)]
         flags += ["--grad-checkpointing"] if args.grad_checkpointing else []
+        flags += ["--dtype", args.dtype] if args.dtype else []
         flags += ["--compile"] if args.compile else []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, sec, roll = time_steps(folder, *flags)
+        run_cfg, sec, roll = time_steps(folder, *flags)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
         name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-        what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
+        what = (f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune") + f", {run_cfg.dtype}"
         print(f"\n| preset | training | G x prompts | device | s / step | of which rollout (s) | peak memory (GiB) |"
               f"\n|---|---|---|---|---|---|---|\n| {args.preset} | {what} | {args.group_size} x {args.prompts_per_step} "
               f"| {name} | {sec:.2f} | {roll:.2f} | {peak:.2f} |")
@@ -320,6 +322,62 @@ def time_steps(ckpt, *flags):
     steps = [m for m in metrics if "rollout_seconds" in m]
     steps = steps[1:] or steps
     return cfg, sum(m["seconds"] for m in steps) / len(steps), sum(m["rollout_seconds"] for m in steps) / len(steps)
+
+
+def memory_estimate(cfg: M.JanusConfig, lora_rank=0, group=8, micro_batch=8, request=200, image_prompt=40, plan=100,
+                    cfg_logp=False):
+    """GiB a BiCoT-GRPO step on one GPU holds, estimated from parameter counts and tensor shapes (train.py's
+    precision: float32 master weights for what trains, bf16 for what is frozen and for the compute; gradient
+    checkpointing; one prompt's group of samples per sampling call, guidance rows doubling the image rows).
+    Returns {part: GiB} for what the step keeps (weights, gradients, AdamW) and for its two peaks: the rollout
+    (KV caches, then the VQ decoder) and the update (activations). Not counted: CUDA's context (~0.5 GiB), the
+    allocator's slack, the reward models."""
+    with torch.device("meta"):
+        janus = M.Janus(cfg)
+    lm = sum(p.numel() for p in janus.language_model.parameters())
+    every = sum(p.numel() for p in janus.parameters())
+    H, I, L, kv = cfg.n_embd, cfg.intermediate_size, cfg.n_layer, cfg.n_kv_head * cfg.head_dim
+    adapters = L * lora_rank * (6 * H + 2 * kv + 3 * (H + I)) if lora_rank else 0  # q, o; k, v; the MLP
+    trained = adapters or lm
+    frozen = every if lora_rank else every - lm
+    gib, bf16 = 2**30, 2
+    cache = lambda rows, T: 2 * L * rows * T * kv * bf16  # keys and values of every layer
+    head_f32 = 2**28 * (1 if lora_rank else 1.5)  # model.float32_logits: a 256 MiB block of the head at a time
+    t_text, t_image = request + plan, image_prompt + plan + cfg.image_tokens
+    checkpointed = L * micro_batch * (t_text + t_image * (2 if cfg_logp else 1)) * H * bf16  # each layer's input
+    layer = 2 * micro_batch * t_image * (2 if cfg_logp else 1) * (4 * H + 4 * I) * bf16  # one layer recomputed
+    vq_decode = 4 * group * cfg.vq.ch * cfg.vq.image_size ** 2 * 4  # ~4 full-resolution float32 activations
+    kept = {"trained weights (float32)": trained * 4, "gradients (float32)": trained * 4,
+            "AdamW moments (float32)": trained * 8, "frozen weights (bf16)": frozen * bf16,
+            "KL reference (bf16)": 0 if lora_rank else every * bf16}
+    rollout = {"bf16 casts of trained weights": trained * bf16,
+               "KV cache (image rows with guidance)": max(cache(group, t_text), cache(2 * group, t_image)),
+               "VQ decoder (after the cache is freed)": vq_decode}
+    update = {"bf16 casts of trained weights": trained * bf16, "head blocks in float32": head_f32,
+              "checkpointed layer inputs": checkpointed, "one layer recomputed, its gradients": layer,
+              "logits, two 256 MiB chunks": 2 * 2**28}
+    kept_sum = sum(kept.values())
+    return {**{k: v / gib for k, v in kept.items()},
+            **{f"rollout: {k}": v / gib for k, v in rollout.items()},
+            **{f"update: {k}": v / gib for k, v in update.items()},
+            # gradients are freed after each step; the decoder runs once the cache is gone
+            "peak: rollout": (kept_sum - trained * 4 + sum(rollout.values()) - min(vq_decode, rollout[
+                "KV cache (image rows with guidance)"])) / gib,
+            "peak: update": (kept_sum + sum(update.values())) / gib}
+
+
+def bench_memory(args):
+    """Print memory_estimate's table for a preset, a column per plan length."""
+    cfg = M.preset(args.preset)
+    plans = args.plan_tokens
+    est = [memory_estimate(cfg, args.lora_rank, args.group_size, args.micro_batch, plan=p,
+                           cfg_logp=args.image_logp == "cfg") for p in plans]
+    what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune"
+    print(f"{args.preset}, {what}: estimated GiB per GPU (G = {args.group_size}, one prompt per sampling call, "
+          f"micro-batch {args.micro_batch}, gradient checkpointing, --image-logp {args.image_logp})\n")
+    print("| part | " + " | ".join(f"plans of {p} tokens" for p in plans) + " |\n" + "|---" * (len(plans) + 1) + "|")
+    for k in est[0]:
+        print(f"| {'**' + k + '**' if k.startswith('peak') else k} | " + " | ".join(f"{e[k]:.2f}" for e in est) + " |")
 
 
 def bench_rl(args):
@@ -377,6 +435,16 @@ def build_parser():
                     help="recompute decoder layers in backward")
     pt.add_argument("--compile", action="store_true", help="torch.compile the sampling decode steps")
     pt.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    pt.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="train.py's --dtype: autocast over float32 master weights (unset: bf16 on GPU, fp32 on CPU)")
+    pm = add("memory", help="estimated GPU memory of a BiCoT-GRPO step, from parameter counts and shapes")
+    pm.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
+    pm.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA instead of a full fine-tune")
+    pm.add_argument("--group-size", type=int, default=8, help="samples per prompt (T2I-R1: 8)")
+    pm.add_argument("--micro-batch", type=int, default=8, help="samples per forward/backward (T2I-R1: 8 per GPU)")
+    pm.add_argument("--image-logp", default="cond", choices=["cond", "cfg"], help="train.py's --image-logp")
+    pm.add_argument("--plan-tokens", type=int, nargs="+", default=[100, 1024],
+                    help="plan lengths, a column each (T2I-R1's plans average ~97 tokens, its cap is 1024)")
     pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
     pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
     pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
@@ -388,4 +456,5 @@ if __name__ == "__main__":
         load_child(sys.argv[2], sys.argv[3])
         sys.exit()
     args = build_parser().parse_args()
-    {"load": bench_load, "speed": bench_speed, "train": bench_train, "rl": bench_rl}[args.cmd](args)
+    commands = {"load": bench_load, "speed": bench_speed, "train": bench_train, "memory": bench_memory, "rl": bench_rl}
+    commands[args.cmd](args)

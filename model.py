@@ -14,7 +14,10 @@ Departures from the reference code:
 - rotary angles are computed from the positions on the fly (no cached tables, no length limit);
 - a padded query row attends to itself so that left-padded batches never produce NaN (the reference
   relies on the same trick inside transformers' mask code);
-- `text_logits`/`image_logits` return float32;
+- `text_logits`/`image_logits` compute in float32 (a bf16 product rounds logits of size ~10 by up to 0.03),
+  except in decode steps, which sample from the compute dtype's product as Janus-Pro's own sampler does;
+- under autocast every weight enters the compute in autocast's dtype, norms and embeddings included, so a
+  model with float32 master weights computes exactly what the same model held in bf16 computes;
 - on CPU, linear layers pick their matmul kernel (MKL as x W^T or W x^T, or oneDNN) by measuring, per
   shape, in a decode step, and take oneDNN elsewhere (`Linear`).
 """
@@ -217,11 +220,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32, scale in the input dtype: the order transformers' LLaMA uses
+        # normalise in float32, scale in the input dtype: the order transformers' LLaMA uses. The weight is
+        # cast too, so float32 master weights under autocast keep a bf16 stream bf16, as bf16 weights do
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight.to(dtype) * x.to(dtype)
 
 
 def rotary(positions, head_dim, theta):
@@ -236,6 +240,13 @@ def apply_rotary(x, cos, sin):  # x (B, nh, T, hd)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def compute_dtype(device, default: torch.dtype) -> torch.dtype:
+    """The dtype layers compute in on this device: autocast's when it is on there, else `default` (the
+    weights' own)."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else default
 
 
 class KVCache:
@@ -297,7 +308,8 @@ class KVCache:
 #   elsewhere nn.Linear's F.linear.
 # CPU_KERNEL (env T2I_R1_CPU_KERNEL) pins one kernel for every CPU linear layer: tests use it, and so can a
 # run that must give the same bits in every process (measurements may pick differently in another process
-# when two kernels are about as fast).
+# when two kernels are about as fast). All of this is float32: under CPU autocast every layer takes F.linear,
+# the one autocast knows, and computes in bf16 as it would on a GPU.
 
 
 def _x_wt(x, w, b):
@@ -383,6 +395,10 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         w, b = self.weight, self.bias
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # autocast knows F.linear (it computes in bf16 from cached casts of trainable weights) but not
+            # our kernels, which would compute and return float32
+            return F.linear(x, w, b)
         if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0
                 or type(w) not in (nn.Parameter, torch.Tensor)):
             return F.linear(x, w, b)  # GPUs, bf16, FSDP's sharded tensors
@@ -403,6 +419,24 @@ class Linear(nn.Linear):
         if kernel == "oneDNN" and grad:
             return _OneDNNLinear.apply(x, w, b)
         return CPU_KERNELS[kernel](x, w, b)
+
+
+def float32_logits(head: nn.Linear, h, chunk_bytes=2**28):
+    """A head's logits in float32. Under autocast the weight and h are first rounded to its dtype, as every
+    other layer sees them, and the product is then formed in float32: a bf16 product would round logits of
+    size ~10 by up to 0.03 (log-probs off by up to 0.09 nats), while the same rounding of the inputs lets a
+    bf16 copy of the model (the KL reference) give exactly the logits of its float32 master weights. The
+    weight goes to float32 a block of rows at a time, so no float32 copy of a whole head (1.7 GB for
+    Janus-Pro-7B's text head) is ever made."""
+    if not torch.is_autocast_enabled(h.device.type):
+        return head(h).float()
+    dtype = torch.get_autocast_dtype(h.device.type)
+    w, b, x = head.weight, head.bias, h.to(dtype).float()
+    rows = max(1, chunk_bytes // (4 * w.shape[1]))
+    with torch.autocast(h.device.type, enabled=False):
+        return torch.cat([F.linear(x, w[i:i + rows].to(dtype).float(),
+                                   None if b is None else b[i:i + rows].to(dtype).float())
+                          for i in range(0, w.shape[0], rows)], -1)
 
 
 class Attention(nn.Module):
@@ -502,21 +536,28 @@ class Janus(nn.Module):
 
     # --- inputs and outputs
     def embed_text(self, ids):   # (B, T) -> (B, T, H)
-        return self.language_model.model.embed_tokens(ids)
+        e = self.language_model.model.embed_tokens(ids)  # autocast leaves embeddings in the table's dtype
+        return e.to(compute_dtype(e.device, e.dtype))
 
     def embed_image(self, codes):  # (B, T) -> (B, T, H)
-        return self.gen_aligner.layers(self.gen_embed(codes))
+        e = self.gen_embed(codes)
+        return self.gen_aligner.layers(e.to(compute_dtype(e.device, e.dtype)))
 
-    def text_logits(self, h):    # (B, T, H) -> (B, T, vocab) float32
-        return self.language_model.lm_head(h).float()
+    # float32=False (decode steps): the product in the compute dtype, cast; float32 takes a float32 copy of the
+    # head's weight (in blocks), which would add ~10% to the bytes a bandwidth-bound image decode step reads
+    def text_logits(self, h, float32=True):    # (B, T, H) -> (B, T, vocab) float32
+        head = self.language_model.lm_head
+        return float32_logits(head, h) if float32 else head(h).float()
 
-    def image_logits(self, h):   # (B, T, H) -> (B, T, codebook) float32
+    def image_logits(self, h, float32=True):   # (B, T, H) -> (B, T, codebook) float32
         head = self.gen_head
-        return head.vision_head(F.gelu(head.output_mlp_projector(h))).float()
+        x = F.gelu(head.output_mlp_projector(h))
+        return float32_logits(head.vision_head, x) if float32 else head.vision_head(x).float()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache in the compute dtype: autocast's (bf16 over float32 master weights), else the weights'."""
         p = self.language_model.lm_head.weight
-        return KVCache(self.cfg, batch, max_len, device=p.device, dtype=p.dtype)
+        return KVCache(self.cfg, batch, max_len, device=p.device, dtype=compute_dtype(p.device, p.dtype))
 
     def forward(self, x, positions=None, mask=None, cache=None, input_pos=None, kv_len=None):
         """x (B, T, H) embeddings -> final-normed hidden states (B, T, H).

@@ -38,8 +38,8 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import rewards
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, image_prompt, load_config,
-                   read_json, write_json)
+from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, default_device, image_prompt,
+                   load_config, read_json, write_json)
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -861,16 +861,16 @@ def following_summary(metas, plans, detections):
             "overall": float(np.mean(every)) if every else float("nan")}
 
 
-def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
+def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=None):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
     images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
     default, as train.py and sample.py sample), and how closely the images follow their plans (plan_following)
-    for the true plans and the base's own. Returns {row name: summary with "per_tag" and "overall"}. Progress
-    lines on stderr inside the rows that sample."""
+    for the true plans and the base's own. device, dtype: as Janus.from_pretrained's. Returns {row name: summary
+    with "per_tag" and "overall"}. Progress lines on stderr inside the rows that sample."""
     import sample  # sample.py imports this file: imported here, not at the top
-    janus, tok = Janus.from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt)
+    janus, tok = Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
     settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
     rng = np.random.default_rng(seed)
@@ -893,14 +893,14 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print):
     clean = np.stack([render(s) for s in scenes])
     judge("true scenes", detect_batch(clean))
     with torch.no_grad():
-        codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(clean[i:i + 256])))
+        codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(clean[i:i + 256], device=janus.device)))
                            for i in range(0, len(clean), 256)])
     judge("VQ ceiling", detect_batch(R.decode_images(janus, codes)))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=janus.device).manual_seed(seed)
     ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
     bar = sample.Progress(-(-len(ids) // 64) * janus.cfg.image_tokens, "drawn from true plans: image tokens")
-    codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id), pad_id=tok.pad_id,
-                                         cfg_weight=settings.cfg_weight, generator=g,
+    codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id, janus.device),
+                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, generator=g,
                                          progress=sample.stage_progress(bar, None)) for i in range(0, len(ids), 64)])
     drawn = detect_batch(R.decode_images(janus, codes))
     judge("drawn from true plans", drawn)
@@ -1016,6 +1016,9 @@ def build_parser():
     dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
     dp.add_argument("--n", type=int, default=16, help="images per prompt")
     dp.add_argument("--cfg", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
+    dp.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    dp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     rp = add("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
     rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
@@ -1029,6 +1032,7 @@ def main(argv=None):
         if args.cmd == "diagnose":
             R.SamplingConfig(cfg_weight=args.cfg).check()
             load_config(args.ckpt)
+            default_device(args.device)
         table = report(args.runs, args.split) if args.cmd == "report" else None
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
@@ -1036,7 +1040,8 @@ def main(argv=None):
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
-        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg)
+        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg,
+                 device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
     elif args.cmd == "report":
         print(table)
     else:

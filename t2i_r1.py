@@ -190,12 +190,13 @@ def pad_tokens(seqs, pad_id, device=None, side="left"):
     """list of token lists -> ids (B, T) padded with pad_id on the left (prompts) or the right (completions),
     and mask (B, T), True on real tokens."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    # built on the CPU (one small copy per row), then moved in one transfer
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool, device="cpu")
     for i, s in enumerate(seqs):
         if len(s):
             cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-            ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+            ids[i, cols] = torch.as_tensor(s, dtype=torch.long, device="cpu")
             mask[i, cols] = True
     return ids.to(device), mask.to(device)
 
@@ -214,10 +215,11 @@ def unconditional(ids, mask, pad_id):
 
 
 def text_step(janus: Janus, tokens, cache, input_pos, positions, mask, kv_len=None):
-    """tokens (B,) fed at slot input_pos (1,) -> next-token logits (B, vocab) float32. kv_len: see Janus.forward."""
+    """tokens (B,) fed at slot input_pos (1,) -> next-token logits (B, vocab), the compute dtype's product cast to
+    float32. kv_len: see Janus.forward."""
     h = janus(janus.embed_text(tokens[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
               kv_len=kv_len)
-    return janus.text_logits(h[:, -1])
+    return janus.text_logits(h[:, -1], float32=False)
 
 
 def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weight, kv_len=None):
@@ -228,7 +230,7 @@ def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weigh
     rows = codes if cfg_weight is None else torch.cat([codes, codes])
     h = janus(janus.embed_image(rows[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
               kv_len=kv_len)
-    return guide(janus.image_logits(h[:, -1]), cfg_weight)
+    return guide(janus.image_logits(h[:, -1], float32=False), cfg_weight)
 
 
 def guide(logits, cfg_weight):
@@ -286,8 +288,10 @@ def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *
 
     def step(i, tokens):  # token i of every row -> logits of token i + 1
         kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
-        return (compiled if i > 0 else step_fn)(janus, tokens, cache, torch.tensor([T + i], device=device),
-                                                lengths + i, full_mask, *extra, kv_len)
+        # the slot is filled in on the device: torch.tensor([T + i], device=...) copies from the host, and that
+        # copy waits for the GPU's queue at every token
+        slot = torch.full((1,), T + i, dtype=torch.long, device=device)
+        return (compiled if i > 0 else step_fn)(janus, tokens, cache, slot, lengths + i, full_mask, *extra, kv_len)
     return logits, step
 
 
@@ -302,7 +306,9 @@ def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_token
     (B * n, L) right-padded with pad_id and their mask: each plan ends with its first EOS, or after
     max_new_tokens. Sample j of prompt i is row i * n + j. progress(i, N) is called after each token, and
     with i = N when every plan has ended early."""
-    logits, step = start_decoding(janus, text_step, ids, mask, janus.text_logits, n, max_new_tokens, compile)
+    def first_logits(h):
+        return janus.text_logits(h, float32=False)
+    logits, step = start_decoding(janus, text_step, ids, mask, first_logits, n, max_new_tokens, compile)
     out = torch.full((logits.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=ids.device)
     for i in range(max_new_tokens):
@@ -341,7 +347,7 @@ def generate_images(janus: Janus, ids, mask, *, pad_id, n=1, cfg_weight=5.0, tem
         ids, mask = torch.cat([ids, unconditional(ids, mask, pad_id)]), torch.cat([mask, mask])
     w = torch.tensor(float(cfg_weight), device=ids.device) if guided else None
     def first_logits(h):
-        return guide(janus.image_logits(h), cfg_weight if guided else None)
+        return guide(janus.image_logits(h, float32=False), cfg_weight if guided else None)
     logits, step = start_decoding(janus, image_step, ids, mask, first_logits, n, N, compile, w)
     codes = torch.empty(logits.shape[0], N, dtype=torch.long, device=ids.device)
     for i in range(N):
@@ -593,18 +599,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     k3 = torch.exp(d) - d - 1                                        # >= 0, unbiased for KL(pi || ref)
     per_token = -(surrogate - beta * k3)                             # (B, T)
     if norm == "token":
-        denom = mask.sum() if n_total is None else torch.as_tensor(float(n_total))
+        denom = mask.sum() if n_total is None else torch.tensor(float(n_total), device=logp.device)
         loss = (per_token * mask).sum() / denom.clamp(min=1)
     elif norm == "sequence":
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-        count = (mask.sum(1) > 0).sum() if n_total is None else torch.as_tensor(float(n_total))
+        count = (mask.sum(1) > 0).sum() if n_total is None else torch.tensor(float(n_total), device=logp.device)
         loss = per_seq.sum() / count.clamp(min=1)
     else:
         raise ValueError(f"norm must be 'token' or 'sequence', got {norm!r}")
     with torch.no_grad():
         m, n = mask.bool(), mask.sum().clamp(min=1)
         is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
-        r = ratio[m] if m.any() else torch.ones(1)
+        r = ratio[m] if m.any() else torch.ones(1, device=ratio.device)
         stats = {"kl": float((k3 * mask).sum() / n), "clip_frac": float((is_clipped & m).sum() / n),
                  "ratio_min": float(r.min()), "ratio_max": float(r.max()), "tokens": int(mask.sum())}
     return loss, stats

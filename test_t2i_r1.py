@@ -132,6 +132,45 @@ def cli_error(main, argv, capsys, prog):
     return err[-1]
 
 
+class CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the dtype casts (aten._to_copy) of the tensors in `names` ({data_ptr: name}), by name."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names, self.counts = names, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.names:
+            name = self.names[args[0].data_ptr()]
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+class OnDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails the first op that takes a tensor on another device than `device`."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        wrong = [str(t.device) for t in leaves if isinstance(t, torch.Tensor) and t.device != self.device]
+        assert not wrong, f"{func} got tensors on {wrong}, the policy is on {self.device}"
+        return func(*args, **kwargs)
+
+
+def on_device(fn, device=torch.device("cpu")):
+    """fn, run with "meta" as the default device and every op checked by OnDevice: "meta" stands in for the CPU
+    that a GPU run's stray tensors land on, so a tensor made without device= is on the wrong device here as it
+    would be there."""
+    def wrapped(*a, **k):
+        with torch.device("meta"), OnDevice(device):
+            return fn(*a, **k)
+    return wrapped
+
+
 # ---- model.py and vq.py: the Janus-Pro transformer, VQ-16, checkpoints, tokenizer ----------------------------------
 
 
@@ -302,6 +341,65 @@ def test_linear_takes_the_measured_kernel_once_per_shape(monkeypatch):
     # the real measurement times every kernel available here
     times = measure(torch.randn(2, 48), lin.weight, lin.bias, tries=2)
     assert set(times) == {k for k in M.CPU_KERNELS if k != "oneDNN" or M.ONEDNN} and min(times.values()) > 0
+
+
+@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+def test_linear_computes_in_bf16_under_cpu_autocast_whatever_its_kernel(monkeypatch, kernel):
+    """Under CPU autocast model.Linear computes in bf16 and returns bf16, as F.linear does and as every layer does
+    on a GPU, with any kernel pinned or measured, with and without autograd; its oneDNN kernel, which autocast
+    does not know, returned float32 there."""
+    if kernel == "oneDNN" and not M.ONEDNN:
+        pytest.skip("oneDNN's matmul is not available here")
+    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
+    torch.manual_seed(0)
+    lin = M.Linear(256, 512)
+    for shape in [(2, 256), (64, 256)]:  # a decode step's rows (measured kernel), and a prefill's
+        x = torch.randn(shape)
+        want = F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16())
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = lin(x)
+            assert y.dtype == torch.bfloat16, (shape, grad)
+            torch.testing.assert_close(y.float(), want.float(), rtol=0, atol=0.05)
+        y.float().sum().backward()
+        assert lin.weight.grad.dtype == torch.float32 and lin.weight.grad.abs().sum() > 0
+        lin.zero_grad()
+
+
+def test_float32_master_weights_under_autocast_compute_exactly_what_a_bf16_copy_computes():
+    """Mixed precision (float32 weights, bf16 autocast) gives bit for bit the hidden states and logits of the same
+    model held in bf16, which is what the KL reference is (so the first step's KL is exactly 0); it decodes
+    through a bf16 KV cache; and the heads return float32 logits of their bf16 inputs, not bf16 logits cast."""
+    import copy
+    m = tiny_model()
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 5), generator=g)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, 6), generator=g)
+    outs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for model in (m, half):
+            x = torch.cat([model.embed_text(ids), model.embed_image(codes)], 1)  # (2, 11, H)
+            h = model(x)
+            outs.append((h, model.text_logits(h), model.image_logits(h)))
+        cache = m.new_cache(2, 11)
+        x = torch.cat([m.embed_text(ids), m.embed_image(codes)], 1)
+        steps = [m(x[:, :5], cache=cache, input_pos=torch.arange(5))]
+        for t in range(5, 11):
+            steps.append(m(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])))
+        head_in = F.gelu(m.gen_head.output_mlp_projector(outs[0][0]))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert outs[0][0].dtype == torch.bfloat16 and outs[0][1].dtype == outs[0][2].dtype == torch.float32
+    assert cache.k[0].dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat(steps, 1).float(), outs[0][0].float(), rtol=0.05, atol=0.05)
+    # the image head's product in float32 (float64 here) of its bf16 inputs: a bf16 product is ~1e-3 off
+    head = m.gen_head.vision_head
+    want = F.linear(head_in.double(), head.weight.bfloat16().double(), head.bias.bfloat16().double())
+    assert (outs[0][2].double() - want).abs().max() < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head a few rows at a time, as a large head goes
+        blocks = M.float32_logits(head, head_in, chunk_bytes=4 * head.weight.shape[1] * 5)
+    assert (blocks.double() - want).abs().max() < 1e-6
 
 
 def test_kv_cache_incremental_decoding_equals_full_forward():
@@ -2538,9 +2636,26 @@ def _fake_run(folder, levels, base, final, steps=10, seed=0):
 
 
 def test_shapes_diagnose_checks_its_flags_first(tmp_path, capsys):
-    """A bad guidance weight or a missing checkpoint stops `shapes.py diagnose` with one error line."""
+    """A bad guidance weight, a missing checkpoint or an unknown device stops `shapes.py diagnose` with one error
+    line."""
     assert "--cfg must be a positive" in cli_error(S.main, ["diagnose", "--cfg", "0"], capsys, "shapes.py")
     assert "does not exist" in cli_error(S.main, ["diagnose", "--ckpt", str(tmp_path / "none")], capsys, "shapes.py")
+    assert "not a device name" in cli_error(S.main, ["diagnose", "--device", "cdua"], capsys, "shapes.py")
+
+
+def test_shapes_diagnose_runs_in_bf16_with_every_tensor_on_the_models_device(monkeypatch):
+    """diagnose on the model's device and dtype: its generator, prompts and images were made on the CPU (on_device:
+    a GPU run's stray tensors are caught on the CPU)."""
+    load = M.Janus.from_pretrained
+    def load_unchecked(*a, **k):  # loading builds the model on "meta" on purpose
+        with torch.device("cpu"), torch.utils._python_dispatch._disable_current_modes():
+            return load(*a, **k)
+    monkeypatch.setattr(M.Janus, "from_pretrained", staticmethod(load_unchecked))
+    items = S.prompt_sets()[2][:2]
+    lines = []
+    rows = on_device(S.diagnose)(S.BASE_DIR, items, n=2, device="cpu", dtype=torch.bfloat16, log=lines.append)
+    assert {"VQ ceiling", "drawn from true plans", "drawn from own plans", "drawn from the prompt alone"} <= set(rows)
+    assert all(0 <= r["overall"] <= 1 for r in rows.values()) and len(lines) >= len(rows)
 
 
 def test_shapes_report_averages_seeds_per_level(tmp_path):
@@ -3233,6 +3348,32 @@ def test_fsdp_over_two_processes_matches_one(random_base, redness, tmp_path, dev
         torch.testing.assert_close(a[k], b[k], **tol)
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_bf16_processes_roll_out_update_save_resume_and_evaluate(random_base, redness, tmp_path, fsdp):
+    """The two-process gloo run under bf16, data parallel and FSDP (weights gathered in bf16 by its mixed-precision
+    policy, gradients reduced in float32): train, save, resume, evaluate; the first step's KL is exactly 0, and the
+    run ends where one bf16 process ends."""
+    import torch.multiprocessing as mp
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    common = [*BF16, "--save-every", "1", "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2"]
+    T.train(T.parse_args(train_args(random_base, tmp_path / "one", *common, "--steps", "2")), log=lambda *a, **k: None)
+    two = train_args(random_base, tmp_path / "two", *common, "--steps", "1", *(["--fsdp"] if fsdp else []))
+    mp.spawn(_ddp_worker, args=(_free_port(), two, None), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), ["--out", str(tmp_path / "two"), "--resume", "--steps", "2"], None),
+             nprocs=2, join=True)
+    steps = [m for m in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2] and steps[0]["kl"] == 0
+    assert sorted(os.listdir(tmp_path / "two" / "eval")) == ["test_00000.json", "test_00001.json", "test_00002.json"]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    if not fsdp:  # the same float32 gradients, summed over processes
+        assert diff.max() < 1e-6
+    else:  # FSDP forms gradients of its gathered bf16 weights (an embedding's rows add up in bf16): AdamW's first
+        # steps move a weight by about lr = 3e-3 whatever its gradient's size, so a rounding that flips a tiny
+        # gradient moves it by up to 2 lr a step; that happens to a few weights only
+        assert diff.max() <= 4 * 3e-3 and (diff > 1e-4).float().mean() < 1e-4
+
+
 def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):
     policy, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--lora-rank", "4")),
                            log=lambda *a, **k: None)
@@ -3246,6 +3387,93 @@ def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_pa
     saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))  # merged: loads with no adapter code
     with torch.no_grad():
         torch.testing.assert_close(saved(saved.embed_text(x)), policy(policy.embed_text(x)), rtol=0, atol=1e-5)
+
+
+# A GPU run, emulated on the CPU: bf16 autocast over float32 master weights, gradient checkpointing
+BF16 = ("--dtype", "bfloat16", "--device", "cpu", "--grad-checkpointing")
+
+
+def saved_as_on_cuda(path, monkeypatch):
+    """Rewrite a torch.save file so that its tensors are tagged cuda:0, byte for byte as a GPU run saves them."""
+    import torch.serialization
+    state = torch.load(path, weights_only=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("variant", [(), ("--lora-rank", "4"), ("--image-logp", "cfg")], ids=["full", "lora", "cfg"])
+def test_bf16_runs_roll_out_update_save_resume_and_evaluate(random_base, redness, tmp_path, monkeypatch, variant):
+    """The whole loop under bf16 (rollout, update with gradient checkpointing, sample grids, checkpoint, resume from
+    a state saved on cuda:0, evaluation) for a full fine-tune, LoRA and --image-logp cfg. With mu = 1 the ratio is
+    exactly 1, and the first step's KL exactly 0: the bf16 reference (the base with its adapters off, under
+    LoRA) computes bit for bit what the policy computes before its first update."""
+    quiet = dict(log=lambda *a, **k: None)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    T.train(T.parse_args(train_args(random_base, tmp_path / "run", *BF16, *variant, "--steps", "1", "--save-every", "1",
+                                    "--sample-every", "1", "--eval-prompts", str(tmp_path / "p.txt"), "--eval-n", "2")),
+            **quiet)
+    saved_as_on_cuda(tmp_path / "run" / "ckpt" / "train_state.pt", monkeypatch)
+    policy, metrics = T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume", "--steps", "2"]), **quiet)
+    steps = [m for m in metrics if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0, [m["kl"] for m in steps]
+    assert all(m["ratio_min"] == m["ratio_max"] == 1 for m in steps)
+    assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["test_00000.json", "test_00001.json", "test_00002.json"]
+    grids = [f"step_0000{i}.{ext}" for i in (1, 2) for ext in ("jsonl", "png")]
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == grids
+    saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))
+    assert not torch.equal(saved.language_model.model.layers[0].mlp.up_proj.weight,
+                           M.Janus.from_pretrained(random_base).language_model.model.layers[0].mlp.up_proj.weight)
+    # the trained tensors are saved in float32, LoRA's merged ones too (over a bf16 base they were rounded to bf16)
+    assert final_weights(tmp_path / "run")["language_model.model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_what_trains_is_float32_and_what_is_frozen_is_held_in_bf16(random_base, redness, tmp_path, lora):
+    """Under --dtype bfloat16 the trained weights stay float32 (the optimizer's master copy) and everything frozen
+    is held in bf16: the VQ, the image embedding and head, the reference (half a float32 copy's bytes) and,
+    under LoRA, the base."""
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", *BF16,
+                                                     *(["--lora-rank", "4"] if lora else []))))
+    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
+    T.build_models(run)
+    trained = {n: p.dtype for n, p in run.policy.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in run.policy.named_parameters() if not p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert all(n.startswith(("gen_", "language_model")) for n in frozen)
+    assert any(".lora_" in n for n in trained) == lora and any(n.startswith("language_model") for n in frozen) == lora
+    if lora:
+        assert run.ref is None  # the policy with its adapters off
+    else:
+        assert {p.dtype for p in run.ref.parameters()} == {torch.bfloat16}
+        nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.language_model.parameters())
+        assert 2 * nbytes(run.ref) == nbytes(run.policy)
+    # decoding under autocast never casts a frozen weight, and casts a trained matrix once for the whole call
+    names = {p.data_ptr(): n for n, p in run.policy.named_parameters()}
+    casts = CastCounter(names)
+    with torch.no_grad(), run.autocast, casts:
+        ids, mask = R.pad_tokens([[1, 5, 6, 2], [1, 7, 2]], 0)
+        R.generate_images(run.policy, ids, mask, pad_id=0, cfg_weight=2.0)
+        R.generate_text(run.policy, ids, mask, eos_id=-1, pad_id=0, max_new_tokens=4)
+    assert not [n for n in casts.counts if n in frozen], casts.counts
+    assert casts.counts  # the trained weights (LoRA: the adapters), cast by autocast once each
+    assert all(k == 1 for n, k in casts.counts.items() if run.policy.get_parameter(n).ndim == 2), casts.counts
+
+
+def test_every_tensor_of_a_bf16_step_lives_on_the_policy_device(random_base, redness, tmp_path, monkeypatch):
+    """GPU defects caught on the CPU (on_device): sampling, decoding images, scoring log-probs and forming the loss
+    of a bf16 step with --image-logp cfg, and an evaluation, create no tensor off the policy's device. The linear
+    layers are pinned to oneDNN, whose kernel computed in float32 under autocast."""
+    monkeypatch.setattr(M, "CPU_KERNEL", "oneDNN" if M.ONEDNN else None)
+    for module, name in ((R, "sample_t2i"), (R, "decode_images"), (T, "logprobs"), (R, "grpo_loss")):
+        monkeypatch.setattr(module, name, on_device(getattr(module, name)))
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", *BF16, "--steps", "1",
+                                                 "--image-logp", "cfg", "--eval-prompts", str(tmp_path / "p.txt"),
+                                                 "--eval-n", "2")), log=lambda *a, **k: None)
+    assert metrics[-1]["step"] == 1 and (tmp_path / "run" / "eval" / "test_00001.json").exists()
 
 
 def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
@@ -3500,12 +3728,33 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     import argparse
     import bench
     args = argparse.Namespace(preset="tiny", steps=2, group_size=4, prompts_per_step=2, micro_batch=4,
-                              max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu")
+                              max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu",
+                              dtype="bfloat16")
     bench.bench_train(args)
     row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
-    assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4" and row[3].strip() == "4 x 2"
+    assert row[1].strip() == "tiny" and row[2].strip() == "LoRA rank 4, bfloat16" and row[3].strip() == "4 x 2"
     sec, roll, peak = (float(x) for x in row[5:8])
     assert 0 < roll <= sec and peak > 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bench_memory_counts_the_weights_train_py_holds(random_base, redness, tmp_path, lora, capsys):
+    """bench.py memory's weight rows are the bytes train.py's models hold under bf16 (trained float32 weights,
+    frozen bf16 ones, the bf16 reference), and its table prints a peak per plan length."""
+    import bench
+    cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", *BF16,
+                                                     *(["--lora-rank", "4"] if lora else []))))
+    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
+    T.build_models(run)
+    est = bench.memory_estimate(run.policy.cfg, lora_rank=4 if lora else 0)
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps) / 2**30
+    params = list(run.policy.parameters())
+    assert est["trained weights (float32)"] == pytest.approx(nbytes(p for p in params if p.requires_grad))
+    assert est["frozen weights (bf16)"] == pytest.approx(nbytes(p for p in params if not p.requires_grad))
+    assert est["KL reference (bf16)"] == pytest.approx(0 if lora else nbytes(run.ref.parameters()))
+    bench.bench_memory(bench.build_parser().parse_args(["memory", "--preset", "janus-pro-7b", "--lora-rank", "64"]))
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| **peak")]
+    assert len(rows) == 2 and all(0 < float(x) < 40 for row in rows for x in row[2:4])
 
 
 def test_every_flag_of_every_script_has_a_help_line_with_its_default(tmp_path):

@@ -27,7 +27,6 @@ Departures from T2I-R1's trainer:
 
 import argparse
 import contextlib
-import copy
 import datetime
 import errno
 import fcntl
@@ -94,7 +93,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, more time)
     # system
     device: str = None             # cuda, cpu, ...; unset: CUDA when present (torchrun: GPU LOCAL_RANK)
-    dtype: str = None              # autocast over float32 weights: bfloat16 | float32; unset: bf16 on GPU
+    dtype: str = None              # bfloat16 | float32: autocast dtype, frozen weights held in it; unset: bf16 on GPU
     seed: int = 0                  # every random draw is keyed by (seed, step, sampling call)
     compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few percent after ~20 s of compiling)
     threads: int = None            # CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine
@@ -198,7 +197,10 @@ def saved_state(out) -> dict:
     """train_state.pt of out's last checkpoint, memory-mapped (its config and step are read without reading
     the optimizer state), its config in this version's form."""
     path = os.path.join(last_checkpoint(out), "train_state.pt")
-    state = torch.load(path, weights_only=True, mmap=True)
+    # on the CPU whatever device saved it (the optimizer moves its state to its parameters' device), so a run
+    # saved on a GPU resumes anywhere and no process loads onto cuda:0; memory-mapped, so processes read the
+    # pages they use rather than each a private copy
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     saved = state["config"]
     if "sampling" not in saved:  # saved before SamplingConfig: the sampling settings sat among the others
         names = {f.name for f in fields(R.SamplingConfig)} | {"cfg"}
@@ -301,8 +303,8 @@ class LoRALinear(nn.Module):
             y = y + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
 
-    def merged_weight(self):
-        return (self.weight.float() + self.scale * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype)
+    def merged_weight(self):  # float32 as the trained tensors are saved: a bf16 base would round the update away
+        return self.weight.float() + self.scale * self.lora_B.float() @ self.lora_A.float()
 
 
 def add_lora(janus: Janus, rank: int, alpha: float):
@@ -382,12 +384,16 @@ def grad_sync(module, sync):
     return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
 
 
-def shard(root, janus):
-    """FSDP2 over processes: each decoder layer is a unit, the rest (embeddings, heads, VQ) the root's."""
-    from torch.distributed.fsdp import fully_shard
+def shard(root, janus, dtype):
+    """FSDP2 over processes: each decoder layer is a unit, the rest (embeddings, heads, VQ) the root's. Weights
+    are gathered in the compute dtype (half the traffic and memory of float32 in bf16) and gradients reduced
+    in float32. Inputs are left as they are: autocast casts what it computes with, while the loss's inputs
+    (old and reference log-probs, advantages) must stay float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in janus.language_model.model.layers:
-        fully_shard(block)
-    fully_shard(root)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
     # FSDP2 finds its root on the first forward; sampling calls the layers before any root forward does
     root._get_fsdp_state()._lazy_init()
     return root
@@ -488,30 +494,35 @@ def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
 
 
 def build_models(run: Run):
-    """Policy (float32; bf16 autocast on a GPU), reference, loss module and optimizer, from the last checkpoint
-    of out/ with --resume. The VQ and the image embedding and head stay frozen, as in T2I-R1."""
-    cfg = run.cfg
+    """Policy, reference, loss module and optimizer, from the last checkpoint of out/ with --resume. What trains
+    keeps float32 master weights (autocast computes in cfg.dtype); what stays frozen is held in cfg.dtype
+    itself: the VQ and the image embedding and head (frozen, as in T2I-R1), the reference, and the base under
+    LoRA. So a bf16 reference takes half a float32 copy's memory, and autocast, which caches its casts of
+    trainable weights only, does not cast the frozen ones again at every decode step."""
+    cfg, dtype = run.cfg, getattr(torch, run.cfg.dtype)
     resume_from = last_checkpoint(cfg.out) if cfg.resume else None
-    state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=True) if resume_from else None
+    state = saved_state(cfg.out) if resume_from else None
     full_ft_resume = state is not None and state["lora"] is None
-    policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device, dtype=torch.float32)
+    lora = cfg.lora_rank > 0
+    policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device,
+                                   dtype=dtype if lora else torch.float32)
     for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
-        part.requires_grad_(False)
-    if cfg.lora_rank > 0:
+        part.requires_grad_(False).to(dtype)
+    if lora:  # the adapters are float32 master weights, the base stays in the compute dtype
         add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
         if state is not None:
             policy.load_state_dict(state["lora"], strict=False)
     policy.gradient_checkpointing = cfg.grad_checkpointing
-    if cfg.beta > 0 and cfg.lora_rank == 0:
-        run.ref = (Janus.from_pretrained(run.base, device=run.device, dtype=torch.float32) if full_ft_resume
-                   else copy.deepcopy(policy)).eval().requires_grad_(False)
+    if cfg.beta > 0 and not lora:  # the starting weights, read again in the compute dtype (not a deep copy)
+        run.ref = Janus.from_pretrained(run.base, device=run.device, dtype=dtype).eval().requires_grad_(False)
     run.policy, run.loss_module = policy, PolicyLoss(policy, cfg, run.tok.pad_id)
     if cfg.fsdp:
-        shard(run.loss_module, policy)
+        shard(run.loss_module, policy, dtype)
         if run.ref is not None:
-            shard(run.ref, run.ref)
-    elif run.world > 1:  # unused: with levels=token the text head, with an empty micro-batch part anything
-        run.loss_module = nn.parallel.DistributedDataParallel(run.loss_module, find_unused_parameters=True)
+            shard(run.ref, run.ref, dtype)
+    elif run.world > 1:  # with levels=token the text head has no gradient; otherwise every trained weight has
+        run.loss_module = nn.parallel.DistributedDataParallel(run.loss_module,
+                                                              find_unused_parameters=cfg.levels == "token")
     run.params = [p for p in policy.parameters() if p.requires_grad]
     run.opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
@@ -628,6 +639,7 @@ def update(run: Run, step, r: R.Rollout):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         acc["grad_norm"] = float(grad_norm)
         run.opt.step()
+        run.opt.zero_grad(set_to_none=True)  # the next rollout runs without a float32 gradient per weight
     return acc
 
 
