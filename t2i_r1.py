@@ -300,6 +300,12 @@ def static_cache(cache: KVCache) -> KVCache:
     return held
 
 
+def release_decoding():
+    """Forget the compiled decode steps and free the static cache buffers (bench.py, before it measures memory)."""
+    _compiled.clear()
+    _arena.clear()
+
+
 def prefill(janus, ids, mask, extra):
     """Run the prompt through a fresh cache with room for `extra` more tokens; return (h_last, cache, mask)."""
     B, T = ids.shape

@@ -2826,6 +2826,34 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
     assert 0 < roll <= sec and peak > 0
 
 
+def test_bench_gpu_prints_every_part_and_a_failing_column_leaves_the_others(capsys, monkeypatch):
+    """`bench.py gpu` end to end on CPU with everything shrunk, so that README's GPU command cannot rot; the
+    transformers column fails (as transformers' own Janus generate has), and every other figure still comes."""
+    import bench
+
+    def broken(*a):
+        raise TypeError("_prepare_static_cache() missing 1 required positional argument")
+    monkeypatch.setattr(bench, "build_hf", broken)
+    shapes_flags = "--steps 1 --prompts-per-step 1 --group-size 2 --eval-n 1 --no-test-eval --sample-every 0"
+    args = bench.build_parser().parse_args(
+        ["gpu", "--device", "cpu", "--preset", "tiny", "--batch", "1", "--backend", "aot_eager", "--hf",
+         "--full-preset", "tiny", "--lora-preset", "tiny", "--lora-rank", "4", "--group-size", "2",
+         "--max-plan-tokens", "4", f"--shapes-flags={shapes_flags}"])
+    bench.bench_gpu(args)
+    out = capsys.readouterr().out
+    assert "transformers' Janus: failed: TypeError: _prepare_static_cache()" in out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| batch")}
+    eager, compiled, hf, images, floor, step, ratio = rows["1"]
+    assert hf == "failed" and float(eager) > 0 and float(compiled) > 0
+    assert float(step) / float(floor) == pytest.approx(float(ratio), rel=0.01) and float(ratio) > 1
+    full, lora = [line for line in out.splitlines() if line.startswith("| tiny |")]
+    for line, what in ((full, "full fine-tune"), (lora, "LoRA rank 4")):
+        cells = [c.strip() for c in line.split("|")[2:-1]]
+        assert cells[0] == what and all(float(c) > 0 for c in cells[1:])
+    assert float(rows[f"`python train.py {shapes_flags}`"][0]) > 0
+
+
 def test_every_flag_of_every_script_has_a_help_line_with_its_default():
     import argparse
     import bench
