@@ -1,5 +1,6 @@
 """Benchmarks on random weights (no download needed). Prints markdown tables for README.
 
+  python bench.py gpu                                       # GPU: README's GPU section, every table of it
   python bench.py speed --preset cpu-768 --batch 1 4 --hf   # CPU: image-token throughput, ours vs transformers
   python bench.py speed --preset janus-pro-1b --batch 1 16  # GPU: eager vs compiled, bandwidth floor
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
@@ -12,9 +13,13 @@ with every linear layer pinned to one CPU matmul kernel (F.linear: nn.Linear's o
 oneDNN: see model.Linear), and without the KV cache (the whole sequence recomputed every step, timed over
 the first --nocache-tokens tokens only, since it slows down further on), plus transformers' Janus image
 generation with --hf. Each column is warmed up once, then the columns run in turn --repeats times and the
-best run counts, so that other work on the machine slows every column alike. On CPU it also prints the
-bandwidth floor: bytes a decode step reads (weights, and the KV cache at its average fill) over the
-measured copy bandwidth.
+best run counts, so that other work on the machine slows every column alike. It also prints the bandwidth
+floor: bytes a decode step reads (weights, and the KV cache at its average fill) over the measured copy
+bandwidth. A column that raises prints its error; the others go on.
+
+`gpu` runs, in one command, the sampling columns at batch 1 and 16 (Janus-Pro-1B size, bf16) against that
+floor, one BiCoT-GRPO step of a Janus-Pro-1B full fine-tune and of Janus-Pro-7B LoRA at T2I-R1's per-GPU
+batch, and the shapes world's `python train.py`; its flags shrink every part (the tests run it on CPU).
 
 Nothing here departs from the paper: it times the code the other files run (train.py's own steps, the
 t2i_r1.py sampler), on random weights where the published ones cannot be downloaded.

@@ -24,6 +24,7 @@ Departures from the paper's code:
 - guidance weight 1 skips the unconditional rows, since u + 1 * (c - u) = c.
 """
 
+import functools
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -268,8 +269,16 @@ def decode_fn(step, compile, device):
     key = (step.__name__, backend, static, cuda)
     if key not in _compiled:
         mode = "reduce-overhead" if backend == "inductor" and cuda and static else None
-        _compiled[key] = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=not static)
+        compiled = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=not static)
+        if static:  # buckets x step kinds x batch sizes (rollouts, evaluations) may pass dynamo's default of 8
+            compiled = functools.partial(_more_recompiles, compiled)
+        _compiled[key] = compiled
     return _compiled[key]
+
+
+def _more_recompiles(compiled, *args):
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return compiled(*args)
 
 
 def bucket_width(T: int) -> int:
@@ -332,7 +341,7 @@ def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *
         logits = logits.repeat_interleave(n, 0)
     cache = static_cache(cache) if static else cache
     lengths = full_mask[:, :T].sum(1, keepdim=True)  # (R*n, 1) real prompt lengths: the rotary positions
-    first_slot = torch.tensor([T], device=ids.device)
+    first_slot = torch.full((1,), T, device=ids.device)  # filled there: a copy from the host would wait for it
     compiled = decode_fn(step_fn, compile, ids.device)
 
     def step(i, tokens):  # token i of every row -> logits of token i + 1
@@ -408,7 +417,7 @@ def generate_images(janus: Janus, ids, mask, *, pad_id, n=1, cfg_weight=5.0, tem
     guided = cfg_weight is not None and cfg_weight != 1.0
     if guided:  # the cache holds [cond; uncond] rows (image_step)
         ids, mask = torch.cat([ids, unconditional(ids, mask, pad_id)]), torch.cat([mask, mask])
-    w = torch.tensor(float(cfg_weight), device=ids.device) if guided else None
+    w = torch.full((), float(cfg_weight), device=ids.device) if guided else None
     def first_logits(h):
         return guide(janus.image_logits(h), cfg_weight if guided else None)
     logits, step = start_decoding(janus, image_step, ids, mask, first_logits, n, N, compile, w)
