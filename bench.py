@@ -317,7 +317,7 @@ def gpu_sampling(args, device):
         floor_ms = (wbytes + kv_bytes(cfg, B, args.prompt_len, dtype.itemsize)) / (gbs * 1e9) * 1e3
         step_ms = B / best * 1e3  # one step samples a token of each of the B images
         print(f"| {B} | " + " | ".join(f"{r[m]:.1f}" if m in r else "failed" for m in modes)
-              + f" | {best / N:.2f} | {floor_ms:.3f} | {step_ms:.3f} | {step_ms / floor_ms:.2f} |")
+              + f" | {best / N:.2f} | {floor_ms:.4g} | {step_ms:.4g} | {step_ms / floor_ms:.2f} |")
     del janus, ref
     R.release_decoding()
     torch._dynamo.reset()  # and with it the CUDA graphs' memory

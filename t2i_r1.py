@@ -283,7 +283,8 @@ def _more_recompiles(compiled, *args):
 
 def bucket_width(T: int) -> int:
     """The padded prompt width of a static decode: the next power of two (at least 16), so that the prompts
-    of a whole run (Janus-Pro's run from about 30 to about 1,100 tokens) fall into seven widths or fewer."""
+    of a whole run (T2I-R1's image prompts: a prompt and a plan of up to 1,024 tokens) take seven widths
+    or fewer."""
     return max(16, 1 << (T - 1).bit_length())
 
 

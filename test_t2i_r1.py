@@ -2857,7 +2857,7 @@ def test_bench_gpu_prints_every_part_and_a_failing_column_leaves_the_others(caps
             for line in out.splitlines() if line.startswith("| ") and not line.startswith("| batch")}
     eager, compiled, hf, images, floor, step, ratio = rows["1"]
     assert hf == "failed" and float(eager) > 0 and float(compiled) > 0
-    assert float(step) / float(floor) == pytest.approx(float(ratio), rel=0.01) and float(ratio) > 1
+    assert float(step) / float(floor) == pytest.approx(float(ratio), rel=0.02) and float(ratio) > 1
     full, lora = [line for line in out.splitlines() if line.startswith("| tiny |")]
     for line, what in ((full, "full fine-tune"), (lora, "LoRA rank 4")):
         cells = [c.strip() for c in line.split("|")[2:-1]]
