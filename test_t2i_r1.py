@@ -705,6 +705,7 @@ def test_static_decode_compiles_a_graph_per_width_bucket(monkeypatch, widths):
     not once per width (which hit dynamo's recompile limit at the 9th), and sample what eager steps do."""
     from torch._dynamo.testing import CompileCounterWithBackend
     monkeypatch.setattr(R, "STATIC_DECODE", True)
+    R.release_decoding()
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     m = tiny_model()
