@@ -1,5 +1,6 @@
 """Benchmarks on random weights (no download needed). Prints markdown tables for README.
 
+  python bench.py gpu                                       # GPU: README's GPU section, every table of it
   python bench.py speed --preset cpu-768 --batch 1 4 --hf   # CPU: image-token throughput, ours vs transformers
   python bench.py speed --preset janus-pro-1b --batch 1 16  # GPU: eager vs compiled, bandwidth floor
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
@@ -13,9 +14,13 @@ with every linear layer pinned to one CPU matmul kernel (F.linear: nn.Linear's o
 oneDNN: see model.Linear), and without the KV cache (the whole sequence recomputed every step, timed over
 the first --nocache-tokens tokens only, since it slows down further on), plus transformers' Janus image
 generation with --hf. Each column is warmed up once, then the columns run in turn --repeats times and the
-best run counts, so that other work on the machine slows every column alike. On CPU it also prints the
-bandwidth floor: bytes a decode step reads (weights, and the KV cache at its average fill) over the
-measured copy bandwidth.
+best run counts, so that other work on the machine slows every column alike. It also prints the bandwidth
+floor: bytes a decode step reads (weights, and the KV cache at its average fill) over the measured copy
+bandwidth. A column that raises prints its error; the others go on.
+
+`gpu` runs, in one command, the sampling columns at batch 1 and 16 (Janus-Pro-1B size, bf16) against that
+floor, one BiCoT-GRPO step of a Janus-Pro-1B full fine-tune and of Janus-Pro-7B LoRA at T2I-R1's per-GPU
+batch, and the shapes world's `python train.py`; its flags shrink every part (the tests run it on CPU).
 
 Nothing here departs from the paper: it times the code the other files run (train.py's own steps, the
 t2i_r1.py sampler), on random weights where the published ones cannot be downloaded.
@@ -24,9 +29,11 @@ t2i_r1.py sampler), on random weights where the published ones cannot be downloa
 import argparse
 import contextlib
 import functools
+import gc
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -174,6 +181,10 @@ def cpu_name() -> str:
     return f"{name}, {n} thread{'s' if n > 1 else ''}"
 
 
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 @contextlib.contextmanager
 def cpu_kernel(kernel):
     """Pin every model.Linear on CPU to one matmul kernel (None: each picks its own, as in normal use)."""
@@ -189,124 +200,215 @@ def cpu_kernel(kernel):
 PINNED = {"F.linear": "x W^T", "W x^T": "W x^T", "oneDNN": "oneDNN"}
 
 
+def speed_model(preset, vocab_size, device, dtype, hf=False):
+    """Random weights of a size on the device -> (our model, transformers' Janus or None). With hf, ours is
+    loaded from transformers' files (the same weights); if transformers fails, its error is printed and
+    ours gets random weights of its own."""
+    cfg = M.JanusConfig(**{**SIZES[preset], **({"vocab_size": vocab_size} if vocab_size else {})})
+    torch.manual_seed(0)
+    if hf:
+        pair = attempt("transformers' Janus", build_hf, cfg, cfg.vocab_size)
+        if pair is not None:
+            return pair[1].to(device, dtype), pair[0].to(device, dtype)
+    with torch.device(device):
+        return M.Janus(cfg).to(dtype).eval(), None
+
+
+def speed_columns(janus, ref, B, modes, w, prompt_len, repeats, nocache_tokens=48, backend="inductor"):
+    """Image tokens per second of each sampler variant (mode) at batch B, and of transformers' Janus (ref).
+    Each column is warmed up once, then the columns run in turn `repeats` times, so that a machine busy
+    with something else slows every column alike; the best run counts. A column that raises prints its
+    error and drops out; the others go on."""
+    device, N = janus.device, janus.cfg.image_tokens
+    prompts = [[1] + [5 + (i * 7 + j) % 90 for j in range(prompt_len - 2)] + [2] for i in range(B)]
+    g = torch.Generator(device=device).manual_seed(0)
+    runs = {}  # column -> (function, image tokens it generates)
+    for mode in modes:
+        if mode == "nocache":
+            K = min(nocache_tokens, N)
+            runs[mode] = (lambda K=K: generate_nocache(janus, prompts, 0, w, K, g), B * K)
+        else:
+            runs[mode] = (lambda mode=mode: R.generate_images(janus, *R.pad_tokens(prompts, 0, device), pad_id=0,
+                                                              cfg_weight=w, generator=g,
+                                                              compile=backend if mode == "compiled" else False),
+                          B * N)
+    if ref is not None:
+        from transformers import GenerationConfig
+        gen = GenerationConfig(bos_token_id=1, pad_token_id=0, do_sample=True, guidance_scale=w,
+                               generation_kwargs={"boi_token_id": 2})
+        ids = torch.tensor(prompts, device=device)
+        runs["transformers"] = (lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                                     generation_config=gen), B * N)
+    result = {}
+    for rep in range(repeats + 1):
+        for mode, (fn, tokens) in list(runs.items()):
+            with cpu_kernel(PINNED[mode]) if mode in PINNED else contextlib.nullcontext():
+                t = attempt(f"batch {B} {mode}", timed, fn, device)
+            if t is None:
+                del runs[mode]
+            elif rep:
+                result[mode] = max(result.get(mode, 0.0), tokens / t[0])
+    for mode, v in result.items():
+        print(f"  batch {B} {mode}: {v:.1f} tokens/s", flush=True)
+    return result
+
+
+def kv_bytes(cfg, B, prompt_len, itemsize):
+    """Bytes of the KV cache a guided decode step at batch B reads at its average fill (2B rows)."""
+    return 2 * cfg.n_layer * 2 * B * cfg.n_kv_head * cfg.head_dim * (prompt_len + cfg.image_tokens / 2) * itemsize
+
+
 def bench_speed(args):
     device = M.default_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = M.JanusConfig(**{**SIZES[args.preset], "vocab_size": args.vocab_size})
-    torch.manual_seed(0)
-    ref = None
-    if args.hf:
-        ref, janus = build_hf(cfg, args.vocab_size)
-        ref, janus = ref.to(device, dtype), janus.to(device, dtype)
-    else:
-        with torch.device(device):
-            janus = M.Janus(cfg).to(dtype).eval()
-    N, w = cfg.image_tokens, args.cfg
-    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-    print(f"{args.preset}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, {name}, "
-          f"torch {torch.__version__}; best of {args.repeats} interleaved runs per column", flush=True)
-    rows = []
-    for B in args.batch:
-        prompts = [[1] + [5 + (i * 7 + j) % 90 for j in range(args.prompt_len - 2)] + [2] for i in range(B)]
-        g = torch.Generator(device=device).manual_seed(0)
-        runs = {}  # column -> (function, image tokens it generates)
-        for mode in args.modes:
-            if mode == "nocache":
-                K = min(args.nocache_tokens, N)
-                runs[mode] = (lambda K=K: generate_nocache(janus, prompts, 0, w, K, g), B * K)
-            else:
-                runs[mode] = (lambda mode=mode: R.generate_images(janus, *R.pad_tokens(prompts, 0, device), pad_id=0, cfg_weight=w, generator=g,
-                                                                  compile=mode == "compiled"), B * N)
-        if ref is not None:
-            from transformers import GenerationConfig
-            gen = GenerationConfig(bos_token_id=1, pad_token_id=0, do_sample=True, guidance_scale=w,
-                                   generation_kwargs={"boi_token_id": 2})
-            ids = torch.tensor(prompts, device=device)
-            runs["transformers"] = (lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                                         generation_config=gen), B * N)
-        # a warm-up each (compilation, kernel choice, allocator), then the columns in turn, so that a machine
-        # busy with something else slows every column alike; the best run of each counts
-        result = {}
-        for rep in range(args.repeats + 1):
-            for mode, (fn, tokens) in runs.items():
-                with cpu_kernel(PINNED[mode]) if mode in PINNED else contextlib.nullcontext():
-                    t, _ = timed(fn, device)
-                if rep:
-                    result[mode] = max(result.get(mode, 0.0), tokens / t)
-        rows.append((B, result))
-        for mode, v in result.items():
-            print(f"  batch {B} {mode}: {v:.1f} tokens/s", flush=True)
-    modes = list(runs)
-    floor = device.type == "cpu"
-    gbs, wbytes = bandwidth_gbs(device), decode_weight_bytes(janus)  # for the floor: bytes read over bandwidth
-    if floor:  # bytes one decode step reads: the weights, and the KV cache at its average fill
-        kv = lambda B: 2 * cfg.n_layer * 2 * B * cfg.n_kv_head * cfg.head_dim * (args.prompt_len + N / 2) * dtype.itemsize
-        print(f"\ncopy bandwidth {gbs:.1f} GB/s; a decode step reads {wbytes / 1e6:.0f} MB of weights "
-              f"+ the KV cache ({kv(1) / 1e6:.0f} MB per prompt at its average fill)")
+    janus, ref = speed_model(args.preset, args.vocab_size, device, dtype, args.hf)
+    cfg, N, w = janus.cfg, janus.cfg.image_tokens, args.cfg
+    print(f"{args.preset}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, "
+          f"{device_name(device)}, torch {torch.__version__}; best of {args.repeats} interleaved runs per column",
+          flush=True)
+    rows = [(B, speed_columns(janus, ref, B, args.modes, w, args.prompt_len, args.repeats, args.nocache_tokens))
+            for B in args.batch]
+    modes = [*args.modes] + (["transformers"] if args.hf else [])  # a failed column shows as "failed"
+    gbs, wbytes = bandwidth_gbs(device), decode_weight_bytes(janus)  # the floor: bytes read over bandwidth
+    kv = lambda B: kv_bytes(cfg, B, args.prompt_len, dtype.itemsize)
+    print(f"\ncopy bandwidth {gbs:.1f} GB/s; a decode step reads {wbytes / 1e6:.0f} MB of weights "
+          f"+ the KV cache ({kv(1) / 1e6:.0f} MB per prompt at its average fill)")
+    hf = args.hf
     print("\n| batch | " + " | ".join(f"{m} (tokens/s)" for m in modes) + " | images/s (best) |"
-          + (" ours / transformers |" if ref is not None else "")
-          + (" floor (tokens/s) | best / floor |" if floor else ""))
-    print("|---" * (len(modes) + 2 + (ref is not None) + 2 * floor) + "|")
+          + (" ours / transformers |" if hf else "") + " floor (tokens/s) | best / floor |")
+    print("|---" * (len(modes) + 4 + hf) + "|")
     for B, r in rows:
-        best = max(v for k, v in r.items() if k in ("eager", "compiled"))
-        line = f"| {B} | " + " | ".join(f"{r[m]:.1f}" for m in modes) + f" | {best / N:.3f} |"
-        if ref is not None:
-            line += f" {best / r['transformers']:.2f}x |"
-        if floor:
-            floor_tps = B / ((wbytes + kv(B)) / (gbs * 1e9))
-            line += f" {floor_tps:.1f} | {best / floor_tps:.2f} |"
-        print(line)
-    if device.type == "cuda":
-        print(cuda_step_table(janus, args.prompt_len, w, gbs, wbytes, name))
+        best = max([v for k, v in r.items() if k in ("eager", "compiled")], default=float("nan"))
+        line = f"| {B} | " + " | ".join(f"{r[m]:.1f}" if m in r else "failed" for m in modes) + f" | {best / N:.3f} |"
+        if hf:
+            line += f" {best / r['transformers']:.2f}x |" if "transformers" in r else " - |"
+        floor_tps = B / ((wbytes + kv(B)) / (gbs * 1e9))
+        print(line + f" {floor_tps:.1f} | {best / floor_tps:.2f} |")
 
 
-def cuda_step_table(janus, prompt_len, w, gbs, wbytes, name):
-    """Milliseconds of one compiled guided decode step at batch 1 on the GPU, against its floor: the weights
-    it reads over the measured copy bandwidth."""
-    device, N = janus.device, janus.cfg.image_tokens
-    floor_ms = wbytes / (gbs * 1e9) * 1e3
-    step = R.decode_fn(R.image_step, True, device)
-    prompts = [[1] + [5] * (prompt_len - 2) + [2]]
-    ids, mask = R.pad_tokens(prompts, 0, device)
-    ids, mask = torch.cat([ids, R.unconditional(ids, mask, 0)]), torch.cat([mask, mask])
-    h, cache, mask = R.prefill(janus, ids, mask, N)
-    codes, lengths = torch.zeros(1, dtype=torch.long, device=device), mask[:, :ids.shape[1]].sum(1, keepdim=True)
-    wt, pos = torch.tensor(w, device=device), torch.tensor([ids.shape[1]], device=device)
-    for _ in range(5):
-        step(janus, codes, cache, pos, lengths, mask, wt)
-    t, _ = timed(lambda: [step(janus, codes, cache, pos, lengths, mask, wt) for _ in range(100)], device)
-    ms = t / 100 * 1e3
-    return (f"\n| card | copy bandwidth (GB/s) | weights read per step (GB) | floor (ms) | compiled step, batch 1 "
-            f"with CFG (ms) | step / floor |\n|---|---|---|---|---|---|\n"
-            f"| {name} | {gbs:.0f} | {wbytes / 1e9:.2f} | {floor_ms:.3f} | {ms:.3f} | {ms / floor_ms:.2f} |")
+def bench_gpu(args):
+    """README's GPU section: sampling throughput against the bandwidth floor, a BiCoT-GRPO step's time and peak
+    memory for a full fine-tune and for LoRA, the shapes world's train.py. Each part, and each column in it,
+    that fails prints its error; the others go on."""
+    device = M.default_device(args.device)
+    print(f"{device_name(device)}, torch {torch.__version__}", flush=True)
+    for part in args.parts:
+        t0 = time.perf_counter()
+        attempt(part, {"sampling": gpu_sampling, "training": gpu_training, "shapes": gpu_shapes}[part], args, device)
+        print(f"({part}: {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def gpu_sampling(args, device):
+    """Eager and compiled image-token throughput at each batch, beside the floor: the bytes a guided decode
+    step must read (the weights, the KV cache at its average fill) over the measured copy bandwidth."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    janus, ref = speed_model(args.preset, None, device, dtype, args.hf)
+    cfg, N = janus.cfg, janus.cfg.image_tokens
+    rows = [(B, speed_columns(janus, ref, B, ["eager", "compiled"], args.cfg, args.prompt_len, args.repeats,
+                              backend=args.backend)) for B in args.batch]
+    gbs, wbytes = bandwidth_gbs(device), decode_weight_bytes(janus)
+    print(f"\nSampling, {args.preset} size ({cfg.n_layer} layers x {cfg.n_embd}), {dtype}, CFG {args.cfg}, {N} image "
+          f"tokens, {args.prompt_len}-token prompts; copy bandwidth {gbs:.0f} GB/s, {wbytes / 1e9:.2f} GB of weights "
+          f"read per step\n")
+    modes = ["eager", "compiled"] + (["transformers"] if args.hf else [])  # a failed column shows as "failed"
+    print("| batch | " + " | ".join(f"{m} (tokens/s)" for m in modes)
+          + " | images/s (best) | floor (ms / step) | best step (ms) | step / floor |")
+    print("|---" * (len(modes) + 5) + "|")
+    for B, r in rows:
+        best = max([v for k, v in r.items() if k in ("eager", "compiled")], default=float("nan"))
+        floor_ms = (wbytes + kv_bytes(cfg, B, args.prompt_len, dtype.itemsize)) / (gbs * 1e9) * 1e3
+        step_ms = B / best * 1e3  # one step samples a token of each of the B images
+        print(f"| {B} | " + " | ".join(f"{r[m]:.1f}" if m in r else "failed" for m in modes)
+              + f" | {best / N:.2f} | {floor_ms:.4g} | {step_ms:.4g} | {step_ms / floor_ms:.2f} |")
+    del janus, ref
+    R.release_decoding()
+    torch._dynamo.reset()  # and with it the CUDA graphs' memory
+
+
+def gpu_training(args, device):
+    """Seconds per BiCoT-GRPO step and peak memory at T2I-R1's per-GPU batch (one prompt, G samples in one
+    micro-batch), plans up to T2I-R1's length, gradient checkpointing; random weights of published sizes."""
+    timing = ("one step, its warm-up included" if args.train_steps == 1
+              else f"mean of the {args.train_steps - 1} step(s) after the first")
+    print(f"\nBiCoT-GRPO on random weights: G = {args.group_size} samples of one prompt per step and per "
+          f"micro-batch, plans of {args.max_plan_tokens} tokens (random weights never write EOS), gradient "
+          f"checkpointing; s / step: {timing}\n")
+    print("| preset | training | s / step | of which rollout (s) | peak memory (GiB) |\n|---|---|---|---|---|",
+          flush=True)
+    for preset, rank in ((args.full_preset, 0), (args.lora_preset, args.lora_rank)):
+        what = f"LoRA rank {rank}" if rank else "full fine-tune"
+        got = attempt(f"{preset} {what}", train_column, preset, device, rank, steps=args.train_steps,
+                      group_size=args.group_size, prompts_per_step=1, micro_batch=args.group_size,
+                      max_plan_tokens=args.max_plan_tokens, grad_checkpointing=True)
+        cells = "failed | failed | failed" if got is None else " | ".join(f"{x:.2f}" for x in got[:3])
+        print(f"| {preset} | {what}{'' if got is None else f', {got[3]}'} | {cells} |", flush=True)
+
+
+def gpu_shapes(args, device):
+    """Wall time of the shapes world's `python train.py` (README's quick start) as a command of its own."""
+    flags = shlex.split(args.shapes_flags)
+    with tempfile.TemporaryDirectory(prefix="bench-shapes-") as out:
+        cmd = [sys.executable, "train.py", "--out", out, "--device", str(device), *flags]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"train.py exited with {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    shown = " ".join(["python train.py", *flags])
+    print(f"\n| command | wall time (s) |\n|---|---|\n| `{shown}` | {wall:.0f} |", flush=True)
+
+
+def attempt(what, fn, *args, **kwargs):
+    """fn(*args, **kwargs), or None after printing what failed: one failing column must not lose the others."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 (any error of a column is reported, and the benchmark goes on)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"  {what}: failed: {type(e).__name__}: {first}", flush=True)
+        return None
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def bench_train(args):
-    """A few BiCoT-GRPO steps of train.py on random weights of a preset: seconds per step and peak memory.
-    The checkpoint gets the shapes world's tokenizer and prompts and the `shapes` reward, so nothing needs a
-    download; random weights write random plans (decoded without their unknown ids) and noise images."""
+    """A few BiCoT-GRPO steps of train.py on random weights of a preset: seconds per step and peak memory."""
     device = M.default_device(args.device)
-    cfg = M.preset(args.preset)
-    folder = tempfile.mkdtemp(prefix=f"{args.preset}-train-")
+    sec, roll, peak, dtype = train_column(args.preset, device, args.lora_rank, steps=args.steps,
+                                          group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+                                          micro_batch=args.micro_batch, max_plan_tokens=args.max_plan_tokens,
+                                          grad_checkpointing=args.grad_checkpointing, compile=args.compile,
+                                          dtype=args.dtype)
+    what = (f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune") + f", {dtype}"
+    print(f"\n| preset | training | G x prompts | device | s / step | of which rollout (s) | peak memory (GiB) |"
+          f"\n|---|---|---|---|---|---|---|\n| {args.preset} | {what} | {args.group_size} x {args.prompts_per_step} "
+          f"| {device_name(device)} | {sec:.2f} | {roll:.2f} | {peak:.2f} |")
+
+
+def train_column(preset, device, lora_rank, *, steps, group_size, prompts_per_step, micro_batch, max_plan_tokens,
+                 grad_checkpointing, compile=False, dtype=None):
+    """train.py's steps on random weights of a preset -> (seconds per step, of which rollout, peak memory in
+    GiB: allocated on a GPU, the process's peak RSS on CPU; the dtype train.py computed in). The checkpoint
+    gets the shapes world's tokenizer and prompts and the `shapes` reward, so nothing needs a download; random
+    weights write random plans (never an EOS, so every plan runs to max_plan_tokens) and noise images."""
+    cfg = M.preset(preset)
+    folder = tempfile.mkdtemp(prefix=f"{preset}-train-")
     try:
         write_random_checkpoint(cfg, folder, weights="safetensors", shards=1)
         shapes.make_tokenizer().save(os.path.join(folder, "tokenizer.json"))
-        flags = ["--rewards", "shapes", "--steps", str(args.steps), "--group-size", str(args.group_size),
-                 "--prompts-per-step", str(args.prompts_per_step), "--rollout-batch", str(args.prompts_per_step),
-                 "--micro-batch", str(args.micro_batch), "--max-plan-tokens", str(args.max_plan_tokens),
-                 "--lora-rank", str(args.lora_rank), "--device", str(device)]
-        flags += ["--grad-checkpointing"] if args.grad_checkpointing else []
-        flags += ["--dtype", args.dtype] if args.dtype else []
-        flags += ["--compile"] if args.compile else []
+        flags = ["--rewards", "shapes", "--steps", str(steps), "--group-size", str(group_size),
+                 "--prompts-per-step", str(prompts_per_step), "--rollout-batch", str(prompts_per_step),
+                 "--micro-batch", str(micro_batch), "--max-plan-tokens", str(max_plan_tokens),
+                 "--lora-rank", str(lora_rank), "--device", str(device)]
+        flags += ["--grad-checkpointing"] if grad_checkpointing else []
+        flags += ["--dtype", dtype] if dtype else []
+        flags += ["--compile"] if compile else []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         run_cfg, sec, roll = time_steps(folder, *flags)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
-        name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-        what = (f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tune") + f", {run_cfg.dtype}"
-        print(f"\n| preset | training | G x prompts | device | s / step | of which rollout (s) | peak memory (GiB) |"
-              f"\n|---|---|---|---|---|---|---|\n| {args.preset} | {what} | {args.group_size} x {args.prompts_per_step} "
-              f"| {name} | {sec:.2f} | {roll:.2f} | {peak:.2f} |")
+        return sec, roll, peak, T.resolve_defaults(run_cfg).dtype
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -445,6 +547,24 @@ def build_parser():
     pm.add_argument("--image-logp", default="cond", choices=["cond", "cfg"], help="train.py's --image-logp")
     pm.add_argument("--plan-tokens", type=int, nargs="+", default=[100, 1024],
                     help="plan lengths, a column each (T2I-R1's plans average ~97 tokens, its cap is 1024)")
+    pg = add("gpu", help="README's GPU section: sampling against the bandwidth floor, BiCoT-GRPO steps, train.py")
+    pg.add_argument("--parts", nargs="+", default=["sampling", "training", "shapes"],
+                    choices=["sampling", "training", "shapes"], help="what to measure, in this order")
+    pg.add_argument("--preset", default="janus-pro-1b", choices=sorted(SIZES), help="model size of the sampling part")
+    pg.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="prompts per batch, one row each")
+    pg.add_argument("--repeats", type=int, default=1, help="timed runs per column (after a warm-up), interleaved")
+    pg.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    pg.add_argument("--cfg", type=float, default=5.0, help="guidance weight")
+    pg.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled column")
+    pg.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
+    pg.add_argument("--full-preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="full fine-tune's size")
+    pg.add_argument("--lora-preset", default="janus-pro-7b", choices=sorted(M.PRESETS), help="LoRA's size")
+    pg.add_argument("--lora-rank", type=int, default=64, help="LoRA rank")
+    pg.add_argument("--group-size", type=int, default=8, help="samples of the one prompt per step (T2I-R1: 8)")
+    pg.add_argument("--max-plan-tokens", type=int, default=1024, help="plan length (T2I-R1's max_completion_length)")
+    pg.add_argument("--train-steps", type=int, default=1, help="steps per training column (more: the first is a warm-up)")
+    pg.add_argument("--shapes-flags", default="", help="flags added to the shapes world's `python train.py`")
+    pg.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
     pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
     pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
     pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
@@ -456,5 +576,6 @@ if __name__ == "__main__":
         load_child(sys.argv[2], sys.argv[3])
         sys.exit()
     args = build_parser().parse_args()
-    commands = {"load": bench_load, "speed": bench_speed, "train": bench_train, "memory": bench_memory, "rl": bench_rl}
+    commands = {"load": bench_load, "speed": bench_speed, "train": bench_train, "memory": bench_memory, "rl": bench_rl,
+                "gpu": bench_gpu}
     commands[args.cmd](args)

@@ -24,6 +24,7 @@ Departures from the paper's code:
 - guidance weight 1 skips the unconditional rows, since u + 1 * (c - u) = c.
 """
 
+import functools
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import Janus, Tokenizer, chat_prompt, image_prompt
+from model import Janus, KVCache, Tokenizer, chat_prompt, image_prompt
 from vq import to_uint8
 
 # Our wording of the semantic-level request; {prompt} is replaced by the user's prompt. T2I-R1's own request
@@ -182,8 +183,11 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
         drop = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
         drop[:, 0] = False                       # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    # torch.multinomial's own one-sample draw, argmax(p / q) with q ~ Exp(1), without the checks on the
+    # probabilities that make it wait for the GPU: the same random numbers, the same tokens
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
 
 
 def pad_tokens(seqs, pad_id, device=None, side="left"):
@@ -242,25 +246,76 @@ def guide(logits, cfg_weight):
 
 
 _compiled = {}
+STATIC_DECODE = None  # compiled steps with static shapes (CUDA graphs): None on CUDA only; True/False forces it
+
+
+def static_decode(compile, device) -> bool:
+    """Whether a compiled decode step runs with static shapes: on CUDA, where CUDA graphs need them."""
+    return bool(compile) and (torch.device(device).type == "cuda" if STATIC_DECODE is None else STATIC_DECODE)
 
 
 def decode_fn(step, compile, device):
     """The eager step, or its torch.compile(fullgraph=True) version; `compile` may name a backend.
 
-    On a GPU the graph attends to every slot of the static cache: CUDA graphs, which remove the per-kernel
-    launch cost that dominates one-token steps there, need fixed shapes. On CPU the attended length (kv_len)
-    stays symbolic (dynamic=True), so one graph serves every position and skips the empty tail of the cache
-    as eager steps do. The samplers run their first step eagerly even when compiling: on CPU that step
-    measures the linear layers' matmul kernels (model.Linear), which the compiled graph then takes."""
+    On a GPU the graph has static shapes and attends to every slot of the static cache: CUDA graphs, which
+    remove the per-kernel launch cost that dominates one-token steps there, need them. Prompt widths then
+    come in buckets (`bucket_width`) and the cache lives at fixed addresses (`static_cache`), so a whole
+    run compiles and records a handful of graphs. On CPU the attended length (kv_len) stays symbolic
+    (dynamic=True), so one graph serves every position and skips the empty tail of the cache as eager
+    steps do. The samplers run their first step eagerly even when compiling: on CPU that step measures
+    the linear layers' matmul kernels (model.Linear), which the compiled graph then takes."""
     if not compile:
         return step
-    backend = compile if isinstance(compile, str) else "inductor"
-    cuda = torch.device(device).type == "cuda"
-    key = (step.__name__, backend, cuda)
+    backend = "inductor" if compile is True else compile
+    static, cuda = static_decode(compile, device), torch.device(device).type == "cuda"
+    key = (step.__name__, backend, static, cuda)
     if key not in _compiled:
-        mode = "reduce-overhead" if backend == "inductor" and cuda else None
-        _compiled[key] = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=not cuda)
+        mode = "reduce-overhead" if backend == "inductor" and cuda and static else None
+        compiled = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=not static)
+        if static:  # buckets x step kinds x batch sizes (rollouts, evaluations) may pass dynamo's default of 8
+            compiled = functools.partial(_more_recompiles, compiled)
+        _compiled[key] = compiled
     return _compiled[key]
+
+
+def _more_recompiles(compiled, *args):
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return compiled(*args)
+
+
+def bucket_width(T: int) -> int:
+    """The padded prompt width of a static decode: the next power of two (at least 16), so that the prompts
+    of a whole run (T2I-R1's image prompts: a prompt and a plan of up to 1,024 tokens) take seven widths
+    or fewer."""
+    return max(16, 1 << (T - 1).bit_length())
+
+
+_arena = {}  # (device, dtype, layers) -> the flat key and value buffers of every layer, reused by static decodes
+
+
+def static_cache(cache: KVCache) -> KVCache:
+    """A copy of cache in buffers that every static decode reuses: CUDA graphs replay only at the addresses
+    they were recorded at, so a fresh cache per sampling call would record the graph again each time. The
+    buffers grow to the largest cache asked for and are then kept; each call views their first slots as
+    contiguous (B, n_kv, max_len, hd) tensors, so a graph's input strides depend on its shape alone."""
+    L, shape = len(cache.k), cache.k[0].shape
+    key, n = (cache.k[0].device, cache.k[0].dtype, L), cache.k[0].numel()
+    if key not in _arena or _arena[key][0].numel() < n:
+        _arena.pop(key, None)  # the old buffers go before the new ones come
+        _arena[key] = [torch.empty(n, device=key[0], dtype=key[1]) for _ in range(2 * L)]
+    views = [buf[:n].view(shape) for buf in _arena[key]]
+    for view, t in zip(views, cache.k + cache.v):
+        view.copy_(t)  # every slot, the zeros of the empty tail too
+    held = KVCache.__new__(KVCache)
+    held.k, held.v = views[:L], views[L:]
+    held._mark_static()
+    return held
+
+
+def release_decoding():
+    """Forget the compiled decode steps and free the static cache buffers (bench.py, before it measures memory)."""
+    _compiled.clear()
+    _arena.clear()
 
 
 def prefill(janus, ids, mask, extra):
@@ -275,28 +330,54 @@ def prefill(janus, ids, mask, extra):
 
 def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *extra):
     """One prefill of (ids, mask), shared by n samples of each row, with room for `steps` more tokens.
-    Returns the logits (R*n, V) of the first new token and step(i, tokens): token i in, logits of i + 1 out."""
-    device, T = ids.device, ids.shape[1]
+    Returns the logits (R*n, V) of the first new token and step(i, tokens): token i in, logits of i + 1 out.
+    Nothing here waits for the device: positions and slots are computed there."""
+    static = static_decode(compile, ids.device)  # a compiled GPU step: static shapes over the whole cache
+    if static:  # left padding up to the bucket's width: masked, so the samples stay the same
+        W = bucket_width(ids.shape[1])
+        ids, mask = F.pad(ids, (W - ids.shape[1], 0)), F.pad(mask, (W - ids.shape[1], 0), value=False)  # (R, W)
+    T = ids.shape[1]
     h, cache, full_mask = prefill(janus, ids, mask, steps)
     logits = first_logits(h[:, -1])
     if n > 1:  # one prefill, n samples
         cache, full_mask = cache.repeat_rows(n), full_mask.repeat_interleave(n, 0)
         logits = logits.repeat_interleave(n, 0)
+    cache = static_cache(cache) if static else cache
     lengths = full_mask[:, :T].sum(1, keepdim=True)  # (R*n, 1) real prompt lengths: the rotary positions
-    compiled = decode_fn(step_fn, compile, device)
-    static = compile and device.type == "cuda"  # a compiled GPU step attends to the whole cache (decode_fn)
+    first_slot = torch.full((1,), T, device=ids.device)  # filled there: a copy from the host would wait for it
+    compiled = decode_fn(step_fn, compile, ids.device)
 
     def step(i, tokens):  # token i of every row -> logits of token i + 1
         kv_len = None if static and i > 0 else T + i + 1  # eager steps attend to the filled slots only
-        # the slot is filled in on the device: torch.tensor([T + i], device=...) copies from the host, and that
-        # copy waits for the GPU's queue at every token
-        slot = torch.full((1,), T + i, dtype=torch.long, device=device)
-        return (compiled if i > 0 else step_fn)(janus, tokens, cache, slot, lengths + i, full_mask, *extra, kv_len)
+        return (compiled if i > 0 else step_fn)(janus, tokens, cache, first_slot + i, lengths + i, full_mask,
+                                                *extra, kv_len)
     return logits, step
 
 
 # -----------------------------------------------------------------------------
 # semantic level: the plan
+
+
+class AllDone:
+    """Whether every row is done, asked from the host without waiting for the device. On CUDA each call
+    queues a copy of the answer and returns the one queued by the call before (8 tokens earlier, long
+    arrived); rows never come back from done, so an old yes is still a yes. On CPU the answer is current."""
+
+    def __init__(self, device):
+        self.cuda, self.queued = device.type == "cuda", None
+
+    def __call__(self, done) -> bool:
+        if not self.cuda:
+            return bool(done.all())
+        earlier = self.queued
+        answer = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(done.all(), non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        self.queued = answer, arrived
+        if earlier is None:
+            return False
+        earlier[1].synchronize()
+        return bool(earlier[0])
 
 
 @torch.no_grad()
@@ -311,6 +392,7 @@ def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_token
     logits, step = start_decoding(janus, text_step, ids, mask, first_logits, n, max_new_tokens, compile)
     out = torch.full((logits.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=ids.device)
+    all_done = AllDone(ids.device)
     for i in range(max_new_tokens):
         tok = sample_from_logits(logits, temperature, top_k, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)  # finished rows: filler, masked below
@@ -318,7 +400,7 @@ def generate_text(janus: Janus, ids, mask, *, eos_id, pad_id, n=1, max_new_token
         done |= tok == eos_id
         if progress is not None:
             progress(i + 1, max_new_tokens)
-        if i == max_new_tokens - 1 or (i % 8 == 7 and bool(done.all())):  # a host sync every 8 tokens only
+        if i == max_new_tokens - 1 or (i % 8 == 7 and all_done(done)):  # asked every 8 tokens only
             if progress is not None and i < max_new_tokens - 1:
                 progress(max_new_tokens, max_new_tokens)
             break
@@ -345,7 +427,7 @@ def generate_images(janus: Janus, ids, mask, *, pad_id, n=1, cfg_weight=5.0, tem
     guided = cfg_weight is not None and cfg_weight != 1.0
     if guided:  # the cache holds [cond; uncond] rows (image_step)
         ids, mask = torch.cat([ids, unconditional(ids, mask, pad_id)]), torch.cat([mask, mask])
-    w = torch.tensor(float(cfg_weight), device=ids.device) if guided else None
+    w = torch.full((), float(cfg_weight), device=ids.device) if guided else None
     def first_logits(h):
         return guide(janus.image_logits(h, float32=False), cfg_weight if guided else None)
     logits, step = start_decoding(janus, image_step, ids, mask, first_logits, n, N, compile, w)

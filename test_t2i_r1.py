@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_t2i_r1.py
 """
 
+import collections
 import io
 import json
 import math
@@ -793,6 +794,104 @@ def test_compiled_decode_step_equals_eager(monkeypatch, kernel):
         if compile:
             assert torch.equal(out[0], eager[0]) and out[1] == eager[1]
         eager = out
+
+
+def test_left_padding_does_not_change_samples():
+    """Static decoding pads prompts on the left up to a bucket's width: masked slots change no sample."""
+    m = tiny_model()
+    ids, mask = R.pad_tokens(image_prompts(m, lengths=(6, 9)), PAD)
+    wide = F.pad(ids, (7, 0), value=PAD), F.pad(mask, (7, 0), value=False)  # (2, 16)
+    out = []
+    for ids_, mask_ in ((ids, mask), wide):
+        g = torch.Generator().manual_seed(0)
+        plans = R.generate_text(m, ids_, mask_, eos_id=-1, pad_id=PAD, n=2, max_new_tokens=5, generator=g)
+        out.append((R.generate_images(m, ids_, mask_, pad_id=PAD, n=2, cfg_weight=5.0, generator=g), *plans))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@pytest.mark.parametrize("widths", [range(4, 20)])
+def test_static_decode_compiles_a_graph_per_width_bucket(monkeypatch, widths):
+    """Static shapes (CUDA graphs), 16 prompt widths: the steps compile once per bucket of widths (16, 32),
+    not once per width (which hit dynamo's recompile limit at the 9th), and sample what eager steps do."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(R, "STATIC_DECODE", True)
+    R.release_decoding()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    m = tiny_model()
+    for w in widths:
+        prompts = image_prompts(m, lengths=(w, max(3, w - 3)), seed=w)
+        for compile in (False, counter):
+            out = (gen_images(m, prompts, n=2, cfg_weight=5.0, temperature=0, compile=compile),
+                   gen_text(m, prompts, eos_id=-1, max_new_tokens=4, temperature=0, compile=compile))
+            if compile:
+                assert torch.equal(out[0], eager[0]) and out[1] == eager[1], w
+            eager = out
+    assert {R.bucket_width(w) for w in widths} == {16, 32}
+    assert counter.frame_count == 2 * 2  # image and text steps, two buckets each
+    assert len(R._arena) == 1  # one set of cache buffers, reused: fixed addresses for CUDA graphs
+
+
+def test_decode_loops_never_wait_for_the_device(monkeypatch):
+    """No host sync per token: no multinomial (its checks read the probabilities back), no tensor read into
+    Python, no position or weight copied from the host. The plan loop asks whether all rows are done every
+    8 tokens (on CUDA without waiting: AllDone)."""
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(6, 9))
+    calls = collections.Counter()
+
+    def counted(name, f):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        return wrapper
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    for name in ("tensor", "multinomial"):
+        monkeypatch.setattr(torch, name, counted(name, getattr(torch, name)))
+    ids, mask = R.pad_tokens(prompts, PAD)
+    g = torch.Generator().manual_seed(0)
+    R.generate_images(m, ids, mask, pad_id=PAD, n=2, cfg_weight=5.0, generator=g)
+    assert not calls, calls
+    calls.clear()
+    R.generate_text(m, ids, mask, eos_id=-1, pad_id=PAD, n=2, max_new_tokens=24, generator=g)
+    assert calls["__bool__"] == 2 and calls["item"] + calls["tolist"] + calls["multinomial"] <= 1, calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_decode_loops_never_sync_on_cuda():
+    m = tiny_model().cuda()
+    ids, mask = R.pad_tokens(image_prompts(m, lengths=(6, 9)), PAD, "cuda")
+    g = torch.Generator("cuda").manual_seed(0)
+    R.generate_images(m, ids, mask, pad_id=PAD, n=2, cfg_weight=5.0, generator=g)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        R.generate_images(m, ids, mask, pad_id=PAD, n=2, cfg_weight=5.0, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_decode_samples_what_eager_decode_samples():
+    m = tiny_model().cuda()
+    for w in (5, 9, 20):
+        ids, mask = R.pad_tokens(image_prompts(m, lengths=(w, 4), seed=w), PAD, "cuda")
+        eager, graphed = (R.generate_images(m, ids, mask, pad_id=PAD, n=2, cfg_weight=5.0, temperature=0,
+                                            compile=compile) for compile in (False, True))
+        assert torch.equal(eager, graphed), w
+
+
+def test_sampling_draws_what_torch_multinomial_draws():
+    """sample_from_logits draws, without torch.multinomial (which waits for the GPU), the very tokens it
+    would draw from the same random stream: the samples behind README's figures stay as they were."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
+    cold = logits / 0.7
+    top50 = cold.masked_fill(cold < torch.topk(cold, 50).values[:, -1:], float("-inf"))
+    for temperature, top_k, probs in ((1.0, None, logits.softmax(-1)), (0.7, 50, top50.softmax(-1))):
+        g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        for _ in range(5):
+            assert torch.equal(R.sample_from_logits(logits, temperature, top_k, generator=g1),
+                               torch.multinomial(probs, 1, generator=g2).squeeze(-1))
 
 
 def test_sample_from_logits_filters():
@@ -3755,6 +3854,34 @@ def test_bench_memory_counts_the_weights_train_py_holds(random_base, redness, tm
     bench.bench_memory(bench.build_parser().parse_args(["memory", "--preset", "janus-pro-7b", "--lora-rank", "64"]))
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| **peak")]
     assert len(rows) == 2 and all(0 < float(x) < 40 for row in rows for x in row[2:4])
+
+
+def test_bench_gpu_prints_every_part_and_a_failing_column_leaves_the_others(capsys, monkeypatch):
+    """`bench.py gpu` end to end on CPU with everything shrunk, so that README's GPU command cannot rot; the
+    transformers column fails (as transformers' own Janus generate has), and every other figure still comes."""
+    import bench
+
+    def broken(*a):
+        raise TypeError("_prepare_static_cache() missing 1 required positional argument")
+    monkeypatch.setattr(bench, "build_hf", broken)
+    shapes_flags = "--steps 1 --prompts-per-step 1 --group-size 2 --eval-n 1 --no-test-eval --sample-every 0"
+    args = bench.build_parser().parse_args(
+        ["gpu", "--device", "cpu", "--preset", "tiny", "--batch", "1", "--backend", "aot_eager", "--hf",
+         "--full-preset", "tiny", "--lora-preset", "tiny", "--lora-rank", "4", "--group-size", "2",
+         "--max-plan-tokens", "4", f"--shapes-flags={shapes_flags}"])
+    bench.bench_gpu(args)
+    out = capsys.readouterr().out
+    assert "transformers' Janus: failed: TypeError: _prepare_static_cache()" in out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| batch")}
+    eager, compiled, hf, images, floor, step, ratio = rows["1"]
+    assert hf == "failed" and float(eager) > 0 and float(compiled) > 0
+    assert float(step) / float(floor) == pytest.approx(float(ratio), rel=0.02) and float(ratio) > 1
+    full, lora = [line for line in out.splitlines() if line.startswith("| tiny |")]
+    for line, what in ((full, "full fine-tune"), (lora, "LoRA rank 4")):
+        cells = [c.strip() for c in line.split("|")[2:-1]]
+        assert cells[0] == f"{what}, float32" and all(float(c) > 0 for c in cells[1:])
+    assert float(rows[f"`python train.py {shapes_flags}`"][0]) > 0
 
 
 def test_every_flag_of_every_script_has_a_help_line_with_its_default(tmp_path):
