@@ -799,6 +799,13 @@ def to_original_key(key: str):
     return key
 
 
+def check_finite_weight(t: torch.Tensor, key, file):
+    """Refuse a weight holding NaN or inf, naming it and its file: such a checkpoint fails far from the cause."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{file}: tensor {key} holds {int((~torch.isfinite(t)).sum())} non-finite "
+                              f"values (NaN or inf) of {t.numel()}: a corrupt or diverged checkpoint")
+
+
 def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -> dict:
     """Read every weight file of `path` into tensors shaped for `model` (typically on the meta device),
     converting each tensor to dtype/device as it is read so at most one copy of the weights exists."""
@@ -818,10 +825,8 @@ def load_state_dict(path, model: nn.Module, device="cpu", dtype=torch.float32) -
                 misshaped.append(f"{key} ({where}): {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
                 continue
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                # a NaN in the VQ decoder draws cyan images that score 0; one in the decoder fails steps later
-                raise CheckpointError(f"{file}: tensor {key} holds {int((~torch.isfinite(t)).sum())} non-finite "
-                                      f"values (NaN or inf) of {t.numel()}: a corrupt or diverged checkpoint")
+            # a NaN in the VQ decoder draws cyan images that score 0; one in the decoder fails steps later
+            check_finite_weight(t, key, file)
             if t.device.type == "cpu" and t.data_ptr() % 64:
                 # safetensors maps tensors at 8-byte offsets; CPU GEMM kernels round differently on such
                 # addresses, so a checkpoint would compute other last bits depending on its file format

@@ -54,7 +54,7 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE, WordPiece
 
-from model import default_device, mismatch_error, read_tensors
+from model import check_finite_weight, default_device, mismatch_error, read_tensors
 from t2i_r1 import group_advantages
 
 # -----------------------------------------------------------------------------------------------------
@@ -265,6 +265,8 @@ def load_weights(model, sd, path):
               if sd[k].shape != want[k].shape]
     if missing or unexpected or shaped:
         raise mismatch_error(f"{path}: checkpoint does not match {type(model).__name__}", missing, unexpected, shaped)
+    for k, v in sd.items():  # a NaN weight would score every image NaN or 0, far from its cause
+        check_finite_weight(v, k, path)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

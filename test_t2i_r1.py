@@ -1311,6 +1311,15 @@ def test_openclip_and_hf_layouts_give_same_embeddings(tmp_path):
         assert not torch.allclose(hf.encode_image(px), other.encode_image(px))
 
 
+def test_non_finite_reward_weights_are_refused_at_load_naming_the_tensor(tmp_path):
+    c = _tiny_cfg()
+    sd = _clip_sd(c)
+    sd["visual_projection.weight"][0, 1] = float("nan")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(M.CheckpointError, match=r"model.safetensors: tensor visual_projection.weight holds 1 non-finite"):
+        RW.load_clip(str(tmp_path / "model.safetensors"), c)
+
+
 def test_config_from_hf_fills_published_defaults():
     # google/owlvit-base-patch32's config.json leaves most sizes to transformers' defaults
     c = RW.config_from_hf({"model_type": "owlvit", "projection_dim": 512, "text_config": {"max_length": 16},
@@ -1467,10 +1476,11 @@ def test_preprocessing_geometry():
 
 def test_nan_reward_raises_naming_it(tmp_path):
     c = _tiny_cfg()
-    sd = _clip_sd(c)
-    sd["visual_projection.weight"][0, 0] = float("nan")
-    _write_hf_clip(tmp_path / "clip", c, sd)
+    _write_hf_clip(tmp_path / "clip", c, _clip_sd(c))
     ens = RW.RewardEnsemble({"clip": 1}, {"clip": str(tmp_path / "clip")}, device="cpu")
+    ens(_images(2), _meta(2))  # loads the model; a NaN in its file is refused at load (the test above)
+    with torch.no_grad():
+        ens.rewards["clip"].clip.visual_projection.weight[0, 0] = float("nan")  # a model that diverges later
     with pytest.raises(FloatingPointError, match="reward 'clip'"):
         ens(_images(2), _meta(2))
     with pytest.raises(FloatingPointError, match="reward 'hps'"):
