@@ -290,42 +290,48 @@ def build_parser():
     return p
 
 
+def check_inputs(args, settings):
+    """Every command-line input, checked before any model loads (a problem is one usage error naming it).
+    Returns the prompt items, the reward ensemble (None without --rewards) and the files an earlier run left in
+    --out (to remove under --overwrite)."""
+    if args.n < 1 or args.rollout_batch < 1:
+        raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
+    settings.check()
+    default_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    old = sample_files(args.out)
+    if old and not args.overwrite:
+        raise ValueError(f"{args.out} already holds samples ({len(old)} files, e.g. {old[0]}): --overwrite replaces "
+                         f"them, or choose another --out")
+    if args.ckpt is not None:
+        args.ckpt = os.path.expanduser(args.ckpt)
+        load_config(args.ckpt)
+    if args.prompts:
+        items = read_prompts(args.prompts)
+    elif args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        items = [{"prompt": args.prompt}]
+    else:
+        items = shapes.example_prompts()
+    scorer = None
+    if args.rewards:  # the rewards' files are checked here; their models load on first use
+        scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.rewards),
+                                        rewards.parse_reward_ckpt(args.reward_ckpt),
+                                        device=default_device(args.device))
+        scorer.check_metadata(items)
+        for line in scorer.unchecked_report(items):
+            print(line)
+    return items, scorer, old
+
+
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     settings = R.SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(R.SamplingConfig)})
-    # every input is checked before the model is loaded (or the shapes base pretrained): errors are
-    # command-line errors naming what is wrong
-    try:
-        if args.n < 1 or args.rollout_batch < 1:
-            raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
-        settings.check()
-        default_device(args.device)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        old = sample_files(args.out)
-        if old and not args.overwrite:
-            raise ValueError(f"{args.out} already holds samples ({len(old)} files, e.g. {old[0]}): --overwrite replaces "
-                             f"them, or choose another --out")
-        if args.ckpt is not None:
-            args.ckpt = os.path.expanduser(args.ckpt)
-            load_config(args.ckpt)
-        if args.prompts:
-            items = read_prompts(args.prompts)
-        elif args.prompt is not None:
-            if not args.prompt.strip():
-                raise ValueError("--prompt is empty")
-            items = [{"prompt": args.prompt}]
-        else:
-            items = shapes.example_prompts()
-        scorer = None
-        if args.rewards:  # the rewards' files are checked here; their models load on first use
-            scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.rewards),
-                                            rewards.parse_reward_ckpt(args.reward_ckpt),
-                                            device=default_device(args.device))
-            scorer.check_metadata(items)
-            for line in scorer.unchecked_report(items):
-                print(line)
+    try:  # every input is checked before the model is loaded (or the shapes base pretrained)
+        items, scorer, old = check_inputs(args, settings)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
