@@ -832,6 +832,25 @@ def test_static_decode_compiles_a_graph_per_width_bucket(monkeypatch, widths):
     assert len(R._arena) == 1  # one set of cache buffers, reused: fixed addresses for CUDA graphs
 
 
+def test_static_decode_does_not_recompile_per_call_whatever_torch_guards_by_default(monkeypatch):
+    """torch releases whose mark_static_address guards by default (guard=True, an ID_MATCH on the tensor)
+    would recompile the static step at every sampling call, since each call views the held cache buffers
+    anew: the cache marks them unguarded itself. Same width, three calls: one graph per step kind."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    mark = torch._dynamo.mark_static_address
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, guard=True: mark(t, guard=guard))
+    monkeypatch.setattr(R, "STATIC_DECODE", True)
+    R.release_decoding()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    m = tiny_model()
+    for seed in range(3):
+        prompts = image_prompts(m, lengths=(7, 5), seed=seed)
+        gen_images(m, prompts, n=2, cfg_weight=5.0, temperature=0, compile=counter)
+        gen_text(m, prompts, eos_id=-1, max_new_tokens=4, temperature=0, compile=counter)
+    assert counter.frame_count == 2
+
+
 def test_decode_loops_never_wait_for_the_device(monkeypatch):
     """No host sync per token: no multinomial (its checks read the probabilities back), no tensor read into
     Python, no position or weight copied from the host. The plan loop asks whether all rows are done every
