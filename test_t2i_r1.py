@@ -851,6 +851,25 @@ def test_static_decode_does_not_recompile_per_call_whatever_torch_guards_by_defa
     assert counter.frame_count == 2
 
 
+def test_static_decode_repeats_samples_straight_into_the_held_cache(monkeypatch):
+    """n samples per prompt: a static decode copies each prefilled row n times into the held buffers, with no
+    repeated cache built first (it would hold the samples' cache twice at the rollout's peak), and draws
+    what eager decoding draws, row i * n + j being sample j of prompt i."""
+    monkeypatch.setattr(R, "STATIC_DECODE", True)
+    R.release_decoding()
+    torch._dynamo.reset()
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(7, 5, 9))
+    out = []
+    for compile in (False, "aot_eager"):
+        g = torch.Generator().manual_seed(0)
+        out.append((gen_images(m, prompts, n=3, cfg_weight=5.0, generator=g, compile=compile),
+                    gen_text(m, prompts, eos_id=-1, n=3, max_new_tokens=4, generator=g, compile=compile)))
+        if not compile:  # from here on a repeated cache is an error
+            monkeypatch.setattr(M.KVCache, "repeat_rows", lambda *a: pytest.fail("a repeated cache was built"))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+
+
 def test_decode_loops_never_wait_for_the_device(monkeypatch):
     """No host sync per token: no multinomial (its checks read the probabilities back), no tensor read into
     Python, no position or weight copied from the host. The plan loop asks whether all rows are done every
