@@ -267,7 +267,9 @@ class KVCache:
     def _mark_static(self):
         if hasattr(torch, "_dynamo"):  # lets CUDA graphs treat the buffers as fixed addresses
             for t in self.k + self.v:
-                torch._dynamo.mark_static_address(t)
+                # unguarded, as later torch releases default to: a guard on the tensor itself (older
+                # releases' default) would recompile the step for every new cache, every sampling call
+                torch._dynamo.mark_static_address(t, guard=False)
 
     @property
     def batch(self) -> int:

@@ -293,19 +293,21 @@ def bucket_width(T: int) -> int:
 _arena = {}  # (device, dtype, layers) -> the flat key and value buffers of every layer, reused by static decodes
 
 
-def static_cache(cache: KVCache) -> KVCache:
-    """A copy of cache in buffers that every static decode reuses: CUDA graphs replay only at the addresses
-    they were recorded at, so a fresh cache per sampling call would record the graph again each time. The
-    buffers grow to the largest cache asked for and are then kept; each call views their first slots as
-    contiguous (B, n_kv, max_len, hd) tensors, so a graph's input strides depend on its shape alone."""
-    L, shape = len(cache.k), cache.k[0].shape
-    key, n = (cache.k[0].device, cache.k[0].dtype, L), cache.k[0].numel()
-    if key not in _arena or _arena[key][0].numel() < n:
+def static_cache(cache: KVCache, n=1) -> KVCache:
+    """A copy of cache, each row repeated n times (row i * n + j is row i), in buffers that every static decode
+    reuses: CUDA graphs replay only at the addresses they were recorded at, so a fresh cache per sampling call
+    would record the graph again each time. The buffers grow to the largest cache asked for and are then
+    kept; each call views their first slots as contiguous (B * n, n_kv, max_len, hd) tensors, so a graph's
+    input strides depend on its shape alone. The rows are repeated straight into them: a repeated cache
+    first (repeat_rows) would hold the n samples' cache twice at the rollout's peak."""
+    L, (B, *rest) = len(cache.k), cache.k[0].shape
+    key, size = (cache.k[0].device, cache.k[0].dtype, L), cache.k[0].numel() * n
+    if key not in _arena or _arena[key][0].numel() < size:
         _arena.pop(key, None)  # the old buffers go before the new ones come
-        _arena[key] = [torch.empty(n, device=key[0], dtype=key[1]) for _ in range(2 * L)]
-    views = [buf[:n].view(shape) for buf in _arena[key]]
+        _arena[key] = [torch.empty(size, device=key[0], dtype=key[1]) for _ in range(2 * L)]
+    views = [buf[:size].view(B * n, *rest) for buf in _arena[key]]
     for view, t in zip(views, cache.k + cache.v):
-        view.copy_(t)  # every slot, the zeros of the empty tail too
+        view.view(B, n, *rest).copy_(t[:, None])  # every slot, the zeros of the empty tail too
     held = KVCache.__new__(KVCache)
     held.k, held.v = views[:L], views[L:]
     held._mark_static()
@@ -339,10 +341,10 @@ def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *
     T = ids.shape[1]
     h, cache, full_mask = prefill(janus, ids, mask, steps)
     logits = first_logits(h[:, -1])
-    if n > 1:  # one prefill, n samples
-        cache, full_mask = cache.repeat_rows(n), full_mask.repeat_interleave(n, 0)
-        logits = logits.repeat_interleave(n, 0)
-    cache = static_cache(cache) if static else cache
+    if n > 1:  # one prefill, n samples (a static cache repeats the rows as it copies them)
+        cache = cache if static else cache.repeat_rows(n)
+        full_mask, logits = full_mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+    cache = static_cache(cache, n) if static else cache
     lengths = full_mask[:, :T].sum(1, keepdim=True)  # (R*n, 1) real prompt lengths: the rotary positions
     first_slot = torch.full((1,), T, device=ids.device)  # filled there: a copy from the host would wait for it
     compiled = decode_fn(step_fn, compile, ids.device)

@@ -832,6 +832,44 @@ def test_static_decode_compiles_a_graph_per_width_bucket(monkeypatch, widths):
     assert len(R._arena) == 1  # one set of cache buffers, reused: fixed addresses for CUDA graphs
 
 
+def test_static_decode_does_not_recompile_per_call_whatever_torch_guards_by_default(monkeypatch):
+    """torch releases whose mark_static_address guards by default (guard=True, an ID_MATCH on the tensor)
+    would recompile the static step at every sampling call, since each call views the held cache buffers
+    anew: the cache marks them unguarded itself. Same width, three calls: one graph per step kind."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    mark = torch._dynamo.mark_static_address
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, guard=True: mark(t, guard=guard))
+    monkeypatch.setattr(R, "STATIC_DECODE", True)
+    R.release_decoding()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    m = tiny_model()
+    for seed in range(3):
+        prompts = image_prompts(m, lengths=(7, 5), seed=seed)
+        gen_images(m, prompts, n=2, cfg_weight=5.0, temperature=0, compile=counter)
+        gen_text(m, prompts, eos_id=-1, max_new_tokens=4, temperature=0, compile=counter)
+    assert counter.frame_count == 2
+
+
+def test_static_decode_repeats_samples_straight_into_the_held_cache(monkeypatch):
+    """n samples per prompt: a static decode copies each prefilled row n times into the held buffers, with no
+    repeated cache built first (it would hold the samples' cache twice at the rollout's peak), and draws
+    what eager decoding draws, row i * n + j being sample j of prompt i."""
+    monkeypatch.setattr(R, "STATIC_DECODE", True)
+    R.release_decoding()
+    torch._dynamo.reset()
+    m = tiny_model()
+    prompts = image_prompts(m, lengths=(7, 5, 9))
+    out = []
+    for compile in (False, "aot_eager"):
+        g = torch.Generator().manual_seed(0)
+        out.append((gen_images(m, prompts, n=3, cfg_weight=5.0, generator=g, compile=compile),
+                    gen_text(m, prompts, eos_id=-1, n=3, max_new_tokens=4, generator=g, compile=compile)))
+        if not compile:  # from here on a repeated cache is an error
+            monkeypatch.setattr(M.KVCache, "repeat_rows", lambda *a: pytest.fail("a repeated cache was built"))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+
+
 def test_decode_loops_never_wait_for_the_device(monkeypatch):
     """No host sync per token: no multinomial (its checks read the probabilities back), no tensor read into
     Python, no position or weight copied from the host. The plan loop asks whether all rows are done every
@@ -872,13 +910,23 @@ def test_decode_loops_never_sync_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_graph_decode_samples_what_eager_decode_samples():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_cuda_graph_decode_samples_what_eager_decode_samples(autocast):
+    """Images and plans (the plan loop's AllDone too) as eager steps sample them, in float32; as train.py's
+    rollouts sample (bf16 autocast over float32 weights) the graphs run at all. Inductor must not skip the
+    CUDA graph (e.g. for the cache's in-place writes): it would run, only slowly."""
+    from torch._dynamo.utils import counters
+    counters.clear()
     m = tiny_model().cuda()
-    for w in (5, 9, 20):
-        ids, mask = R.pad_tokens(image_prompts(m, lengths=(w, 4), seed=w), PAD, "cuda")
-        eager, graphed = (R.generate_images(m, ids, mask, pad_id=PAD, n=2, cfg_weight=5.0, temperature=0,
-                                            compile=compile) for compile in (False, True))
-        assert torch.equal(eager, graphed), w
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        for w in (5, 9, 20):
+            ids, mask = R.pad_tokens(image_prompts(m, lengths=(w, 4), seed=w), PAD, "cuda")
+            out = [(R.generate_images(m, ids, mask, pad_id=PAD, n=2, cfg_weight=5.0, temperature=0, compile=compile),
+                    *R.generate_text(m, ids, mask, eos_id=-1, pad_id=PAD, n=2, max_new_tokens=20, temperature=0,
+                                     compile=compile)) for compile in (False, True)]
+            # bf16: inductor's fused kernels round otherwise, and a tiny random model's argmax may flip
+            assert all(torch.equal(a, b) if not autocast else a.shape == b.shape for a, b in zip(*out)), w
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 def test_sampling_draws_what_torch_multinomial_draws():
