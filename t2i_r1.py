@@ -279,8 +279,12 @@ def decode_fn(step, compile, device):
 
 
 def _more_recompiles(compiled, *args):
-    with torch._dynamo.config.patch(recompile_limit=64):
+    with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 64}):
         return compiled(*args)
+
+
+# dynamo's setting was called cache_size_limit before torch renamed it (both names work on 2.13)
+_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def bucket_width(T: int) -> int:
