@@ -24,6 +24,7 @@ Departures from the reference code:
 
 import argparse
 import contextlib
+import fcntl
 import inspect
 import json
 import os
@@ -799,6 +800,27 @@ def to_original_key(key: str):
                     key = key.replace(a, b)
             break
     return key
+
+
+def lock_folder(folder, script):
+    """An exclusive lock on folder/{script}.lock, held while the returned file is open, so that two runs of a
+    script never write one folder at once. flock's lock goes with the process: a crashed or killed run leaves
+    nothing stuck."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, f"{script}.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ValueError(f"{folder} is in use by another {script}.py process (pid {pid}): two runs in one folder "
+                         f"would interleave their outputs") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def check_finite_weight(t: torch.Tensor, key, file):

@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 import rewards
 import shapes
 import t2i_r1 as R
-from model import HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, write_json
+from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, lock_folder,
+                   write_json)
 
 
 def read_prompts(path):
@@ -292,18 +293,14 @@ def build_parser():
 
 def check_inputs(args, settings):
     """Every command-line input, checked before any model loads (a problem is one usage error naming it).
-    Returns the prompt items, the reward ensemble (None without --rewards) and the files an earlier run left in
-    --out (to remove under --overwrite)."""
+    Returns the prompt items and the reward ensemble (None without --rewards)."""
     if args.n < 1 or args.rollout_batch < 1:
         raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
     settings.check()
     default_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    old = sample_files(args.out)
-    if old and not args.overwrite:
-        raise ValueError(f"{args.out} already holds samples ({len(old)} files, e.g. {old[0]}): --overwrite replaces "
-                         f"them, or choose another --out")
+    refuse_old_samples(args)
     if args.ckpt is not None:
         args.ckpt = os.path.expanduser(args.ckpt)
         load_config(args.ckpt)
@@ -323,7 +320,16 @@ def check_inputs(args, settings):
         scorer.check_metadata(items)
         for line in scorer.unchecked_report(items):
             print(line)
-    return items, scorer, old
+    return items, scorer
+
+
+def refuse_old_samples(args) -> list:
+    """The samples an earlier run left in --out: an error unless --overwrite, which main then removes."""
+    old = sample_files(args.out)
+    if old and not args.overwrite:
+        raise ValueError(f"{args.out} already holds samples ({len(old)} files, e.g. {old[0]}): --overwrite replaces "
+                         f"them, or choose another --out")
+    return old
 
 
 def main(argv=None):
@@ -331,7 +337,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     settings = R.SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(R.SamplingConfig)})
     try:  # every input is checked before the model is loaded (or the shapes base pretrained)
-        items, scorer, old = check_inputs(args, settings)
+        items, scorer = check_inputs(args, settings)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
@@ -348,7 +354,14 @@ def main(argv=None):
     janus = Janus.from_pretrained(ckpt, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
     for line in vocabulary_warnings(tok, items):
         print(line)
-    os.makedirs(args.out, exist_ok=True)
+    lock = None
+    try:  # one sample.py per folder (model.lock_folder), and --out looked at again under the lock
+        lock = lock_folder(args.out, "sample")
+        old = refuse_old_samples(args)
+    except ValueError as e:
+        if lock is not None:
+            lock.close()
+        p.error(str(e))
     for name in old:  # --overwrite: none of the last run's images stays among the new ones
         os.remove(os.path.join(args.out, name))
     recorded = {**{k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")},
@@ -379,6 +392,7 @@ def main(argv=None):
     if len(records) <= 256:  # one captioned overview: a row per prompt, its plans and scores under the images
         save_png(make_grid(images.numpy(), ncol=args.n, captions=[caption(r) for r in records]),
                  os.path.join(args.out, "grid.png"))
+    lock.close()
     return records
 
 

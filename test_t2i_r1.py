@@ -2911,6 +2911,10 @@ def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_
     assert "already holds samples" in err and "--overwrite" in err
     SA.main(args + ["--overwrite"])  # one image now: none of the three earlier ones stays beside it
     assert sorted(p.name for p in (tmp_path / "a").glob("0000_*.png")) == ["0000_0.png"]
+    lock = M.lock_folder(str(tmp_path / "b"), "sample")  # another sample.py writing there
+    err = cli_error(SA.main, args[:-1] + [str(tmp_path / "b")], capsys, "sample.py")
+    assert "in use by another sample.py process" in err and str(os.getpid()) in err
+    lock.close()
     (tmp_path / "p.txt").write_bytes(b"a red circle\na blue \xff square\n")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "p.txt")) + r":2: not UTF-8 .*0xff at column 8"):
         SA.read_prompts(str(tmp_path / "p.txt"))
@@ -3225,12 +3229,12 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_one_leaves_no_lo
     import subprocess
     import sys
     out = tmp_path / "run"
-    lock = T.lock_run_folder(str(out))  # another process's lock (flock locks are per open file)
+    lock = M.lock_folder(str(out), "train")  # another process's lock (flock locks are per open file)
     err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
     assert "in use by another train.py process" in err and str(os.getpid()) in err
     lock.close()
     # a process killed while holding the lock leaves the folder free
-    code = f"import os, train; train.lock_run_folder({str(out)!r}); os.kill(os.getpid(), 9)"
+    code = f"import os, model; model.lock_folder({str(out)!r}, 'train'); os.kill(os.getpid(), 9)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(T.__file__)).returncode == -9
     T.main(train_args(random_base, out, "--steps", "1"))
     assert (out / "ckpt" / "train_state.pt").exists()

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import datetime
 import errno
-import fcntl
 import functools
 import json
 import math
@@ -50,8 +49,8 @@ import rewards
 import sample as S
 import shapes
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, read_json,
-                   save_like, write_json)
+from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, lock_folder,
+                   read_json, save_like, write_json)
 
 
 @dataclass
@@ -231,30 +230,10 @@ def resume_changes(cfg: TrainConfig) -> dict:
     return {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
 
 
-def lock_run_folder(out):
-    """An exclusive lock on out/train.lock, held while the returned file is open. flock's lock goes with the
-    process: a crashed or killed run leaves nothing stuck."""
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, "train.lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise ValueError(f"{out} is in use by another train.py process (pid {pid}): two runs in one folder would "
-                         f"interleave their metrics and checkpoints") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
 def claim_run_folder(cfg: TrainConfig):
     """On the first process: lock out/, check it again under the lock, and with --overwrite delete the run
     there. Returns the lock (close it to release)."""
-    lock = lock_run_folder(cfg.out)
+    lock = lock_folder(cfg.out, "train")
     try:
         check_run_folder(cfg)
         if cfg.overwrite:
