@@ -39,32 +39,27 @@ def read_prompts(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found")
     out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                 f"convert the file to UTF-8") from None
-            if not line:
-                continue
-            if not line.startswith("{"):
-                out.append({"prompt": line})
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
-                raise ValueError(f"{path}:{n}: a JSON line needs a non-empty \"prompt\" string")
-            try:
-                if "include" in d or "exclude" in d:
-                    rewards.check_geneval_metadata(d)
-                elif "task_type" in d or "nouns" in d:  # a T2I-R1 row
-                    d = {**d, **(rewards.from_t2i_r1(d) or {})}
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            out.append(d)
+    for n, line in R.utf8_lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("{"):
+            out.append({"prompt": line})
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+        if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
+            raise ValueError(f"{path}:{n}: a JSON line needs a non-empty \"prompt\" string")
+        try:
+            if "include" in d or "exclude" in d:
+                rewards.check_geneval_metadata(d)
+            elif "task_type" in d or "nouns" in d:  # a T2I-R1 row
+                d = {**d, **(rewards.from_t2i_r1(d) or {})}
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        out.append(d)
     if not out:
         raise ValueError(f"prompt file {path} holds no prompts")
     return out

@@ -46,6 +46,18 @@ REASONING_PROMPT = (
 PLACEHOLDERS = ("{prompt}", "{}")  # ours, and T2I-R1's (it fills its template with str.format(prompt))
 
 
+def utf8_lines(path):
+    """(line number, text without its newline) for each line of a UTF-8 text file; a byte that is not UTF-8 is
+    a ValueError naming the file, the line and the column."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"convert the file to UTF-8") from None
+
+
 def load_reasoning_prompt(path=None, ckpt=None) -> str:
     """The reasoning template: an explicit file, else the checkpoint's own `reasoning_prompt.txt`, else ours.
     The template holds the prompt's place with {prompt} or, as T2I-R1's file does, with {}."""
@@ -57,8 +69,7 @@ def load_reasoning_prompt(path=None, ckpt=None) -> str:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reasoning prompt file {path} not found")
-    with open(path) as f:
-        text = f.read().strip()  # T2I-R1 strips the filled request too, so edges never matter
+    text = "\n".join(line for _, line in utf8_lines(path)).strip()  # T2I-R1 strips the filled request too
     found = [p for p in PLACEHOLDERS if p in text]
     if len(found) != 1:
         raise ValueError(f"reasoning prompt file {path} must hold the prompt's place with exactly one kind of "

@@ -3819,6 +3819,9 @@ def test_janus_pro_recipe_starts_on_t2i_r1_file_with_hps_and_geneval(random_base
     assert "unknown reward 'hsp'" in cli_error(T.main, bad + ["--rewards", "hsp"], capsys, "train.py")
     assert "reasoning prompt file" in cli_error(T.main, bad + ["--reasoning-prompt", str(tmp_path / "x.txt")],
                                                  capsys, "train.py")
+    (tmp_path / "latin1.txt").write_bytes(b"Plan the image of\n{prompt} \xe9tape par \xe9tape\n")
+    assert re.search(re.escape(str(tmp_path / "latin1.txt")) + r":2: not UTF-8 text \(byte 0xe9 at column 10\)",
+                     cli_error(T.main, bad + ["--reasoning-prompt", str(tmp_path / "latin1.txt")], capsys, "train.py"))
     assert not out.exists()
 
 
