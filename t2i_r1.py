@@ -289,13 +289,13 @@ def decode_fn(step, compile, device):
     return _compiled[key]
 
 
+# dynamo's setting was called cache_size_limit before torch renamed it (both names work on 2.13)
+_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def _more_recompiles(compiled, *args):
     with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 64}):
         return compiled(*args)
-
-
-# dynamo's setting was called cache_size_limit before torch renamed it (both names work on 2.13)
-_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def bucket_width(T: int) -> int:
@@ -356,10 +356,12 @@ def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *
     T = ids.shape[1]
     h, cache, full_mask = prefill(janus, ids, mask, steps)
     logits = first_logits(h[:, -1])
-    if n > 1:  # one prefill, n samples (a static cache repeats the rows as it copies them)
-        cache = cache if static else cache.repeat_rows(n)
+    if static:  # into the held buffers, each row repeated for its n samples as it is copied
+        cache = static_cache(cache, n)
+    elif n > 1:  # one prefill, n samples
+        cache = cache.repeat_rows(n)
+    if n > 1:
         full_mask, logits = full_mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
-    cache = static_cache(cache, n) if static else cache
     lengths = full_mask[:, :T].sum(1, keepdim=True)  # (R*n, 1) real prompt lengths: the rotary positions
     first_slot = torch.full((1,), T, device=ids.device)  # filled there: a copy from the host would wait for it
     compiled = decode_fn(step_fn, compile, ids.device)
