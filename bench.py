@@ -11,7 +11,7 @@
 
 Speed compares, in one run and on one machine: our sampler eager, with the compiled decode step, eager
 with every linear layer pinned to one CPU matmul kernel (F.linear: nn.Linear's own, MKL's x W^T; "W x^T";
-oneDNN: see model.Linear), and without the KV cache (the whole sequence recomputed every step, timed over
+oneDNN: see kernels.Linear), and without the KV cache (the whole sequence recomputed every step, timed over
 the first --nocache-tokens tokens only, since it slows down further on), plus transformers' Janus image
 generation with --hf. Each column is warmed up once, then the columns run in turn --repeats times and the
 best run counts, so that other work on the machine slows every column alike. It also prints the bandwidth
@@ -42,6 +42,8 @@ import time
 
 import torch
 
+import checkpoints as C
+import kernels as K
 import model as M
 import shapes
 import t2i_r1 as R
@@ -63,15 +65,15 @@ def write_random_checkpoint(cfg, folder, dtype=torch.bfloat16, weights="bin", sh
         sizes = {k: v.shape for k, v in M.Janus(cfg).state_dict().items()}
     state = {k: torch.empty(s, dtype=dtype).normal_(0, 0.02) for k, s in sizes.items()}
     os.makedirs(folder, exist_ok=True)
-    M.save_state_dict(state, folder, weights=weights, shards=shards)
-    M.write_json(os.path.join(folder, "config.json"), M.config_to_dict(cfg, dtype))
+    C.save_state_dict(state, folder, weights=weights, shards=shards)
+    C.write_json(os.path.join(folder, "config.json"), C.config_to_dict(cfg, dtype))
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def load_child(folder, dtype):
     """Runs in a fresh process: load, touch every weight with a forward pass, report peak RSS."""
     t0 = time.time()
-    m = M.Janus.from_pretrained(folder, device="cpu", dtype=getattr(torch, dtype))
+    m = C.from_pretrained(folder, device="cpu", dtype=getattr(torch, dtype))
     t_load = time.time() - t0
     rss_after_load = peak_rss_gb()
     with torch.no_grad():  # touch every weight: a memory-mapped tensor is only read on use
@@ -88,7 +90,7 @@ def bench_load(args):
         print(f"writing random {args.preset} weights (bf16, {args.shards} .bin shards) to {folder} ...", flush=True)
         total = write_random_checkpoint(cfg, folder, shards=args.shards)
     else:
-        total = sum(os.path.getsize(f) for f in M.weight_files(folder))
+        total = sum(os.path.getsize(f) for f in C.weight_files(folder))
     out = subprocess.run([sys.executable, __file__, "load-child", folder, args.dtype],
                          capture_output=True, text=True, check=True).stdout
     res = dict(kv.split("=") for kv in out.split("RESULT ")[1].split())
@@ -145,7 +147,7 @@ def build_hf(cfg, vocab_size):
                                                     tie_word_embeddings=False)).eval()
     folder = tempfile.mkdtemp(prefix="hf-janus-")
     ref.save_pretrained(folder)
-    ours = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    ours = C.from_pretrained(folder, device="cpu", dtype=torch.float32)
     shutil.rmtree(folder)
     return ref, ours
 
@@ -187,16 +189,16 @@ def device_name(device) -> str:
 
 @contextlib.contextmanager
 def cpu_kernel(kernel):
-    """Pin every model.Linear on CPU to one matmul kernel (None: each picks its own, as in normal use)."""
-    old = M.CPU_KERNEL
-    M.CPU_KERNEL = kernel
+    """Pin every kernels.Linear on CPU to one matmul kernel (None: each picks its own, as in normal use)."""
+    old = K.CPU_KERNEL
+    K.CPU_KERNEL = kernel
     try:
         yield
     finally:
-        M.CPU_KERNEL = old
+        K.CPU_KERNEL = old
 
 
-# speed modes that pin model.Linear's CPU kernel; "F.linear" is nn.Linear's own (MKL's GEMM as x W^T)
+# speed modes that pin kernels.Linear's CPU kernel; "F.linear" is nn.Linear's own (MKL's GEMM as x W^T)
 PINNED = {"F.linear": "x W^T", "W x^T": "W x^T", "oneDNN": "oneDNN"}
 
 
@@ -416,7 +418,7 @@ def train_column(preset, device, lora_rank, *, steps, group_size, prompts_per_st
 def time_steps(ckpt, *flags):
     """train.py from ckpt with these flags, quietly, in a temporary folder, no evaluation, samples or periodic
     checkpoints -> (its config, mean seconds per step, of which rollout) over the steps after the first (a
-    warm-up that also measures model.Linear's kernels), unless there is only one."""
+    warm-up that also measures kernels.Linear's kernels), unless there is only one."""
     with tempfile.TemporaryDirectory(prefix="bench-run-") as out:
         cfg = T.parse_args(["--ckpt", ckpt, "--out", out, "--eval-every", "0", "--sample-every", "0",
                             "--save-every", "0", *flags])
@@ -486,12 +488,12 @@ def bench_rl(args):
     """Seconds per BiCoT-GRPO step of train.py with its own defaults on a shapes-world base (its tokenizer, the
     shapes training prompts, the exact `shapes` reward), split into rollout (sampling, VQ decoding, rewards) and
     update (reference log-probs, policy forward and backward, AdamW). The first step is not counted: it also
-    measures model.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
+    measures kernels.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
     after the last step's clock stops."""
     base = args.ckpt or shapes.ensure_base()
     # train.py's defaults: the shapes training prompts, no evaluation sets for a named checkpoint
     cfg, sec, roll = time_steps(base, "--steps", str(args.steps))
-    mc = M.load_config(base)
+    mc = C.load_config(base)
     print(f"\n| base | G x prompts | CPU | s / step | rollout (s) | update (s) |\n|---|---|---|---|---|---|\n"
           f"| {mc.n_layer} layers x {mc.n_embd} | {cfg.group_size} x {cfg.prompts_per_step} "
           f"| {cpu_name()} | {sec:.3f} | {roll:.3f} | {sec - roll:.3f} |")

@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 import rewards
 import shapes
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, lock_folder,
-                   write_json)
+from checkpoints import atomic, from_pretrained, load_config, lock_folder, write_json
+from model import HelpFormatter, Tokenizer, config_flags, default_device
 
 
 def read_prompts(path):
@@ -346,11 +346,11 @@ def main(argv=None):
         check_lengths(tok, items, settings, reasoning, load_config(ckpt), cot=args.levels != "token")
     except ValueError as e:
         p.error(str(e))
-    janus = Janus.from_pretrained(ckpt, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
+    janus = from_pretrained(ckpt, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
     for line in vocabulary_warnings(tok, items):
         print(line)
     lock = None
-    try:  # one sample.py per folder (model.lock_folder), and --out looked at again under the lock
+    try:  # one sample.py per folder (checkpoints.lock_folder), and --out looked at again under the lock
         lock = lock_folder(args.out, "sample")
         old = refuse_old_samples(args)
     except ValueError as e:

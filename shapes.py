@@ -11,7 +11,7 @@ end to end on a world we fully control:
   render exactly and degrades gracefully on the blurry, colour-drifted images a small VQ decoder produces.
 
 The GenEval rule engine that turns detections + metadata into a reward lives in rewards.py, not here.
-Importing this file registers the reward `shapes` (GenEval's rules on this detector) in rewards.REWARDS.
+Its reward, `shapes` (GenEval's rules on this detector), is listed in rewards.REWARDS by this module's name.
 
 Departures from GenEval: six colours, not ten (pink is red mixed with the light background, i.e. what a
 blurred red edge looks like; brown is a dark orange of the same hue; black and white have no hue and white
@@ -38,8 +38,9 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import rewards
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, default_device, image_prompt,
-                   load_config, read_json, write_json)
+from checkpoints import from_pretrained, load_config, read_json, save_pretrained, write_json
+from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, default_device,
+                   image_prompt)
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -551,9 +552,6 @@ class ShapesReward(rewards.RuleReward):
                                 metadata)
 
 
-rewards.REWARDS["shapes"] = ShapesReward
-
-
 # -----------------------------------------------------------------------------
 # The tiny base: a VQ, a word-level tokenizer and a small Janus, pretrained on rendered scenes.
 # Everything is the real machinery (vq.VQModel, model.Janus, model.Tokenizer, saved with save_pretrained),
@@ -785,7 +783,7 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     tok = Tokenizer(os.path.join(tmp, "tokenizer.json"))
     data = [(meta, plan, cd.tolist()) for (meta, plan, _), cd in zip(scenes, codes)]
     janus, lm_losses = train_janus(c, tok, vq, data, log)
-    janus.save_pretrained(tmp, tokenizer=tok)
+    save_pretrained(janus, tmp, tokenizer=tok)
     with open(os.path.join(tmp, "reasoning_prompt.txt"), "w") as f:
         f.write(REASONING_TEMPLATE + "\n")
     write_json(os.path.join(tmp, "pretrain.json"), {
@@ -867,10 +865,10 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
     images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
     default, as train.py and sample.py sample), and how closely the images follow their plans (plan_following)
-    for the true plans and the base's own. device, dtype: as Janus.from_pretrained's. Returns {row name: summary
+    for the true plans and the base's own. device, dtype: as checkpoints.from_pretrained's. Returns {row name: summary
     with "per_tag" and "overall"}. Progress lines on stderr inside the rows that sample."""
     import sample  # sample.py imports this file: imported here, not at the top
-    janus, tok = Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
+    janus, tok = from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
     settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
     rng = np.random.default_rng(seed)

@@ -274,7 +274,7 @@ def decode_fn(step, compile, device):
     run compiles and records a handful of graphs. On CPU the attended length (kv_len) stays symbolic
     (dynamic=True), so one graph serves every position and skips the empty tail of the cache as eager
     steps do. The samplers run their first step eagerly even when compiling: on CPU that step measures
-    the linear layers' matmul kernels (model.Linear), which the compiled graph then takes."""
+    the linear layers' matmul kernels (kernels.Linear), which the compiled graph then takes."""
     if not compile:
         return step
     backend = "inductor" if compile is True else compile

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+import checkpoints as C
+import kernels as K
 import model as M
+import reward_models as RM
 import rewards as RW
 import shapes as S
 import t2i_r1 as R
@@ -226,15 +229,15 @@ def test_checkpoint_layouts_reload_identically(tmp_path, layout):
         state = dict(m.state_dict())
         state["vision_model.vision_tower.pos_embed"] = torch.zeros(1, 4, 8)
         state["aligner.layers.0.weight"] = torch.zeros(8, 8)
-        M.save_state_dict(state, tmp_path, weights="bin")
-        (tmp_path / "config.json").write_text(json.dumps(M.config_to_dict(m.cfg)))
+        C.save_state_dict(state, tmp_path, weights="bin")
+        (tmp_path / "config.json").write_text(json.dumps(C.config_to_dict(m.cfg)))
     else:
         weights, _, sharded = layout.partition("-")
-        m.save_pretrained(tmp_path, weights=weights, shards=3 if sharded else 1)
+        C.save_pretrained(m, tmp_path, weights=weights, shards=3 if sharded else 1)
         if sharded:
             assert len(list(tmp_path.glob("*-of-00003.*"))) == 3
             assert list(tmp_path.glob("*.index.json"))
-    m2 = M.Janus.from_pretrained(tmp_path, device="cpu")
+    m2 = C.from_pretrained(tmp_path, device="cpu")
     assert m2.cfg == m.cfg
     for a, b in zip(want, outputs(m2)):
         assert torch.equal(a, b)
@@ -242,18 +245,18 @@ def test_checkpoint_layouts_reload_identically(tmp_path, layout):
 
 def test_bf16_checkpoint_loads_in_requested_dtype(tmp_path):
     m = tiny_model().to(torch.bfloat16)
-    m.save_pretrained(tmp_path, weights="bin")
+    C.save_pretrained(m, tmp_path, weights="bin")
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert next(iter(torch.load(tmp_path / "pytorch_model.bin").values())).dtype == torch.bfloat16
-    m32 = M.Janus.from_pretrained(tmp_path, device="cpu")  # CPU default: float32
+    m32 = C.from_pretrained(tmp_path, device="cpu")  # CPU default: float32
     assert all(p.dtype == torch.float32 for p in m32.parameters())
-    m16 = M.Janus.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
+    m16 = C.from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16)
     sd = m.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in m16.state_dict().items())
 
 
 def test_saved_config_is_the_published_layout(tmp_path):
-    d = M.config_to_dict(M.preset("janus-pro-7b"))
+    d = C.config_to_dict(M.preset("janus-pro-7b"))
     assert d["gen_vision_config"] == {"cls": "VQ-16", "model_type": "gen_vision",
                                       "params": {"image_token_size": 16384, "n_embed": 8}}
     assert d["language_config"]["hidden_size"] == 4096 and d["gen_head_config"]["params"]["n_embed"] == 4096
@@ -261,16 +264,16 @@ def test_saved_config_is_the_published_layout(tmp_path):
     partial = {"language_config": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
                                    "intermediate_size": 176, "vocab_size": 300},
                "gen_vision_config": {"cls": "VQ-16", "params": {"image_token_size": 16384, "n_embed": 8}}}
-    cfg = M.config_from_dict(partial)
+    cfg = C.config_from_dict(partial)
     assert (cfg.n_kv_head, cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (4, 10000.0, 1e-6, False)
     assert cfg.vq == V.VQConfig() and cfg.image_tokens == 576
     partial["gen_vision_config"]["params"].update(image_size=64, ch=32, encoder_ch_mult=[1, 2, 2, 4],
                                                   decoder_ch_mult=[1, 2, 2, 4], num_res_blocks=1)
-    cfg = M.config_from_dict(partial)
+    cfg = C.config_from_dict(partial)
     assert cfg.image_tokens == 64 and cfg.vq.ch == 32 and cfg.vq.z_channels == 256
-    assert M.config_from_dict(M.config_to_dict(cfg)) == cfg
+    assert C.config_from_dict(C.config_to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match="rope_scaling"):
-        M.config_from_dict({"language_config": {"rope_scaling": {"type": "linear", "factor": 2.0}}})
+        C.config_from_dict({"language_config": {"rope_scaling": {"type": "linear", "factor": 2.0}}})
 
 
 def test_presets_have_the_published_keys_and_shapes():
@@ -290,16 +293,16 @@ def test_presets_have_the_published_keys_and_shapes():
     assert not any(k.startswith(("vision_model.", "aligner.")) for k in sd)
 
 
-@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+@pytest.mark.parametrize("kernel", [None, *K.CPU_KERNELS])
 def test_linear_cpu_kernels_equal_f_linear(monkeypatch, kernel):
-    """Every CPU matmul kernel of model.Linear (pinned, or None: the measured choice) gives F.linear's values
+    """Every CPU matmul kernel of kernels.Linear (pinned, or None: the measured choice) gives F.linear's values
     and gradients to float rounding, for decode-sized and larger inputs, with and without autograd."""
-    if kernel == "oneDNN" and not M.ONEDNN:
+    if kernel == "oneDNN" and not K.ONEDNN:
         pytest.skip("oneDNN's matmul is not available here")
-    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
+    monkeypatch.setattr(K, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
     for bias in (False, True):
-        lin = M.Linear(48, 80, bias=bias)
+        lin = K.Linear(48, 80, bias=bias)
         for shape in [(2, 1, 48), (5, 48), (0, 3, 48), (1, 64, 48), (3, 30, 48), (48,)]:
             x = torch.randn(shape)
             with torch.no_grad():
@@ -321,39 +324,39 @@ def test_linear_takes_the_measured_kernel_once_per_shape(monkeypatch):
     """A decode-sized call without autograd takes the kernel measure_kernels finds fastest (oneDNN when another
     is less than 10% faster), measured once per (out, in, rows); calls under autograd and large calls are
     not measured."""
-    calls, measure = [], M.measure_kernels
+    calls, measure = [], K.measure_kernels
     timings = [{"x W^T": 3.0, "W x^T": 1.0, "oneDNN": 2.0}, {"x W^T": 1.0, "W x^T": 2.0},
                {"x W^T": 0.95, "W x^T": 2.0, "oneDNN": 1.0}]
     def fake_measure(x, w, b):
         calls.append(x.numel() // x.shape[-1])
         return timings[len(calls) - 1]
-    monkeypatch.setattr(M, "measure_kernels", fake_measure)
-    monkeypatch.setattr(M, "_fastest", {})
-    monkeypatch.setattr(M, "CPU_KERNEL", None)
-    lin = M.Linear(48, 80)
+    monkeypatch.setattr(K, "measure_kernels", fake_measure)
+    monkeypatch.setattr(K, "_fastest", {})
+    monkeypatch.setattr(K, "CPU_KERNEL", None)
+    lin = K.Linear(48, 80)
     with torch.no_grad():
         for shape in [(2, 1, 48), (2, 48), (4, 48), (6, 48), (64, 48)]:
             assert lin(torch.randn(shape)).shape == shape[:-1] + (80,)
     assert calls == [2, 4, 6]
-    assert M._fastest == {(80, 48, 2, torch.float32): "W x^T", (80, 48, 4, torch.float32): "x W^T",
+    assert K._fastest == {(80, 48, 2, torch.float32): "W x^T", (80, 48, 4, torch.float32): "x W^T",
                           (80, 48, 6, torch.float32): "oneDNN"}
     lin(torch.randn(3, 48)).sum().backward()  # autograd: not measured
     assert calls == [2, 4, 6]
     # the real measurement times every kernel available here
     times = measure(torch.randn(2, 48), lin.weight, lin.bias, tries=2)
-    assert set(times) == {k for k in M.CPU_KERNELS if k != "oneDNN" or M.ONEDNN} and min(times.values()) > 0
+    assert set(times) == {k for k in K.CPU_KERNELS if k != "oneDNN" or K.ONEDNN} and min(times.values()) > 0
 
 
-@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+@pytest.mark.parametrize("kernel", [None, *K.CPU_KERNELS])
 def test_linear_computes_in_bf16_under_cpu_autocast_whatever_its_kernel(monkeypatch, kernel):
-    """Under CPU autocast model.Linear computes in bf16 and returns bf16, as F.linear does and as every layer does
+    """Under CPU autocast kernels.Linear computes in bf16 and returns bf16, as F.linear does and as every layer does
     on a GPU, with any kernel pinned or measured, with and without autograd; its oneDNN kernel, which autocast
     does not know, returned float32 there."""
-    if kernel == "oneDNN" and not M.ONEDNN:
+    if kernel == "oneDNN" and not K.ONEDNN:
         pytest.skip("oneDNN's matmul is not available here")
-    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
+    monkeypatch.setattr(K, "CPU_KERNEL", kernel)
     torch.manual_seed(0)
-    lin = M.Linear(256, 512)
+    lin = K.Linear(256, 512)
     for shape in [(2, 256), (64, 256)]:  # a decode step's rows (measured kernel), and a prefill's
         x = torch.randn(shape)
         want = F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16())
@@ -484,18 +487,18 @@ def test_vq_shapes_range_and_quantizer():
 
 def write_tiny(tmp_path, weights="safetensors", shards=1):
     m = tiny_model()
-    m.save_pretrained(tmp_path, weights=weights, shards=shards)
+    C.save_pretrained(m, tmp_path, weights=weights, shards=shards)
     return m
 
 
 def test_home_relative_paths_load_as_written_in_a_shell(tmp_path, monkeypatch):
-    """Janus.from_pretrained("~/models/...") and the tokenizer expand ~, as README's snippets write them."""
+    """checkpoints.from_pretrained("~/models/...") and the tokenizer expand ~, as README's snippets write them."""
     monkeypatch.setenv("HOME", str(tmp_path))
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path / "models" / "tiny")
-    m.save_pretrained("~/models/tiny", tokenizer=tok)
+    C.save_pretrained(m, "~/models/tiny", tokenizer=tok)
     assert (tmp_path / "models" / "tiny" / "model.safetensors").exists()
-    again = M.Janus.from_pretrained("~/models/tiny", device="cpu")
+    again = C.from_pretrained("~/models/tiny", device="cpu")
     assert torch.equal(again.language_model.lm_head.weight, m.language_model.lm_head.weight)
     assert M.Tokenizer.from_pretrained("~/models/tiny").vocab_size == tok.vocab_size
 
@@ -503,27 +506,27 @@ def test_home_relative_paths_load_as_written_in_a_shell(tmp_path, monkeypatch):
 def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
     # no folder, no config, no weights
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        M.Janus.from_pretrained(tmp_path / "nope")
+        C.from_pretrained(tmp_path / "nope")
     (tmp_path / "a").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        M.Janus.from_pretrained(tmp_path / "a")
-    (tmp_path / "a" / "config.json").write_text(json.dumps(M.config_to_dict(tiny_cfg())))
+        C.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(C.config_to_dict(tiny_cfg())))
     with pytest.raises(FileNotFoundError, match="expected one of model.safetensors"):
-        M.Janus.from_pretrained(tmp_path / "a")
+        C.from_pretrained(tmp_path / "a")
     # a shard named by the index is missing
     d = tmp_path / "b"
     write_tiny(d, weights="bin", shards=2)
     os.remove(d / "pytorch_model-00002-of-00002.bin")
     with pytest.raises(FileNotFoundError, match="pytorch_model-00002-of-00002.bin"):
-        M.Janus.from_pretrained(d)
+        C.from_pretrained(d)
     # truncated downloads, both formats
     for weights, name in [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")]:
         d = tmp_path / f"trunc-{weights}"
         write_tiny(d, weights=weights)
         data = (d / name).read_bytes()
         (d / name).write_bytes(data[: len(data) // 2])
-        with pytest.raises(M.CheckpointError, match=f"could not read .*{name}"):
-            M.Janus.from_pretrained(d)
+        with pytest.raises(C.CheckpointError, match=f"could not read .*{name}"):
+            C.from_pretrained(d)
     # missing, unexpected and mis-shaped keys: one error listing all of them, naming the file
     d = tmp_path / "keys"
     m = write_tiny(d, weights="bin")
@@ -532,8 +535,8 @@ def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
     state["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(3)
     state["gen_embed.weight"] = torch.zeros(5, 8)
     torch.save(state, d / "pytorch_model.bin")
-    with pytest.raises(M.CheckpointError) as e:
-        M.Janus.from_pretrained(d)
+    with pytest.raises(C.CheckpointError) as e:
+        C.from_pretrained(d)
     msg = str(e.value)
     assert "pytorch_model.bin" in msg and "config.json" in msg
     assert "missing (2)" in msg and "gen_head.vision_head.bias" in msg and "gen_embed.weight" in msg
@@ -542,12 +545,12 @@ def test_bad_checkpoints_fail_with_clear_errors(tmp_path):
     # a config that does not describe the weights
     d = tmp_path / "cfg"
     write_tiny(d)
-    (d / "config.json").write_text(json.dumps(M.config_to_dict(tiny_cfg(n_embd=32, intermediate_size=88))))
-    with pytest.raises(M.CheckpointError, match="mis-shaped"):
-        M.Janus.from_pretrained(d)
+    (d / "config.json").write_text(json.dumps(C.config_to_dict(tiny_cfg(n_embd=32, intermediate_size=88))))
+    with pytest.raises(C.CheckpointError, match="mis-shaped"):
+        C.from_pretrained(d)
     (d / "config.json").write_text("{not json")
-    with pytest.raises(M.CheckpointError, match="not valid JSON"):
-        M.Janus.from_pretrained(d)
+    with pytest.raises(C.CheckpointError, match="not valid JSON"):
+        C.from_pretrained(d)
 
 
 @pytest.mark.parametrize("key", ["gen_vision_model.decoder.conv_out.weight", "language_model.model.layers.1.mlp.up_proj.weight"])
@@ -557,9 +560,9 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, key)
     m = tiny_model()
     with torch.no_grad():
         m.state_dict()[key].view(-1)[3] = float("inf" if "vision" in key else "nan")
-    m.save_pretrained(tmp_path)
-    with pytest.raises(M.CheckpointError, match=r"model.safetensors: tensor " + re.escape(key) + " holds 1 non-finite"):
-        M.Janus.from_pretrained(tmp_path)
+    C.save_pretrained(m, tmp_path)
+    with pytest.raises(C.CheckpointError, match=r"model.safetensors: tensor " + re.escape(key) + " holds 1 non-finite"):
+        C.from_pretrained(tmp_path)
 
 
 def test_tokenizer_one_bos_special_tokens_and_chat_format(tmp_path):
@@ -575,7 +578,7 @@ def test_tokenizer_one_bos_special_tokens_and_chat_format(tmp_path):
     img = tok.encode(M.image_prompt("a red circle"))
     assert img[-1] == tok.boi_id and img[0] == tok.bos_id
     (tmp_path / "copy").mkdir()
-    tok.save(tmp_path / "copy")
+    C.save_tokenizer(tok, tmp_path / "copy")
     assert M.Tokenizer.from_pretrained(tmp_path / "copy").encode("a photo") == tok.encode("a photo")
     # a tokenizer without the special tokens is refused by name
     from tokenizers import Tokenizer as HFTokenizer, models
@@ -622,14 +625,14 @@ def tiny_hf_janus(noise, vocab_size=300, **vision):
     return ref
 
 
-@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+@pytest.mark.parametrize("kernel", [None, *K.CPU_KERNELS])
 def test_matches_transformers_janus(tmp_path, monkeypatch, kernel):
-    if kernel == "oneDNN" and not M.ONEDNN:
+    if kernel == "oneDNN" and not K.ONEDNN:
         pytest.skip("oneDNN's matmul is not available here")
-    monkeypatch.setattr(M, "CPU_KERNEL", kernel)  # None: as in normal use; else every linear layer pinned
+    monkeypatch.setattr(K, "CPU_KERNEL", kernel)  # None: as in normal use; else every linear layer pinned
     ref = tiny_hf_janus(0.05, image_size=64)
     ref.save_pretrained(tmp_path)
-    ours = M.Janus.from_pretrained(tmp_path, device="cpu")
+    ours = C.from_pretrained(tmp_path, device="cpu")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 300, (2, 7), generator=g)
     codes = torch.randint(0, 64, (2, ours.cfg.image_tokens), generator=g)
@@ -665,7 +668,7 @@ def test_matches_deepseek_janus(tmp_path):
                     "--vq-image-rand", "64", "--gen-ids", ",".join(map(str, prompt)), "--n-tokens", "24",
                     "--cfg", "5", "--temperature", "0"], check=True, capture_output=True)
     d = torch.load(dump)
-    m = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    m = C.from_pretrained(folder, device="cpu", dtype=torch.float32)
     f = d["forward"]
     with torch.no_grad():
         h = m(torch.cat([m.embed_text(f["ids"][None]), m.embed_image(f["image_tokens"][None])], 1))[0]
@@ -781,9 +784,9 @@ def test_seeds_reproduce_and_differ():
 def test_compiled_decode_step_equals_eager(monkeypatch, kernel):
     """The compiled steps (one graph for every position on CPU) sample what the eager ones sample, also
     with the linear layers pinned to oneDNN, which a graph calls through an op of our own."""
-    if kernel == "oneDNN" and not M.ONEDNN:
+    if kernel == "oneDNN" and not K.ONEDNN:
         pytest.skip("oneDNN's matmul is not available here")
-    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
+    monkeypatch.setattr(K, "CPU_KERNEL", kernel)
     torch._dynamo.reset()
     m = tiny_model()
     prompts = image_prompts(m, lengths=(6, 8))
@@ -1090,7 +1093,7 @@ def test_group_advantages():
         a = R.group_advantages(rewards, G)
         assert a[:G].eq(0).all(), (v, G, a[:G])
         assert a[G:].ne(0).all() and a.dtype == torch.float32
-        combined = RW.combine_rewards({"r": rewards}, {"r": 1.0}, "group", group_size=G)
+        combined = T.combined_reward({"r": rewards}, {"r": 1.0}, "group", group_size=G)
         assert combined[:G].eq(0).all(), (v, G, combined[:G])
     assert R.group_advantages(torch.tensor([3.0, 4.0]), 1).eq(0).all()
     with pytest.raises(ValueError, match=r"non-finite rewards at samples \[1\]"):
@@ -1226,7 +1229,7 @@ def _tiny_cfg(**kw):
     base = dict(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
                 vision_mlp=64, vocab_size=_VOCAB, context_length=77, text_width=24, text_layers=2, text_heads=2,
                 text_mlp=48, act="quick_gelu")
-    return RW.CLIPConfig(**{**base, **kw})
+    return RM.CLIPConfig(**{**base, **kw})
 
 
 def _hf_config(c, model_type="clip"):
@@ -1282,7 +1285,7 @@ def _to_openclip(sd, c):
 
 
 def _clip_sd(c, seed=0, logit_scale=math.log(100.0)):
-    sd = _random_state(RW.CLIP(c), seed)
+    sd = _random_state(RM.CLIP(c), seed)
     sd["logit_scale"] = torch.tensor(logit_scale)
     return sd
 
@@ -1298,7 +1301,7 @@ def _meta(n, prompt="a photo of a cat"):
 
 def test_clip_tokenizer_small_vocab(tmp_path):
     _write_vocab(tmp_path)
-    tok = RW.CLIPTokenizer.from_folder(str(tmp_path))
+    tok = RM.CLIPTokenizer.from_folder(str(tmp_path))
     ids = tok(["a photo of a cat", "  A PHOTO\tof a  Cat "])
     expect = [_SOT, 320, 515, 516, 320, 518, _EOT]  # a</w>, photo</w>, of</w>, a</w>, cat</w>
     assert ids.shape == (2, 77)
@@ -1306,7 +1309,7 @@ def test_clip_tokenizer_small_vocab(tmp_path):
     assert ids[1, :7].tolist() == expect  # lowercase and whitespace clean-up
     long = tok(["cat " * 200])[0]
     assert long[0] == _SOT and long[-1] == _EOT and long[1:-1].eq(518).all()  # truncated, EOT kept last
-    owl = RW.CLIPTokenizer.from_folder(str(tmp_path), context_length=16)
+    owl = RM.CLIPTokenizer.from_folder(str(tmp_path), context_length=16)
     assert owl(["a cat"]).shape == (1, 16) and owl(["a cat"])[0, 4:].eq(0).all()  # OWL-ViT: 16, padded with 0
 
 
@@ -1314,7 +1317,7 @@ def test_clip_tokenizer_matches_transformers(tmp_path):
     transformers = reference_transformers()
     _write_vocab(tmp_path)
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
-    ours = RW.CLIPTokenizer.from_folder(str(tmp_path))
+    ours = RM.CLIPTokenizer.from_folder(str(tmp_path))
     for text in ["a photo of a cat", "Photo OF cats!! don't 42", "héllo wörld\n\tphoto", "cat, cat; cat.", "🐱 of"]:
         want = ref(text)["input_ids"]
         assert ours([text])[0, :len(want)].tolist() == want, text
@@ -1333,7 +1336,7 @@ def test_clip_tokenizer_published_ids():
     path = _published_bpe()
     if path is None:
         pytest.skip("published CLIP BPE (open_clip's bpe_simple_vocab_16e6.txt.gz) not found; set T2I_R1_CLIP_BPE")
-    tok = RW.CLIPTokenizer.from_folder(os.path.dirname(path))
+    tok = RM.CLIPTokenizer.from_folder(os.path.dirname(path))
     assert tok(["a photo of a cat"])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]
 
 
@@ -1344,17 +1347,17 @@ def test_openclip_and_hf_layouts_give_same_embeddings(tmp_path):
     torch.save({"state_dict": _to_openclip(sd, c), "epoch": 3}, tmp_path / "openclip.pt")
     # old HF repos ship pytorch_model.bin, sometimes with position_ids buffers
     torch.save({**sd, "text_model.embeddings.position_ids": torch.arange(77)[None]}, tmp_path / "pytorch_model.bin")
-    hf = RW.load_clip(str(tmp_path / "hf" / "model.safetensors"), c)
-    oc = RW.load_clip(str(tmp_path / "openclip.pt"), c)
-    bin_ = RW.load_clip(str(tmp_path / "pytorch_model.bin"), c)
-    ids = RW.CLIPTokenizer.from_folder(str(tmp_path / "hf"))(["a photo of a cat", "photo"])
+    hf = RM.load_clip(str(tmp_path / "hf" / "model.safetensors"), c)
+    oc = RM.load_clip(str(tmp_path / "openclip.pt"), c)
+    bin_ = RM.load_clip(str(tmp_path / "pytorch_model.bin"), c)
+    ids = RM.CLIPTokenizer.from_folder(str(tmp_path / "hf"))(["a photo of a cat", "photo"])
     px = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(hf.encode_text(ids), oc.encode_text(ids), atol=1e-5)
         assert torch.allclose(hf.encode_image(px), oc.encode_image(px), atol=1e-5)
         assert torch.equal(hf.encode_image(px), bin_.encode_image(px))
         # and the weights are really used: a different seed gives different embeddings
-        other = RW.load_clip(str(tmp_path / "hf" / "model.safetensors"), c)
+        other = RM.load_clip(str(tmp_path / "hf" / "model.safetensors"), c)
         other.visual_projection.weight.mul_(-1)
         assert not torch.allclose(hf.encode_image(px), other.encode_image(px))
 
@@ -1364,21 +1367,21 @@ def test_non_finite_reward_weights_are_refused_at_load_naming_the_tensor(tmp_pat
     sd = _clip_sd(c)
     sd["visual_projection.weight"][0, 1] = float("nan")
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"model.safetensors: tensor visual_projection.weight holds 1 non-finite"):
-        RW.load_clip(str(tmp_path / "model.safetensors"), c)
+    with pytest.raises(C.CheckpointError, match=r"model.safetensors: tensor visual_projection.weight holds 1 non-finite"):
+        RM.load_clip(str(tmp_path / "model.safetensors"), c)
 
 
 def test_config_from_hf_fills_published_defaults():
     # google/owlvit-base-patch32's config.json leaves most sizes to transformers' defaults
-    c = RW.config_from_hf({"model_type": "owlvit", "projection_dim": 512, "text_config": {"max_length": 16},
+    c = RM.config_from_hf({"model_type": "owlvit", "projection_dim": 512, "text_config": {"max_length": 16},
                           "vision_config": {}})
-    assert c == RW.PRESETS["owlvit-base-patch32"]
-    c = RW.config_from_hf({"model_type": "clip", "projection_dim": 1024,
+    assert c == RM.PRESETS["owlvit-base-patch32"]
+    c = RM.config_from_hf({"model_type": "clip", "projection_dim": 1024,
                           "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
                                           "num_hidden_layers": 24, "hidden_act": "gelu"},
                           "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16,
                                             "num_hidden_layers": 32, "patch_size": 14, "hidden_act": "gelu"}})
-    assert c == RW.PRESETS["vit-h-14"]
+    assert c == RM.PRESETS["vit-h-14"]
 
 
 def test_wrong_keys_error_lists_them_and_names_file(tmp_path):
@@ -1390,7 +1393,7 @@ def test_wrong_keys_error_lists_them_and_names_file(tmp_path):
     sd["text_projection.weight"] = torch.zeros(5, 5)
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError) as e:
-        RW.load_clip(str(tmp_path / "model.safetensors"), c)
+        RM.load_clip(str(tmp_path / "model.safetensors"), c)
     msg = str(e.value)
     assert "model.safetensors" in msg and "vision_model.post_layernorm.bias" in msg
     assert "vision_model.extra_head.weight" in msg and "text_projection.weight" in msg
@@ -1418,7 +1421,7 @@ def _reward_folders(tmp_path):
         head[f"layers.{k}.bias"] = torch.randn(o, generator=g) * 0.1
     torch.save(head, tmp_path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth")
     owl_c = _tiny_cfg(image_size=64, patch_size=32, context_length=16, text_width=16)
-    sd = _random_state(RW.OwlViT(owl_c), seed=4)
+    sd = _random_state(RM.OwlViT(owl_c), seed=4)
     sd = {k.replace(".pre_layrnorm.", ".pre_layernorm."): v for k, v in sd.items()}  # OWL-ViT's spelling
     _write_hf_clip(tmp_path / "owlvit", owl_c, sd, model_type="owlvit")
     return {k: str(tmp_path / v) for k, v in
@@ -1507,18 +1510,18 @@ def test_weight_file_path_and_bad_images(tmp_path):
 def test_preprocessing_geometry():
     img = np.zeros((50, 100, 3), np.uint8)
     img[:, :50] = 255  # left half white
-    x = RW.hps_preprocess([img], size=20)  # long side 100 -> 20: a 10 x 20 image padded 5 rows top and bottom
-    black = (0 - torch.tensor(RW.CLIP_MEAN)) / torch.tensor(RW.CLIP_STD)
-    white = (1 - torch.tensor(RW.CLIP_MEAN)) / torch.tensor(RW.CLIP_STD)
+    x = RM.hps_preprocess([img], size=20)  # long side 100 -> 20: a 10 x 20 image padded 5 rows top and bottom
+    black = (0 - torch.tensor(RM.CLIP_MEAN)) / torch.tensor(RM.CLIP_STD)
+    white = (1 - torch.tensor(RM.CLIP_MEAN)) / torch.tensor(RM.CLIP_STD)
     assert x.shape == (1, 3, 20, 20)
     assert torch.allclose(x[0, :, :5].mean((1, 2)), black, atol=1e-5)
     assert torch.allclose(x[0, :, 15:].mean((1, 2)), black, atol=1e-5)
     assert torch.allclose(x[0, :, 6:14, :8].mean((1, 2)), white, atol=0.05)
-    y = RW.clip_preprocess([img], size=20)  # short side 50 -> 20 (40 wide), centre crop keeps x 10..30 of 40
+    y = RM.clip_preprocess([img], size=20)  # short side 50 -> 20 (40 wide), centre crop keeps x 10..30 of 40
     assert y.shape == (1, 3, 20, 20)
     assert torch.allclose(y[0, :, :, :8].mean((1, 2)), white, atol=0.05)
     assert torch.allclose(y[0, :, :, 12:].mean((1, 2)), black, atol=0.05)
-    z = RW.owlvit_preprocess([img], size=20)  # plain resize: left half stays white
+    z = RM.owlvit_preprocess([img], size=20)  # plain resize: left half stays white
     assert torch.allclose(z[0, :, :, :9].mean((1, 2)), white, atol=0.05)
 
 
@@ -1540,7 +1543,7 @@ def _planted_owlvit(folder, k=5.0, box_logits=None):
     constant chosen so that the box of patch (row 1, col 2) is exactly that patch."""
     c = _tiny_cfg(image_size=96, patch_size=32, vision_width=4, vision_layers=1, vision_heads=1, vision_mlp=4,
                   context_length=16, text_width=16)
-    sd = _random_state(RW.OwlViT(c), seed=5)
+    sd = _random_state(RM.OwlViT(c), seed=5)
     v = "owlvit.vision_model."
     zero = lambda *names: [sd.__setitem__(n, torch.zeros_like(sd[n])) for n in names]
     w = torch.zeros(4, 3, 32, 32)
@@ -1621,9 +1624,9 @@ def test_owlvit_matches_transformers(tmp_path):
             p.add_(torch.randn_like(p) * 0.1)  # LayerNorms and biases off their init values too
     ref.save_pretrained(str(tmp_path))
     _write_vocab(tmp_path)
-    c = RW.read_config(str(tmp_path), "owlvit-base-patch32")
-    ours = RW.load_owlvit(str(tmp_path / "model.safetensors"), c)
-    ids = RW.CLIPTokenizer.from_folder(str(tmp_path), 16)(["a photo of a cat", "a photo of", "cat"])
+    c = RM.read_config(str(tmp_path), "owlvit-base-patch32")
+    ours = RM.load_owlvit(str(tmp_path / "model.safetensors"), c)
+    ids = RM.CLIPTokenizer.from_folder(str(tmp_path), 16)(["a photo of a cat", "a photo of", "cat"])
     px = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         out = ref(input_ids=ids.repeat(2, 1), pixel_values=px, attention_mask=(ids > 0).long().repeat(2, 1))
@@ -1647,9 +1650,9 @@ def test_clip_matches_transformers(tmp_path):
             for p in ref.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
         ref.save_pretrained(str(tmp_path / act))
-        ours = RW.load_clip(str(tmp_path / act / "model.safetensors"), RW.read_config(str(tmp_path / act), "tiny"))
+        ours = RM.load_clip(str(tmp_path / act / "model.safetensors"), RM.read_config(str(tmp_path / act), "tiny"))
         _write_vocab(tmp_path / act)
-        ids = RW.CLIPTokenizer.from_folder(str(tmp_path / act))(["a photo of a cat", "cat"])
+        ids = RM.CLIPTokenizer.from_folder(str(tmp_path / act))(["a photo of a cat", "cat"])
         px = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             t = ref.get_text_features(input_ids=ids)
@@ -1668,29 +1671,29 @@ def test_presets_match_transformers_trees():
                                        **kw)
     cases = [("clip-vit-large-patch14", transformers.CLIPModel, transformers.CLIPConfig(
                  text_config=tc(768, 3072, 12, 12), vision_config=tc(1024, 4096, 16, 24, patch_size=14),
-                 projection_dim=768), RW.CLIP),
+                 projection_dim=768), RM.CLIP),
              ("vit-h-14", transformers.CLIPModel, transformers.CLIPConfig(
                  text_config=tc(1024, 4096, 16, 24, hidden_act="gelu"),
-                 vision_config=tc(1280, 5120, 16, 32, patch_size=14, hidden_act="gelu"), projection_dim=1024), RW.CLIP),
-             ("owlvit-base-patch32", transformers.OwlViTForObjectDetection, transformers.OwlViTConfig(), RW.OwlViT)]
+                 vision_config=tc(1280, 5120, 16, 32, patch_size=14, hidden_act="gelu"), projection_dim=1024), RM.CLIP),
+             ("owlvit-base-patch32", transformers.OwlViTForObjectDetection, transformers.OwlViTConfig(), RM.OwlViT)]
     for name, ref_cls, cfg, ours_cls in cases:
         with torch.device("meta"):
-            ref, ours = ref_cls(cfg), ours_cls(RW.PRESETS[name])
+            ref, ours = ref_cls(cfg), ours_cls(RM.PRESETS[name])
         want = {k.replace(".pre_layernorm.", ".pre_layrnorm."): tuple(v.shape) for k, v in ref.state_dict().items()
                 if not k.endswith(("position_ids", "box_bias"))}
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want, name
-        assert RW.config_from_hf(cfg.to_dict()) == RW.PRESETS[name], name
+        assert RM.config_from_hf(cfg.to_dict()) == RM.PRESETS[name], name
 
 
 def test_iou_and_nms():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 5], [20, 20, 30, 30]], dtype=torch.float)
-    iou = RW.box_iou(boxes[:1], boxes)[0]
+    iou = RM.box_iou(boxes[:1], boxes)[0]
     assert torch.allclose(iou, torch.tensor([1.0, 90 / 110, 0.5, 0.0]))
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    assert RW.nms(boxes, scores, 0.5).tolist() == [0, 2, 3]  # box 1 overlaps box 0 by 0.82; box 2 by exactly 0.5
-    assert RW.nms(boxes, torch.tensor([0.5, 0.9, 0.7, 0.6]), 0.5).tolist() == [1, 2, 3]
-    assert RW.nms(boxes, scores, 0.45).tolist() == [0, 3]
-    assert RW.nms(boxes[:0], scores[:0]).tolist() == []
+    assert RM.nms(boxes, scores, 0.5).tolist() == [0, 2, 3]  # box 1 overlaps box 0 by 0.82; box 2 by exactly 0.5
+    assert RM.nms(boxes, torch.tensor([0.5, 0.9, 0.7, 0.6]), 0.5).tolist() == [1, 2, 3]
+    assert RM.nms(boxes, scores, 0.45).tolist() == [0, 3]
+    assert RM.nms(boxes[:0], scores[:0]).tolist() == []
 
 
 def _det(cls, box, score=0.9, color=None):
@@ -1815,7 +1818,7 @@ class _ColorStubCLIP:
         return torch.tensor([self.RGB[RW.GENEVAL_COLORS[i]] for i in ids[:, 0].tolist()]) - 0.5
 
     def encode_image(self, pixels):
-        rgb = pixels * torch.tensor(RW.CLIP_STD).view(1, 3, 1, 1) + torch.tensor(RW.CLIP_MEAN).view(1, 3, 1, 1)
+        rgb = pixels * torch.tensor(RM.CLIP_STD).view(1, 3, 1, 1) + torch.tensor(RM.CLIP_MEAN).view(1, 3, 1, 1)
         return rgb.mean((2, 3)) - 0.5
 
 
@@ -1881,20 +1884,20 @@ def test_reward_args_parsing():
 def test_combine_sum_and_group():
     s = {"a": torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), "b": torch.tensor([0.0, 0.0, 10.0, 1.0, 2.0, 3.0])}
     w = {"a": 1.0, "b": 0.5}
-    assert torch.allclose(RW.combine_rewards(s, w, "sum"), torch.tensor([1.0, 2.0, 8.0, 5.5, 6.0, 6.5]))
-    g = RW.combine_rewards(s, w, "group", group_size=3)
+    assert torch.allclose(T.combined_reward(s, w, "sum"), torch.tensor([1.0, 2.0, 8.0, 5.5, 6.0, 6.5]))
+    g = T.combined_reward(s, w, "group", group_size=3)
     # group 1: a -> (-1, 0, 1) / (1 + 1e-4); b: mean 10/3, unbiased std 5.7735
     # group 2: a equal -> 0 (no NaN); b -> (-1, 0, 1) / (1 + 1e-4)
     bstd = math.sqrt(((10 / 3) ** 2 * 2 + (20 / 3) ** 2) / 2)
     want = [-1 / 1.0001 + 0.5 * (-10 / 3) / (bstd + 1e-4), 0.5 * (-10 / 3) / (bstd + 1e-4),
             1 / 1.0001 + 0.5 * (20 / 3) / (bstd + 1e-4), -0.5 / 1.0001, 0.0, 0.5 / 1.0001]
     assert torch.allclose(g, torch.tensor(want), atol=1e-5)
-    same = RW.combine_rewards({"a": torch.full((4,), 7.0)}, {"a": 1.0}, "group", group_size=2)
+    same = T.combined_reward({"a": torch.full((4,), 7.0)}, {"a": 1.0}, "group", group_size=2)
     assert torch.equal(same, torch.zeros(4))
     with pytest.raises(ValueError, match="group_size"):
-        RW.combine_rewards(s, w, "group", group_size=4)
+        T.combined_reward(s, w, "group", group_size=4)
     with pytest.raises(ValueError, match="group_size"):
-        RW.combine_rewards(s, w, "group")
+        T.combined_reward(s, w, "group")
 
 
 def test_diversity():
@@ -1965,7 +1968,7 @@ _GIT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "?", "p
 
 
 def _tiny_git_cfg(image_size=32):
-    return RW.GITConfig(image_size=image_size, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
+    return RM.GITConfig(image_size=image_size, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
                         vision_mlp=64, vocab_size=len(_GIT_WORDS), width=48, layers=2, heads=4, mlp=96, max_positions=32)
 
 
@@ -1982,7 +1985,7 @@ def _git_config_json(c):  # transformers' GitConfig names, written by hand
 def _write_git_folder(folder, c, sd=None, seed=0):
     """A tiny GIT folder in the published layout; sd defaults to random weights (norms and biases random too)."""
     os.makedirs(folder, exist_ok=True)
-    sd = _random_state(RW.GIT(c), seed) if sd is None else sd
+    sd = _random_state(RM.GIT(c), seed) if sd is None else sd
     n_img = (c.image_size // c.patch_size) ** 2 + 1
     buffers = {"git.embeddings.position_ids": torch.arange(c.max_positions)[None],
                "git.image_encoder.vision_model.embeddings.position_ids": torch.arange(n_img)[None]}
@@ -1993,7 +1996,7 @@ def _write_git_folder(folder, c, sd=None, seed=0):
         f.write("\n".join(_GIT_WORDS) + "\n")
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
         json.dump({"crop_size": {"height": c.image_size, "width": c.image_size}, "do_center_crop": True,
-                   "image_mean": list(RW.CLIP_MEAN), "image_std": list(RW.CLIP_STD), "resample": 3,
+                   "image_mean": list(RM.CLIP_MEAN), "image_std": list(RM.CLIP_STD), "resample": 3,
                    "image_processor_type": "CLIPImageProcessor", "processor_class": "GitProcessor",
                    "size": {"shortest_edge": c.image_size}}, f)
     return str(folder)
@@ -2013,7 +2016,7 @@ def test_git_matches_transformers(tmp_path):
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # LayerNorms and biases off their init values too
     ref.save_pretrained(str(tmp_path / "st"))  # model.safetensors + config.json
-    c = RW.git_config_from_hf(json.loads((tmp_path / "st" / "config.json").read_text()))
+    c = RM.git_config_from_hf(json.loads((tmp_path / "st" / "config.json").read_text()))
     assert c == _tiny_git_cfg()
     _write_git_folder(tmp_path / "bin", c, {k: v for k, v in ref.state_dict().items() if "position_ids" not in k})
     ids = torch.tensor([[2, 8, 9, 7], [2, 10, 11, 12]])  # [CLS] purple elephant ? / [CLS] blue teddy bear
@@ -2021,7 +2024,7 @@ def test_git_matches_transformers(tmp_path):
     with torch.no_grad():
         want = ref(input_ids=ids, pixel_values=px).logits  # (2, 17 image tokens + 4, vocab)
         for weights in (tmp_path / "st" / "model.safetensors", tmp_path / "bin" / "pytorch_model.bin"):
-            got = RW.load_git(str(weights), c)(px, ids)
+            got = RM.load_git(str(weights), c)(px, ids)
             err = (got - want).abs().max().item()
             print(f"\nGIT vs transformers ({weights.name}): logits max abs err {err:.2e}")
             assert got.shape == want.shape and err <= 1e-4
@@ -2036,12 +2039,12 @@ def test_git_presets_match_transformers_trees():
     for name, vc in vision.items():
         cfg = transformers.GitConfig(vision_config=vc)
         with torch.device("meta"):
-            ref, ours = transformers.GitForCausalLM(cfg), RW.GIT(RW.GIT_PRESETS[name])
+            ref, ours = transformers.GitForCausalLM(cfg), RM.GIT(RM.GIT_PRESETS[name])
         want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want, name
-        assert RW.git_config_from_hf(cfg.to_dict()) == RW.GIT_PRESETS[name], name
-        assert RW.git_config_from_hf({"model_type": "git", "vision_config": vc}) == RW.GIT_PRESETS[name], name
-    n = sum(v.numel() for v in RW.GIT(RW.GIT_PRESETS["git-large-vqav2"]).state_dict().values())
+        assert RM.git_config_from_hf(cfg.to_dict()) == RM.GIT_PRESETS[name], name
+        assert RM.git_config_from_hf({"model_type": "git", "vision_config": vc}) == RM.GIT_PRESETS[name], name
+    n = sum(v.numel() for v in RM.GIT(RM.GIT_PRESETS["git-large-vqav2"]).state_dict().values())
     assert 394e6 < n < 396e6  # 1.58 GB of float32, the published file's size
 
 
@@ -2049,34 +2052,34 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
     transformers = reference_transformers()
     folder = _write_git_folder(tmp_path / "git", _tiny_git_cfg())
     ref = transformers.BertTokenizer(os.path.join(folder, "vocab.txt"))
-    ours = RW.WordPieceTokenizer(folder)
+    ours = RM.WordPieceTokenizer(folder)
     for text in ["purple elephant?", "Blue  Teddy bears?", "wooden desk", "a photo of a zébra?", "unknownword?"]:
         assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
     assert ours.cls == 2 and ours.word_id("yes") == 5 and ours.word_id("no") == 6
     fast = transformers.BertTokenizerFast(os.path.join(folder, "vocab.txt"))
     fast.save_pretrained(str(tmp_path / "fast"))  # tokenizer.json, as published beside vocab.txt
-    assert RW.WordPieceTokenizer(str(tmp_path / "fast")).encode("Blue teddy bears?") == [10, 11, 12, 27, 7]
+    assert RM.WordPieceTokenizer(str(tmp_path / "fast")).encode("Blue teddy bears?") == [10, 11, 12, 27, 7]
     with pytest.raises(ValueError, match="'teddy bear' is 2 tokens"):
         ours.word_id("teddy bear")
     # the published preprocessing: resize the short side, centre crop, CLIP's mean and std
-    prep = RW.git_preprocessing(folder, _tiny_git_cfg())
-    assert prep == dict(size=32, crop=32, mean=RW.CLIP_MEAN, std=RW.CLIP_STD, floor_offset=True)
+    prep = RM.git_preprocessing(folder, _tiny_git_cfg())
+    assert prep == dict(size=32, crop=32, mean=RM.CLIP_MEAN, std=RM.CLIP_STD, floor_offset=True)
     img = _images(1, 48)
-    assert torch.equal(RW.clip_preprocess(img, **prep), RW.clip_preprocess(img, 32))
+    assert torch.equal(RM.clip_preprocess(img, **prep), RM.clip_preprocess(img, 32))
     # a resize larger than the crop, on a non-square image, as transformers' CLIPImageProcessor (PIL backend)
     conf = {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}, "resample": 3,
             "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]}
     (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
-    prep = RW.git_preprocessing(folder, _tiny_git_cfg())
+    prep = RM.git_preprocessing(folder, _tiny_git_cfg())
     wide = np.random.RandomState(0).randint(0, 256, (48, 64, 3)).astype(np.uint8)
     processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(**conf)
     want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
-    err = (RW.clip_preprocess(wide[None], **prep) - want).abs().max().item()
+    err = (RM.clip_preprocess(wide[None], **prep) - want).abs().max().item()
     print(f"\nGIT preprocessing vs transformers' CLIPImageProcessor: max abs err {err:.2e}")
     assert err < 1e-5
     (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps({"crop_size": 224, "size": 224}))
     with pytest.raises(ValueError, match="preprocessor_config.json: expected .* crop of the ViT's 32 px"):
-        RW.git_preprocessing(folder, _tiny_git_cfg())
+        RM.git_preprocessing(folder, _tiny_git_cfg())
     # files are checked when the reward is built, naming the file and where to get it
     os.remove(tmp_path / "git" / "vocab.txt")
     with pytest.raises(FileNotFoundError, match=r"git: tokenizer.json or vocab.txt not found in .*git-large-vqav2"):
@@ -2085,7 +2088,7 @@ def test_git_tokenizer_matches_transformers_bert_and_files_are_checked(tmp_path)
         RW.RewardEnsemble({"git": 1.0}, {}, device="cpu")
     bad = json.loads((tmp_path / "git" / "config.json").read_text()) | {"num_image_with_embedding": 6}
     with pytest.raises(ValueError, match="config.json: not a single-image GIT"):
-        RW.git_config_from_hf(bad, "config.json")
+        RM.git_config_from_hf(bad, "config.json")
     (tmp_path / "git" / "vocab.txt").write_text("\n".join(_GIT_WORDS))
     (tmp_path / "git" / "config.json").write_text("{")
     with pytest.raises(ValueError, match=r"git/config.json is not valid JSON"):
@@ -2101,19 +2104,19 @@ def test_git_preprocessing_crops_where_clip_image_processor_does(tmp_path):
     (tmp_path / "git" / "preprocessor_config.json").write_text(json.dumps(conf))
     wide = np.random.RandomState(1).randint(0, 256, (48, 64, 3)).astype(np.uint8)
     processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)(
-        **conf, image_mean=list(RW.CLIP_MEAN), image_std=list(RW.CLIP_STD))
+        **conf, image_mean=list(RM.CLIP_MEAN), image_std=list(RM.CLIP_STD))
     want = processor(images=Image.fromarray(wide), return_tensors="pt").pixel_values
-    got = RW.clip_preprocess(wide[None], **RW.git_preprocessing(folder, _tiny_git_cfg(image_size=30)))
+    got = RM.clip_preprocess(wide[None], **RM.git_preprocessing(folder, _tiny_git_cfg(image_size=30)))
     assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5
 
 
 def test_git_config_refuses_a_vision_activation_it_does_not_build():
     good = _git_config_json(_tiny_git_cfg())
-    assert RW.git_config_from_hf(good | {"vision_config": good["vision_config"] | {"hidden_act": "gelu"}}).vision_act \
+    assert RM.git_config_from_hf(good | {"vision_config": good["vision_config"] | {"hidden_act": "gelu"}}).vision_act \
         == "gelu"
     bad = good | {"vision_config": good["vision_config"] | {"hidden_act": "relu"}}
     with pytest.raises(ValueError, match="git/config.json: .*vision hidden_act 'relu'"):
-        RW.git_config_from_hf(bad, "git/config.json")
+        RM.git_config_from_hf(bad, "git/config.json")
 
 
 def test_git_questions_follow_t2i_r1():
@@ -2136,7 +2139,7 @@ def test_git_questions_follow_t2i_r1():
 def _planted_git(folder, yes_logit, no_logit):
     """A tiny GIT whose output layer ignores the hidden state for 'yes' and 'no': their logits are biases."""
     c = _tiny_git_cfg()
-    sd = _random_state(RW.GIT(c), seed=3)
+    sd = _random_state(RM.GIT(c), seed=3)
     sd["output.weight"][[5, 6]] = 0.0
     sd["output.bias"][5], sd["output.bias"][6] = yes_logit, no_logit
     return _write_git_folder(folder, c, sd)
@@ -2159,12 +2162,12 @@ def test_git_reward_is_yes_over_yes_plus_no_as_t2i_r1_computes_it_with_transform
     reward = RW.GitVQA({"git": folder}, device="cpu")
     images = _images(len(rows), 40)
     scores, info = reward(images, rows)
-    tok = RW.WordPieceTokenizer(folder)
+    tok = RM.WordPieceTokenizer(folder)
     for i, r in enumerate(rows):
         qs = RW.git_questions(r)[0]
         if not qs:
             continue
-        px = RW.clip_preprocess(images[i:i + 1], 32)
+        px = RM.clip_preprocess(images[i:i + 1], 32)
         ps = []
         for q in qs:
             with torch.no_grad():
@@ -2650,6 +2653,18 @@ def test_shapes_detect_batch_api():
         S.detect(images[0].astype(np.float32))
 
 
+def test_shapes_reward_found_without_importing_shapes():
+    """--rewards shapes works in a process that imported rewards alone: the registry names the module."""
+    import subprocess
+    import sys
+    code = ("import sys, rewards; assert 'shapes' not in sys.modules; print(rewards.parse_rewards('shapes'), "
+            "rewards.reward_class('shapes').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["{'shapes':", "1.0}", "ShapesReward"]
+
+
 def test_shapes_reward_uses_shapes_detect(monkeypatch):
     calls = []
 
@@ -2658,7 +2673,7 @@ def test_shapes_reward_uses_shapes_detect(monkeypatch):
         return [_det("circle", (0, 0, 4, 4), 1.0, "red"), _det("square", (10, 0, 14, 4), 1.0, "blue")]
 
     monkeypatch.setattr(S, "detect", detect)
-    assert RW.REWARDS["shapes"] is S.ShapesReward  # importing shapes registers its reward
+    assert RW.reward_class("shapes") is S.ShapesReward
     reward = RW.RewardEnsemble({"shapes": 1.0}, {}).rewards["shapes"]
     meta = [{"tag": "position", "include": [{"class": "square", "count": 1},
                                             {"class": "circle", "count": 1, "color": "red",
@@ -2689,7 +2704,7 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     folder = tmp_path / "base"
     assert {"config.json", "model.safetensors", "tokenizer.json", "reasoning_prompt.txt"} <= set(os.listdir(folder))
     assert not (tmp_path / "base.tmp").exists()
-    janus, tok = M.Janus.from_pretrained(str(folder)), M.Tokenizer.from_pretrained(str(folder))
+    janus, tok = C.from_pretrained(str(folder)), M.Tokenizer.from_pretrained(str(folder))
     assert janus.cfg.vq.image_size == 64 and janus.cfg.image_tokens == 64 and janus.cfg.vq.codebook_size == 128
     reasoning = R.load_reasoning_prompt(ckpt=str(folder))
     assert reasoning == S.REASONING_TEMPLATE
@@ -2717,7 +2732,7 @@ def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
     assert record["config"] == asdict(S.PretrainConfig())
     assert record["vq_encode_accuracy"] == 1.0
     assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) < 10 * 2**20
-    janus, tok = M.Janus.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
+    janus, tok = C.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
     assert janus.cfg.n_layer == S.PretrainConfig().n_layer and janus.cfg.n_embd == S.PretrainConfig().n_embd
     assert R.default_chat_format(folder) == "janus"
     assert S.ensure_base() == folder  # train.py and sample.py use it without pretraining
@@ -2803,11 +2818,11 @@ def test_shapes_diagnose_checks_its_flags_first(tmp_path, capsys):
 def test_shapes_diagnose_runs_in_bf16_with_every_tensor_on_the_models_device(monkeypatch):
     """diagnose on the model's device and dtype: its generator, prompts and images were made on the CPU (on_device:
     a GPU run's stray tensors are caught on the CPU)."""
-    load = M.Janus.from_pretrained
+    load = C.from_pretrained
     def load_unchecked(*a, **k):  # loading builds the model on "meta" on purpose
         with torch.device("cpu"), torch.utils._python_dispatch._disable_current_modes():
             return load(*a, **k)
-    monkeypatch.setattr(M.Janus, "from_pretrained", staticmethod(load_unchecked))
+    monkeypatch.setattr(S, "from_pretrained", load_unchecked)
     items = S.prompt_sets()[2][:2]
     lines = []
     rows = on_device(S.diagnose)(S.BASE_DIR, items, n=2, device="cpu", dtype=torch.bfloat16, log=lines.append)
@@ -2870,7 +2885,7 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
     import sample as S
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path / "ckpt")
-    m.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    C.save_pretrained(m, tmp_path / "ckpt", tokenizer=tok)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "colors"}\n\na blue square\n')
     args = ["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--n", "2",
             "--rollout-batch", "1", "--max-plan-tokens", "4", "--seed", "7"]
@@ -2903,7 +2918,7 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
 def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_bytes(tmp_path, capsys):
     import sample as SA
     m = tiny_model()
-    m.save_pretrained(tmp_path / "ckpt", tokenizer=make_word_tokenizer(tmp_path / "ckpt"))
+    C.save_pretrained(m, tmp_path / "ckpt", tokenizer=make_word_tokenizer(tmp_path / "ckpt"))
     args = ["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--n", "1", "--max-plan-tokens", "2",
             "--out", str(tmp_path / "a")]
     SA.main(args + ["--n", "3"])
@@ -2911,7 +2926,7 @@ def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_
     assert "already holds samples" in err and "--overwrite" in err
     SA.main(args + ["--overwrite"])  # one image now: none of the three earlier ones stays beside it
     assert sorted(p.name for p in (tmp_path / "a").glob("0000_*.png")) == ["0000_0.png"]
-    lock = M.lock_folder(str(tmp_path / "b"), "sample")  # another sample.py writing there
+    lock = C.lock_folder(str(tmp_path / "b"), "sample")  # another sample.py writing there
     err = cli_error(SA.main, args[:-1] + [str(tmp_path / "b")], capsys, "sample.py")
     assert "in use by another sample.py process" in err and str(os.getpid()) in err
     lock.close()
@@ -2920,14 +2935,14 @@ def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_
         SA.read_prompts(str(tmp_path / "p.txt"))
 
 
-@pytest.mark.parametrize("kernel", [None, *M.CPU_KERNELS])
+@pytest.mark.parametrize("kernel", [None, *K.CPU_KERNELS])
 def test_sample_matches_transformers_janus_generate(tmp_path, monkeypatch, kernel):
     """`sample.py --levels token --temperature 0 --cfg 5` gives exactly the image tokens of transformers' Janus
     `generate` in image mode (guidance 5, greedy), on the same random weights, whichever CPU matmul kernel
-    model.Linear takes."""
-    if kernel == "oneDNN" and not M.ONEDNN:
+    kernels.Linear takes."""
+    if kernel == "oneDNN" and not K.ONEDNN:
         pytest.skip("oneDNN's matmul is not available here")
-    monkeypatch.setattr(M, "CPU_KERNEL", kernel)
+    monkeypatch.setattr(K, "CPU_KERNEL", kernel)
     # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
     ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
     from transformers import GenerationConfig
@@ -3090,7 +3105,7 @@ def random_base(tmp_path_factory):
         for w in (m.gen_aligner.layers[0].weight, m.gen_aligner.layers[2].weight,
                   m.gen_head.output_mlp_projector.weight, m.gen_head.vision_head.weight):
             w.normal_(0, w.shape[1] ** -0.5)
-    m.save_pretrained(folder, tokenizer=tok)
+    C.save_pretrained(m, folder, tokenizer=tok)
     (folder / "reasoning_prompt.txt").write_text(S.REASONING_TEMPLATE)
     return str(folder)
 
@@ -3146,7 +3161,7 @@ def test_resume_continues_to_the_same_parameters(random_base, redness, tmp_path)
     T.train(T.parse_args(["--out", str(tmp_path / "b"), "--resume", "--steps", "4"]), **quiet)
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    base = M.Janus.from_pretrained(random_base).state_dict()
+    base = C.from_pretrained(random_base).state_dict()
     assert not torch.equal(a["language_model.model.layers.0.mlp.up_proj.weight"],
                            base["language_model.model.layers.0.mlp.up_proj.weight"])
     # the VQ and the image embedding/head stay frozen, as in T2I-R1
@@ -3158,7 +3173,7 @@ def test_resume_continues_to_the_same_parameters(random_base, redness, tmp_path)
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness, tmp_path, monkeypatch):
     quiet = dict(log=lambda *a, **k: None)
-    real, calls = M.write_tensors, []
+    real, calls = C.write_tensors, []
     def dying_save(state, path):  # the second save dies half-way through writing its weights
         calls.append(path)
         if len(calls) == 2:
@@ -3166,13 +3181,13 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(random_base, redness
                 f.write(b"partial")
             raise KeyboardInterrupt("killed while saving")
         return real(state, path)
-    monkeypatch.setattr(M, "write_tensors", dying_save)
+    monkeypatch.setattr(C, "write_tensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
         T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "4", "--save-every", "2")), **quiet)
-    monkeypatch.setattr(M, "write_tensors", real)
+    monkeypatch.setattr(C, "write_tensors", real)
     ckpt = T.last_checkpoint(str(tmp_path / "run"))
     assert ckpt.endswith("ckpt")
-    M.Janus.from_pretrained(ckpt)  # loads: the half-written one never replaced it
+    C.from_pretrained(ckpt)  # loads: the half-written one never replaced it
     assert torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)["step"] == 2
     T.train(T.parse_args(["--out", str(tmp_path / "run"), "--resume"]), **quiet)
     T.train(T.parse_args(train_args(random_base, tmp_path / "ref", "--steps", "4", "--save-every", "2")), **quiet)
@@ -3229,12 +3244,12 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_one_leaves_no_lo
     import subprocess
     import sys
     out = tmp_path / "run"
-    lock = M.lock_folder(str(out), "train")  # another process's lock (flock locks are per open file)
+    lock = C.lock_folder(str(out), "train")  # another process's lock (flock locks are per open file)
     err = cli_error(T.main, train_args(random_base, out, "--steps", "1"), capsys, "train.py")
     assert "in use by another train.py process" in err and str(os.getpid()) in err
     lock.close()
     # a process killed while holding the lock leaves the folder free
-    code = f"import os, model; model.lock_folder({str(out)!r}, 'train'); os.kill(os.getpid(), 9)"
+    code = f"import os, checkpoints; checkpoints.lock_folder({str(out)!r}, 'train'); os.kill(os.getpid(), 9)"
     assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(T.__file__)).returncode == -9
     T.main(train_args(random_base, out, "--steps", "1"))
     assert (out / "ckpt" / "train_state.pt").exists()
@@ -3265,12 +3280,12 @@ def janus_pro_like_base(random_base, folder, layout):
     import shutil
     os.makedirs(folder)
     if layout == "deepseek":
-        m = M.Janus.from_pretrained(random_base)
+        m = C.from_pretrained(random_base)
         state = {k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}
         state["vision_model.vision_tower.pos_embed"] = torch.randn(1, 4, 8, dtype=torch.bfloat16)
         state["aligner.layers.0.weight"] = torch.randn(8, 8, dtype=torch.bfloat16)
-        M.save_state_dict(state, folder, weights="bin", shards=2)
-        M.write_json(os.path.join(folder, "config.json"), M.config_to_dict(m.cfg, torch.bfloat16))
+        C.save_state_dict(state, folder, weights="bin", shards=2)
+        C.write_json(os.path.join(folder, "config.json"), C.config_to_dict(m.cfg, torch.bfloat16))
     else:
         tiny_hf_janus(0.05, vocab_size=M.Tokenizer.from_pretrained(random_base).vocab_size,
                       image_size=64).save_pretrained(folder)
@@ -3282,7 +3297,7 @@ def janus_pro_like_base(random_base, folder, layout):
 
 
 def tensors(folder):
-    return {k: v for f in M.weight_files(folder) for k, v in M.read_tensors(f)}
+    return {k: v for f in C.weight_files(folder) for k, v in C.read_tensors(f)}
 
 
 @pytest.mark.parametrize("layout", ["deepseek", "transformers"])
@@ -3302,14 +3317,14 @@ def test_checkpoints_are_the_base_folder_with_the_trained_tensors_in_place(rando
     ours = policy.state_dict()
     changed = 0
     for k, v in before.items():
-        name = M.to_original_key(k)
+        name = C.to_original_key(k)
         if name in trained:  # float32 master weights, as the policy holds them
             assert after[k].dtype == torch.float32 and torch.equal(after[k], ours[name]), k
             changed += not torch.equal(after[k], v.float())
         else:  # understanding tower, VQ, image embedding and head: the base's, dtype and all
             assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
     assert changed > 0 and any(k.startswith(("vision_model.", "model.vision_model.")) for k in before)
-    M.Janus.from_pretrained(ckpt)
+    C.from_pretrained(ckpt)
     if layout == "transformers":  # transformers' own loader takes it, every key in place
         from transformers import JanusForConditionalGeneration
         hf, info = JanusForConditionalGeneration.from_pretrained(ckpt, output_loading_info=True)
@@ -3483,7 +3498,7 @@ def test_two_processes_match_one(random_base, redness, tmp_path, device):
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6 if device == "cpu" else 1e-4)
-    base = M.Janus.from_pretrained(random_base).state_dict()
+    base = C.from_pretrained(random_base).state_dict()
     assert not torch.equal(a["language_model.lm_head.weight"], base["language_model.lm_head.weight"])
     _check_collectives(tmp_path / "two", device)
 
@@ -3538,14 +3553,14 @@ def test_two_bf16_processes_roll_out_update_save_resume_and_evaluate(random_base
 def test_lora_trains_adapters_only_and_saves_merged(random_base, redness, tmp_path):
     policy, _ = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "2", "--lora-rank", "4")),
                            log=lambda *a, **k: None)
-    base = M.Janus.from_pretrained(random_base)
+    base = C.from_pretrained(random_base)
     layer = policy.language_model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, T.LoRALinear) and layer.lora_B.abs().sum() > 0
     assert torch.equal(layer.weight, base.language_model.model.layers[0].self_attn.q_proj.weight)
     x = torch.randint(0, base.cfg.vocab_size, (1, 5))
     with torch.no_grad(), T.adapters_off(policy):  # the reference policy is the base model
         torch.testing.assert_close(policy(policy.embed_text(x)), base(base.embed_text(x)))
-    saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))  # merged: loads with no adapter code
+    saved = C.from_pretrained(str(tmp_path / "run" / "ckpt"))  # merged: loads with no adapter code
     with torch.no_grad():
         torch.testing.assert_close(saved(saved.embed_text(x)), policy(policy.embed_text(x)), rtol=0, atol=1e-5)
 
@@ -3583,9 +3598,9 @@ def test_bf16_runs_roll_out_update_save_resume_and_evaluate(random_base, redness
     assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["test_00000.json", "test_00001.json", "test_00002.json"]
     grids = [f"step_0000{i}.{ext}" for i in (1, 2) for ext in ("jsonl", "png")]
     assert sorted(os.listdir(tmp_path / "run" / "samples")) == grids
-    saved = M.Janus.from_pretrained(str(tmp_path / "run" / "ckpt"))
+    saved = C.from_pretrained(str(tmp_path / "run" / "ckpt"))
     assert not torch.equal(saved.language_model.model.layers[0].mlp.up_proj.weight,
-                           M.Janus.from_pretrained(random_base).language_model.model.layers[0].mlp.up_proj.weight)
+                           C.from_pretrained(random_base).language_model.model.layers[0].mlp.up_proj.weight)
     # the trained tensors are saved in float32, LoRA's merged ones too (over a bf16 base they were rounded to bf16)
     assert final_weights(tmp_path / "run")["language_model.model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
 
@@ -3627,7 +3642,7 @@ def test_every_tensor_of_a_bf16_step_lives_on_the_policy_device(random_base, red
     """GPU defects caught on the CPU (on_device): sampling, decoding images, scoring log-probs and forming the loss
     of a bf16 step with --image-logp cfg, and an evaluation, create no tensor off the policy's device. The linear
     layers are pinned to oneDNN, whose kernel computed in float32 under autocast."""
-    monkeypatch.setattr(M, "CPU_KERNEL", "oneDNN" if M.ONEDNN else None)
+    monkeypatch.setattr(K, "CPU_KERNEL", "oneDNN" if K.ONEDNN else None)
     for module, name in ((R, "sample_t2i"), (R, "decode_images"), (T, "logprobs"), (R, "grpo_loss")):
         monkeypatch.setattr(module, name, on_device(getattr(module, name)))
     (tmp_path / "p.txt").write_text("a red circle\n")
@@ -3718,7 +3733,7 @@ def test_training_steps_pass_the_reference_models_logprobs(random_base, redness,
     _, metrics = T.train(T.parse_args(train_args(random_base, tmp_path / "run", "--steps", "3", *extra)),
                             log=lambda *a, **k: None)
     assert all(ref is not None for _, ref in calls)
-    base = M.Janus.from_pretrained(random_base)
+    base = C.from_pretrained(random_base)
     cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "x")))
     pad = M.Tokenizer.from_pretrained(random_base).pad_id
     with torch.no_grad():

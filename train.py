@@ -49,8 +49,8 @@ import rewards
 import sample as S
 import shapes
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, lock_folder,
-                   read_json, save_like, write_json)
+from checkpoints import atomic, from_pretrained, load_config, lock_folder, read_json, save_like, write_json
+from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device
 
 
 @dataclass
@@ -483,7 +483,7 @@ def build_models(run: Run):
     state = saved_state(cfg.out) if resume_from else None
     full_ft_resume = state is not None and state["lora"] is None
     lora = cfg.lora_rank > 0
-    policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device,
+    policy = from_pretrained(resume_from if full_ft_resume else run.base, device=run.device,
                                    dtype=dtype if lora else torch.float32)
     for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
         part.requires_grad_(False).to(dtype)
@@ -493,7 +493,7 @@ def build_models(run: Run):
             policy.load_state_dict(state["lora"], strict=False)
     policy.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.beta > 0 and not lora:  # the starting weights, read again in the compute dtype (not a deep copy)
-        run.ref = Janus.from_pretrained(run.base, device=run.device, dtype=dtype).eval().requires_grad_(False)
+        run.ref = from_pretrained(run.base, device=run.device, dtype=dtype).eval().requires_grad_(False)
     run.policy, run.loss_module = policy, PolicyLoss(policy, cfg, run.tok.pad_id)
     if cfg.fsdp:
         shard(run.loss_module, policy, dtype)
@@ -646,12 +646,28 @@ def step_metrics(run: Run, step, r: R.Rollout, scores, checked, acc, seconds, ro
             "rollout_seconds": rollout_seconds}
 
 
+def combined_reward(scores: dict, weights: dict, combine="sum", group_size=None):
+    """Each sample's reward (B,): the weighted sum of its rewards (T2I-R1); with combine "group" each reward is
+    first normalised within its group of group_size samples as the advantages are (a flat group exactly 0), so
+    that no reward dominates by its scale alone."""
+    if combine == "group":
+        for name, r in scores.items():
+            rewards.check_finite(name, r)
+            if not group_size or group_size < 2 or r.numel() % group_size:
+                raise ValueError(f"group combination needs group_size >= 2 dividing the batch ({r.numel()}), "
+                                 f"got {group_size}")
+        scores = {name: R.group_advantages(r.float(), group_size) for name, r in scores.items()}
+    elif combine != "sum":
+        raise ValueError(f"combine mode must be 'sum' or 'group', got '{combine}'")
+    return rewards.combine_rewards(scores, weights)
+
+
 def train_step(run: Run, step):
     t0 = time.time()
     r, images, metas = rollout(run, step)
     scores, info = run.scorer(images, metas)
     checked = {k: info[k]["checked"] for k in scores}  # rule rewards may abstain
-    r.rewards = run.scorer.combine(scores, mode=run.cfg.reward_combine, group_size=run.cfg.group_size)
+    r.rewards = combined_reward(scores, run.scorer.weights, run.cfg.reward_combine, run.cfg.group_size)
     r.advantages = R.group_advantages(r.rewards, run.cfg.group_size)
     t_roll = time.time() - t0
     acc = update(run, step, r)
@@ -810,7 +826,7 @@ def trained_state(run: Run, model_state=None) -> dict:
 
 def save_checkpoint(run: Run, step):
     """out/ckpt: the starting checkpoint's folder, every file and tensor of it, with the trained tensors in
-    float32 in place (model.save_like; FSDP shards gathered, a collective), and train_state.pt (optimizer,
+    float32 in place (checkpoints.save_like; FSDP shards gathered, a collective), and train_state.pt (optimizer,
     adapters, config, metrics). The previous one stays whole until the new one is; a failed save leaves
     nothing partial, and a full disk is named as the cause."""
     cfg, model_state, opt_state = run.cfg, None, run.opt.state_dict()
