@@ -43,6 +43,7 @@ import time
 import torch
 
 import checkpoints as C
+import fast_decode as FD
 import kernels as K
 import model as M
 import shapes
@@ -323,7 +324,7 @@ def gpu_sampling(args, device):
         print(f"| {B} | " + " | ".join(f"{r[m]:.1f}" if m in r else "failed" for m in modes)
               + f" | {best / N:.2f} | {floor_ms:.4g} | {step_ms:.4g} | {step_ms / floor_ms:.2f} |")
     del janus, ref
-    R.release_decoding()
+    FD.release_decoding()
     torch._dynamo.reset()  # and with it the CUDA graphs' memory
 
 

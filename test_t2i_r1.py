@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import checkpoints as C
+import fast_decode as FD
 import kernels as K
 import model as M
 import reward_models as RM
@@ -817,8 +818,8 @@ def test_static_decode_compiles_a_graph_per_width_bucket(monkeypatch, widths):
     """Static shapes (CUDA graphs), 16 prompt widths: the steps compile once per bucket of widths (16, 32),
     not once per width (which hit dynamo's recompile limit at the 9th), and sample what eager steps do."""
     from torch._dynamo.testing import CompileCounterWithBackend
-    monkeypatch.setattr(R, "STATIC_DECODE", True)
-    R.release_decoding()
+    monkeypatch.setattr(FD, "STATIC_DECODE", True)
+    FD.release_decoding()
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     m = tiny_model()
@@ -830,9 +831,9 @@ def test_static_decode_compiles_a_graph_per_width_bucket(monkeypatch, widths):
             if compile:
                 assert torch.equal(out[0], eager[0]) and out[1] == eager[1], w
             eager = out
-    assert {R.bucket_width(w) for w in widths} == {16, 32}
+    assert {FD.bucket_width(w) for w in widths} == {16, 32}
     assert counter.frame_count == 2 * 2  # image and text steps, two buckets each
-    assert len(R._arena) == 1  # one set of cache buffers, reused: fixed addresses for CUDA graphs
+    assert len(FD._arena) == 1  # one set of cache buffers, reused: fixed addresses for CUDA graphs
 
 
 def test_static_decode_does_not_recompile_per_call_whatever_torch_guards_by_default(monkeypatch):
@@ -842,8 +843,8 @@ def test_static_decode_does_not_recompile_per_call_whatever_torch_guards_by_defa
     from torch._dynamo.testing import CompileCounterWithBackend
     mark = torch._dynamo.mark_static_address
     monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, guard=True: mark(t, guard=guard))
-    monkeypatch.setattr(R, "STATIC_DECODE", True)
-    R.release_decoding()
+    monkeypatch.setattr(FD, "STATIC_DECODE", True)
+    FD.release_decoding()
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     m = tiny_model()
@@ -858,8 +859,8 @@ def test_static_decode_repeats_samples_straight_into_the_held_cache(monkeypatch)
     """n samples per prompt: a static decode copies each prefilled row n times into the held buffers, with no
     repeated cache built first (it would hold the samples' cache twice at the rollout's peak), and draws
     what eager decoding draws, row i * n + j being sample j of prompt i."""
-    monkeypatch.setattr(R, "STATIC_DECODE", True)
-    R.release_decoding()
+    monkeypatch.setattr(FD, "STATIC_DECODE", True)
+    FD.release_decoding()
     torch._dynamo.reset()
     m = tiny_model()
     prompts = image_prompts(m, lengths=(7, 5, 9))
