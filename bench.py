@@ -46,6 +46,7 @@ import checkpoints as C
 import fast_decode as FD
 import kernels as K
 import model as M
+import settings
 import shapes
 import t2i_r1 as R
 import train as T
@@ -262,7 +263,7 @@ def kv_bytes(cfg, B, prompt_len, itemsize):
 
 
 def bench_speed(args):
-    device = M.default_device(args.device)
+    device = settings.default_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     janus, ref = speed_model(args.preset, args.vocab_size, device, dtype, args.hf)
     cfg, N, w = janus.cfg, janus.cfg.image_tokens, args.cfg
@@ -293,7 +294,7 @@ def bench_gpu(args):
     """README's GPU section: sampling throughput against the bandwidth floor, a BiCoT-GRPO step's time and peak
     memory for a full fine-tune and for LoRA, the shapes world's train.py. Each part, and each column in it,
     that fails prints its error; the others go on."""
-    device = M.default_device(args.device)
+    device = settings.default_device(args.device)
     print(f"{device_name(device)}, torch {torch.__version__}", flush=True)
     for part in args.parts:
         t0 = time.perf_counter()
@@ -377,7 +378,7 @@ def attempt(what, fn, *args, **kwargs):
 
 def bench_train(args):
     """A few BiCoT-GRPO steps of train.py on random weights of a preset: seconds per step and peak memory."""
-    device = M.default_device(args.device)
+    device = settings.default_device(args.device)
     sec, roll, peak, dtype = train_column(args.preset, device, args.lora_rank, steps=args.steps,
                                           group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                                           micro_batch=args.micro_batch, max_plan_tokens=args.max_plan_tokens,
@@ -501,7 +502,7 @@ def bench_rl(args):
 
 
 def build_parser():
-    HelpFormatter = M.HelpFormatter
+    HelpFormatter = settings.HelpFormatter
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)

@@ -17,7 +17,8 @@ from dataclasses import fields
 import torch
 import torch.nn as nn
 
-from model import Janus, JanusConfig, Tokenizer, default_device
+from model import Janus, JanusConfig, Tokenizer
+from settings import default_device
 from vq import VQConfig
 
 # -----------------------------------------------------------------------------

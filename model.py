@@ -23,11 +23,8 @@ Departures from the reference code:
   shape, in a decode step, and take oneDNN elsewhere (`kernels.Linear`).
 """
 
-import argparse
-import inspect
 import os
-import re
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -86,33 +83,6 @@ def preset(name: str, **overrides) -> JanusConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return JanusConfig(**{**PRESETS[name], **overrides})
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The scripts' --help: the description as written, and every flag's default after its help line."""
-
-    def _get_help_string(self, action):
-        if "(default:" in (action.help or "") or action.default is argparse.SUPPRESS or not action.option_strings:
-            return action.help
-        return f"{action.help} (default: {'unset' if action.default is None else '%(default)s'})"
-
-
-def config_flags(parser, cls, choices=None, given_only=False, aliases=None):
-    """A command-line flag per field of a dataclass config (TrainConfig, SamplingConfig, PretrainConfig):
-    --field-name, typed as the field, its help the field's trailing comment and its default. given_only:
-    parse_args returns only the flags given (a resumed run lays them over its saved config). aliases:
-    {field: extra flag}."""
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    for f in fields(cls):
-        if is_dataclass(f.type):  # a nested config (TrainConfig.sampling) brings its own flags
-            continue
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        flags = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if f.name in (aliases or {}) else [])
-        kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(nargs="*") if f.type is list
-                else dict(type=f.type, choices=(choices or {}).get(f.name)))
-        parser.add_argument(*flags, default=argparse.SUPPRESS if given_only else default, **kind,
-                            help=f"{comments.get(f.name, '')} (default: {'unset' if default is None else default})")
-
 
 
 # -----------------------------------------------------------------------------
@@ -388,23 +358,6 @@ class Janus(nn.Module):
             if hasattr(module, "merged_weight"):
                 state[name.replace("_orig_mod.", "") + ".weight"] = module.merged_weight()
         return state
-
-def default_device(device=None) -> torch.device:
-    """The device asked for, else CUDA when present, else the CPU. ValueError for a name torch does not know
-    (`cdua`) or a GPU this torch cannot see, instead of a traceback at the first tensor put there."""
-    if device is None or isinstance(device, torch.device):
-        return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device name torch knows (cpu, cuda, cuda:1, mps, ...)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        why = "was built without CUDA" if torch.version.cuda is None else "sees no GPU"
-        raise ValueError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return d
-
 
 
 # -----------------------------------------------------------------------------

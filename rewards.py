@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import read_tensors
-from model import default_device
+from settings import default_device
 from reward_models import (CLIPTokenizer, WordPieceTokenizer, as_rgb_list, box_iou, clip_preprocess, git_config_from_hf,
                            git_preprocessing, hps_preprocess, load_clip, load_git, load_owlvit, load_weights, nms,
                            owlvit_preprocess, read_config, read_json_object)

@@ -39,8 +39,8 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 import rewards
 import t2i_r1 as R
 from checkpoints import from_pretrained, load_config, read_json, save_pretrained, write_json
-from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, default_device,
-                   image_prompt)
+from model import Janus, JanusConfig, Tokenizer, chat_prompt, image_prompt
+from settings import HelpFormatter, check_settings, config_flags, default_device
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -1028,9 +1028,9 @@ def main(argv=None):
     args = p.parse_args(argv if argv is not None else (None if len(sys.argv) > 1 else ["pretrain"]))
     try:  # bad input is a command-line error, found before any model is loaded
         if args.cmd == "diagnose":
-            R.SamplingConfig(cfg_weight=args.cfg).check()
+            check_settings(R.SamplingConfig(cfg_weight=args.cfg))
             load_config(args.ckpt)
-            default_device(args.device)
+            device = default_device(args.device)
         table = report(args.runs, args.split) if args.cmd == "report" else None
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
@@ -1039,7 +1039,7 @@ def main(argv=None):
             print("wrote", path)
     elif args.cmd == "diagnose":
         diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg,
-                 device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
+                 device=device, dtype=args.dtype and getattr(torch, args.dtype))
     elif args.cmd == "report":
         print(table)
     else:

@@ -6,9 +6,9 @@ Sampling (inference and rollouts):
   2. token level: the image prompt "{prompt}. {plan}" in the chat format, then 576 image tokens sampled
      from the image head with classifier-free guidance (`generate_images`).
 Both prefill once into a static KV cache and then run a one-token decode step, which `compile=True`
-wraps in torch.compile(fullgraph=True) (fast_decode.py); several samples of one prompt share its prefill. How they sample is
-one `SamplingConfig`; what they produce is one `Rollout` of tensors, which carries each sample's reward and
-advantage on to the loss.
+wraps in torch.compile(fullgraph=True) (fast_decode.py); several samples of one prompt share its prefill.
+How they sample is one `SamplingConfig`; what they produce is one `Rollout` of tensors, which carries each
+sample's reward and advantage on to the loss.
 
 Training (BiCoT-GRPO): group-normalised advantages (`group_advantages`), the log-probabilities of the plan
 and the image tokens side by side under one advantage (`rollout_logprobs`), the clipped objective with a k3
@@ -24,7 +24,6 @@ Departures from the paper's code:
 - guidance weight 1 skips the unconditional rows, since u + 1 * (c - u) = c.
 """
 
-import math
 import os
 from dataclasses import dataclass, fields, replace
 
@@ -34,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fast_decode import AllDone, bucket_width, decode_fn, static_cache, static_decode
 from model import Janus, Tokenizer, chat_prompt, image_prompt
+from settings import setting
 from vq import to_uint8
 
 # Our wording of the semantic-level request; {prompt} is replaced by the user's prompt. T2I-R1's own request
@@ -131,14 +131,14 @@ def default_chat_format(ckpt=None) -> str:
 @dataclass
 class SamplingConfig:
     """How plans and images are drawn. Unset (None) settings take the checkpoint's defaults (`resolved`)."""
-    cfg_weight: float = None       # guidance weight of image tokens (1: none); unset: 5 for Janus-Pro, 2 for shapes
-    temperature: float = 1.0       # image tokens; 0: argmax
-    top_k: int = None              # image tokens: keep the k most likely (unset: all, as Janus-Pro and T2I-R1)
-    text_temperature: float = 1.0  # plan tokens; 0: argmax
-    text_top_k: int = None         # plan tokens: keep the k most likely, 0: all; unset: 50 (T2I-R1), 0 for shapes
-    text_top_p: float = None       # plan tokens: nucleus sampling mass (unset: off)
-    max_plan_tokens: int = None    # plans are cut here; unset: 1024 (T2I-R1's limit), 64 for the shapes world
-    chat_format: str = None        # t2i-r1 | janus; unset: janus if the checkpoint has a reasoning_prompt.txt
+    cfg_weight: float = setting(None, above=0, flag="--cfg")  # image tokens' guidance (1: none); unset: 5, shapes 2
+    temperature: float = setting(1.0, low=0)       # image tokens; 0: argmax
+    top_k: int = setting(None, low=1)              # image tokens: keep the k most likely (unset: all, as T2I-R1)
+    text_temperature: float = setting(1.0, low=0)  # plan tokens; 0: argmax
+    text_top_k: int = setting(None, low=0)         # plan tokens: keep the k most likely, 0: all; unset: 50, shapes 0
+    text_top_p: float = setting(None, above=0, high=1)  # plan tokens: nucleus sampling mass (unset: off)
+    max_plan_tokens: int = setting(None, low=1)    # plans are cut here; unset: 1024 (T2I-R1's limit), shapes 64
+    chat_format: str = setting(None, choices=tuple(CHAT_FORMATS))  # unset: janus if the ckpt has reasoning_prompt.txt
     reasoning_prompt: str = None   # file: the plan request, {prompt} or {} in it; unset: the checkpoint's, else ours
 
     def resolved(self, ckpt=None, kind=None) -> "SamplingConfig":
@@ -146,21 +146,6 @@ class SamplingConfig:
         a kind of checkpoint (a MODEL_DEFAULTS key)."""
         defaults = MODEL_DEFAULTS[kind or default_chat_format(ckpt)]
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
-    def check(self):
-        """ValueError naming the flag of the first setting out of range."""
-        if self.cfg_weight is not None and not (math.isfinite(self.cfg_weight) and self.cfg_weight > 0):
-            raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {self.cfg_weight}")
-        for name, low in (("temperature", 0), ("text_temperature", 0), ("top_k", 1), ("text_top_k", 0),
-                          ("max_plan_tokens", 1)):
-            if getattr(self, name) is not None and not getattr(self, name) >= low:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if self.text_top_p is not None and not 0 < self.text_top_p <= 1:
-            raise ValueError(f"--text-top-p must lie in (0, 1], got {self.text_top_p}")
-        if self.chat_format is not None and self.chat_format not in CHAT_FORMATS:
-            raise ValueError(f"--chat-format must be one of {', '.join(CHAT_FORMATS)}, got {self.chat_format!r}")
-        if self.reasoning_prompt is not None:
-            load_reasoning_prompt(self.reasoning_prompt)
 
 
 # The defaults of the unset settings, per kind of checkpoint. text_top_k 0: off.

@@ -24,6 +24,7 @@ import kernels as K
 import model as M
 import reward_models as RM
 import rewards as RW
+import settings as ST
 import shapes as S
 import t2i_r1 as R
 import train as T
@@ -1035,7 +1036,7 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
     with pytest.raises(ValueError, match="chat format must be one of"):
         R.sample_t2i(m, tok, prompts, settings(chat_format="llama"))
     with pytest.raises(ValueError, match="--chat-format must be one of"):
-        R.SamplingConfig(chat_format="llama").check()
+        ST.check_settings(R.SamplingConfig(chat_format="llama"))
 
 
 # ---- t2i_r1.py: the BiCoT-GRPO objective (advantages, log-probabilities, loss) -------------------------------------
@@ -2811,7 +2812,7 @@ def _fake_run(folder, levels, base, final, steps=10, seed=0):
 def test_shapes_diagnose_checks_its_flags_first(tmp_path, capsys):
     """A bad guidance weight, a missing checkpoint or an unknown device stops `shapes.py diagnose` with one error
     line."""
-    assert "--cfg must be a positive" in cli_error(S.main, ["diagnose", "--cfg", "0"], capsys, "shapes.py")
+    assert "--cfg must be positive" in cli_error(S.main, ["diagnose", "--cfg", "0"], capsys, "shapes.py")
     assert "does not exist" in cli_error(S.main, ["diagnose", "--ckpt", str(tmp_path / "none")], capsys, "shapes.py")
     assert "not a device name" in cli_error(S.main, ["diagnose", "--device", "cdua"], capsys, "shapes.py")
 
@@ -2907,13 +2908,30 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
                                                      capsys, "sample.py")
     msg = cli_error(S.main, ck + ["--prompt", "a red circle", "--rewards", "shapes"], capsys, "sample.py")
     assert "carries GenEval metadata" in msg
-    assert "--n and --rollout-batch" in cli_error(S.main, ck + ["--n", "0"], capsys, "sample.py")
+    assert "--n must be at least 1, got 0" in cli_error(S.main, ck + ["--n", "0"], capsys, "sample.py")
     assert "no-such-folder does not exist" in cli_error(S.main, ["--ckpt", str(tmp_path / "no-such-folder")],
                                                         capsys, "sample.py")
     assert not (tmp_path / "c").exists()  # every error came before any sampling
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
         S.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_one_check_of_the_settings_for_every_script(tmp_path, capsys):
+    """A bound is declared once, beside its setting, and checked by one function: the same flag out of range is
+    the same error from train.py and sample.py (sampling settings too), and shapes.py's diagnose."""
+    import sample as SA
+    out = ["--out", str(tmp_path / "o")]
+    for flag, value, want in [("--rollout-batch", "0", "--rollout-batch must be at least 1, got 0"),
+                              ("--threads", "0", "--threads must be at least 1, got 0"),
+                              ("--text-top-p", "1.5", "--text-top-p must lie in (0, 1], got 1.5"),
+                              ("--cfg", "inf", "--cfg must be a finite number, got inf")]:
+        errors = {cli_error(main, out + [flag, value], capsys, prog).split(": error: ")[1]
+                  for main, prog in ((T.main, "train.py"), (SA.main, "sample.py"))}
+        assert errors == {want}, (flag, errors)
+    assert cli_error(S.main, ["diagnose", "--cfg", "inf"], capsys, "shapes.py").endswith(want)
+    with pytest.raises(ValueError, match="--temperature must be at least 0, got -1"):
+        ST.check_settings(T.TrainConfig(sampling=R.SamplingConfig(temperature=-1.0)))
 
 
 def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_bytes(tmp_path, capsys):
@@ -3613,8 +3631,7 @@ def test_what_trains_is_float32_and_what_is_frozen_is_held_in_bf16(random_base, 
     under LoRA, the base."""
     cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", *BF16,
                                                      *(["--lora-rank", "4"] if lora else []))))
-    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
-    T.build_models(run)
+    run = T.start_run(T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
     trained = {n: p.dtype for n, p in run.policy.named_parameters() if p.requires_grad}
     frozen = {n: p.dtype for n, p in run.policy.named_parameters() if not p.requires_grad}
     assert trained and set(trained.values()) == {torch.float32}
@@ -3701,8 +3718,7 @@ def test_rollout_samples_keep_plans_with_their_prompts(random_base, redness, tmp
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", "--group-size", "3", "--prompts",
                                                      str(tmp_path / "p.jsonl"), "--prompts-per-step", "3")))
-    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
-    T.build_models(run)
+    run = T.start_run(T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
     r, images, metas = T.rollout(run, 0)  # two sampling calls: 2 prompts, then 1
     assert len(r) == 9 and images.shape[0] == 9 and r.prompts == [m["prompt"] for m in metas]
     assert metas[::3] == T.step_prompts(run.train_items, cfg, 0)
@@ -3924,8 +3940,7 @@ def test_bench_memory_counts_the_weights_train_py_holds(random_base, redness, tm
     import bench
     cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", *BF16,
                                                      *(["--lora-rank", "4"] if lora else []))))
-    run = T.start_run(cfg, T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
-    T.build_models(run)
+    run = T.start_run(T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
     est = bench.memory_estimate(run.policy.cfg, lora_rank=4 if lora else 0)
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps) / 2**30
     params = list(run.policy.parameters())

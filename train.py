@@ -50,7 +50,8 @@ import sample as S
 import shapes
 import t2i_r1 as R
 from checkpoints import atomic, from_pretrained, load_config, lock_folder, read_json, save_like, write_json
-from model import HelpFormatter, Janus, Tokenizer, config_flags, default_device
+from model import Janus, Tokenizer
+from settings import HelpFormatter, check_settings, config_flags, default_device, setting
 
 
 @dataclass
@@ -65,43 +66,51 @@ class TrainConfig:
     # rewards (rewards.py): NAME:WEIGHT list, checkpoint folders, how they add up
     rewards: str = "shapes"        # NAME[:WEIGHT],... (README, Rewards); the preset t2i-r1 = hps,t2i-r1-detect,git
     reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: the reward checkpoints' folders (README, Rewards)
-    reward_combine: str = "sum"    # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
+    reward_combine: str = setting(  # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
+        "sum", choices=("sum", "group"))
     t2i_r1_as_released: bool = False  # t2i-r1-detect keeps T2I-R1's code where it looks wrong (README, Rewards)
     # the method
-    levels: str = "both"           # both | semantic (plans trained, image tokens not) | token (no plan)
-    group_size: int = 8            # G samples per prompt
-    prompts_per_step: int = 8      # prompts per optimizer step, each with group_size samples
-    rollout_batch: int = 8         # prompts per sampling call
-    mu: int = 1                    # policy updates per rollout batch (1: on-policy, the ratio is exactly 1)
-    beta: float = 0.01             # KL weight
-    clip_eps: float = 0.2          # ratios clipped to [1 - eps, 1 + eps] (inactive with mu = 1)
-    loss_norm: str = "token"       # token: one mean over every token (T2I-R1); sequence: per sample, then mean
-    image_logp: str = "cond"       # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
+    levels: str = setting(  # both | semantic (plans trained, image tokens not) | token (no plan)
+        "both", choices=("both", "semantic", "token"))
+    group_size: int = setting(8, low=2, why=": advantages are relative to the group")  # G samples per prompt
+    prompts_per_step: int = setting(8, low=1)  # prompts per optimizer step, each with group_size samples
+    rollout_batch: int = setting(8, low=1)     # prompts per sampling call
+    mu: int = setting(1, low=1)                # policy updates per rollout batch (1: on-policy, the ratio is exactly 1)
+    beta: float = setting(0.01, low=0)         # KL weight
+    clip_eps: float = setting(0.2, above=0)    # ratios clipped to [1 - eps, 1 + eps] (inactive with mu = 1)
+    loss_norm: str = setting(  # token: one mean over every token (T2I-R1); sequence: per sample, then mean
+        "token", choices=("token", "sequence"))
+    image_logp: str = setting(  # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
+        "cond", choices=("cond", "cfg"))
     # sampling of rollouts and evaluations: t2i_r1.SamplingConfig, its fields are flags too (--cfg, --text-top-k, ...)
     sampling: R.SamplingConfig = field(default_factory=R.SamplingConfig)
     # optimisation
-    steps: int = 200               # optimizer steps
-    lr: float = 5e-5               # AdamW learning rate: chosen on the shapes val split (README); T2I-R1: 1e-6 on Janus-Pro
-    schedule: str = "constant"     # constant | linear (to 0, T2I-R1) | cosine (to 0)
-    warmup: int = 0                # linear warmup steps
-    weight_decay: float = 0.0      # AdamW weight decay
-    grad_clip: float = 1.0         # gradient norm clip
-    micro_batch: int = 32          # samples per forward/backward (gradients accumulate over the step)
-    lora_rank: int = 0             # > 0: LoRA on every attention and MLP projection instead of full fine-tuning
-    lora_alpha: float = 16.0       # LoRA scale alpha / rank
+    steps: int = setting(200, low=1)           # optimizer steps
+    lr: float = setting(5e-5, above=0)         # AdamW learning rate, chosen on the shapes val split; T2I-R1: 1e-6
+    schedule: str = setting(  # constant | linear (to 0, T2I-R1) | cosine (to 0)
+        "constant", choices=("constant", "linear", "cosine"))
+    warmup: int = setting(0, low=0)            # linear warmup steps
+    weight_decay: float = setting(0.0, low=0)  # AdamW weight decay
+    grad_clip: float = setting(1.0, above=0)   # gradient norm clip
+    micro_batch: int = setting(32, low=1)      # samples per forward/backward (gradients accumulate over the step)
+    lora_rank: int = setting(  # > 0: LoRA on every attention and MLP projection instead of full fine-tuning
+        0, low=0)
+    lora_alpha: float = setting(16.0, above=0)  # LoRA scale alpha / rank
     grad_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, more time)
     # system
     device: str = None             # cuda, cpu, ...; unset: CUDA when present (torchrun: GPU LOCAL_RANK)
-    dtype: str = None              # bfloat16 | float32: autocast dtype, frozen weights held in it; unset: bf16 on GPU
+    dtype: str = setting(  # autocast dtype, frozen weights held in it; unset: bf16 on GPU
+        None, choices=("float32", "bfloat16"))
     seed: int = 0                  # every random draw is keyed by (seed, step, sampling call)
-    compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few percent after ~20 s of compiling)
-    threads: int = None            # CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine
+    compile: bool = False          # torch.compile the decode steps (GPU; on CPU a few percent after ~20 s of compiling)
+    threads: int = setting(  # CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine
+        None, low=1)
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
-    sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
-    eval_every: int = 50           # validation evaluation (also at the start and the end)
-    eval_n: int = 16               # images per evaluated prompt
-    save_every: int = 50           # checkpoint (also at the end)
+    sample_every: int = setting(25, low=0)     # a grid of the step's samples (and their plans and rewards)
+    eval_every: int = setting(50, low=0)       # validation evaluation (also at the start and the end)
+    eval_n: int = setting(16, low=1)           # images per evaluated prompt
+    save_every: int = setting(50, low=0)       # checkpoint (also at the end)
     resume: bool = False           # continue the run in out/ from its last checkpoint, with its saved settings
     overwrite: bool = False        # start afresh in out/: the run there (checkpoint, metrics, evaluations) is deleted
 
@@ -111,34 +120,9 @@ class TrainConfig:
         self.ckpt = self.ckpt and os.path.expanduser(self.ckpt)  # "~/models/Janus-Pro-1B" as written in a shell
 
 
-# allowed values of the string settings (argparse choices and the checks for API callers)
-CHOICES = {"levels": ("both", "semantic", "token"), "loss_norm": ("token", "sequence"), "image_logp": ("cond", "cfg"),
-           "schedule": ("constant", "linear", "cosine"), "reward_combine": ("sum", "group"),
-           "dtype": ("float32", "bfloat16")}
-
-
 def check_config(cfg: TrainConfig):
-    """Every setting's value, alone and with the others; ValueError names the flag."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
-            raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    at_least = {"group_size": 2, "prompts_per_step": 1, "rollout_batch": 1, "mu": 1, "micro_batch": 1, "steps": 1,
-                "eval_n": 1, "lora_rank": 0, "warmup": 0, "sample_every": 0, "eval_every": 0, "save_every": 0}
-    for name, low in at_least.items():
-        if getattr(cfg, name) < low:
-            why = ": advantages are relative to the group" if name == "group_size" else ""
-            raise ValueError(f"{flag(name)} must be at least {low}{why}, got {getattr(cfg, name)}")
-    for name in ("lr", "clip_eps", "grad_clip", "lora_alpha"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("beta", "weight_decay"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {cfg.threads}")
-    cfg.sampling.check()
+    """Every setting's value, alone (as its field declares) and with the others; ValueError names the flag."""
+    check_settings(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.fsdp and (world < 2 or cfg.lora_rank):
         raise ValueError("--fsdp shards a full fine-tune over several processes: run it with torchrun, without LoRA")
@@ -156,10 +140,11 @@ def train_device(cfg: TrainConfig):
     return device
 
 
-def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+def resolve_defaults(cfg: TrainConfig, device=None) -> TrainConfig:
     """Fill the settings left unset: sampling as the starting checkpoint samples (the shapes world's base when
-    cfg.ckpt is None: t2i_r1.MODEL_DEFAULTS), bf16 autocast over float32 master weights on a GPU."""
-    dtype = cfg.dtype or ("bfloat16" if train_device(cfg).type == "cuda" else "float32")
+    cfg.ckpt is None: t2i_r1.MODEL_DEFAULTS), bf16 autocast over float32 master weights on a GPU. device: the
+    one train_device decided (prepare passes it), else decided here."""
+    dtype = cfg.dtype or ("bfloat16" if (device or train_device(cfg)).type == "cuda" else "float32")
     return replace(cfg, dtype=dtype, sampling=cfg.sampling.resolved(cfg.ckpt, kind=None if cfg.ckpt else "janus"))
 
 
@@ -382,13 +367,21 @@ def shard(root, janus, dtype):
 # set-up: inputs checked first, then processes, models, optimizer, resumed state
 
 
-def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
-    """Everything that can be checked without a model, before pretraining, model loading or the first
-    evaluation: the settings, the checkpoint folder, the reasoning template, the prompt files and their
-    metadata, the rewards' names and files. Raises ValueError or FileNotFoundError naming what is wrong.
-    Returns the training and held-out prompts, the reward ensemble, the settings a resume changes, and on
-    the first process the run folder's lock (train releases it)."""
+def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)) -> dict:
+    """Everything that can be decided or checked without a model, before pretraining, model loading or the first
+    evaluation: the device, the settings' defaults (the one place they are filled), the settings, the checkpoint
+    folder, the reasoning template, the prompt files and their metadata, the rewards' names and files. Raises
+    ValueError or FileNotFoundError naming what is wrong. Returns the resolved settings, the device, the
+    training and held-out prompts, the reward ensemble, the template (None while the shapes base it comes from
+    is still to be pretrained), the settings a resume changes, and on the first process the run folder's lock
+    (train releases it)."""
+    device = train_device(cfg)
+    cfg = resolve_defaults(cfg, device)
     check_config(cfg)
+    base = cfg.ckpt or shapes.BASE_DIR  # the shapes base: shipped, or pretrained later (its context fits)
+    template = None  # read here once: from the file given, else the base's own (if it is there yet), else ours
+    if os.path.isdir(base) or cfg.sampling.reasoning_prompt:
+        template = R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base)
     check_run_folder(cfg)
     changes = resume_changes(cfg) if cfg.resume else {}
     if cfg.ckpt is not None:
@@ -396,21 +389,14 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         tok_file = os.path.join(cfg.ckpt, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"{tok_file} not found: a Janus-Pro folder needs its tokenizer.json")
-    # the shapes world's defaults: RL on its train split, validation curves on val, the report on test
-    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets()))
-    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
-    shapes_base = cfg.ckpt is None
-    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else shapes_base and world_sets["test"],
-                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
-    eval_sets = {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
+    train_items, eval_sets = prompt_sets(cfg)
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
-                                    device=train_device(cfg),
+                                    device=device,
                                     t2i_r1_detect=rewards.T2IR1DetectConfig(as_released=cfg.t2i_r1_as_released))
     for items in (train_items, *eval_sets.values()):
         scorer.check_metadata(items)
-    base = cfg.ckpt or shapes.BASE_DIR  # the shapes base: shipped, or pretrained later (its context fits)
     if os.path.isdir(base):
-        tok, template = Tokenizer.from_pretrained(base), R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base)
+        tok = Tokenizer.from_pretrained(base)
         for what, items in {"training": train_items, **eval_sets}.items():
             S.check_lengths(tok, items, cfg.sampling, template, load_config(base), cfg.levels != "token", f"{what} prompts")
     if int(os.environ.get("RANK", "0")) == 0:
@@ -419,12 +405,24 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
                 log(line)
     # last, once every input is known to be good: the folder is locked (and with --overwrite emptied)
     lock = claim_run_folder(cfg) if int(os.environ.get("RANK", "0")) == 0 else None
-    return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer, "changes": changes, "lock": lock}
+    return {"cfg": cfg, "device": device, "train_items": train_items, "eval_sets": eval_sets, "scorer": scorer,
+            "template": template, "changes": changes, "lock": lock}
+
+
+def prompt_sets(cfg: TrainConfig):
+    """The training prompts and the held-out sets {"test": ..., "val": ...} (those evaluated). The shapes world's
+    defaults: RL on its train split, validation curves on val, the report on test."""
+    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets()))
+    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
+    shapes_base = cfg.ckpt is None
+    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else shapes_base and world_sets["test"],
+                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
+    return train_items, {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
 
 
 @dataclass
 class Run:
-    """What a training run holds while it runs."""
+    """What a training run holds while it runs, created whole by start_run."""
     cfg: TrainConfig
     train_items: list
     eval_sets: dict
@@ -436,20 +434,22 @@ class Run:
     autocast: object          # torch.autocast, or a null context in float32
     base: str                 # the starting checkpoint's folder
     reasoning: str            # the reasoning request's template
-    tok: Tokenizer = None
-    policy: Janus = None
-    ref: Janus = None         # the frozen reference (None: beta 0, or LoRA with its adapters off)
-    loss_module: nn.Module = None  # PolicyLoss, wrapped for DDP or sharded for FSDP
-    params: list = None
-    opt: torch.optim.Optimizer = None
-    start: int = 0
-    metrics: list = field(default_factory=list)
+    tok: Tokenizer
+    policy: Janus
+    ref: Janus                # the frozen reference (None: beta 0, or LoRA with its adapters off)
+    loss_module: nn.Module    # PolicyLoss, wrapped for DDP or sharded for FSDP
+    params: list
+    opt: torch.optim.Optimizer
+    start: int                # the first step to run (a resumed run's checkpoint step)
+    metrics: list
     t0: float = 0.0           # when this process's first step began (elapsed time and ETA)
 
 
-def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
-    """Processes, the starting checkpoint (the shapes base pretrained first when absent) and the tokenizer."""
-    rank, world, device = dist_setup(train_device(cfg))
+def start_run(setup: dict, log) -> Run:
+    """The run, whole: processes, the starting checkpoint (the shapes base pretrained first when absent), its
+    tokenizer and reasoning template, the models and optimizer, and a resumed run's place."""
+    cfg = setup["cfg"]
+    rank, world, device = dist_setup(setup["device"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if cfg.dtype != "float32"
@@ -458,33 +458,40 @@ def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
     base = cfg.ckpt or (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
     if world > 1:
         dist.barrier()  # rank 0 may have just pretrained the base
-    run = Run(cfg, inputs["train_items"], inputs["eval_sets"], inputs["scorer"], log if rank == 0 else (lambda *a: None),
-              rank, world, device, autocast, base, R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base),
-              tok=Tokenizer.from_pretrained(base))
-    for what, items in {"training": run.train_items, **run.eval_sets}.items():
-        for line in S.vocabulary_warnings(run.tok, items, f"{what} prompts"):
-            run.log(line)
+    log, tok = log if rank == 0 else (lambda *a: None), Tokenizer.from_pretrained(base)
+    for what, items in {"training": setup["train_items"], **setup["eval_sets"]}.items():
+        for line in S.vocabulary_warnings(tok, items, f"{what} prompts"):
+            log(line)
     load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
     if device.type == "cpu" and not cfg.threads and torch.get_num_threads() > 1 and load > cores / 2:
-        run.log(f"warning: load average {load:.1f} on {cores} cores before this run started: other processes use "
-                f"them, and torch's {torch.get_num_threads()} threads would wait on each other; --threads 1 (or "
-                f"OMP_NUM_THREADS=1) is often several times faster on a shared machine")
+        log(f"warning: load average {load:.1f} on {cores} cores before this run started: other processes use "
+            f"them, and torch's {torch.get_num_threads()} threads would wait on each other; --threads 1 (or "
+            f"OMP_NUM_THREADS=1) is often several times faster on a shared machine")
+    resume_from = last_checkpoint(cfg.out) if cfg.resume else None
+    state = saved_state(cfg.out) if resume_from else None
+    models = build_models(cfg, base, resume_from, state, device, world, tok.pad_id)
+    start, metrics = resumed_place(cfg, state, resume_from, rank, log) if state is not None else (0, [])
+    run = Run(cfg, setup["train_items"], setup["eval_sets"], setup["scorer"], log, rank, world, device, autocast, base,
+              setup["template"] or R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base), tok, **models,
+              start=start, metrics=metrics)
+    n_trained = sum(p.numel() for p in run.params)
+    log(f"policy: {run.policy.n_params() / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M "
+        f"trainable{' (sharded)' if cfg.fsdp else ''}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; "
+        f"{len(run.train_items)} training prompts; {run.world} process(es) on {run.device}")
     return run
 
 
-def build_models(run: Run):
-    """Policy, reference, loss module and optimizer, from the last checkpoint of out/ with --resume. What trains
-    keeps float32 master weights (autocast computes in cfg.dtype); what stays frozen is held in cfg.dtype
-    itself: the VQ and the image embedding and head (frozen, as in T2I-R1), the reference, and the base under
-    LoRA. So a bf16 reference takes half a float32 copy's memory, and autocast, which caches its casts of
-    trainable weights only, does not cast the frozen ones again at every decode step."""
-    cfg, dtype = run.cfg, getattr(torch, run.cfg.dtype)
-    resume_from = last_checkpoint(cfg.out) if cfg.resume else None
-    state = saved_state(cfg.out) if resume_from else None
+def build_models(cfg: TrainConfig, base, resume_from, state, device, world, pad_id) -> dict:
+    """Policy, reference, loss module and optimizer, from resume_from (a checkpoint of out/, its train_state.pt
+    read as state) with --resume. What trains keeps float32 master weights (autocast computes in cfg.dtype);
+    what stays frozen is held in cfg.dtype itself: the VQ and the image embedding and head (frozen, as in
+    T2I-R1), the reference, and the base under LoRA. So a bf16 reference takes half a float32 copy's memory,
+    and autocast, which caches its casts of trainable weights only, does not cast the frozen ones again at
+    every decode step."""
+    dtype, lora = getattr(torch, cfg.dtype), cfg.lora_rank > 0
     full_ft_resume = state is not None and state["lora"] is None
-    lora = cfg.lora_rank > 0
-    policy = from_pretrained(resume_from if full_ft_resume else run.base, device=run.device,
-                                   dtype=dtype if lora else torch.float32)
+    policy = from_pretrained(resume_from if full_ft_resume else base, device=device,
+                             dtype=dtype if lora else torch.float32)
     for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
         part.requires_grad_(False).to(dtype)
     if lora:  # the adapters are float32 master weights, the base stays in the compute dtype
@@ -492,23 +499,21 @@ def build_models(run: Run):
         if state is not None:
             policy.load_state_dict(state["lora"], strict=False)
     policy.gradient_checkpointing = cfg.grad_checkpointing
+    ref = None
     if cfg.beta > 0 and not lora:  # the starting weights, read again in the compute dtype (not a deep copy)
-        run.ref = from_pretrained(run.base, device=run.device, dtype=dtype).eval().requires_grad_(False)
-    run.policy, run.loss_module = policy, PolicyLoss(policy, cfg, run.tok.pad_id)
+        ref = from_pretrained(base, device=device, dtype=dtype).eval().requires_grad_(False)
+    loss_module = PolicyLoss(policy, cfg, pad_id)
     if cfg.fsdp:
-        shard(run.loss_module, policy, dtype)
-        if run.ref is not None:
-            shard(run.ref, run.ref, dtype)
-    elif run.world > 1:  # with levels=token the text head has no gradient; otherwise every trained weight has
-        run.loss_module = nn.parallel.DistributedDataParallel(run.loss_module,
-                                                              find_unused_parameters=cfg.levels == "token")
-    run.params = [p for p in policy.parameters() if p.requires_grad]
-    run.opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        shard(loss_module, policy, dtype)
+        if ref is not None:
+            shard(ref, ref, dtype)
+    elif world > 1:  # with levels=token the text head has no gradient; otherwise every trained weight has
+        loss_module = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=cfg.levels == "token")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
-        resume(run, state, resume_from)
-    run.log(f"policy: {policy.n_params() / 1e6:.2f}M parameters, {sum(p.numel() for p in run.params) / 1e6:.2f}M "
-            f"trainable{' (sharded)' if cfg.fsdp else ''}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; "
-            f"{len(run.train_items)} training prompts; {run.world} process(es) on {run.device}")
+        load_optimizer(loss_module, opt, state["optimizer"], cfg.fsdp)
+    return dict(policy=policy, ref=ref, loss_module=loss_module, params=params, opt=opt)
 
 
 # -----------------------------------------------------------------------------
@@ -884,22 +889,26 @@ def last_checkpoint(out):
     return None
 
 
-def resume(run: Run, state, path):
-    """Optimizer state, step and metrics of a saved run; metrics.jsonl is cut back to the checkpoint."""
-    if run.cfg.fsdp:
+def load_optimizer(loss_module, opt, state, fsdp):
+    """A saved optimizer state into opt (FSDP: each process takes its shards from the full state)."""
+    if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(run.loss_module, run.opt, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(loss_module, opt, state, options=StateDictOptions(full_state_dict=True))
     else:
-        run.opt.load_state_dict(state["optimizer"])
-    run.start, run.metrics = state["step"], [m for m in state["metrics"] if m["step"] <= state["step"]]
-    if run.rank == 0:  # lines and evaluations written after the checkpoint by the interrupted run are dropped
-        S.write_records(run.metrics, os.path.join(run.cfg.out, "metrics.jsonl"))
-        folder = os.path.join(run.cfg.out, "eval")
+        opt.load_state_dict(state)
+
+
+def resumed_place(cfg: TrainConfig, state, path, rank, log):
+    """(step, metrics) of a saved run; metrics.jsonl is cut back to the checkpoint."""
+    start, metrics = state["step"], [m for m in state["metrics"] if m["step"] <= state["step"]]
+    if rank == 0:  # lines and evaluations written after the checkpoint by the interrupted run are dropped
+        S.write_records(metrics, os.path.join(cfg.out, "metrics.jsonl"))
+        folder = os.path.join(cfg.out, "eval")
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.endswith(".json") and name[-10:-5].isdigit() and int(name[-10:-5]) > run.start:
+            if name.endswith(".json") and name[-10:-5].isdigit() and int(name[-10:-5]) > start:
                 os.remove(os.path.join(folder, name))
-    run.log(f"resumed from {path} at step {run.start}")
+    log(f"resumed from {path} at step {start}")
+    return start, metrics
 
 
 # -----------------------------------------------------------------------------
@@ -916,11 +925,10 @@ def lr_at(cfg: TrainConfig, step):
 def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None):
     """Run BiCoT-GRPO. setup: what prepare(cfg) returned (main() runs it first, to report bad input as a
     command-line error); None runs it here. Returns the policy and the metrics."""
-    cfg = resolve_defaults(cfg)
     setup = setup or prepare(cfg, log)
+    cfg = setup["cfg"]  # its defaults resolved
     with setup["lock"] or contextlib.nullcontext():  # the run folder's lock, released on leaving
-        run = start_run(cfg, setup, logging_to(os.path.join(cfg.out, "train.log"), log) if setup["lock"] else log)
-        build_models(run)
+        run = start_run(setup, logging_to(os.path.join(cfg.out, "train.log"), log) if setup["lock"] else log)
         for folder in ("samples", "eval"):
             os.makedirs(os.path.join(cfg.out, folder), exist_ok=True)
         if run.rank == 0:
@@ -967,9 +975,9 @@ def record_settings(run: Run, changes):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
-    config_flags(p, TrainConfig, CHOICES, given_only=True)
+    config_flags(p, TrainConfig, given_only=True)
     config_flags(p.add_argument_group("sampling (t2i_r1.SamplingConfig, shared with sample.py)"), R.SamplingConfig,
-                 {"chat_format": tuple(R.CHAT_FORMATS)}, given_only=True, aliases={"cfg_weight": "--cfg"})
+                 given_only=True)
     return p
 
 
@@ -987,8 +995,8 @@ def parse_args(argv=None, parser=None) -> TrainConfig:
 def main(argv=None):
     parser = build_parser()
     try:  # bad input is a command-line error, reported before any pretraining, model loading or evaluation
-        cfg = resolve_defaults(parse_args(argv, parser))
-        setup = prepare(cfg)
+        setup = prepare(parse_args(argv, parser))
+        cfg = setup["cfg"]
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     try:
