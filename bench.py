@@ -266,7 +266,7 @@ def bench_speed(args):
     device = settings.default_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     janus, ref = speed_model(args.preset, args.vocab_size, device, dtype, args.hf)
-    cfg, N, w = janus.cfg, janus.cfg.image_tokens, args.cfg
+    cfg, N, w = janus.cfg, janus.cfg.image_tokens, args.cfg_weight
     print(f"{args.preset}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, "
           f"{device_name(device)}, torch {torch.__version__}; best of {args.repeats} interleaved runs per column",
           flush=True)
@@ -308,10 +308,10 @@ def gpu_sampling(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     janus, ref = speed_model(args.preset, None, device, dtype, args.hf)
     cfg, N = janus.cfg, janus.cfg.image_tokens
-    rows = [(B, speed_columns(janus, ref, B, ["eager", "compiled"], args.cfg, args.prompt_len, args.repeats,
+    rows = [(B, speed_columns(janus, ref, B, ["eager", "compiled"], args.cfg_weight, args.prompt_len, args.repeats,
                               backend=args.backend)) for B in args.batch]
     gbs, wbytes = bandwidth_gbs(device), decode_weight_bytes(janus)
-    print(f"\nSampling, {args.preset} size ({cfg.n_layer} layers x {cfg.n_embd}), {dtype}, CFG {args.cfg}, {N} image "
+    print(f"\nSampling, {args.preset} size ({cfg.n_layer} layers x {cfg.n_embd}), {dtype}, CFG {args.cfg_weight}, {N} image "
           f"tokens, {args.prompt_len}-token prompts; copy bandwidth {gbs:.0f} GB/s, {wbytes / 1e9:.2f} GB of weights "
           f"read per step\n")
     modes = ["eager", "compiled"] + (["transformers"] if args.hf else [])  # a failed column shows as "failed"
@@ -523,7 +523,7 @@ def build_parser():
                          "that CPU kernel")
     ps.add_argument("--repeats", type=int, default=2, help="timed runs per column (after a warm-up), interleaved")
     ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
-    ps.add_argument("--cfg", type=float, default=5.0, help="guidance weight")
+    ps.add_argument("--cfg", dest="cfg_weight", type=float, default=5.0, help="guidance weight")
     ps.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     ps.add_argument("--nocache-tokens", type=int, default=48, help="image tokens timed without the KV cache")
     ps.add_argument("--vocab-size", type=int, default=102400, help="text vocabulary (Janus-Pro's)")
@@ -558,7 +558,7 @@ def build_parser():
     pg.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="prompts per batch, one row each")
     pg.add_argument("--repeats", type=int, default=1, help="timed runs per column (after a warm-up), interleaved")
     pg.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
-    pg.add_argument("--cfg", type=float, default=5.0, help="guidance weight")
+    pg.add_argument("--cfg", dest="cfg_weight", type=float, default=5.0, help="guidance weight")
     pg.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled column")
     pg.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
     pg.add_argument("--full-preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="full fine-tune's size")

@@ -83,16 +83,16 @@ def vocabulary_warnings(tok, items, what="prompts") -> list:
             f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})"]
 
 
-def check_lengths(tok, items, settings: R.SamplingConfig, reasoning, model_cfg, cot=True, what="prompts"):
+def check_lengths(tok, items, settings: R.SamplingConfig, reasoning, model_cfg, levels="both", what="prompts"):
     """ValueError naming the first prompt whose longest sequence does not fit the model's context
     (max_position_embeddings): the plan request and a plan of max_plan_tokens, or the image request with that
     plan and the image tokens. Checked on the tokenizer alone: a 1 MB prompt would otherwise ask for a cache
     of a million positions."""
     fmt, limit = R.CHAT_FORMATS[settings.chat_format], model_cfg.max_position_embeddings
-    plan = settings.max_plan_tokens if cot else 0
+    plan = settings.max_plan_tokens if levels != "token" else 0
     for i, it in enumerate(items):
         n = len(tok.encode(fmt.image_text(it["prompt"]))) + plan + model_cfg.image_tokens
-        if cot:
+        if levels != "token":
             n = max(n, len(tok.encode(fmt.request_text(reasoning, it["prompt"]))) + plan)
         if n > limit:
             raise ValueError(f"{what}: prompt {i + 1} ({it['prompt'][:60]!r}{'...' if len(it['prompt']) > 60 else ''}, "
@@ -188,13 +188,13 @@ def stage_progress(bar, other):
 
 def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4, seed=0, show_progress=True,
              desc="image tokens", **kwargs):
-    """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: cot,
+    """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: levels,
     reasoning_template, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3).
     Progress: a line for the plan tokens and one for the image tokens, each with its own ETA."""
     batches = -(-len(items) // batch_size)
     bar = Progress(batches * janus.cfg.image_tokens, desc=desc) if show_progress else None
     plans = (Progress(batches * settings.max_plan_tokens, desc=desc.replace("image tokens", "plan tokens"))
-             if show_progress and kwargs.get("cot", True) else None)
+             if show_progress and kwargs.get("levels", "both") != "token" else None)
     rollout, images = R.sample_batches(janus, tok, [it["prompt"] for it in items], settings, n=n,
                                        batch_size=batch_size, seed=seed, progress=bar and stage_progress(bar, plans),
                                        plan_progress=plans and stage_progress(plans, bar), **kwargs)
@@ -342,7 +342,7 @@ def main(argv=None):
     settings = settings.resolved(ckpt)
     reasoning = reasoning or R.load_reasoning_prompt(None, ckpt)
     try:
-        check_lengths(tok, items, settings, reasoning, load_config(ckpt), cot=args.levels != "token")
+        check_lengths(tok, items, settings, reasoning, load_config(ckpt), levels=args.levels)
     except ValueError as e:
         p.error(str(e))
     janus = from_pretrained(ckpt, device=device, dtype=args.dtype and getattr(torch, args.dtype))
@@ -362,7 +362,7 @@ def main(argv=None):
                 **asdict(settings), "ckpt": ckpt}
     t0 = time.time()
     records, images = generate(janus, tok, items, settings, n=args.n, batch_size=args.rollout_batch, seed=args.seed,
-                               cot=args.levels != "token", reasoning_template=reasoning, compile=args.compile)
+                               levels=args.levels, reasoning_template=reasoning, compile=args.compile)
     write_samples(args, records, images, recorded, time.time() - t0, scorer)
     lock.close()
     return records

@@ -859,17 +859,18 @@ def following_summary(metas, plans, detections):
             "overall": float(np.mean(every)) if every else float("nan")}
 
 
-def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=None):
+def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None, dtype=None):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
-    images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
-    default, as train.py and sample.py sample), and how closely the images follow their plans (plan_following)
-    for the true plans and the base's own. device, dtype: as checkpoints.from_pretrained's. Returns {row name: summary
-    with "per_tag" and "overall"}. Progress lines on stderr inside the rows that sample."""
+    images from its own plans and from the prompt alone, all with guidance weight cfg_weight (unset: the
+    checkpoint's default, as train.py and sample.py sample), and how closely the images follow their plans
+    (plan_following) for the true plans and the base's own. device, dtype: as checkpoints.from_pretrained's.
+    Returns {row name: summary with "per_tag" and "overall"}. Progress lines on stderr inside the rows that
+    sample."""
     import sample  # sample.py imports this file: imported here, not at the top
     janus, tok = from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
-    settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
+    settings = R.SamplingConfig(cfg_weight=cfg_weight).resolved(ckpt)  # as train.py and sample.py sample
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
     rng = np.random.default_rng(seed)
     metas = [m for m in items for _ in range(n)]
@@ -903,15 +904,15 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=
     drawn = detect_batch(R.decode_images(janus, codes))
     judge("drawn from true plans", drawn)
     following("plan-following, true plans", [plan_of(s) for s in scenes], drawn)
-    for cot in (True, False):
-        row = "own plans" if cot else "the prompt alone"
+    for levels in ("both", "token"):
+        row = "own plans" if levels == "both" else "the prompt alone"
         records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
-                                          cot=cot, reasoning_template=reasoning, desc=f"{row}: image tokens")
-        if cot:
+                                          levels=levels, reasoning_template=reasoning, desc=f"{row}: image tokens")
+        if levels == "both":
             judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
         drawn = detect_batch(images)
-        judge("drawn from own plans" if cot else "drawn from the prompt alone", drawn)
-        if cot:
+        judge(f"drawn from {row}", drawn)
+        if levels == "both":
             following("plan-following, own plans", [r["plan"] for r in records], drawn)
     return rows
 
@@ -1013,7 +1014,7 @@ def build_parser():
     dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
     dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
     dp.add_argument("--n", type=int, default=16, help="images per prompt")
-    dp.add_argument("--cfg", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
+    dp.add_argument("--cfg", dest="cfg_weight", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
     dp.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
     dp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
@@ -1028,7 +1029,7 @@ def main(argv=None):
     args = p.parse_args(argv if argv is not None else (None if len(sys.argv) > 1 else ["pretrain"]))
     try:  # bad input is a command-line error, found before any model is loaded
         if args.cmd == "diagnose":
-            check_settings(R.SamplingConfig(cfg_weight=args.cfg))
+            check_settings(R.SamplingConfig(cfg_weight=args.cfg_weight))
             load_config(args.ckpt)
             device = default_device(args.device)
         table = report(args.runs, args.split) if args.cmd == "report" else None
@@ -1038,7 +1039,7 @@ def main(argv=None):
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
-        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg,
+        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg_weight=args.cfg_weight,
                  device=device, dtype=args.dtype and getattr(torch, args.dtype))
     elif args.cmd == "report":
         print(table)

@@ -405,6 +405,11 @@ class Rollout:
         return Rollout(**out)
 
 
+# which levels of the chain of thought a sample has (both, semantic: a plan, then the image) and training trains
+# (semantic: the plan tokens only; token: the image tokens only, drawn from the prompt alone)
+LEVELS = ("both", "semantic", "token")
+
+
 def image_prompt_text(prompt: str, plan: str) -> str:
     """The "janus" format's image text: the prompt, one period, the plan (T2I-R1 doubles a final period)."""
     plan = plan.strip()
@@ -412,10 +417,10 @@ def image_prompt_text(prompt: str, plan: str) -> str:
 
 
 @torch.no_grad()
-def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n=1, cot=True,
+def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n=1, levels="both",
                reasoning_template=REASONING_PROMPT, generator=None, compile=False, progress=None,
                plan_progress=None) -> Rollout:
-    """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with cot=False,
+    """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with levels="token",
     n images per prompt from the prompt alone, sharing one prefill). settings: resolved for the checkpoint;
     reasoning_template: the request's text (load_reasoning_prompt reads it from a file or a checkpoint).
     progress(i, N), plan_progress(i, N): after each image token, after each plan token."""
@@ -425,6 +430,8 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
                          f"SamplingConfig.resolved")
     if any(not p or not p.strip() for p in prompts):
         raise ValueError("empty prompt")
+    if levels not in LEVELS:
+        raise ValueError(f"levels must be one of {', '.join(LEVELS)}, got {levels!r}")
     if settings.chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {settings.chat_format!r}")
     s, fmt, device = settings, CHAT_FORMATS[settings.chat_format], janus.device
@@ -434,7 +441,7 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
         return generate_images(janus, ids, mask, pad_id=tok.pad_id, n=n, cfg_weight=s.cfg_weight,
                                temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
                                progress=progress)
-    if cot:
+    if levels != "token":  # both, semantic: a plan first
         request_ids, request_mask = pad_tokens([tok.encode(fmt.request_text(reasoning_template, p)) for p in prompts],
                                              tok.pad_id, device)
         plan_ids, plan_mask = generate_text(janus, request_ids, request_mask, eos_id=tok.eos_id, pad_id=tok.pad_id,

@@ -24,6 +24,7 @@ import kernels as K
 import model as M
 import reward_models as RM
 import rewards as RW
+import sample as SA
 import settings as ST
 import shapes as S
 import t2i_r1 as R
@@ -982,7 +983,7 @@ def test_two_step_sampler_builds_prompts_and_plans(tmp_path):
         assert real(part.request_ids, part.request_mask) == requests[i:j] and part.request_mask[:, 0].any()
     both = R.Rollout.cat([s.rows(2, 4), s.rows(0, 1)], tok.pad_id)
     assert real(both.plan_ids, both.plan_mask) == plans[2:4] + plans[:1] and both.prompts == s.prompts[2:] + s.prompts[:1]
-    s2 = R.sample_t2i(m, tok, ["a red circle"], settings(), n=3, cot=False, generator=g)
+    s2 = R.sample_t2i(m, tok, ["a red circle"], settings(), n=3, levels="token", generator=g)
     assert s2.plans == ["", "", ""] and s2.plan_ids.shape == (3, 0)
     assert real(s2.image_prompt_ids, s2.image_prompt_mask)[0] == tok.encode(M.image_prompt("a red circle"))
     with pytest.raises(ValueError, match="empty prompt"):
@@ -1019,7 +1020,7 @@ def test_t2i_r1_requests_are_written_as_t2i_r1_writes_them(tmp_path):
         image = "User: " + f"{p}. {plan}".strip() + "\n\nAssistant:"
         assert images[i] == tok.encode(image) + [tok.boi_id]
     assert R.CHAT_FORMATS["t2i-r1"].image_text("a cup", "") == "User: a cup.\n\nAssistant:<begin_of_image>"
-    s = R.sample_t2i(m, tok, prompts, t2i, n=1, cot=False, generator=g)
+    s = R.sample_t2i(m, tok, prompts, t2i, n=1, levels="token", generator=g)
     assert real(s.image_prompt_ids, s.image_prompt_mask)[1] == (tok.encode("User: two cups {on} a table\n\nAssistant:")
                                                                 + [tok.boi_id])
     # Janus-Pro's demos (and the shapes world): roles <|User|>/<|Assistant|>, no system prompt
@@ -2710,7 +2711,6 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     assert janus.cfg.vq.image_size == 64 and janus.cfg.image_tokens == 64 and janus.cfg.vq.codebook_size == 128
     reasoning = R.load_reasoning_prompt(ckpt=str(folder))
     assert reasoning == S.REASONING_TEMPLATE
-    import sample as SA
     assert R.default_chat_format(str(folder)) == "janus"  # it was pretrained on its own request, janus format
     records, images = SA.generate(janus, tok, [S.colors("red", "circle")], settings(max_plan_tokens=12), n=2,
                                   reasoning_template=reasoning, show_progress=False)
@@ -2738,7 +2738,6 @@ def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
     assert janus.cfg.n_layer == S.PretrainConfig().n_layer and janus.cfg.n_embd == S.PretrainConfig().n_embd
     assert R.default_chat_format(folder) == "janus"
     assert S.ensure_base() == folder  # train.py and sample.py use it without pretraining
-    import sample as SA
     meta = S.colors("red", "circle")
     records, images = SA.generate(janus, tok, [meta], settings(max_plan_tokens=24, cfg_weight=2.0), n=4,
                                   reasoning_template=R.load_reasoning_prompt(ckpt=folder), show_progress=False, seed=0)
@@ -2884,14 +2883,13 @@ def test_shapes_report_refuses_to_pool_runs_with_other_settings(tmp_path):
 
 
 def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
-    import sample as S
     m = tiny_model()
     tok = make_word_tokenizer(tmp_path / "ckpt")
     C.save_pretrained(m, tmp_path / "ckpt", tokenizer=tok)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "tag": "colors"}\n\na blue square\n')
     args = ["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--n", "2",
             "--rollout-batch", "1", "--max-plan-tokens", "4", "--seed", "7"]
-    recs = S.main(args + ["--out", str(tmp_path / "a")])
+    recs = SA.main(args + ["--out", str(tmp_path / "a")])
     assert len(recs) == 4 and recs[0]["metadata"]["tag"] == "colors" and recs[2]["prompt"] == "a blue square"
     lines = [json.loads(l) for l in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
     assert [l["image_tokens"] for l in lines] == [r["image_tokens"] for r in recs]
@@ -2899,28 +2897,27 @@ def test_sample_cli_writes_images_grids_and_jsonl(tmp_path, capsys):
     img = Image.open(tmp_path / "a" / lines[0]["file"])
     assert img.size == (m.cfg.vq.image_size,) * 2 and img.mode == "RGB"
     assert (tmp_path / "a" / "grid_0000.png").exists() and (tmp_path / "a" / "grid_0001.png").exists()
-    again = S.main(args + ["--out", str(tmp_path / "b")])  # the same seed gives the same output
+    again = SA.main(args + ["--out", str(tmp_path / "b")])  # the same seed gives the same output
     assert [r["image_tokens"] for r in again] == [r["image_tokens"] for r in recs]
     assert [r["plan"] for r in again] == [r["plan"] for r in recs]
     (tmp_path / "empty.txt").write_text("\n\n")
     ck = ["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c")]
-    assert "empty.txt holds no prompts" in cli_error(S.main, ck + ["--prompts", str(tmp_path / "empty.txt")],
+    assert "empty.txt holds no prompts" in cli_error(SA.main, ck + ["--prompts", str(tmp_path / "empty.txt")],
                                                      capsys, "sample.py")
-    msg = cli_error(S.main, ck + ["--prompt", "a red circle", "--rewards", "shapes"], capsys, "sample.py")
+    msg = cli_error(SA.main, ck + ["--prompt", "a red circle", "--rewards", "shapes"], capsys, "sample.py")
     assert "carries GenEval metadata" in msg
-    assert "--n must be at least 1, got 0" in cli_error(S.main, ck + ["--n", "0"], capsys, "sample.py")
-    assert "no-such-folder does not exist" in cli_error(S.main, ["--ckpt", str(tmp_path / "no-such-folder")],
+    assert "--n must be at least 1, got 0" in cli_error(SA.main, ck + ["--n", "0"], capsys, "sample.py")
+    assert "no-such-folder does not exist" in cli_error(SA.main, ["--ckpt", str(tmp_path / "no-such-folder")],
                                                         capsys, "sample.py")
     assert not (tmp_path / "c").exists()  # every error came before any sampling
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*\"prompt\""):
-        S.read_prompts(str(tmp_path / "bad.jsonl"))
+        SA.read_prompts(str(tmp_path / "bad.jsonl"))
 
 
 def test_one_check_of_the_settings_for_every_script(tmp_path, capsys):
     """A bound is declared once, beside its setting, and checked by one function: the same flag out of range is
     the same error from train.py and sample.py (sampling settings too), and shapes.py's diagnose."""
-    import sample as SA
     out = ["--out", str(tmp_path / "o")]
     for flag, value, want in [("--rollout-batch", "0", "--rollout-batch must be at least 1, got 0"),
                               ("--threads", "0", "--threads must be at least 1, got 0"),
@@ -2935,7 +2932,6 @@ def test_one_check_of_the_settings_for_every_script(tmp_path, capsys):
 
 
 def test_sample_refuses_an_out_holding_samples_unless_overwritten_and_names_bad_bytes(tmp_path, capsys):
-    import sample as SA
     m = tiny_model()
     C.save_pretrained(m, tmp_path / "ckpt", tokenizer=make_word_tokenizer(tmp_path / "ckpt"))
     args = ["--ckpt", str(tmp_path / "ckpt"), "--prompt", "a red circle", "--n", "1", "--max-plan-tokens", "2",
@@ -2965,12 +2961,11 @@ def test_sample_matches_transformers_janus_generate(tmp_path, monkeypatch, kerne
     # large noise: peaked distributions, so a wrong token cannot hide in a near-tie
     ref = tiny_hf_janus(0.3, image_size=96, num_image_tokens=36)
     from transformers import GenerationConfig
-    import sample as S
     ref.save_pretrained(tmp_path / "ckpt")
     tok = make_word_tokenizer(tmp_path / "ckpt")
     prompts = ["a red circle", "a photo of a blue square"]
     (tmp_path / "p.txt").write_text("\n".join(prompts))
-    recs = S.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--levels", "token",
+    recs = SA.main(["--ckpt", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"), "--levels", "token",
                    "--chat-format", "janus", "--temperature", "0", "--cfg", "5", "--n", "1", "--rollout-batch", "2",
                    "--out", str(tmp_path / "o")])
     gen = GenerationConfig(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id, do_sample=False, guidance_scale=5.0,
@@ -2982,7 +2977,6 @@ def test_sample_matches_transformers_janus_generate(tmp_path, monkeypatch, kerne
 
 
 def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
-    import sample as SA
     buf = io.StringIO()  # not a terminal: whole lines, the last one always
     bar = SA.Progress(5, "image tokens", stream=buf, every_line=0)
     for _ in range(5):
@@ -3006,7 +3000,6 @@ def test_progress_is_rewritten_on_a_terminal_and_whole_lines_elsewhere():
 
 
 def test_plan_tokens_have_progress_and_the_image_eta_leaves_the_plans_out(tmp_path, monkeypatch):
-    import sample as SA
     clock = [0.0]
     monkeypatch.setattr(SA.time, "time", lambda: clock[0])
     buf = io.StringIO()
@@ -3038,8 +3031,7 @@ def test_shapes_t2i_r1_file_counts(tmp_path):
                     '"numeracy_info": [{"obj_name": "hamburger", "num": 1}]}\n\n'
                     '{"task_type": "shape", "prompt": "an oval mirror", "nouns": ["mirror"], '
                     '"attr_nouns": ["oval mirror"]}')
-    import sample
-    items = sample.read_prompts(str(path))
+    items = SA.read_prompts(str(path))
     assert [it["task_type"] for it in items] == ["numeracy", "shape"] and "include" not in items[1]
     assert {k: items[0][k] for k in ("tag", "include", "exclude", "prompt")} == {
         "tag": "counting", "include": [{"class": "hamburger", "count": 1}],
@@ -3064,7 +3056,6 @@ T2I_R1_ROWS = [
 
 
 def test_t2i_r1_prompt_file_reads_as_published_and_rule_rewards_abstain_where_they_cannot_check(tmp_path):
-    import sample as SA
     path = tmp_path / "geneval_and_t2i_data_final.json"
     path.write_text("\n".join(json.dumps(r) for r in T2I_R1_ROWS))  # no final newline, as published
     items = SA.read_prompts(str(path))
@@ -3413,7 +3404,6 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(random_base, r
 
 
 def test_bad_devices_and_prompts_too_long_for_the_context_are_one_line_errors(tmp_path, capsys):
-    import sample as SA
     long = tmp_path / "long.jsonl"
     row = S.colors("red", "circle")
     long.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt": "a photo of a red circle " * 200}) + "\n")
@@ -3683,10 +3673,10 @@ def test_default_image_logprobs_are_conditional_as_in_t2i_r1():
                                    uncond_ids=R.unconditional(ids, mask, PAD))
     with torch.no_grad():
         default = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token"])), PAD)[0]
-        cfg = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token", "--image-logp", "cfg",
-                                                                   "--cfg", "5"])), PAD)[0]
+        with_guidance = T.logprobs(m, batch, T.resolve_defaults(T.parse_args(["--levels", "token", "--image-logp",
+                                                                             "cfg", "--cfg", "5"])), PAD)[0]
     torch.testing.assert_close(default, cond)
-    torch.testing.assert_close(cfg, guided)
+    torch.testing.assert_close(with_guidance, guided)
     assert not torch.allclose(cond, guided)
 
 
@@ -3786,7 +3776,6 @@ def test_plan_settings_default_per_model_and_cut_plans_are_counted(random_base, 
 def test_clip_scores_samples_and_training_evaluations(random_base, tmp_path, monkeypatch, capsys):
     """`--score clip` with several images per prompt (diversity needs the embedding width) in sample.py and in
     train.py's evaluation; the samples are written before scoring, so a failing reward loses none."""
-    import sample as SA
     c = _tiny_cfg()
     _write_hf_clip(tmp_path / "clip", c, _clip_sd(c, seed=1))
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
@@ -3983,7 +3972,6 @@ def test_bench_gpu_prints_every_part_and_a_failing_column_leaves_the_others(caps
 def test_every_flag_of_every_script_has_a_help_line_with_its_default(tmp_path):
     import argparse
     import bench
-    import sample as SA
 
     def parsers(p):
         yield p

@@ -70,8 +70,7 @@ class TrainConfig:
         "sum", choices=("sum", "group"))
     t2i_r1_as_released: bool = False  # t2i-r1-detect keeps T2I-R1's code where it looks wrong (README, Rewards)
     # the method
-    levels: str = setting(  # both | semantic (plans trained, image tokens not) | token (no plan)
-        "both", choices=("both", "semantic", "token"))
+    levels: str = setting("both", choices=R.LEVELS)  # semantic: plans trained, image tokens not; token: no plan
     group_size: int = setting(8, low=2, why=": advantages are relative to the group")  # G samples per prompt
     prompts_per_step: int = setting(8, low=1)  # prompts per optimizer step, each with group_size samples
     rollout_batch: int = setting(8, low=1)     # prompts per sampling call
@@ -281,7 +280,7 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)) -> dict:
     if os.path.isdir(base):
         tok = Tokenizer.from_pretrained(base)
         for what, items in {"training": train_items, **eval_sets}.items():
-            S.check_lengths(tok, items, cfg.sampling, template, load_config(base), cfg.levels != "token", f"{what} prompts")
+            S.check_lengths(tok, items, cfg.sampling, template, load_config(base), cfg.levels, f"{what} prompts")
     if int(os.environ.get("RANK", "0")) == 0:
         for what, items in {"training": train_items, **eval_sets}.items():
             for line in scorer.unchecked_report(items, f"{what} prompts"):
@@ -428,7 +427,7 @@ def rollout(run: Run, step):
             g = torch.Generator(device=run.device).manual_seed(step_seed(cfg.seed, step, 1 + c))
             with run.autocast:
                 parts.append(R.sample_t2i(run.policy, run.tok, [it["prompt"] for it in batch], cfg.sampling,
-                                          n=cfg.group_size, cot=cfg.levels != "token", reasoning_template=run.reasoning,
+                                          n=cfg.group_size, levels=cfg.levels, reasoning_template=run.reasoning,
                                           generator=g, compile=cfg.compile))
                 images.append(R.decode_images(run.policy, parts[-1].codes))
             metas += [it for it in batch for _ in range(cfg.group_size)]
@@ -616,7 +615,7 @@ def evaluate(run: Run, step, splits):
                 with run.autocast:
                     records, images = S.generate(run.policy, run.tok, run.eval_sets[split], cfg.sampling, n=cfg.eval_n,
                                                  batch_size=max(1, 64 // cfg.eval_n), seed=cfg.seed + 1,
-                                                 cot=cfg.levels != "token", reasoning_template=run.reasoning,
+                                                 levels=cfg.levels, reasoning_template=run.reasoning,
                                                  desc=f"{split} evaluation: image tokens")
                 summary = S.score(run.scorer, images, records, group_size=cfg.eval_n,
                                   desc=f"{split} evaluation: scoring")
