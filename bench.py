@@ -513,22 +513,7 @@ def build_parser():
     pl.add_argument("--folder", help="reuse (or keep) the random checkpoint here (unset: a temporary folder)")
     pl.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     ps = add("speed", help="image-token throughput")
-    # --preset names a size as everywhere else: model.PRESETS plus cpu-768 (this was --size)
-    ps.add_argument("--preset", default="cpu-768", choices=sorted(SIZES),
-                    help="model size: model.PRESETS, or cpu-768 (hidden 768, 8 layers) for CPU comparisons")
-    ps.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts per batch, one run each")
-    ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "F.linear", "nocache"],
-                    choices=["eager", "compiled", "F.linear", "W x^T", "oneDNN", "nocache"],
-                    help="sampler variants to time; F.linear, W x^T, oneDNN: eager with every linear layer pinned to "
-                         "that CPU kernel")
-    ps.add_argument("--repeats", type=int, default=2, help="timed runs per column (after a warm-up), interleaved")
-    ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
-    ps.add_argument("--cfg", dest="cfg_weight", type=float, default=5.0, help="guidance weight")
-    ps.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
-    ps.add_argument("--nocache-tokens", type=int, default=48, help="image tokens timed without the KV cache")
-    ps.add_argument("--vocab-size", type=int, default=102400, help="text vocabulary (Janus-Pro's)")
-    ps.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    ps.add_argument("--dtype", default=None, help="float32, bfloat16, ... (unset: bf16 on GPU, fp32 on CPU)")
+    speed_flags(ps)
     pt = add("train", help="seconds and peak memory of BiCoT-GRPO steps on random weights")
     pt.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
     pt.add_argument("--steps", type=int, default=3, help="steps timed (the first is a warm-up)")
@@ -552,6 +537,36 @@ def build_parser():
     pm.add_argument("--plan-tokens", type=int, nargs="+", default=[100, 1024],
                     help="plan lengths, a column each (T2I-R1's plans average ~97 tokens, its cap is 1024)")
     pg = add("gpu", help="README's GPU section: sampling against the bandwidth floor, BiCoT-GRPO steps, train.py")
+    gpu_flags(pg)
+    pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
+    pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
+    pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
+    return p
+
+
+
+def speed_flags(ps):
+    """bench.py speed's flags."""
+    # --preset names a size as everywhere else: model.PRESETS plus cpu-768 (this was --size)
+    ps.add_argument("--preset", default="cpu-768", choices=sorted(SIZES),
+                    help="model size: model.PRESETS, or cpu-768 (hidden 768, 8 layers) for CPU comparisons")
+    ps.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts per batch, one run each")
+    ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "F.linear", "nocache"],
+                    choices=["eager", "compiled", "F.linear", "W x^T", "oneDNN", "nocache"],
+                    help="sampler variants to time; F.linear, W x^T, oneDNN: eager with every linear layer pinned to "
+                         "that CPU kernel")
+    ps.add_argument("--repeats", type=int, default=2, help="timed runs per column (after a warm-up), interleaved")
+    ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
+    ps.add_argument("--cfg", dest="cfg_weight", type=float, default=5.0, help="guidance weight")
+    ps.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    ps.add_argument("--nocache-tokens", type=int, default=48, help="image tokens timed without the KV cache")
+    ps.add_argument("--vocab-size", type=int, default=102400, help="text vocabulary (Janus-Pro's)")
+    ps.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    ps.add_argument("--dtype", default=None, help="float32, bfloat16, ... (unset: bf16 on GPU, fp32 on CPU)")
+
+
+def gpu_flags(pg):
+    """bench.py gpu's flags: its three parts' settings."""
     pg.add_argument("--parts", nargs="+", default=["sampling", "training", "shapes"],
                     choices=["sampling", "training", "shapes"], help="what to measure, in this order")
     pg.add_argument("--preset", default="janus-pro-1b", choices=sorted(SIZES), help="model size of the sampling part")
@@ -569,10 +584,6 @@ def build_parser():
     pg.add_argument("--train-steps", type=int, default=1, help="steps per training column (more: the first is a warm-up)")
     pg.add_argument("--shapes-flags", default="", help="flags added to the shapes world's `python train.py`")
     pg.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
-    pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
-    pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
-    return p
 
 
 if __name__ == "__main__":

@@ -9,6 +9,17 @@ import os
 import torch
 import torch.distributed as dist
 
+from settings import default_device
+
+
+def train_device(cfg):
+    """The device this process trains on: --device, else CUDA when present; under torchrun the GPU of LOCAL_RANK."""
+    device = default_device(cfg.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def dist_setup(device):
     """Join the process group torchrun describes. Returns (rank, world, device). device: train_device's, on
     CUDA the GPU of LOCAL_RANK, made current before the group exists so that NCCL binds the right card."""

@@ -9,6 +9,7 @@ train.py's `Run` (and its TrainConfig) as they find them.
 """
 
 import errno
+import json
 import os
 import shutil
 from dataclasses import asdict
@@ -237,3 +238,17 @@ def record_settings(run, changes):
         resumes.append({"step": run.start, "changed": changes})
         run.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     write_json(path, {**asdict(run.cfg), **({"resumes": resumes} if resumes else {})})
+
+
+def record(run, m):
+    """A metrics line: kept for the report and, on the first process, appended to metrics.jsonl."""
+    run.metrics.append(m)
+    if run.rank == 0:
+        with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+
+
+def clock(seconds):
+    """1h02m, 3m05s, 42s."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -449,6 +449,21 @@ def _components(fg):
         lab = m
 
 
+def _object_pixels(rgb, min_chroma, min_contrast):
+    """Step 1 of detect_batch: rgb float (B, H, W, 3) -> the object pixels (B, H, W) bool, each pixel's contrast
+    to its image's background (B, H, W) and its nearest palette colour (B, H, W)."""
+    hue, chroma = _hue_chroma(rgb)  # (B, H, W) each
+    dist = np.abs(hue[..., None] - _PALETTE_HUE)  # (B, H, W, K)
+    color_idx = np.minimum(dist, 360 - dist).argmin(-1)  # (B, H, W)
+    # background = median of the neutral (low-chroma) pixels, so a global colour cast is not contrast
+    neutral = chroma < min_chroma * _PALETTE_CHROMA.min()
+    bg = np.array([np.median(x[m], axis=0) if m.any() else BACKGROUND for x, m in zip(rgb, neutral)],
+                  dtype=np.float32).reshape(len(rgb), 3)
+    contrast = np.linalg.norm(rgb - bg[:, None, None, :], axis=-1)  # (B, H, W)
+    fg = (chroma >= min_chroma * _PALETTE_CHROMA[color_idx]) & (contrast >= min_contrast * _PALETTE_CONTRAST[color_idx])
+    return fg, contrast, color_idx
+
+
 def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_iou=0.8, min_margin=0.05,
                  min_purity=0.8, max_aspect=1.25):
     """Detect the objects of a batch of images, uint8 (B, H, W, 3) numpy or torch. Returns one list per image
@@ -474,16 +489,7 @@ def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_
     images = np.asarray(images)
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, "expected uint8 (B, H, W, 3)"
     B, H, W, _ = images.shape
-    rgb = images.astype(np.float32)
-    hue, chroma = _hue_chroma(rgb)  # (B, H, W) each
-    dist = np.abs(hue[..., None] - _PALETTE_HUE)  # (B, H, W, K)
-    color_idx = np.minimum(dist, 360 - dist).argmin(-1)  # (B, H, W)
-    # background = median of the neutral (low-chroma) pixels, so a global colour cast is not contrast
-    neutral = chroma < min_chroma * _PALETTE_CHROMA.min()
-    bg = np.array([np.median(x[m], axis=0) if m.any() else BACKGROUND for x, m in zip(rgb, neutral)],
-                  dtype=np.float32).reshape(B, 3)
-    contrast = np.linalg.norm(rgb - bg[:, None, None, :], axis=-1)  # (B, H, W)
-    fg = (chroma >= min_chroma * _PALETTE_CHROMA[color_idx]) & (contrast >= min_contrast * _PALETTE_CONTRAST[color_idx])
+    fg, contrast, color_idx = _object_pixels(images.astype(np.float32), min_chroma, min_contrast)
     labels = _components(fg)
 
     # Per-pixel arrays over object pixels, then per-component reductions over segments sorted by component.
@@ -509,23 +515,24 @@ def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_
     aspect = np.maximum(w, h) / np.maximum(np.minimum(w, h), 1)
 
     out = [[] for _ in range(B)]
-    names = list(COLORS)
     candidates = (count >= min_area * H * W) & (purity >= min_purity) & (aspect <= max_aspect) & (w > 1) & (h > 1)
     for k in np.nonzero(candidates)[0]:
         px = order[starts[k]:starts[k] + count[k]]
-        px = px[half[px]]
-        mask = np.zeros((h[k], w[k]), dtype=bool)
-        mask[ys[px] - y0[k], xs[px] - x0[k]] = True
-        ious = np.array([_iou(mask, _template(s, int(w[k]), int(h[k]))) for s in SHAPES])
-        best, second = np.sort(ious)[::-1][:2]
-        if best < min_iou or best - second < min_margin:
-            continue
-        out[uniq[k] // (H * W)].append({"class": SHAPES[int(ious.argmax())], "color": names[votes[k].argmax()],
-                                        "box": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])),
-                                        "score": float(best)})
-    for dets in out:
-        dets.sort(key=lambda d: -d["score"])
-    return out
+        found = _shape_of(ys[px[half[px]]] - y0[k], xs[px[half[px]]] - x0[k], int(w[k]), int(h[k]), min_iou, min_margin)
+        if found is not None:
+            out[uniq[k] // (H * W)].append({"class": found[0], "color": list(COLORS)[votes[k].argmax()],
+                                            "box": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])), "score": found[1]})
+    return [sorted(dets, key=lambda d: -d["score"]) for dets in out]
+
+
+def _shape_of(ys, xs, w, h, min_iou, min_margin):
+    """Step 3 of detect_batch for one object, its pixels at (ys, xs) in its (h, w) box: (shape, IoU), or None
+    when no shape's template matches well enough and clearly better than the next."""
+    mask = np.zeros((h, w), dtype=bool)
+    mask[ys, xs] = True
+    ious = np.array([_iou(mask, _template(s, w, h)) for s in SHAPES])
+    best, second = np.sort(ious)[::-1][:2]
+    return (SHAPES[int(ious.argmax())], float(best)) if best >= min_iou and best - second >= min_margin else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import errno
 import functools
-import json
 import math
 import os
 import sys
@@ -47,11 +46,11 @@ import sample as S
 import shapes
 import t2i_r1 as R
 from checkpoints import from_pretrained, load_config, write_json
-from distributed import all_sum, dist_setup, gathered, grad_sync, shard
+from distributed import all_sum, dist_setup, gathered, grad_sync, shard, train_device
 from model import Janus, Tokenizer
-from runs import (check_run_folder, claim_run_folder, last_checkpoint, load_optimizer, logging_to, record_settings,
-                  resumed_place, save_checkpoint, write_report)
-from settings import HelpFormatter, check_settings, config_flags, default_device, setting
+from runs import (check_run_folder, claim_run_folder, clock, last_checkpoint, load_optimizer, logging_to, record,
+                  record_settings, resumed_place, save_checkpoint, write_report)
+from settings import HelpFormatter, check_settings, config_flags, setting
 
 
 @dataclass
@@ -129,14 +128,6 @@ def check_config(cfg: TrainConfig):
     if calls % world:
         raise ValueError(f"--prompts-per-step / --rollout-batch = {calls} sampling calls per step do not split over "
                          f"{world} processes")
-
-
-def train_device(cfg: TrainConfig):
-    """The device this process trains on: --device, else CUDA when present; under torchrun the GPU of LOCAL_RANK."""
-    device = default_device(cfg.device)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
 
 
 def resolve_defaults(cfg: TrainConfig, device=None) -> TrainConfig:
@@ -583,20 +574,6 @@ def log_step(run: Run, m, r: R.Rollout, images, scores, checked):
         captions = [S.caption({"prompt": x["prompt"], "plan": x["plan"], "scores": {"reward": x["reward"]}}) for x in rows]
         S.save_png(S.make_grid(images[:k].numpy(), ncol=cfg.group_size, captions=captions), path + ".png")
         S.write_records(rows, path + ".jsonl")
-
-
-def clock(seconds):
-    """1h02m, 3m05s, 42s."""
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def record(run: Run, m):
-    """A metrics line: kept for the report and, on the first process, appended to metrics.jsonl."""
-    run.metrics.append(m)
-    if run.rank == 0:
-        with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(m) + "\n")
 
 
 # -----------------------------------------------------------------------------
