@@ -11,7 +11,11 @@ end to end on a world we fully control:
   render exactly and degrades gracefully on the blurry, colour-drifted images a small VQ decoder produces.
 
 The GenEval rule engine that turns detections + metadata into a reward lives in rewards.py, not here.
-Importing this file registers the reward `shapes` (GenEval's rules on this detector) in rewards.REWARDS.
+Importing this file registers the reward `shapes` (GenEval's rules on this detector) in rewards.REWARDS, and
+its four parts (shapes-presence, -count, -color, -position) for weighting them.
+
+At the end, before the command line: the machinery of the rebuttal's experiments (diversity, prompt
+enrichment, SFT, reward weights; docs/experiments.md) and their tables (`shapes.py compare`).
 
 Departures from GenEval: six colours, not ten (pink is red mixed with the light background, i.e. what a
 blurred red edge looks like; brown is a dark orange of the same hue; black and white have no hue and white
@@ -1296,7 +1300,7 @@ def compare(specs, split="test", spread=False):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="shapes.py", formatter_class=HelpFormatter,
-                                description="The shapes world: prompt sets and the tiny pretrained base.")
+                                description="The shapes world: prompt sets, the tiny pretrained base and its experiments.")
     sub = p.add_subparsers(dest="cmd")
     add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
     sp = add("prompts", help="write train.jsonl, val.jsonl and test.jsonl")
