@@ -1248,26 +1248,27 @@ def parse_row(spec):
 
 
 def _row_values(entries, split):
-    """Per run of a row: accuracy per tag and overall, and the mean scene and plan diversity over
-    DIVERSITY_TAGS (NaN where the summary has none)."""
+    """Per run of a row: accuracy per tag and overall, the scene and plan diversity of each of DIVERSITY_TAGS
+    ("scene_diversity:colors") and their mean ("scene_diversity"), NaN where the summary has none."""
     values = []
     for run, which in entries:
         v = _scores(run, split, which)
         _, summary = _eval_summary(run, split, which)
         for key in ("scene_diversity", "plan_diversity"):
             per_tag = summary.get(key, {}).get("per_tag", {})
+            v.update({f"{key}:{t}": per_tag.get(t, float("nan")) for t in DIVERSITY_TAGS})
             v[key] = float(np.mean([per_tag[t] for t in DIVERSITY_TAGS if t in per_tag])) if per_tag else float("nan")
         values.append(v)
     return values
 
 
-def compare(specs, split="test", spread=False):
+def compare(specs, split="test", spread=False, per_tag=False):
     """A markdown table of named rows of runs (parse_row): strict GenEval accuracy per tag and overall, scene
     and plan diversity (Vendi score of 16 samples, mean over DIVERSITY_TAGS), each the mean over the row's
     runs +- their sample standard deviation. The runs of a row must differ only in the seed and how they ran
     (check_comparable, the starting checkpoint allowed to differ: SFT-then-RL starts each seed from its own
     SFT). spread: below it, each row's mean relative change of the six GenEval tags against the first row,
-    as the rebuttal reports reward weights."""
+    as the rebuttal reports reward weights. per_tag: the diversities of each of DIVERSITY_TAGS, not their mean."""
     rows = []
     for spec in specs:
         name, entries = parse_row(spec)
@@ -1276,11 +1277,14 @@ def compare(specs, split="test", spread=False):
         check_comparable(configs)
         rows.append((name, _row_values(entries, split)))
     cols = [t for t in GENEVAL_TAGS + ("overall", "reasoning") if any(t in v for _, vs in rows for v in vs)]
-    cols += ["scene_diversity", "plan_diversity"]
+    cols += [f"{k}:{t}" for k in ("scene_diversity", "plan_diversity") for t in DIVERSITY_TAGS] if per_tag \
+        else ["scene_diversity", "plan_diversity"]
     def cell(values):
         v = np.array([x for x in values if not np.isnan(x)])
         return "–" if not len(v) else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
-    names = {"overall": "GenEval overall", "scene_diversity": "image diversity", "plan_diversity": "plan diversity"}
+    names = {"overall": "GenEval overall", "scene_diversity": "image diversity", "plan_diversity": "plan diversity",
+             **{f"{k}:{t}": f"{k.split('_')[0].replace('scene', 'image')} diversity, {t}"
+                for k in ("scene_diversity", "plan_diversity") for t in DIVERSITY_TAGS}}
     lines = ["| | runs | " + " | ".join(names.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     lines += [f"| {name} | {len(vs)} | " + " | ".join(cell([v.get(c, float('nan')) for v in vs]) for c in cols) + " |"
               for name, vs in rows]
@@ -1308,36 +1312,38 @@ def build_parser():
     pp = add("pretrain", help="pretrain the tiny base (the default command)")
     pp.add_argument("--out", default=PRETRAIN_DIR, help="folder of the base (the shipped one is in assets/)")
     config_flags(pp, PretrainConfig)
+    def base_flags(sp):  # what diagnose and enrich sample from, and where
+        sp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
+        sp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
+        sp.add_argument("--n", type=int, default=16, help="images per prompt")
+        sp.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+        sp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     dp = add("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base")
-    dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
-    dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
-    dp.add_argument("--n", type=int, default=16, help="images per prompt")
+    base_flags(dp)
     dp.add_argument("--cfg", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
-    dp.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    dp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     rp = add("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
     rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
     # the issue 21 experiments (docs/experiments.md)
     sp = add("sft", help="fine-tune a base on true (prompt, plan, image) examples of the training prompts")
     sp.add_argument("--base", default=BASE_DIR, help="the base's folder")
-    sp.add_argument("--out", required=True, help="folder of the fine-tuned base (train.py --ckpt OUT starts RL from it)")
+    sp.add_argument("--out", required=True, help="folder of the fine-tuned base (train.py --ckpt OUT starts RL from "
+                                                         "it) (default: none, required)")
     config_flags(sp, SFTConfig, choices={"dtype": ("float32", "bfloat16")})
     ep = add("enrich", help="the base drawing from its own plans and from a perfect planner's, as run folders")
-    ep.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
-    ep.add_argument("--out", required=True, help="folder for the rows' run folders (own-plans/s*, perfect-plans/s*)")
-    ep.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
-    ep.add_argument("--n", type=int, default=16, help="images per prompt")
+    base_flags(ep)
+    ep.add_argument("--out", required=True, help="folder for the rows' run folders (own-plans/s*, "
+                                                         "perfect-plans/s*) (default: none, required)")
     ep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one evaluation per seed")
     ep.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke tests)")
-    ep.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    ep.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     cp = add("compare", help="an experiment's table: named rows of run folders, each row's runs as seeds")
-    cp.add_argument("rows", nargs="+", help="NAME=RUN[,RUN...]: RUN a folder or glob, @base for its step-0 evaluation")
+    cp.add_argument("rows", nargs="+", help="NAME=RUN[,RUN...]: RUN a folder or glob, @base for its step-0 evaluation "
+                                            "(default: none, name at least one)")
     cp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
     cp.add_argument("--spread", action="store_true", help="each row's mean relative change against the first row")
+    cp.add_argument("--per-tag", action="store_true", help="diversity of each of single_object, two_object and "
+                                                           "colors, not their mean")
     return p
 
 
@@ -1359,7 +1365,7 @@ def main(argv=None):
             if min(args.steps, args.batch, args.scenes) < 1 or not args.lr > 0:
                 raise ValueError("--steps, --batch and --scenes must be at least 1 and --lr positive")
         table = report(args.runs, args.split) if args.cmd == "report" else None
-        table = compare(args.rows, args.split, args.spread) if args.cmd == "compare" else table
+        table = compare(args.rows, args.split, args.spread, args.per_tag) if args.cmd == "compare" else table
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     if args.cmd == "prompts":

@@ -270,6 +270,11 @@ def test_compare_pools_seeds_per_named_row(tmp_path, capsys):
     assert lines[4] == "| colour x5 | 1 | 0.780 | 0.390 | 0.585 | – | – |"
     # against the first row (base): single_object 0.7 / 0.4 - 1 = 75%, colors likewise; colour x5 95%
     assert "- equal: 75.0%" in table and "- colour x5: 95.0%" in table and "average over the rows: 85.0%" in table
+    # per tag: each of single_object, two_object and colors on its own (the mean above: (4 + 6 + 2) / 3 = 4)
+    lines = S.compare([f"equal={tmp_path}/equal-s*"], per_tag=True).splitlines()
+    assert lines[0].endswith("| image diversity, single_object | image diversity, two_object | image diversity, colors "
+                             "| plan diversity, single_object | plan diversity, two_object | plan diversity, colors |")
+    assert lines[2].endswith("| 4.000 ± 0.000 | 6.000 ± 0.000 | 2.000 ± 0.000 | – | – | – |")
     # the runs of one row must be seeds of one setting
     fake_run(tmp_path / "other-s1", {"seed": 1, "rewards": "z"}, acc(0.4), acc(0.5))
     with pytest.raises(ValueError, match="--rewards"):
