@@ -45,7 +45,7 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 import rewards
 import t2i_r1 as R
 from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, default_device, image_prompt,
-                   load_config, read_json, write_json)
+                   load_config, read_json, save_like, write_json)
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -904,8 +904,9 @@ def draw_from_plans(janus, tok, metas, plans, settings, seed=0, desc="image toke
     ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan))) for m, plan in zip(metas, plans)]
     bar = sample.Progress(-(-len(ids) // 64) * janus.cfg.image_tokens, desc)
     codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id, janus.device),
-                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, temperature=settings.temperature,
-                                         top_k=settings.top_k, generator=g, progress=sample.stage_progress(bar, None))
+                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, generator=g,
+                                         temperature=settings.temperature, top_k=settings.top_k,
+                                         progress=sample.stage_progress(bar, None))
                        for i in range(0, len(ids), 64)])
     return R.decode_images(janus, codes)
 
@@ -1152,12 +1153,13 @@ def enrich(ckpt, items, out, n=16, seeds=(0, 1, 2), split="test", device=None, d
     metas = [m for m in items for _ in range(n)]
     folders = []
     for seed in seeds:
-        records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
-                                          cot=True, reasoning_template=reasoning, desc=f"own plans, seed {seed}: image tokens")
-        rows = {"own-plans": (records, images)}
+        rows = {"own-plans": sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n),
+                                             seed=seed + 1, cot=True, reasoning_template=reasoning,
+                                             desc=f"own plans, seed {seed}: image tokens")}
         plans = perfect_plans(metas, seed, janus.cfg.vq.image_size)
-        images = draw_from_plans(janus, tok, metas, plans, settings, seed + 1, f"perfect plans, seed {seed}: image tokens")
-        rows["perfect-plans"] = ([{"prompt": m["prompt"], "plan": p, "metadata": m} for m, p in zip(metas, plans)], images)
+        rows["perfect-plans"] = ([{"prompt": m["prompt"], "plan": p, "metadata": m} for m, p in zip(metas, plans)],
+                                 draw_from_plans(janus, tok, metas, plans, settings, seed + 1,
+                                                 f"perfect plans, seed {seed}: image tokens"))
         for row, (records, images) in rows.items():
             folder = os.path.join(out, row, f"s{seed}")
             summary = sample.score(scorer, images, records, group_size=n, desc=f"{row}, seed {seed}: scoring")
@@ -1193,7 +1195,6 @@ def sft(base, out, c: SFTConfig = None, log=print):
     (model.save_like: the trained tensors replaced, every other file and tensor the base's) with sft.json
     (settings and losses). The VQ and the image embedding and head stay frozen, as in RL. Runs on the CPU,
     as pretraining does. Returns the losses."""
-    from model import save_like  # here: the checkpoint I/O may move out of model.py
     c = c or SFTConfig()
     t0 = time.time()
     janus, tok = Janus.from_pretrained(base), Tokenizer.from_pretrained(base)
@@ -1304,7 +1305,8 @@ def compare(specs, split="test", spread=False, per_tag=False):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="shapes.py", formatter_class=HelpFormatter,
-                                description="The shapes world: prompt sets, the tiny pretrained base and its experiments.")
+                                description="The shapes world: prompt sets, the tiny pretrained base, its "
+                                            "experiments.")
     sub = p.add_subparsers(dest="cmd")
     add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
     sp = add("prompts", help="write train.jsonl, val.jsonl and test.jsonl")
