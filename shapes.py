@@ -572,10 +572,27 @@ class ShapesPartReward(ShapesReward):
         return torch.tensor([p[self.part] if p else 0.0 for p in info["parts"]]), info
 
 
+class ShapesPresenceReward(ShapesPartReward):
+    name, part = "shapes-presence", "presence"
+
+
+class ShapesCountReward(ShapesPartReward):
+    name, part = "shapes-count", "count"
+
+
+class ShapesColorReward(ShapesPartReward):
+    name, part = "shapes-color", "color"
+
+
+class ShapesPositionReward(ShapesPartReward):
+    name, part = "shapes-position", "position"
+
+
 rewards.REWARDS["shapes"] = ShapesReward
-rewards.REWARDS.update({f"shapes-{part}": type(f"Shapes{part.title()}Reward", (ShapesPartReward,),
-                                                {"name": f"shapes-{part}", "part": part})
-                        for part in rewards.DENSE_PARTS})
+rewards.REWARDS["shapes-presence"] = ShapesPresenceReward
+rewards.REWARDS["shapes-count"] = ShapesCountReward
+rewards.REWARDS["shapes-color"] = ShapesColorReward
+rewards.REWARDS["shapes-position"] = ShapesPositionReward
 
 
 # -----------------------------------------------------------------------------

@@ -83,6 +83,8 @@ def test_split_rewards_by_hand_and_weighted():
     right = np.stack([S.render(scene(("circle", "red", (0, 0, 16, 16))))])
     scores, weighted = split_scores(right, [S.colors("red", "circle")], {"shapes-color": 5.0})
     assert scores["shapes-color"].item() == pytest.approx(0.5) and weighted.item() == pytest.approx(0.5 + 5 * 0.5)
+    # importing shapes registers the four beside `shapes`, one per part of the dense reward
+    assert {RW.REWARDS[f"shapes-{p}"].part for p in RW.DENSE_PARTS} == set(RW.DENSE_PARTS)
     # the names work on the command line, with weights
     assert RW.parse_rewards("shapes-presence:1,shapes-count:5,shapes-color,shapes-position:1") == {
         "shapes-presence": 1.0, "shapes-count": 5.0, "shapes-color": 1.0, "shapes-position": 1.0}
