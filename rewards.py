@@ -109,7 +109,7 @@ def relative_position(box_a, box_b, shrink=0.1):
                              ("below", dy > 0.5)] if hit}
 
 
-def geneval_score(detections, metadata):
+def geneval_score(detections, metadata, with_parts=False):
     """Strict GenEval verdict and a dense score in [0, 1] for one image -> {"strict", "dense", "reasons"}.
 
     Strict (GenEval): include clauses are ANDed. A clause takes the `count` most confident detections of its
@@ -124,21 +124,28 @@ def geneval_score(detections, metadata):
       position = #(pairs (a in top, b in top of clause i) with the relation) / (n * count_i)  (if asked)
       clause   = mean of the parts it has.
     An exclude clause of a class no include clause names scores 1 if found < count else 0 (a class that is
-    included already pays for overshooting in its count part). dense = mean over clauses (1 if none)."""
+    included already pays for overshooting in its count part). dense = mean over clauses (1 if none).
+
+    with_parts: also "parts", what each kind of part adds to dense (DENSE_PARTS; they sum to dense when there
+    is a clause): "presence" the count part of clauses asking for one object (is it there, once), "count"
+    the count part of clauses asking for two or more and the exclude clauses, "color" and "position" theirs.
+    So a weighted sum of the parts reweighs them (the shapes world's split rewards)."""
     by_class = {}
     for d in sorted(detections, key=lambda d: -float(d["score"])):
         by_class.setdefault(d["class"], []).append(d)
     include, exclude = metadata.get("include", []), metadata.get("exclude", [])
-    strict, reasons, matched, clause_scores = True, [], [], []
+    strict, reasons, matched, clause_scores, clause_parts = True, [], [], [], []
     for c in include:
         n, found = c["count"], by_class.get(c["class"], [])
         top, ok = found[:n], len(found) >= n
         if not ok:
             reasons.append(f"expected {c['class']} >= {n}, found {len(found)}")
         parts = [max(0.0, 1 - abs(n - len(found)) / n)]
+        names = ["presence" if n == 1 else "count"]
         if "color" in c:
             hits = sum(d.get("color") == c["color"] for d in top)
             parts.append(hits / n)
+            names.append("color")
             if ok and hits < n:
                 ok = False
                 reasons.append(f"expected {n} {c['color']} {c['class']}, found {hits}")
@@ -147,12 +154,14 @@ def geneval_score(detections, metadata):
             ref_top = by_class.get(include[ref]["class"], [])[:include[ref]["count"]]
             good = sum(rel in relative_position(a["box"], b["box"]) for a in top for b in ref_top)
             parts.append(good / (n * include[ref]["count"]))
+            names.append("position")
             if ok and (matched[ref] is None or good < len(top) * len(matched[ref])):
                 ok = False
                 reasons.append(f"expected {c['class']} {rel} {include[ref]['class']}")
         strict &= ok
         matched.append(top if ok else None)
         clause_scores.append(sum(parts) / len(parts))
+        clause_parts.append(list(zip(names, parts)))
     included = {c["class"] for c in include}
     for c in exclude:
         found = len(by_class.get(c["class"], []))
@@ -161,8 +170,18 @@ def geneval_score(detections, metadata):
             reasons.append(f"expected {c['class']} < {c['count']}, found {found}")
         if c["class"] not in included:
             clause_scores.append(float(found < c["count"]))
+            clause_parts.append([("count", clause_scores[-1])])
     dense = sum(clause_scores) / len(clause_scores) if clause_scores else 1.0
-    return {"strict": bool(strict), "dense": float(dense), "reasons": reasons}
+    out = {"strict": bool(strict), "dense": float(dense), "reasons": reasons}
+    if with_parts:
+        out["parts"] = dict.fromkeys(DENSE_PARTS, 0.0)
+        for named in clause_parts:  # each clause weighs 1 / (clauses), shared equally among its parts
+            for name, v in named:
+                out["parts"][name] += v / (len(named) * len(clause_parts))
+    return out
+
+
+DENSE_PARTS = ("presence", "count", "color", "position")  # geneval_score's "parts"
 
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -699,9 +718,10 @@ class RuleReward(Reward):
                 f"rewards alone set their advantages (and its logged means leave them out)")
 
     def rule_scores(self, dets, metadata):
-        res = [geneval_score(d, m) if checkable(m) else None for d, m in zip(dets, metadata)]
+        res = [geneval_score(d, m, with_parts=True) if checkable(m) else None for d, m in zip(dets, metadata)]
         scores = torch.tensor([float(r[self.cfg.score]) if r else 0.0 for r in res])
         return scores, {"strict": [r and r["strict"] for r in res], "dense": [r and r["dense"] for r in res],
+                        "parts": [r and r["parts"] for r in res],
                         "reasons": [r["reasons"] if r else ["not checked: no GenEval metadata"] for r in res],
                         "detections": dets, "checked": [r is not None for r in res]}
 
@@ -881,7 +901,9 @@ class T2IR1Detect(T2IR1Reward):
 # name -> Reward class, or "module:Class" for a reward that lives in a module importing this one (the shapes
 # world's, beside its detector), imported by `reward_class` when first asked for
 REWARDS = {"clip": ClipScore, "pickscore": PickScore, "hps": HPS, "aesthetic": Aesthetic, "geneval": GenEvalReward,
-           "git": GitVQA, "t2i-r1-detect": T2IR1Detect, "shapes": "shapes:ShapesReward"}
+           "git": GitVQA, "t2i-r1-detect": T2IR1Detect, "shapes": "shapes:ShapesReward",
+           "shapes-presence": "shapes:ShapesPresenceReward", "shapes-count": "shapes:ShapesCountReward",
+           "shapes-color": "shapes:ShapesColorReward", "shapes-position": "shapes:ShapesPositionReward"}
 # T2I-R1's ensemble minus its 7B LLaVA output reward model (README, Rewards): each at weight 1, summed
 REWARD_PRESETS = {"t2i-r1": "hps:1,t2i-r1-detect:1,git:1"}
 

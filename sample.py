@@ -206,7 +206,8 @@ def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4
 def score(scorer, images, records, group_size=None, show_progress=True, desc="scoring"):
     """Score images with a rewards.RewardEnsemble; per-image scores go into the records. Returns a summary:
     mean of every reward, GenEval per-tag accuracy and overall score for the rule rewards (geneval, shapes)
-    on prompts that carry a tag, and, when a CLIP checkpoint is at hand, the diversity of each prompt's images."""
+    on prompts that carry a tag, and, when a CLIP checkpoint is at hand, the diversity of each prompt's images
+    (with a shapes reward, also shapes.group_diversity's scene and plan diversity)."""
     bar = Progress(len(records) * len(scorer.rewards), desc=desc) if show_progress else None
     scores, info = scorer(images, [r["metadata"] for r in records], progress=bar and bar.update)
     summary = {"images": len(records), "rewards": {}}
@@ -230,6 +231,10 @@ def score(scorer, images, records, group_size=None, show_progress=True, desc="sc
     if clip is not None and group_size and group_size > 1:
         emb = clip.image_embeddings(images).view(-1, group_size, clip.clip.config.embed_dim)  # (prompts, n, E)
         summary["diversity"] = rewards.diversity(emb)
+    # a reward that can judge what a prompt leaves open (shapes) adds its own diversity scores of each group
+    judge = next((r for r in scorer.rewards.values() if hasattr(r, "group_diversity")), None)
+    if judge is not None and group_size and group_size > 1:
+        summary.update(judge.group_diversity(records, images, info[judge.name], group_size))
     return summary
 
 

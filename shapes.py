@@ -11,7 +11,11 @@ end to end on a world we fully control:
   render exactly and degrades gracefully on the blurry, colour-drifted images a small VQ decoder produces.
 
 The GenEval rule engine that turns detections + metadata into a reward lives in rewards.py, not here.
-Its reward, `shapes` (GenEval's rules on this detector), is listed in rewards.REWARDS by this module's name.
+Its reward, `shapes` (GenEval's rules on this detector), and its four parts (shapes-presence, -count, -color,
+-position) for weighting them are listed in rewards.REWARDS by this module's name.
+
+At the end, before the command line: the machinery of the rebuttal's experiments (diversity, prompt
+enrichment, SFT, reward weights; docs/experiments.md) and their tables (`shapes.py compare`).
 
 Departures from GenEval: six colours, not ten (pink is red mixed with the light background, i.e. what a
 blurred red edge looks like; brown is a dark orange of the same hue; black and white have no hue and white
@@ -22,7 +26,9 @@ Conventions used throughout: image arrays are uint8 (H, W, 3), y grows downwards
 """
 import argparse
 import collections
+import contextlib
 import functools
+import glob
 import json
 import os
 import re
@@ -38,9 +44,9 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import rewards
 import t2i_r1 as R
-from checkpoints import from_pretrained, load_config, read_json, save_pretrained, write_json
+from checkpoints import from_pretrained, load_config, read_json, save_like, save_pretrained, write_json
 from model import Janus, JanusConfig, Tokenizer, chat_prompt, image_prompt
-from settings import HelpFormatter, check_settings, config_flags, default_device
+from settings import HelpFormatter, check_settings, config_flags, default_device, setting
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -558,6 +564,37 @@ class ShapesReward(rewards.RuleReward):
         return self.rule_scores([detect(img) if rewards.checkable(m) else [] for img, m in zip(images, metadata)],
                                 metadata)
 
+    def group_diversity(self, records, images, info, group_size):  # sample.score's hook: see diversity_summary
+        return diversity_summary(records, images, info["detections"], group_size)
+
+
+class ShapesPartReward(ShapesReward):
+    """One part of the dense shapes reward (rewards.geneval_score's "parts"): what presence, count, colour or
+    position adds to it. At equal weights the four sum to `shapes`; `--rewards shapes-color:5,...` reweighs
+    one. A prompt without that kind of clause scores 0, a constant in its group. Each reports the same strict
+    GenEval accuracy as `shapes`."""
+    part = None
+
+    def score(self, images, metadata):
+        _, info = super().score(images, metadata)
+        return torch.tensor([p[self.part] if p else 0.0 for p in info["parts"]]), info
+
+
+class ShapesPresenceReward(ShapesPartReward):
+    name, part = "shapes-presence", "presence"
+
+
+class ShapesCountReward(ShapesPartReward):
+    name, part = "shapes-count", "count"
+
+
+class ShapesColorReward(ShapesPartReward):
+    name, part = "shapes-color", "color"
+
+
+class ShapesPositionReward(ShapesPartReward):
+    name, part = "shapes-position", "position"
+
 
 # -----------------------------------------------------------------------------
 # The tiny base: a VQ, a word-level tokenizer and a small Janus, pretrained on rendered scenes.
@@ -612,8 +649,9 @@ def make_tokenizer():
     return tk
 
 
-def render_dataset(c: PretrainConfig, rng):
-    """(metadata, plan text, uint8 image) for c.scenes random scenes of training prompts.
+def render_dataset(c: PretrainConfig, rng, prompts=None):
+    """(metadata, plan text, uint8 image) for c.scenes random scenes of training prompts (prompts: unset, the
+    train and val splits, as pretraining sees them; SFT passes the train split alone).
 
     Held-out colour-shape pairs are never named by a training prompt, but they may appear in a scene
     where the prompt leaves the colour free ("a photo of a triangle" drawn red), and so in its plan. The
@@ -621,7 +659,7 @@ def render_dataset(c: PretrainConfig, rng):
     ("a red triangle") over to a scene it knows: the semantic level's job in T2I-R1."""
     train, val, _ = prompt_sets()
     by_tag = {}
-    for m in train + val:  # val is carved out of RL's prompts, not out of what the base has seen
+    for m in prompts or train + val:  # val is carved out of RL's prompts, not out of what the base has seen
         by_tag.setdefault(m["tag"], []).append(m)
     tags, out = sorted(by_tag), []
     for _ in range(c.scenes):  # tags drawn uniformly: color_attr would otherwise be half of the data
@@ -740,6 +778,14 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
     janus = Janus(cfg)
     janus.gen_vision_model.load_state_dict(vq.state_dict())
     janus.gen_vision_model.requires_grad_(False)
+    return janus, fit_janus(janus, tok, data, c, log)
+
+
+def fit_janus(janus, tok, data, c: PretrainConfig, log=print, what="Janus", autocast=None):
+    """c.lm_steps AdamW steps of the three-task mix (_sequences) on the weights of janus that require grad
+    (c.lm_lr peak, warm-up then cosine to a tenth; c.lm_batch sequences a step): pretraining, and SFT on a
+    base. autocast: a context to compute in (bf16 over float32 weights), or none. Returns the losses; janus
+    is left in eval mode."""
     params = [p for p in janus.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lm_lr, betas=(0.9, 0.95), weight_decay=0.01)
     rng = np.random.default_rng(c.seed + 1)
@@ -751,7 +797,8 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
         batch = [data[i] for i in rng.integers(len(data), size=c.lm_batch)]
         terms = []
         for kind, (ids, mask, completion, completion_mask) in _sequences(tok, batch, c, rng).items():
-            logp = R.completion_logprobs(janus, ids, mask, completion, completion_mask, kind)
+            with autocast or contextlib.nullcontext():
+                logp = R.completion_logprobs(janus, ids, mask, completion, completion_mask, kind)
             nll = -(logp * completion_mask).sum() / completion_mask.sum()
             terms.append(nll * len(ids) / c.lm_batch)
             losses[kind].append(nll.item())
@@ -761,9 +808,10 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % max(1, c.lm_steps // 20) == 0:
-            log(f"Janus step {step + 1}/{c.lm_steps}: nll of plans {np.mean(losses['text'][-20:]):.3f}, "
+            log(f"{what} step {step + 1}/{c.lm_steps}: nll of plans {np.mean(losses['text'][-20:]):.3f}, "
                 f"of images {np.mean(losses['image'][-20:]):.3f}")
-    return janus.eval(), losses
+    janus.eval()
+    return losses
 
 
 def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
@@ -866,6 +914,21 @@ def following_summary(metas, plans, detections):
             "overall": float(np.mean(every)) if every else float("nan")}
 
 
+def draw_from_plans(janus, tok, metas, plans, settings, seed=0, desc="image tokens"):
+    """One image per (prompt, given plan), drawn by janus at settings' guidance weight, in batches of 64 with
+    one progress line: uint8 (len(metas), S, S, 3). The drawer alone, with the plan written by someone else."""
+    import sample  # sample.py imports this file: imported here, not at the top
+    g = torch.Generator(device=janus.device).manual_seed(seed)
+    ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan))) for m, plan in zip(metas, plans)]
+    bar = sample.Progress(-(-len(ids) // 64) * janus.cfg.image_tokens, desc)
+    codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id, janus.device),
+                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, generator=g,
+                                         temperature=settings.temperature, top_k=settings.top_k,
+                                         progress=sample.stage_progress(bar, None))
+                       for i in range(0, len(ids), 64)])
+    return R.decode_images(janus, codes)
+
+
 def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None, dtype=None):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
@@ -902,13 +965,8 @@ def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None,
         codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(clean[i:i + 256], device=janus.device)))
                            for i in range(0, len(clean), 256)])
     judge("VQ ceiling", detect_batch(R.decode_images(janus, codes)))
-    g = torch.Generator(device=janus.device).manual_seed(seed)
-    ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan_of(s)))) for m, s in zip(metas, scenes)]
-    bar = sample.Progress(-(-len(ids) // 64) * janus.cfg.image_tokens, "drawn from true plans: image tokens")
-    codes = torch.cat([R.generate_images(janus, *R.pad_tokens(ids[i:i + 64], tok.pad_id, janus.device),
-                                         pad_id=tok.pad_id, cfg_weight=settings.cfg_weight, generator=g,
-                                         progress=sample.stage_progress(bar, None)) for i in range(0, len(ids), 64)])
-    drawn = detect_batch(R.decode_images(janus, codes))
+    drawn = detect_batch(draw_from_plans(janus, tok, metas, [plan_of(s) for s in scenes], settings, seed,
+                                         "drawn from true plans: image tokens"))
     judge("drawn from true plans", drawn)
     following("plan-following, true plans", [plan_of(s) for s in scenes], drawn)
     for levels in ("both", "token"):
@@ -928,15 +986,21 @@ def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None,
 # The ablation report: runs of train.py grouped by level, mean and spread over their seeds
 
 
-def _scores(run, split, which):
-    """Per-tag strict accuracy and GenEval overall of a run's first ("base") or last evaluation on split, from
-    the summaries train.py writes into run/eval/."""
+def _eval_summary(run, split, which):
+    """(path, summary) of a run's first ("base") or last evaluation on split, from the summaries train.py
+    writes into run/eval/."""
     folder = os.path.join(run, "eval")
     files = sorted(f for f in os.listdir(folder) if f.startswith(split + "_")) if os.path.isdir(folder) else []
     if not files:
         raise FileNotFoundError(f"{folder} holds no {split} evaluation: is {run} a finished train.py run?")
     path = os.path.join(folder, files[0] if which == "base" else files[-1])
-    g = next((v for k, v in read_json(path).items() if k.startswith("geneval_")), None)
+    return path, read_json(path)
+
+
+def _scores(run, split, which):
+    """Per-tag strict accuracy and GenEval overall of a run's first ("base") or last evaluation on split."""
+    path, summary = _eval_summary(run, split, which)
+    g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
     if g is None:
         raise ValueError(f"{path} holds no GenEval accuracy: {run} was scored by no rule reward (shapes, geneval)")
     return {**g["per_tag"], "overall": g["overall"]}
@@ -1005,11 +1069,263 @@ def report(runs, split="test"):
 
 
 # -----------------------------------------------------------------------------
+# Experiment: diversity over what a prompt leaves open (issue 21; docs/experiments.md has the commands)
+#
+# A prompt fixes some attributes of its objects and leaves the others open: the place and size of every
+# object, and the colour of an object whose colour it does not name. A scene is described by its open
+# attributes only, a slot per asked object, and the scenes of one prompt by the Vendi score of those
+# descriptors (Friedman and Dieng, 2023): exp of the entropy of the eigenvalues of K / n, K[i, j] the fraction
+# of open attributes scenes i and j share. It is 1 when all n scenes are alike and n when no two share an
+# open attribute: the number of effectively different scenes. Unlike an entropy per attribute, it judges
+# scenes whole: 16 scenes that always pair the same place with the same colour are less diverse than 16
+# that mix them, though each attribute on its own is spread alike.
+
+OPEN_ATTRIBUTES = ("place", "side", "color")  # side: the object's width in grid cells
+PLAN_ATTRIBUTES = ("place", "color")          # a plan names no size
+DIVERSITY_TAGS = ("single_object", "two_object", "colors")  # the issue's table: what these prompts leave open is most
+
+
+def open_descriptor(objects, meta, attributes=OPEN_ATTRIBUTES):
+    """The attributes `meta` leaves open, of the objects it asks for, as a tuple: per include clause and per
+    object it asks, the object's `attributes`, colour only where the clause names none. objects: (shape,
+    colour, place, side) tuples, best first (detections by score, a plan in its order); a clause takes the
+    first `count` of its shape, in reading order; an object that is not there has None for each attribute."""
+    where = {"color": 1, "place": 2, "side": 3}
+    out = []
+    for clause in meta["include"]:
+        mine = [o for o in objects if o[0] == clause["class"]][:clause["count"]]
+        mine = sorted(mine, key=lambda o: PLACES.index(o[2]) if o[2] in PLACES else len(PLACES))
+        for o in mine + [None] * (clause["count"] - len(mine)):
+            out += [None if o is None else o[where[a]] for a in attributes if a != "color" or "color" not in clause]
+    return tuple(out)
+
+
+def vendi_score(descriptors):
+    """Vendi score of n equal-length descriptors (tuples of attribute values), with the fraction of equal
+    attributes as the similarity: from 1 (all alike) to n (no two share a value)."""
+    n, width = len(descriptors), len(descriptors[0])
+    if width == 0:
+        return 1.0
+    K = np.array([[sum(a == b for a, b in zip(x, y)) / width for y in descriptors] for x in descriptors])  # (n, n)
+    eig = np.linalg.eigvalsh(K / n)
+    eig = eig[eig > 1e-12]  # K is positive semi-definite (a sum of one-hot Gram matrices): the rest is rounding
+    return float(np.exp(-(eig * np.log(eig)).sum()))
+
+
+def detected_objects(detections, size):
+    """Detections -> (shape, colour, place, side in cells) tuples, best first, as open_descriptor reads them."""
+    return [(d["class"], d["color"], place_of(d["box"], size), round((d["box"][2] - d["box"][0]) * CELLS / size))
+            for d in detections]
+
+
+def planned_objects(plan):
+    return [(shape, color, place, None) for color, shape, place in parse_plan(plan)]
+
+
+def diversity_summary(records, images, detections, group_size):
+    """Scene and plan diversity (Vendi scores of open_descriptor) of each group of group_size consecutive
+    records (one prompt's samples, as sample.generate orders them) with GenEval metadata: {"scene_diversity":
+    {"per_tag", "overall"}, "plan_diversity": the same, when every record has a plan}; overall is the mean
+    over prompts. records: dicts with "metadata" and "plan"; images: their images (for the size)."""
+    size = int(np.asarray(images[0]).shape[0])
+    scene, plan = collections.defaultdict(list), collections.defaultdict(list)
+    for g in range(0, len(records) - group_size + 1, group_size):
+        meta, group = records[g]["metadata"], records[g:g + group_size]
+        if not rewards.checkable(meta):
+            continue
+        tag = meta.get("tag", "untagged")
+        scene[tag].append(vendi_score([open_descriptor(detected_objects(d, size), meta)
+                                       for d in detections[g:g + group_size]]))
+        if all(r.get("plan") for r in group):
+            plan[tag].append(vendi_score([open_descriptor(planned_objects(r["plan"]), meta, PLAN_ATTRIBUTES)
+                                          for r in group]))
+    out = {}
+    for name, by_tag in (("scene_diversity", scene), ("plan_diversity", plan)):
+        if by_tag:
+            out[name] = {"per_tag": {t: float(np.mean(v)) for t, v in by_tag.items()},
+                         "overall": float(np.mean([x for v in by_tag.values() for x in v]))}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Experiment: prompt enrichment against joint training. The base draws from (a) its own zero-shot plans,
+# (b) the plans of a perfect external planner; (c), T2I-R1's own images, are its train.py runs' evaluations.
+# (b) - (a) is what a better plan alone buys; (c) - (b) what a drawer trained to use the plans adds.
+
+
+def perfect_plans(metas, rng, size=64):
+    """The perfect external planner: for each prompt, the plan of a random true scene that satisfies it."""
+    rng = np.random.default_rng(rng)
+    return [plan_of(sample_scene(m, rng, size=size)) for m in metas]
+
+
+def enrich(ckpt, items, out, n=16, seeds=(0, 1, 2), split="test", device=None, dtype=None, log=print):
+    """Evaluate the base `ckpt` on items drawing from its own plans and from perfect plans, n images per prompt,
+    once per seed. Each (row, seed) is written as a run folder, out/{own-plans,perfect-plans}/s{seed} with
+    config.json and eval/{split}_00000.json in train.py's format, so `compare` tabulates them beside runs.
+    Returns the folders."""
+    import sample  # sample.py imports this file: imported here, not at the top
+    janus, tok = from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
+    settings = R.SamplingConfig().resolved(ckpt)  # as train.py's evaluation samples
+    reasoning = R.load_reasoning_prompt(ckpt=ckpt)
+    scorer = rewards.RewardEnsemble({"shapes": 1.0}, {})
+    metas = [m for m in items for _ in range(n)]
+    folders = []
+    for seed in seeds:
+        rows = {"own-plans": sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n),
+                                             seed=seed + 1, levels="both", reasoning_template=reasoning,
+                                             desc=f"own plans, seed {seed}: image tokens")}
+        plans = perfect_plans(metas, seed, janus.cfg.vq.image_size)
+        rows["perfect-plans"] = ([{"prompt": m["prompt"], "plan": p, "metadata": m} for m, p in zip(metas, plans)],
+                                 draw_from_plans(janus, tok, metas, plans, settings, seed + 1,
+                                                 f"perfect plans, seed {seed}: image tokens"))
+        for row, (records, images) in rows.items():
+            folder = os.path.join(out, row, f"s{seed}")
+            summary = sample.score(scorer, images, records, group_size=n, desc=f"{row}, seed {seed}: scoring")
+            os.makedirs(os.path.join(folder, "eval"), exist_ok=True)
+            write_json(os.path.join(folder, "eval", f"{split}_00000.json"), summary)
+            write_json(os.path.join(folder, "config.json"), {"seed": seed, "ckpt": ckpt, "plans": row, "eval_n": n})
+            folders.append(folder)
+            log(f"{row}, seed {seed}: GenEval overall {summary['geneval_shapes']['overall']:.3f}")
+    return folders
+
+
+# -----------------------------------------------------------------------------
+# Experiment: SFT against RL against SFT-then-RL. SFT fine-tunes a base on true (prompt, plan, image)
+# examples of the training prompts with the pretraining's own mix and loss (fit_janus), on the weights RL
+# trains, and saves a base in the same layout, so `train.py --ckpt` starts RL from it.
+
+
+@dataclass
+class SFTConfig:
+    seed: int = 0              # seed of the scenes and the order of the data
+    scenes: int = setting(10000, low=1)  # true examples: random scenes of the training prompts, rendered
+    # about the default RL run's compute: 200 steps x 64 samples, each a plan and an image sequence trained,
+    # is 25,600 sequences; SFT trains one sequence (a plan or an image) per example of a batch
+    steps: int = setting(800, low=1)     # optimizer steps
+    batch: int = setting(32, low=1)      # sequences per step
+    lr: float = setting(2e-4, above=0)   # peak learning rate (AdamW), warm-up then cosine to a tenth (base: 2e-4)
+    cond_dropout: float = 0.1  # fraction of image prompts replaced by pad tokens, as in pretraining
+    dtype: str = setting("float32", choices=("float32", "bfloat16"))  # autocast over the float32 weights
+
+
+def sft(base, out, c: SFTConfig = None, log=print):
+    """Fine-tune the base folder on c.scenes true examples of the train split; save out/ in the base's layout
+    (checkpoints.save_like: the trained tensors replaced, every other file and tensor the base's) with sft.json
+    (settings and losses). The VQ and the image embedding and head stay frozen, as in RL. Runs on the CPU,
+    as pretraining does. Returns the losses."""
+    c = c or SFTConfig()
+    t0 = time.time()
+    janus, tok = from_pretrained(base), Tokenizer.from_pretrained(base)
+    for part in (janus.gen_vision_model, janus.gen_embed, janus.gen_aligner, janus.gen_head):
+        part.requires_grad_(False)
+    mix = PretrainConfig(seed=c.seed, scenes=c.scenes, image_size=janus.cfg.vq.image_size, lm_steps=c.steps,
+                         lm_batch=c.batch, lm_lr=c.lr, cond_dropout=c.cond_dropout)
+    scenes = render_dataset(mix, np.random.default_rng(c.seed), prompts=prompt_sets()[0])
+    images = np.stack([img for _, _, img in scenes])
+    with torch.no_grad():  # the base's own VQ codes of the true images: what its drawer writes
+        codes = torch.cat([janus.vq.encode(from_uint8(torch.as_tensor(images[i:i + 256])))
+                           for i in range(0, len(images), 256)])
+    data = [(meta, plan, cd.tolist()) for (meta, plan, _), cd in zip(scenes, codes)]
+    log(f"SFT of {base} on {len(data)} true examples of the training prompts: {c.steps} steps of {c.batch}")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.dtype == "bfloat16" else None
+    losses = fit_janus(janus, tok, data, mix, log, what="SFT", autocast=autocast)
+    trained = {n for n, p in janus.named_parameters() if p.requires_grad}
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_like(base, tmp, {k: v for k, v in janus.export_state().items() if k in trained})
+    write_json(os.path.join(tmp, "sft.json"), {
+        "base": os.path.abspath(base), "config": c.__dict__, "seconds": round(time.time() - t0, 1),
+        **{f"{k}_nll_{end}": float(np.mean(v[sl])) for k, v in (("plan", losses["text"]), ("image", losses["image"]))
+           for end, sl in (("first", slice(0, 20)), ("last", slice(-20, None)))}})
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"SFT: saved to {out} in {time.time() - t0:.0f}s")
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# The experiments' tables: named rows of run folders, each row's runs pooled as seeds
+
+
+def parse_row(spec):
+    """'NAME=RUN[,RUN...]' -> (name, [(run, which)]): RUN may be a glob, and ends in @base for the run's first
+    (step-0) evaluation instead of its last. FileNotFoundError names a pattern that matches no run folder."""
+    name, sep, runs = spec.partition("=")
+    if not sep or not name.strip() or not runs.strip():
+        raise ValueError(f"a row is NAME=RUN[,RUN...] (RUN a folder or glob, @base for its step-0 evaluation), "
+                         f"got {spec!r}")
+    out = []
+    for item in runs.split(","):
+        which = "base" if item.endswith("@base") else "final"
+        pattern = os.path.expanduser(item.removesuffix("@base"))
+        found = sorted(p for p in glob.glob(pattern) if os.path.isfile(os.path.join(p, "config.json")))
+        if not found:
+            raise FileNotFoundError(f"row {name!r}: {pattern} matches no run folder (none with a config.json)")
+        out += [(run, which) for run in found]
+    return name.strip(), out
+
+
+def _row_values(entries, split):
+    """Per run of a row: accuracy per tag and overall, the scene and plan diversity of each of DIVERSITY_TAGS
+    ("scene_diversity:colors") and their mean ("scene_diversity"), NaN where the summary has none."""
+    values = []
+    for run, which in entries:
+        v = _scores(run, split, which)
+        _, summary = _eval_summary(run, split, which)
+        for key in ("scene_diversity", "plan_diversity"):
+            per_tag = summary.get(key, {}).get("per_tag", {})
+            v.update({f"{key}:{t}": per_tag.get(t, float("nan")) for t in DIVERSITY_TAGS})
+            v[key] = float(np.mean([per_tag[t] for t in DIVERSITY_TAGS if t in per_tag])) if per_tag else float("nan")
+        values.append(v)
+    return values
+
+
+def compare(specs, split="test", spread=False, per_tag=False):
+    """A markdown table of named rows of runs (parse_row): strict GenEval accuracy per tag and overall, scene
+    and plan diversity (Vendi score of 16 samples, mean over DIVERSITY_TAGS), each the mean over the row's
+    runs +- their sample standard deviation. The runs of a row must differ only in the seed and how they ran
+    (check_comparable, the starting checkpoint allowed to differ: SFT-then-RL starts each seed from its own
+    SFT). spread: below it, each row's mean relative change of the six GenEval tags against the first row,
+    as the rebuttal reports reward weights. per_tag: the diversities of each of DIVERSITY_TAGS, not their mean."""
+    rows = []
+    for spec in specs:
+        name, entries = parse_row(spec)
+        configs = {run: {k: v for k, v in read_json(os.path.join(run, "config.json")).items() if k != "ckpt"}
+                   for run, _ in entries}
+        check_comparable(configs)
+        rows.append((name, _row_values(entries, split)))
+    cols = [t for t in GENEVAL_TAGS + ("overall", "reasoning") if any(t in v for _, vs in rows for v in vs)]
+    cols += [f"{k}:{t}" for k in ("scene_diversity", "plan_diversity") for t in DIVERSITY_TAGS] if per_tag \
+        else ["scene_diversity", "plan_diversity"]
+    def cell(values):
+        v = np.array([x for x in values if not np.isnan(x)])
+        return "–" if not len(v) else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    names = {"overall": "GenEval overall", "scene_diversity": "image diversity", "plan_diversity": "plan diversity",
+             **{f"{k}:{t}": f"{k.split('_')[0].replace('scene', 'image')} diversity, {t}"
+                for k in ("scene_diversity", "plan_diversity") for t in DIVERSITY_TAGS}}
+    lines = ["| | runs | " + " | ".join(names.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines += [f"| {name} | {len(vs)} | " + " | ".join(cell([v.get(c, float('nan')) for v in vs]) for c in cols) + " |"
+              for name, vs in rows]
+    if spread and len(rows) > 1:
+        tags = [t for t in GENEVAL_TAGS if t in cols]
+        ref = {t: np.mean([v[t] for v in rows[0][1]]) for t in tags}
+        moves = [(name, np.mean([abs(np.mean([v[t] for v in vs]) - ref[t]) / ref[t] for t in tags if ref[t] > 0]))
+                 for name, vs in rows[1:]]
+        lines += ["", f"Mean relative change of the {len(tags)} GenEval tags against {rows[0][0]!r}:"]
+        lines += [f"- {name}: {100 * m:.1f}%" for name, m in moves]
+        lines += [f"- average over the rows: {100 * np.mean([m for _, m in moves]):.1f}%"]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def build_parser():
     p = argparse.ArgumentParser(prog="shapes.py", formatter_class=HelpFormatter,
-                                description="The shapes world: prompt sets and the tiny pretrained base.")
+                                description="The shapes world: prompt sets, the tiny pretrained base, its "
+                                            "experiments.")
     sub = p.add_subparsers(dest="cmd")
     add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
     sp = add("prompts", help="write train.jsonl, val.jsonl and test.jsonl")
@@ -1017,17 +1333,38 @@ def build_parser():
     pp = add("pretrain", help="pretrain the tiny base (the default command)")
     pp.add_argument("--out", default=PRETRAIN_DIR, help="folder of the base (the shipped one is in assets/)")
     config_flags(pp, PretrainConfig)
+    def base_flags(sp):  # what diagnose and enrich sample from, and where
+        sp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
+        sp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
+        sp.add_argument("--n", type=int, default=16, help="images per prompt")
+        sp.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+        sp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     dp = add("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base")
-    dp.add_argument("--ckpt", default=BASE_DIR, help="the base's folder")
-    dp.add_argument("--split", default="test", choices=["train", "val", "test"], help="which prompts")
-    dp.add_argument("--n", type=int, default=16, help="images per prompt")
+    base_flags(dp)
     dp.add_argument("--cfg", dest="cfg_weight", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
-    dp.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    dp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     rp = add("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
     rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
+    # the issue 21 experiments (docs/experiments.md)
+    sp = add("sft", help="fine-tune a base on true (prompt, plan, image) examples of the training prompts")
+    sp.add_argument("--base", default=BASE_DIR, help="the base's folder")
+    sp.add_argument("--out", required=True, help="folder of the fine-tuned base (train.py --ckpt OUT starts RL from "
+                                                         "it) (default: none, required)")
+    config_flags(sp, SFTConfig)
+    ep = add("enrich", help="the base drawing from its own plans and from a perfect planner's, as run folders")
+    base_flags(ep)
+    ep.add_argument("--out", required=True, help="folder for the rows' run folders (own-plans/s*, "
+                                                         "perfect-plans/s*) (default: none, required)")
+    ep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one evaluation per seed")
+    ep.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke tests)")
+    cp = add("compare", help="an experiment's table: named rows of run folders, each row's runs as seeds")
+    cp.add_argument("rows", nargs="+", help="NAME=RUN[,RUN...]: RUN a folder or glob, @base for its step-0 evaluation "
+                                            "(default: none, name at least one)")
+    cp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
+    cp.add_argument("--spread", action="store_true", help="each row's mean relative change against the first row")
+    cp.add_argument("--per-tag", action="store_true", help="diversity of each of single_object, two_object and "
+                                                           "colors, not their mean")
     return p
 
 
@@ -1039,17 +1376,32 @@ def main(argv=None):
             check_settings(R.SamplingConfig(cfg_weight=args.cfg_weight))
             load_config(args.ckpt)
             device = default_device(args.device)
+        if args.cmd == "enrich":
+            load_config(args.ckpt)
+            device = default_device(args.device)
+            if args.n < 2:
+                raise ValueError(f"--n must be at least 2 (diversity compares a prompt's images), got {args.n}")
+        if args.cmd == "sft":
+            load_config(args.base)
+            check_settings(SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig)}))
         table = report(args.runs, args.split) if args.cmd == "report" else None
+        table = compare(args.rows, args.split, args.spread, args.per_tag) if args.cmd == "compare" else table
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     if args.cmd == "prompts":
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
-        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg_weight=args.cfg_weight,
-                 device=device, dtype=args.dtype and getattr(torch, args.dtype))
-    elif args.cmd == "report":
+        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n,
+                 cfg_weight=args.cfg_weight, device=device, dtype=args.dtype and getattr(torch, args.dtype))
+    elif args.cmd in ("report", "compare"):
         print(table)
+    elif args.cmd == "sft":
+        sft(args.base, args.out, SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig)}))
+    elif args.cmd == "enrich":
+        items = dict(zip(("train", "val", "test"), prompt_sets()))[args.split][:args.limit]
+        enrich(args.ckpt, items, args.out, args.n, args.seeds, args.split, device,
+               args.dtype and getattr(torch, args.dtype))
     else:
         pretrain(args.out, PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)}))
 
