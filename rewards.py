@@ -136,32 +136,11 @@ def geneval_score(detections, metadata, with_parts=False):
     include, exclude = metadata.get("include", []), metadata.get("exclude", [])
     strict, reasons, matched, clause_scores, clause_parts = True, [], [], [], []
     for c in include:
-        n, found = c["count"], by_class.get(c["class"], [])
-        top, ok = found[:n], len(found) >= n
-        if not ok:
-            reasons.append(f"expected {c['class']} >= {n}, found {len(found)}")
-        parts = [max(0.0, 1 - abs(n - len(found)) / n)]
-        names = ["presence" if n == 1 else "count"]
-        if "color" in c:
-            hits = sum(d.get("color") == c["color"] for d in top)
-            parts.append(hits / n)
-            names.append("color")
-            if ok and hits < n:
-                ok = False
-                reasons.append(f"expected {n} {c['color']} {c['class']}, found {hits}")
-        if "position" in c:
-            rel, ref = c["position"]
-            ref_top = by_class.get(include[ref]["class"], [])[:include[ref]["count"]]
-            good = sum(rel in relative_position(a["box"], b["box"]) for a in top for b in ref_top)
-            parts.append(good / (n * include[ref]["count"]))
-            names.append("position")
-            if ok and (matched[ref] is None or good < len(top) * len(matched[ref])):
-                ok = False
-                reasons.append(f"expected {c['class']} {rel} {include[ref]['class']}")
+        ok, top, named = _include_clause(c, include, by_class, matched, reasons)
         strict &= ok
         matched.append(top if ok else None)
-        clause_scores.append(sum(parts) / len(parts))
-        clause_parts.append(list(zip(names, parts)))
+        clause_scores.append(sum(v for _, v in named) / len(named))
+        clause_parts.append(named)
     included = {c["class"] for c in include}
     for c in exclude:
         found = len(by_class.get(c["class"], []))
@@ -179,6 +158,31 @@ def geneval_score(detections, metadata, with_parts=False):
             for name, v in named:
                 out["parts"][name] += v / (len(named) * len(clause_parts))
     return out
+
+
+def _include_clause(c, include, by_class, matched, reasons):
+    """One include clause of geneval_score: (whether it passes, its top detections, [(part name, dense part)]).
+    matched: the top detections of the clauses before it (None where they failed); reasons gets why it fails."""
+    n, found = c["count"], by_class.get(c["class"], [])
+    top, ok = found[:n], len(found) >= n
+    if not ok:
+        reasons.append(f"expected {c['class']} >= {n}, found {len(found)}")
+    named = [("presence" if n == 1 else "count", max(0.0, 1 - abs(n - len(found)) / n))]
+    if "color" in c:
+        hits = sum(d.get("color") == c["color"] for d in top)
+        named.append(("color", hits / n))
+        if ok and hits < n:
+            ok = False
+            reasons.append(f"expected {n} {c['color']} {c['class']}, found {hits}")
+    if "position" in c:
+        rel, ref = c["position"]
+        ref_top = by_class.get(include[ref]["class"], [])[:include[ref]["count"]]
+        good = sum(rel in relative_position(a["box"], b["box"]) for a in top for b in ref_top)
+        named.append(("position", good / (n * include[ref]["count"])))
+        if ok and (matched[ref] is None or good < len(top) * len(matched[ref])):
+            ok = False
+            reasons.append(f"expected {c['class']} {rel} {include[ref]['class']}")
+    return ok, top, named
 
 
 DENSE_PARTS = ("presence", "count", "color", "position")  # geneval_score's "parts"
