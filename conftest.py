@@ -373,16 +373,20 @@ def random_base(tmp_path_factory):
                    vq=dict(image_size=4, codebook_size=8, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                            z_channels=32, num_res_blocks=1))  # 2x2 image tokens: each one moves the reward
     m = M.Janus(cfg)
+    unit_scale_image_path(m)
+    C.save_pretrained(m, folder, tokenizer=tok)
+    (folder / "reasoning_prompt.txt").write_text(S.REASONING_TEMPLATE)
+    return str(folder)
+
+
+def unit_scale_image_path(m):
+    """Unit-scale weights for the image path (embedding, aligner, head), frozen during RL and SFT: with GPT-style
+    0.02 init the image logits barely move whatever the trainable decoder does."""
     with torch.no_grad():
-        # the image path is frozen during RL, so give it unit-scale weights: with GPT-style 0.02 init the image
-        # logits barely move whatever the trainable decoder does
         m.gen_embed.weight.normal_()
         for w in (m.gen_aligner.layers[0].weight, m.gen_aligner.layers[2].weight,
                   m.gen_head.output_mlp_projector.weight, m.gen_head.vision_head.weight):
             w.normal_(0, w.shape[1] ** -0.5)
-    C.save_pretrained(m, folder, tokenizer=tok)
-    (folder / "reasoning_prompt.txt").write_text(S.REASONING_TEMPLATE)
-    return str(folder)
 
 
 class Redness(RW.Reward):

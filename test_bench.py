@@ -1,12 +1,14 @@
 """Tests of bench.py, and the command line of every script.
 """
 
+import argparse
 import os
 import re
 
 import pytest
 import torch
 
+import bench
 import sample as SA
 import shapes as S
 import train as T
@@ -14,8 +16,6 @@ from conftest import BF16, train_args
 
 
 def test_bench_train_measures_steps_on_random_weights(capsys):
-    import argparse
-    import bench
     args = argparse.Namespace(preset="tiny", steps=2, group_size=4, prompts_per_step=2, micro_batch=4,
                               max_plan_tokens=6, lora_rank=4, grad_checkpointing=True, compile=False, device="cpu",
                               dtype="bfloat16")
@@ -30,7 +30,6 @@ def test_bench_train_measures_steps_on_random_weights(capsys):
 def test_bench_memory_counts_the_weights_train_py_holds(random_base, redness, tmp_path, lora, capsys):
     """bench.py memory's weight rows are the bytes train.py's models hold under bf16 (trained float32 weights,
     frozen bf16 ones, the bf16 reference), and its table prints a peak per plan length."""
-    import bench
     cfg = T.resolve_defaults(T.parse_args(train_args(random_base, tmp_path / "run", *BF16,
                                                      *(["--lora-rank", "4"] if lora else []))))
     run = T.start_run(T.prepare(cfg, log=lambda *a: None), log=lambda *a: None)
@@ -49,7 +48,6 @@ def test_bench_memory_counts_the_weights_train_py_holds(random_base, redness, tm
 def test_bench_gpu_prints_every_part_and_a_failing_column_leaves_the_others(capsys, monkeypatch):
     """`bench.py gpu` end to end on CPU with everything shrunk, so that README's GPU command cannot rot; the
     transformers column fails (as transformers' own Janus generate has), and every other figure still comes."""
-    import bench
 
     def broken(*a):
         raise TypeError("_prepare_static_cache() missing 1 required positional argument")
@@ -75,8 +73,6 @@ def test_bench_gpu_prints_every_part_and_a_failing_column_leaves_the_others(caps
 
 
 def test_every_flag_of_every_script_has_a_help_line_with_its_default(tmp_path):
-    import argparse
-    import bench
 
     def parsers(p):
         yield p

@@ -18,7 +18,7 @@ import rewards as RW
 import sample as SA
 import shapes as S
 import train as T
-from conftest import cli_error
+from conftest import cli_error, unit_scale_image_path
 
 
 def scene(*objects):
@@ -203,11 +203,7 @@ def tiny_base(folder, scenes=64):
                                         lm_steps=1, lm_batch=4), log=lambda *a, **k: None)
     m, tok = C.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    with torch.no_grad():
-        m.gen_embed.weight.normal_()
-        for w in (m.gen_aligner.layers[0].weight, m.gen_aligner.layers[2].weight,
-                  m.gen_head.output_mlp_projector.weight, m.gen_head.vision_head.weight):
-            w.normal_(0, w.shape[1] ** -0.5)
+    unit_scale_image_path(m)
     C.save_pretrained(m, folder, tokenizer=tok)
     return folder
 
