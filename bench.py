@@ -11,7 +11,7 @@
 
 Speed compares, in one run and on one machine: our sampler eager, with the compiled decode step, eager
 with every linear layer pinned to one CPU matmul kernel (F.linear: nn.Linear's own, MKL's x W^T; "W x^T";
-oneDNN: see model.Linear), and without the KV cache (the whole sequence recomputed every step, timed over
+oneDNN: see kernels.Linear), and without the KV cache (the whole sequence recomputed every step, timed over
 the first --nocache-tokens tokens only, since it slows down further on), plus transformers' Janus image
 generation with --hf. Each column is warmed up once, then the columns run in turn --repeats times and the
 best run counts, so that other work on the machine slows every column alike. It also prints the bandwidth
@@ -42,7 +42,11 @@ import time
 
 import torch
 
+import checkpoints as C
+import fast_decode as FD
+import kernels as K
 import model as M
+import settings
 import shapes
 import t2i_r1 as R
 import train as T
@@ -63,15 +67,15 @@ def write_random_checkpoint(cfg, folder, dtype=torch.bfloat16, weights="bin", sh
         sizes = {k: v.shape for k, v in M.Janus(cfg).state_dict().items()}
     state = {k: torch.empty(s, dtype=dtype).normal_(0, 0.02) for k, s in sizes.items()}
     os.makedirs(folder, exist_ok=True)
-    M.save_state_dict(state, folder, weights=weights, shards=shards)
-    M.write_json(os.path.join(folder, "config.json"), M.config_to_dict(cfg, dtype))
+    C.save_state_dict(state, folder, weights=weights, shards=shards)
+    C.write_json(os.path.join(folder, "config.json"), C.config_to_dict(cfg, dtype))
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def load_child(folder, dtype):
     """Runs in a fresh process: load, touch every weight with a forward pass, report peak RSS."""
     t0 = time.time()
-    m = M.Janus.from_pretrained(folder, device="cpu", dtype=getattr(torch, dtype))
+    m = C.from_pretrained(folder, device="cpu", dtype=getattr(torch, dtype))
     t_load = time.time() - t0
     rss_after_load = peak_rss_gb()
     with torch.no_grad():  # touch every weight: a memory-mapped tensor is only read on use
@@ -88,7 +92,7 @@ def bench_load(args):
         print(f"writing random {args.preset} weights (bf16, {args.shards} .bin shards) to {folder} ...", flush=True)
         total = write_random_checkpoint(cfg, folder, shards=args.shards)
     else:
-        total = sum(os.path.getsize(f) for f in M.weight_files(folder))
+        total = sum(os.path.getsize(f) for f in C.weight_files(folder))
     out = subprocess.run([sys.executable, __file__, "load-child", folder, args.dtype],
                          capture_output=True, text=True, check=True).stdout
     res = dict(kv.split("=") for kv in out.split("RESULT ")[1].split())
@@ -145,7 +149,7 @@ def build_hf(cfg, vocab_size):
                                                     tie_word_embeddings=False)).eval()
     folder = tempfile.mkdtemp(prefix="hf-janus-")
     ref.save_pretrained(folder)
-    ours = M.Janus.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    ours = C.from_pretrained(folder, device="cpu", dtype=torch.float32)
     shutil.rmtree(folder)
     return ref, ours
 
@@ -187,16 +191,16 @@ def device_name(device) -> str:
 
 @contextlib.contextmanager
 def cpu_kernel(kernel):
-    """Pin every model.Linear on CPU to one matmul kernel (None: each picks its own, as in normal use)."""
-    old = M.CPU_KERNEL
-    M.CPU_KERNEL = kernel
+    """Pin every kernels.Linear on CPU to one matmul kernel (None: each picks its own, as in normal use)."""
+    old = K.CPU_KERNEL
+    K.CPU_KERNEL = kernel
     try:
         yield
     finally:
-        M.CPU_KERNEL = old
+        K.CPU_KERNEL = old
 
 
-# speed modes that pin model.Linear's CPU kernel; "F.linear" is nn.Linear's own (MKL's GEMM as x W^T)
+# speed modes that pin kernels.Linear's CPU kernel; "F.linear" is nn.Linear's own (MKL's GEMM as x W^T)
 PINNED = {"F.linear": "x W^T", "W x^T": "W x^T", "oneDNN": "oneDNN"}
 
 
@@ -259,10 +263,10 @@ def kv_bytes(cfg, B, prompt_len, itemsize):
 
 
 def bench_speed(args):
-    device = M.default_device(args.device)
+    device = settings.default_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     janus, ref = speed_model(args.preset, args.vocab_size, device, dtype, args.hf)
-    cfg, N, w = janus.cfg, janus.cfg.image_tokens, args.cfg
+    cfg, N, w = janus.cfg, janus.cfg.image_tokens, args.cfg_weight
     print(f"{args.preset}: hidden {cfg.n_embd}, {cfg.n_layer} layers, {N} image tokens, cfg {w}, {dtype}, "
           f"{device_name(device)}, torch {torch.__version__}; best of {args.repeats} interleaved runs per column",
           flush=True)
@@ -290,7 +294,7 @@ def bench_gpu(args):
     """README's GPU section: sampling throughput against the bandwidth floor, a BiCoT-GRPO step's time and peak
     memory for a full fine-tune and for LoRA, the shapes world's train.py. Each part, and each column in it,
     that fails prints its error; the others go on."""
-    device = M.default_device(args.device)
+    device = settings.default_device(args.device)
     print(f"{device_name(device)}, torch {torch.__version__}", flush=True)
     for part in args.parts:
         t0 = time.perf_counter()
@@ -304,10 +308,10 @@ def gpu_sampling(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     janus, ref = speed_model(args.preset, None, device, dtype, args.hf)
     cfg, N = janus.cfg, janus.cfg.image_tokens
-    rows = [(B, speed_columns(janus, ref, B, ["eager", "compiled"], args.cfg, args.prompt_len, args.repeats,
+    rows = [(B, speed_columns(janus, ref, B, ["eager", "compiled"], args.cfg_weight, args.prompt_len, args.repeats,
                               backend=args.backend)) for B in args.batch]
     gbs, wbytes = bandwidth_gbs(device), decode_weight_bytes(janus)
-    print(f"\nSampling, {args.preset} size ({cfg.n_layer} layers x {cfg.n_embd}), {dtype}, CFG {args.cfg}, {N} image "
+    print(f"\nSampling, {args.preset} size ({cfg.n_layer} layers x {cfg.n_embd}), {dtype}, CFG {args.cfg_weight}, {N} image "
           f"tokens, {args.prompt_len}-token prompts; copy bandwidth {gbs:.0f} GB/s, {wbytes / 1e9:.2f} GB of weights "
           f"read per step\n")
     modes = ["eager", "compiled"] + (["transformers"] if args.hf else [])  # a failed column shows as "failed"
@@ -321,7 +325,7 @@ def gpu_sampling(args, device):
         print(f"| {B} | " + " | ".join(f"{r[m]:.1f}" if m in r else "failed" for m in modes)
               + f" | {best / N:.2f} | {floor_ms:.4g} | {step_ms:.4g} | {step_ms / floor_ms:.2f} |")
     del janus, ref
-    R.release_decoding()
+    FD.release_decoding()
     torch._dynamo.reset()  # and with it the CUDA graphs' memory
 
 
@@ -374,7 +378,7 @@ def attempt(what, fn, *args, **kwargs):
 
 def bench_train(args):
     """A few BiCoT-GRPO steps of train.py on random weights of a preset: seconds per step and peak memory."""
-    device = M.default_device(args.device)
+    device = settings.default_device(args.device)
     sec, roll, peak, dtype = train_column(args.preset, device, args.lora_rank, steps=args.steps,
                                           group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                                           micro_batch=args.micro_batch, max_plan_tokens=args.max_plan_tokens,
@@ -416,7 +420,7 @@ def train_column(preset, device, lora_rank, *, steps, group_size, prompts_per_st
 def time_steps(ckpt, *flags):
     """train.py from ckpt with these flags, quietly, in a temporary folder, no evaluation, samples or periodic
     checkpoints -> (its config, mean seconds per step, of which rollout) over the steps after the first (a
-    warm-up that also measures model.Linear's kernels), unless there is only one."""
+    warm-up that also measures kernels.Linear's kernels), unless there is only one."""
     with tempfile.TemporaryDirectory(prefix="bench-run-") as out:
         cfg = T.parse_args(["--ckpt", ckpt, "--out", out, "--eval-every", "0", "--sample-every", "0",
                             "--save-every", "0", *flags])
@@ -486,19 +490,19 @@ def bench_rl(args):
     """Seconds per BiCoT-GRPO step of train.py with its own defaults on a shapes-world base (its tokenizer, the
     shapes training prompts, the exact `shapes` reward), split into rollout (sampling, VQ decoding, rewards) and
     update (reference log-probs, policy forward and backward, AdamW). The first step is not counted: it also
-    measures model.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
+    measures kernels.Linear's kernels and warms the allocator. No evaluation; the final checkpoint is written
     after the last step's clock stops."""
     base = args.ckpt or shapes.ensure_base()
     # train.py's defaults: the shapes training prompts, no evaluation sets for a named checkpoint
     cfg, sec, roll = time_steps(base, "--steps", str(args.steps))
-    mc = M.load_config(base)
+    mc = C.load_config(base)
     print(f"\n| base | G x prompts | CPU | s / step | rollout (s) | update (s) |\n|---|---|---|---|---|---|\n"
           f"| {mc.n_layer} layers x {mc.n_embd} | {cfg.group_size} x {cfg.prompts_per_step} "
           f"| {cpu_name()} | {sec:.3f} | {roll:.3f} | {sec - roll:.3f} |")
 
 
 def build_parser():
-    HelpFormatter = M.HelpFormatter
+    HelpFormatter = settings.HelpFormatter
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
@@ -509,22 +513,7 @@ def build_parser():
     pl.add_argument("--folder", help="reuse (or keep) the random checkpoint here (unset: a temporary folder)")
     pl.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     ps = add("speed", help="image-token throughput")
-    # --preset names a size as everywhere else: model.PRESETS plus cpu-768 (this was --size)
-    ps.add_argument("--preset", default="cpu-768", choices=sorted(SIZES),
-                    help="model size: model.PRESETS, or cpu-768 (hidden 768, 8 layers) for CPU comparisons")
-    ps.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts per batch, one run each")
-    ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "F.linear", "nocache"],
-                    choices=["eager", "compiled", "F.linear", "W x^T", "oneDNN", "nocache"],
-                    help="sampler variants to time; F.linear, W x^T, oneDNN: eager with every linear layer pinned to "
-                         "that CPU kernel")
-    ps.add_argument("--repeats", type=int, default=2, help="timed runs per column (after a warm-up), interleaved")
-    ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
-    ps.add_argument("--cfg", type=float, default=5.0, help="guidance weight")
-    ps.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
-    ps.add_argument("--nocache-tokens", type=int, default=48, help="image tokens timed without the KV cache")
-    ps.add_argument("--vocab-size", type=int, default=102400, help="text vocabulary (Janus-Pro's)")
-    ps.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    ps.add_argument("--dtype", default=None, help="float32, bfloat16, ... (unset: bf16 on GPU, fp32 on CPU)")
+    speed_flags(ps)
     pt = add("train", help="seconds and peak memory of BiCoT-GRPO steps on random weights")
     pt.add_argument("--preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="model size (model.PRESETS)")
     pt.add_argument("--steps", type=int, default=3, help="steps timed (the first is a warm-up)")
@@ -548,13 +537,43 @@ def build_parser():
     pm.add_argument("--plan-tokens", type=int, nargs="+", default=[100, 1024],
                     help="plan lengths, a column each (T2I-R1's plans average ~97 tokens, its cap is 1024)")
     pg = add("gpu", help="README's GPU section: sampling against the bandwidth floor, BiCoT-GRPO steps, train.py")
+    gpu_flags(pg)
+    pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
+    pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
+    pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
+    return p
+
+
+
+def speed_flags(ps):
+    """bench.py speed's flags."""
+    # --preset names a size as everywhere else: model.PRESETS plus cpu-768 (this was --size)
+    ps.add_argument("--preset", default="cpu-768", choices=sorted(SIZES),
+                    help="model size: model.PRESETS, or cpu-768 (hidden 768, 8 layers) for CPU comparisons")
+    ps.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts per batch, one run each")
+    ps.add_argument("--modes", nargs="+", default=["eager", "compiled", "F.linear", "nocache"],
+                    choices=["eager", "compiled", "F.linear", "W x^T", "oneDNN", "nocache"],
+                    help="sampler variants to time; F.linear, W x^T, oneDNN: eager with every linear layer pinned to "
+                         "that CPU kernel")
+    ps.add_argument("--repeats", type=int, default=2, help="timed runs per column (after a warm-up), interleaved")
+    ps.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
+    ps.add_argument("--cfg", dest="cfg_weight", type=float, default=5.0, help="guidance weight")
+    ps.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    ps.add_argument("--nocache-tokens", type=int, default=48, help="image tokens timed without the KV cache")
+    ps.add_argument("--vocab-size", type=int, default=102400, help="text vocabulary (Janus-Pro's)")
+    ps.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
+    ps.add_argument("--dtype", default=None, help="float32, bfloat16, ... (unset: bf16 on GPU, fp32 on CPU)")
+
+
+def gpu_flags(pg):
+    """bench.py gpu's flags: its three parts' settings."""
     pg.add_argument("--parts", nargs="+", default=["sampling", "training", "shapes"],
                     choices=["sampling", "training", "shapes"], help="what to measure, in this order")
     pg.add_argument("--preset", default="janus-pro-1b", choices=sorted(SIZES), help="model size of the sampling part")
     pg.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="prompts per batch, one row each")
     pg.add_argument("--repeats", type=int, default=1, help="timed runs per column (after a warm-up), interleaved")
     pg.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
-    pg.add_argument("--cfg", type=float, default=5.0, help="guidance weight")
+    pg.add_argument("--cfg", dest="cfg_weight", type=float, default=5.0, help="guidance weight")
     pg.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled column")
     pg.add_argument("--hf", action="store_true", help="also time transformers' Janus (must be installed)")
     pg.add_argument("--full-preset", default="janus-pro-1b", choices=sorted(M.PRESETS), help="full fine-tune's size")
@@ -565,10 +584,6 @@ def build_parser():
     pg.add_argument("--train-steps", type=int, default=1, help="steps per training column (more: the first is a warm-up)")
     pg.add_argument("--shapes-flags", default="", help="flags added to the shapes world's `python train.py`")
     pg.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
-    pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")
-    pr.add_argument("--steps", type=int, default=6, help="steps to run; the first is not counted")
-    return p
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import sys
 import textwrap
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -25,8 +25,9 @@ from PIL import Image, ImageDraw
 import rewards
 import shapes
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, lock_folder,
-                   write_json)
+from checkpoints import atomic, from_pretrained, load_config, lock_folder, write_json
+from model import Tokenizer
+from settings import HelpFormatter, check_settings, config_flags, default_device, setting
 
 
 def read_prompts(path):
@@ -82,16 +83,16 @@ def vocabulary_warnings(tok, items, what="prompts") -> list:
             f"unknown tokens: {shown} (e.g. in {first[words[0]]!r})"]
 
 
-def check_lengths(tok, items, settings: R.SamplingConfig, reasoning, model_cfg, cot=True, what="prompts"):
+def check_lengths(tok, items, settings: R.SamplingConfig, reasoning, model_cfg, levels="both", what="prompts"):
     """ValueError naming the first prompt whose longest sequence does not fit the model's context
     (max_position_embeddings): the plan request and a plan of max_plan_tokens, or the image request with that
     plan and the image tokens. Checked on the tokenizer alone: a 1 MB prompt would otherwise ask for a cache
     of a million positions."""
     fmt, limit = R.CHAT_FORMATS[settings.chat_format], model_cfg.max_position_embeddings
-    plan = settings.max_plan_tokens if cot else 0
+    plan = settings.max_plan_tokens if levels != "token" else 0
     for i, it in enumerate(items):
         n = len(tok.encode(fmt.image_text(it["prompt"]))) + plan + model_cfg.image_tokens
-        if cot:
+        if levels != "token":
             n = max(n, len(tok.encode(fmt.request_text(reasoning, it["prompt"]))) + plan)
         if n > limit:
             raise ValueError(f"{what}: prompt {i + 1} ({it['prompt'][:60]!r}{'...' if len(it['prompt']) > 60 else ''}, "
@@ -187,13 +188,13 @@ def stage_progress(bar, other):
 
 def generate(janus, tok, items, settings: R.SamplingConfig, *, n=4, batch_size=4, seed=0, show_progress=True,
              desc="image tokens", **kwargs):
-    """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: cot,
+    """Sample n images for each item ({"prompt": ..., metadata}) with t2i_r1.sample_batches (kwargs: levels,
     reasoning_template, compile). Returns records (one dict per image) and uint8 images (len(items) * n, S, S, 3).
     Progress: a line for the plan tokens and one for the image tokens, each with its own ETA."""
     batches = -(-len(items) // batch_size)
     bar = Progress(batches * janus.cfg.image_tokens, desc=desc) if show_progress else None
     plans = (Progress(batches * settings.max_plan_tokens, desc=desc.replace("image tokens", "plan tokens"))
-             if show_progress and kwargs.get("cot", True) else None)
+             if show_progress and kwargs.get("levels", "both") != "token" else None)
     rollout, images = R.sample_batches(janus, tok, [it["prompt"] for it in items], settings, n=n,
                                        batch_size=batch_size, seed=seed, progress=bar and stage_progress(bar, plans),
                                        plan_progress=plans and stage_progress(plans, bar), **kwargs)
@@ -258,52 +259,53 @@ def summary_table(rows) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class SampleConfig:
+    ckpt: str = None               # Janus-Pro folder (unset: the shapes world's base, pretrained first when absent)
+    prompt: str = None             # one prompt
+    prompts: str = None            # prompt file (lines, JSON lines, T2I-R1's file); unset: a shapes prompt per tag
+    n: int = setting(4, low=1)     # images per prompt
+    rollout_batch: int = setting(4, low=1)  # prompts per sampling call, each with its n images
+    seed: int = 0                  # seeds one generator for the whole run
+    out: str = "out/samples"       # folder for the PNGs, grids and samples.jsonl
+    overwrite: bool = False        # replace the samples in --out (without it a folder holding samples is refused)
+    compile: bool = False          # torch.compile the decode step (GPUs; on CPU a few percent after a compile of ~20 s)
+    device: str = None             # cuda, cpu, ... (unset: CUDA when present)
+    threads: int = setting(None, low=1)  # CPU threads of torch (unset: one per core); 1 on a shared machine
+    dtype: str = setting(None, choices=("float32", "bfloat16", "float16"))  # weights' precision (unset: bf16 on GPU)
+    rewards: str = None            # score with these rewards (e.g. shapes, or geneval,clip) and print GenEval accuracy
+    reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: reward checkpoints, see README
+    levels: str = setting("both", choices=("both", "token"))  # both: a plan, then the image (T2I-R1); token: no plan
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default=None, help="Janus-Pro folder (unset: the shapes world's base, pretrained first "
-                                                "when absent)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None, help="one prompt")
-    src.add_argument("--prompts", default=None,
-                     help="prompt file: plain lines, JSON lines with a \"prompt\" field (+ GenEval metadata), or "
-                          "T2I-R1's prompt file (unset, and no --prompt: one held-out shapes prompt per tag)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--rollout-batch", type=int, default=4, help="prompts per sampling call, each with its n images")
-    p.add_argument("--seed", type=int, default=0, help="seeds one generator for the whole run")
-    p.add_argument("--out", default="out/samples", help="folder for the PNGs, grids and samples.jsonl")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the samples already in --out (without it a folder holding samples is refused)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (GPUs; on CPU a few percent faster than eager after a compile of ~20 s, see README)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (unset: CUDA when present)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--rewards", default=None, metavar="NAMES",
-                   help="score with these rewards (e.g. shapes, or geneval,clip,aesthetic) and print GenEval accuracy")
-    p.add_argument("--reward-ckpt", nargs="*", default=[], metavar="NAME=PATH", help="reward checkpoints, see README")
-    p.add_argument("--levels", default="both", choices=["both", "token"],
-                   help="both: a plan, then the image from prompt and plan (T2I-R1); token: the image from the "
-                        "prompt alone, as train.py's --levels token")
-    config_flags(p.add_argument_group("sampling (t2i_r1.SamplingConfig, shared with train.py)"), R.SamplingConfig,
-                 choices={"chat_format": sorted(R.CHAT_FORMATS)}, aliases={"cfg_weight": "--cfg"})
+    config_flags(p, SampleConfig)
+    config_flags(p.add_argument_group("sampling (t2i_r1.SamplingConfig, shared with train.py)"), R.SamplingConfig)
     return p
 
 
-def check_inputs(args, settings):
+def parse_args(argv=None, parser=None):
+    """Flags -> (SampleConfig, SamplingConfig)."""
+    given = vars((parser or build_parser()).parse_args(argv))
+    sampling = {f.name: given.pop(f.name) for f in fields(R.SamplingConfig)}
+    return SampleConfig(**given), R.SamplingConfig(**sampling)
+
+
+def check_inputs(args: SampleConfig, settings):
     """Every command-line input, checked before any model loads (a problem is one usage error naming it).
-    Returns the prompt items and the reward ensemble (None without --rewards)."""
-    if args.n < 1 or args.rollout_batch < 1:
-        raise ValueError(f"--n and --rollout-batch must be at least 1, got {args.n} and {args.rollout_batch}")
-    settings.check()
-    default_device(args.device)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    Returns the device, the reasoning template of --reasoning-prompt (None: the checkpoint's, read later), the
+    prompt items and the reward ensemble (None without --rewards)."""
+    check_settings(args)
+    check_settings(settings)
+    device = default_device(args.device)
+    template = R.load_reasoning_prompt(settings.reasoning_prompt) if settings.reasoning_prompt else None
     refuse_old_samples(args)
     if args.ckpt is not None:
         args.ckpt = os.path.expanduser(args.ckpt)
         load_config(args.ckpt)
+    if args.prompt is not None and args.prompts:
+        raise ValueError("--prompt and --prompts: give one of them")
     if args.prompts:
         items = read_prompts(args.prompts)
     elif args.prompt is not None:
@@ -315,12 +317,11 @@ def check_inputs(args, settings):
     scorer = None
     if args.rewards:  # the rewards' files are checked here; their models load on first use
         scorer = rewards.RewardEnsemble(rewards.parse_rewards(args.rewards),
-                                        rewards.parse_reward_ckpt(args.reward_ckpt),
-                                        device=default_device(args.device))
+                                        rewards.parse_reward_ckpt(args.reward_ckpt), device=device)
         scorer.check_metadata(items)
         for line in scorer.unchecked_report(items):
             print(line)
-    return items, scorer
+    return device, template, items, scorer
 
 
 def refuse_old_samples(args) -> list:
@@ -334,28 +335,26 @@ def refuse_old_samples(args) -> list:
 
 def main(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
-    settings = R.SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(R.SamplingConfig)})
+    args, settings = parse_args(argv, p)
     try:  # every input is checked before the model is loaded (or the shapes base pretrained)
-        items, scorer = check_inputs(args, settings)
+        device, reasoning, items, scorer = check_inputs(args, settings)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = args.ckpt or shapes.ensure_base()  # unset: the shapes world's base
     tok = Tokenizer.from_pretrained(ckpt)
     settings = settings.resolved(ckpt)
-    reasoning = R.load_reasoning_prompt(settings.reasoning_prompt, ckpt)
+    reasoning = reasoning or R.load_reasoning_prompt(None, ckpt)
     try:
-        check_lengths(tok, items, settings, reasoning, load_config(ckpt), cot=args.levels != "token")
+        check_lengths(tok, items, settings, reasoning, load_config(ckpt), levels=args.levels)
     except ValueError as e:
         p.error(str(e))
-    janus = Janus.from_pretrained(ckpt, device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
+    janus = from_pretrained(ckpt, device=device, dtype=args.dtype and getattr(torch, args.dtype))
     for line in vocabulary_warnings(tok, items):
         print(line)
     lock = None
-    try:  # one sample.py per folder (model.lock_folder), and --out looked at again under the lock
+    try:  # one sample.py per folder (checkpoints.lock_folder), and --out looked at again under the lock
         lock = lock_folder(args.out, "sample")
         old = refuse_old_samples(args)
     except ValueError as e:
@@ -364,13 +363,19 @@ def main(argv=None):
         p.error(str(e))
     for name in old:  # --overwrite: none of the last run's images stays among the new ones
         os.remove(os.path.join(args.out, name))
-    recorded = {**{k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "out")},
+    recorded = {**{k: v for k, v in asdict(args).items() if k not in ("prompt", "prompts", "out")},
                 **asdict(settings), "ckpt": ckpt}
-
     t0 = time.time()
     records, images = generate(janus, tok, items, settings, n=args.n, batch_size=args.rollout_batch, seed=args.seed,
-                               cot=args.levels != "token", reasoning_template=reasoning, compile=args.compile)
-    elapsed = time.time() - t0
+                               levels=args.levels, reasoning_template=reasoning, compile=args.compile)
+    write_samples(args, records, images, recorded, time.time() - t0, scorer)
+    lock.close()
+    return records
+
+
+def write_samples(args: SampleConfig, records, images, recorded, elapsed, scorer):
+    """Into --out: the PNGs, a grid per prompt and samples.jsonl; with rewards the scores, summary.json and
+    the table; a captioned overview grid."""
     for rec, img in zip(records, images):
         rec["file"] = f"{rec['index']:04d}_{rec['sample']}.png"
         rec["seed"], rec["settings"] = args.seed, recorded
@@ -392,8 +397,6 @@ def main(argv=None):
     if len(records) <= 256:  # one captioned overview: a row per prompt, its plans and scores under the images
         save_png(make_grid(images.numpy(), ncol=args.n, captions=[caption(r) for r in records]),
                  os.path.join(args.out, "grid.png"))
-    lock.close()
-    return records
 
 
 def sample_files(folder) -> list:

@@ -11,8 +11,8 @@ end to end on a world we fully control:
   render exactly and degrades gracefully on the blurry, colour-drifted images a small VQ decoder produces.
 
 The GenEval rule engine that turns detections + metadata into a reward lives in rewards.py, not here.
-Importing this file registers the reward `shapes` (GenEval's rules on this detector) in rewards.REWARDS, and
-its four parts (shapes-presence, -count, -color, -position) for weighting them.
+Its reward, `shapes` (GenEval's rules on this detector), and its four parts (shapes-presence, -count, -color,
+-position) for weighting them are listed in rewards.REWARDS by this module's name.
 
 At the end, before the command line: the machinery of the rebuttal's experiments (diversity, prompt
 enrichment, SFT, reward weights; docs/experiments.md) and their tables (`shapes.py compare`).
@@ -44,8 +44,9 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import rewards
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, JanusConfig, Tokenizer, chat_prompt, config_flags, default_device, image_prompt,
-                   load_config, read_json, save_like, write_json)
+from checkpoints import from_pretrained, load_config, read_json, save_like, save_pretrained, write_json
+from model import Janus, JanusConfig, Tokenizer, chat_prompt, image_prompt
+from settings import HelpFormatter, check_settings, config_flags, default_device, setting
 from rewards import GENEVAL_RELATIONS, GENEVAL_TAGS
 from vq import VQConfig, VQModel, from_uint8
 
@@ -454,6 +455,21 @@ def _components(fg):
         lab = m
 
 
+def _object_pixels(rgb, min_chroma, min_contrast):
+    """Step 1 of detect_batch: rgb float (B, H, W, 3) -> the object pixels (B, H, W) bool, each pixel's contrast
+    to its image's background (B, H, W) and its nearest palette colour (B, H, W)."""
+    hue, chroma = _hue_chroma(rgb)  # (B, H, W) each
+    dist = np.abs(hue[..., None] - _PALETTE_HUE)  # (B, H, W, K)
+    color_idx = np.minimum(dist, 360 - dist).argmin(-1)  # (B, H, W)
+    # background = median of the neutral (low-chroma) pixels, so a global colour cast is not contrast
+    neutral = chroma < min_chroma * _PALETTE_CHROMA.min()
+    bg = np.array([np.median(x[m], axis=0) if m.any() else BACKGROUND for x, m in zip(rgb, neutral)],
+                  dtype=np.float32).reshape(len(rgb), 3)
+    contrast = np.linalg.norm(rgb - bg[:, None, None, :], axis=-1)  # (B, H, W)
+    fg = (chroma >= min_chroma * _PALETTE_CHROMA[color_idx]) & (contrast >= min_contrast * _PALETTE_CONTRAST[color_idx])
+    return fg, contrast, color_idx
+
+
 def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_iou=0.8, min_margin=0.05,
                  min_purity=0.8, max_aspect=1.25):
     """Detect the objects of a batch of images, uint8 (B, H, W, 3) numpy or torch. Returns one list per image
@@ -479,16 +495,7 @@ def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_
     images = np.asarray(images)
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, "expected uint8 (B, H, W, 3)"
     B, H, W, _ = images.shape
-    rgb = images.astype(np.float32)
-    hue, chroma = _hue_chroma(rgb)  # (B, H, W) each
-    dist = np.abs(hue[..., None] - _PALETTE_HUE)  # (B, H, W, K)
-    color_idx = np.minimum(dist, 360 - dist).argmin(-1)  # (B, H, W)
-    # background = median of the neutral (low-chroma) pixels, so a global colour cast is not contrast
-    neutral = chroma < min_chroma * _PALETTE_CHROMA.min()
-    bg = np.array([np.median(x[m], axis=0) if m.any() else BACKGROUND for x, m in zip(rgb, neutral)],
-                  dtype=np.float32).reshape(B, 3)
-    contrast = np.linalg.norm(rgb - bg[:, None, None, :], axis=-1)  # (B, H, W)
-    fg = (chroma >= min_chroma * _PALETTE_CHROMA[color_idx]) & (contrast >= min_contrast * _PALETTE_CONTRAST[color_idx])
+    fg, contrast, color_idx = _object_pixels(images.astype(np.float32), min_chroma, min_contrast)
     labels = _components(fg)
 
     # Per-pixel arrays over object pixels, then per-component reductions over segments sorted by component.
@@ -514,23 +521,24 @@ def detect_batch(images, min_area=0.004, min_chroma=0.2, min_contrast=0.35, min_
     aspect = np.maximum(w, h) / np.maximum(np.minimum(w, h), 1)
 
     out = [[] for _ in range(B)]
-    names = list(COLORS)
     candidates = (count >= min_area * H * W) & (purity >= min_purity) & (aspect <= max_aspect) & (w > 1) & (h > 1)
     for k in np.nonzero(candidates)[0]:
         px = order[starts[k]:starts[k] + count[k]]
-        px = px[half[px]]
-        mask = np.zeros((h[k], w[k]), dtype=bool)
-        mask[ys[px] - y0[k], xs[px] - x0[k]] = True
-        ious = np.array([_iou(mask, _template(s, int(w[k]), int(h[k]))) for s in SHAPES])
-        best, second = np.sort(ious)[::-1][:2]
-        if best < min_iou or best - second < min_margin:
-            continue
-        out[uniq[k] // (H * W)].append({"class": SHAPES[int(ious.argmax())], "color": names[votes[k].argmax()],
-                                        "box": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])),
-                                        "score": float(best)})
-    for dets in out:
-        dets.sort(key=lambda d: -d["score"])
-    return out
+        found = _shape_of(ys[px[half[px]]] - y0[k], xs[px[half[px]]] - x0[k], int(w[k]), int(h[k]), min_iou, min_margin)
+        if found is not None:
+            out[uniq[k] // (H * W)].append({"class": found[0], "color": list(COLORS)[votes[k].argmax()],
+                                            "box": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])), "score": found[1]})
+    return [sorted(dets, key=lambda d: -d["score"]) for dets in out]
+
+
+def _shape_of(ys, xs, w, h, min_iou, min_margin):
+    """Step 3 of detect_batch for one object, its pixels at (ys, xs) in its (h, w) box: (shape, IoU), or None
+    when no shape's template matches well enough and clearly better than the next."""
+    mask = np.zeros((h, w), dtype=bool)
+    mask[ys, xs] = True
+    ious = np.array([_iou(mask, _template(s, w, h)) for s in SHAPES])
+    best, second = np.sort(ious)[::-1][:2]
+    return (SHAPES[int(ious.argmax())], float(best)) if best >= min_iou and best - second >= min_margin else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -586,13 +594,6 @@ class ShapesColorReward(ShapesPartReward):
 
 class ShapesPositionReward(ShapesPartReward):
     name, part = "shapes-position", "position"
-
-
-rewards.REWARDS["shapes"] = ShapesReward
-rewards.REWARDS["shapes-presence"] = ShapesPresenceReward
-rewards.REWARDS["shapes-count"] = ShapesCountReward
-rewards.REWARDS["shapes-color"] = ShapesColorReward
-rewards.REWARDS["shapes-position"] = ShapesPositionReward
 
 
 # -----------------------------------------------------------------------------
@@ -837,7 +838,7 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     tok = Tokenizer(os.path.join(tmp, "tokenizer.json"))
     data = [(meta, plan, cd.tolist()) for (meta, plan, _), cd in zip(scenes, codes)]
     janus, lm_losses = train_janus(c, tok, vq, data, log)
-    janus.save_pretrained(tmp, tokenizer=tok)
+    save_pretrained(janus, tmp, tokenizer=tok)
     with open(os.path.join(tmp, "reasoning_prompt.txt"), "w") as f:
         f.write(REASONING_TEMPLATE + "\n")
     write_json(os.path.join(tmp, "pretrain.json"), {
@@ -928,17 +929,18 @@ def draw_from_plans(janus, tok, metas, plans, settings, seed=0, desc="image toke
     return R.decode_images(janus, codes)
 
 
-def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=None):
+def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None, dtype=None):
     """Strict GenEval per tag of: true scenes rendered (1.0 by construction), the same scenes through the
     base's VQ (the VQ ceiling), the base's images from plans written from those true scenes (the drawer's
     ceiling when every plan is right), the base's own plans judged as text (plan accuracy), and the base's
-    images from its own plans and from the prompt alone, all with guidance weight cfg (unset: the checkpoint's
-    default, as train.py and sample.py sample), and how closely the images follow their plans (plan_following)
-    for the true plans and the base's own. device, dtype: as Janus.from_pretrained's. Returns {row name: summary
-    with "per_tag" and "overall"}. Progress lines on stderr inside the rows that sample."""
+    images from its own plans and from the prompt alone, all with guidance weight cfg_weight (unset: the
+    checkpoint's default, as train.py and sample.py sample), and how closely the images follow their plans
+    (plan_following) for the true plans and the base's own. device, dtype: as checkpoints.from_pretrained's.
+    Returns {row name: summary with "per_tag" and "overall"}. Progress lines on stderr inside the rows that
+    sample."""
     import sample  # sample.py imports this file: imported here, not at the top
-    janus, tok = Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
-    settings = R.SamplingConfig(cfg_weight=cfg).resolved(ckpt)  # as train.py and sample.py sample
+    janus, tok = from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
+    settings = R.SamplingConfig(cfg_weight=cfg_weight).resolved(ckpt)  # as train.py and sample.py sample
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
     rng = np.random.default_rng(seed)
     metas = [m for m in items for _ in range(n)]
@@ -967,15 +969,15 @@ def diagnose(ckpt, items, n=16, seed=0, cfg=None, log=print, device=None, dtype=
                                          "drawn from true plans: image tokens"))
     judge("drawn from true plans", drawn)
     following("plan-following, true plans", [plan_of(s) for s in scenes], drawn)
-    for cot in (True, False):
-        row = "own plans" if cot else "the prompt alone"
+    for levels in ("both", "token"):
+        row = "own plans" if levels == "both" else "the prompt alone"
         records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,
-                                          cot=cot, reasoning_template=reasoning, desc=f"{row}: image tokens")
-        if cot:
+                                          levels=levels, reasoning_template=reasoning, desc=f"{row}: image tokens")
+        if levels == "both":
             judge("own plans, as text", [plan_detections(r["plan"]) for r in records])
         drawn = detect_batch(images)
-        judge("drawn from own plans" if cot else "drawn from the prompt alone", drawn)
-        if cot:
+        judge(f"drawn from {row}", drawn)
+        if levels == "both":
             following("plan-following, own plans", [r["plan"] for r in records], drawn)
     return rows
 
@@ -1163,7 +1165,7 @@ def enrich(ckpt, items, out, n=16, seeds=(0, 1, 2), split="test", device=None, d
     config.json and eval/{split}_00000.json in train.py's format, so `compare` tabulates them beside runs.
     Returns the folders."""
     import sample  # sample.py imports this file: imported here, not at the top
-    janus, tok = Janus.from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
+    janus, tok = from_pretrained(ckpt, device=device, dtype=dtype), Tokenizer.from_pretrained(ckpt)
     settings = R.SamplingConfig().resolved(ckpt)  # as train.py's evaluation samples
     reasoning = R.load_reasoning_prompt(ckpt=ckpt)
     scorer = rewards.RewardEnsemble({"shapes": 1.0}, {})
@@ -1171,7 +1173,7 @@ def enrich(ckpt, items, out, n=16, seeds=(0, 1, 2), split="test", device=None, d
     folders = []
     for seed in seeds:
         rows = {"own-plans": sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n),
-                                             seed=seed + 1, cot=True, reasoning_template=reasoning,
+                                             seed=seed + 1, levels="both", reasoning_template=reasoning,
                                              desc=f"own plans, seed {seed}: image tokens")}
         plans = perfect_plans(metas, seed, janus.cfg.vq.image_size)
         rows["perfect-plans"] = ([{"prompt": m["prompt"], "plan": p, "metadata": m} for m, p in zip(metas, plans)],
@@ -1197,24 +1199,24 @@ def enrich(ckpt, items, out, n=16, seeds=(0, 1, 2), split="test", device=None, d
 @dataclass
 class SFTConfig:
     seed: int = 0              # seed of the scenes and the order of the data
-    scenes: int = 10000        # true examples: random scenes of the training prompts, rendered
+    scenes: int = setting(10000, low=1)  # true examples: random scenes of the training prompts, rendered
     # about the default RL run's compute: 200 steps x 64 samples, each a plan and an image sequence trained,
     # is 25,600 sequences; SFT trains one sequence (a plan or an image) per example of a batch
-    steps: int = 800           # optimizer steps
-    batch: int = 32            # sequences per step
-    lr: float = 2e-4           # peak learning rate (AdamW), warm-up then cosine to a tenth (the base ended at 2e-4)
+    steps: int = setting(800, low=1)     # optimizer steps
+    batch: int = setting(32, low=1)      # sequences per step
+    lr: float = setting(2e-4, above=0)   # peak learning rate (AdamW), warm-up then cosine to a tenth (base: 2e-4)
     cond_dropout: float = 0.1  # fraction of image prompts replaced by pad tokens, as in pretraining
-    dtype: str = "float32"     # float32 | bfloat16: autocast over the float32 weights
+    dtype: str = setting("float32", choices=("float32", "bfloat16"))  # autocast over the float32 weights
 
 
 def sft(base, out, c: SFTConfig = None, log=print):
     """Fine-tune the base folder on c.scenes true examples of the train split; save out/ in the base's layout
-    (model.save_like: the trained tensors replaced, every other file and tensor the base's) with sft.json
+    (checkpoints.save_like: the trained tensors replaced, every other file and tensor the base's) with sft.json
     (settings and losses). The VQ and the image embedding and head stay frozen, as in RL. Runs on the CPU,
     as pretraining does. Returns the losses."""
     c = c or SFTConfig()
     t0 = time.time()
-    janus, tok = Janus.from_pretrained(base), Tokenizer.from_pretrained(base)
+    janus, tok = from_pretrained(base), Tokenizer.from_pretrained(base)
     for part in (janus.gen_vision_model, janus.gen_embed, janus.gen_aligner, janus.gen_head):
         part.requires_grad_(False)
     mix = PretrainConfig(seed=c.seed, scenes=c.scenes, image_size=janus.cfg.vq.image_size, lm_steps=c.steps,
@@ -1340,7 +1342,7 @@ def build_parser():
                         help="weights' precision (unset: bfloat16 on GPU, float32 on CPU)")
     dp = add("diagnose", help="VQ ceiling, true-plan ceiling and plan accuracy of a base")
     base_flags(dp)
-    dp.add_argument("--cfg", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
+    dp.add_argument("--cfg", dest="cfg_weight", type=float, default=None, help="guidance weight (unset: the checkpoint's default)")
     rp = add("report", help="the ablation table of finished train.py runs (mean and spread over seeds)")
     rp.add_argument("runs", nargs="+", help="run folders (train.py --out) (default: none, name at least one)")
     rp.add_argument("--split", default="test", choices=["test", "val"], help="which evaluation to tabulate")
@@ -1349,7 +1351,7 @@ def build_parser():
     sp.add_argument("--base", default=BASE_DIR, help="the base's folder")
     sp.add_argument("--out", required=True, help="folder of the fine-tuned base (train.py --ckpt OUT starts RL from "
                                                          "it) (default: none, required)")
-    config_flags(sp, SFTConfig, choices={"dtype": ("float32", "bfloat16")})
+    config_flags(sp, SFTConfig)
     ep = add("enrich", help="the base drawing from its own plans and from a perfect planner's, as run folders")
     base_flags(ep)
     ep.add_argument("--out", required=True, help="folder for the rows' run folders (own-plans/s*, "
@@ -1371,18 +1373,17 @@ def main(argv=None):
     args = p.parse_args(argv if argv is not None else (None if len(sys.argv) > 1 else ["pretrain"]))
     try:  # bad input is a command-line error, found before any model is loaded
         if args.cmd == "diagnose":
-            R.SamplingConfig(cfg_weight=args.cfg).check()
+            check_settings(R.SamplingConfig(cfg_weight=args.cfg_weight))
             load_config(args.ckpt)
-            default_device(args.device)
+            device = default_device(args.device)
         if args.cmd == "enrich":
             load_config(args.ckpt)
-            default_device(args.device)
+            device = default_device(args.device)
             if args.n < 2:
                 raise ValueError(f"--n must be at least 2 (diversity compares a prompt's images), got {args.n}")
         if args.cmd == "sft":
             load_config(args.base)
-            if min(args.steps, args.batch, args.scenes) < 1 or not args.lr > 0:
-                raise ValueError("--steps, --batch and --scenes must be at least 1 and --lr positive")
+            check_settings(SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig)}))
         table = report(args.runs, args.split) if args.cmd == "report" else None
         table = compare(args.rows, args.split, args.spread, args.per_tag) if args.cmd == "compare" else table
     except (FileNotFoundError, ValueError) as e:
@@ -1391,15 +1392,15 @@ def main(argv=None):
         for path in write_prompt_sets(args.out_dir):
             print("wrote", path)
     elif args.cmd == "diagnose":
-        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n, cfg=args.cfg,
-                 device=args.device, dtype=args.dtype and getattr(torch, args.dtype))
+        diagnose(args.ckpt, dict(zip(("train", "val", "test"), prompt_sets()))[args.split], args.n,
+                 cfg_weight=args.cfg_weight, device=device, dtype=args.dtype and getattr(torch, args.dtype))
     elif args.cmd in ("report", "compare"):
         print(table)
     elif args.cmd == "sft":
         sft(args.base, args.out, SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig)}))
     elif args.cmd == "enrich":
         items = dict(zip(("train", "val", "test"), prompt_sets()))[args.split][:args.limit]
-        enrich(args.ckpt, items, args.out, args.n, args.seeds, args.split, args.device,
+        enrich(args.ckpt, items, args.out, args.n, args.seeds, args.split, device,
                args.dtype and getattr(torch, args.dtype))
     else:
         pretrain(args.out, PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)}))

@@ -6,9 +6,9 @@ Sampling (inference and rollouts):
   2. token level: the image prompt "{prompt}. {plan}" in the chat format, then 576 image tokens sampled
      from the image head with classifier-free guidance (`generate_images`).
 Both prefill once into a static KV cache and then run a one-token decode step, which `compile=True`
-wraps in torch.compile(fullgraph=True); several samples of one prompt share its prefill. How they sample is
-one `SamplingConfig`; what they produce is one `Rollout` of tensors, which carries each sample's reward and
-advantage on to the loss.
+wraps in torch.compile(fullgraph=True) (fast_decode.py); several samples of one prompt share its prefill.
+How they sample is one `SamplingConfig`; what they produce is one `Rollout` of tensors, which carries each
+sample's reward and advantage on to the loss.
 
 Training (BiCoT-GRPO): group-normalised advantages (`group_advantages`), the log-probabilities of the plan
 and the image tokens side by side under one advantage (`rollout_logprobs`), the clipped objective with a k3
@@ -24,8 +24,6 @@ Departures from the paper's code:
 - guidance weight 1 skips the unconditional rows, since u + 1 * (c - u) = c.
 """
 
-import functools
-import math
 import os
 from dataclasses import dataclass, fields, replace
 
@@ -33,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import Janus, KVCache, Tokenizer, chat_prompt, image_prompt
+from fast_decode import AllDone, bucket_width, decode_fn, static_cache, static_decode
+from model import Janus, Tokenizer, chat_prompt, image_prompt
+from settings import setting
 from vq import to_uint8
 
 # Our wording of the semantic-level request; {prompt} is replaced by the user's prompt. T2I-R1's own request
@@ -131,14 +131,14 @@ def default_chat_format(ckpt=None) -> str:
 @dataclass
 class SamplingConfig:
     """How plans and images are drawn. Unset (None) settings take the checkpoint's defaults (`resolved`)."""
-    cfg_weight: float = None       # guidance weight of image tokens (1: none); unset: 5 for Janus-Pro, 2 for shapes
-    temperature: float = 1.0       # image tokens; 0: argmax
-    top_k: int = None              # image tokens: keep the k most likely (unset: all, as Janus-Pro and T2I-R1)
-    text_temperature: float = 1.0  # plan tokens; 0: argmax
-    text_top_k: int = None         # plan tokens: keep the k most likely, 0: all; unset: 50 (T2I-R1), 0 for shapes
-    text_top_p: float = None       # plan tokens: nucleus sampling mass (unset: off)
-    max_plan_tokens: int = None    # plans are cut here; unset: 1024 (T2I-R1's limit), 64 for the shapes world
-    chat_format: str = None        # t2i-r1 | janus; unset: janus if the checkpoint has a reasoning_prompt.txt
+    cfg_weight: float = setting(None, above=0, flag="--cfg")  # image tokens' guidance (1: none); unset: 5, shapes 2
+    temperature: float = setting(1.0, low=0)       # image tokens; 0: argmax
+    top_k: int = setting(None, low=1)              # image tokens: keep the k most likely (unset: all, as T2I-R1)
+    text_temperature: float = setting(1.0, low=0)  # plan tokens; 0: argmax
+    text_top_k: int = setting(None, low=0)         # plan tokens: keep the k most likely, 0: all; unset: 50, shapes 0
+    text_top_p: float = setting(None, above=0, high=1)  # plan tokens: nucleus sampling mass (unset: off)
+    max_plan_tokens: int = setting(None, low=1)    # plans are cut here; unset: 1024 (T2I-R1's limit), shapes 64
+    chat_format: str = setting(None, choices=tuple(CHAT_FORMATS))  # unset: janus if the ckpt has reasoning_prompt.txt
     reasoning_prompt: str = None   # file: the plan request, {prompt} or {} in it; unset: the checkpoint's, else ours
 
     def resolved(self, ckpt=None, kind=None) -> "SamplingConfig":
@@ -146,21 +146,6 @@ class SamplingConfig:
         a kind of checkpoint (a MODEL_DEFAULTS key)."""
         defaults = MODEL_DEFAULTS[kind or default_chat_format(ckpt)]
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
-    def check(self):
-        """ValueError naming the flag of the first setting out of range."""
-        if self.cfg_weight is not None and not (math.isfinite(self.cfg_weight) and self.cfg_weight > 0):
-            raise ValueError(f"--cfg must be a positive guidance weight (1: none), got {self.cfg_weight}")
-        for name, low in (("temperature", 0), ("text_temperature", 0), ("top_k", 1), ("text_top_k", 0),
-                          ("max_plan_tokens", 1)):
-            if getattr(self, name) is not None and not getattr(self, name) >= low:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if self.text_top_p is not None and not 0 < self.text_top_p <= 1:
-            raise ValueError(f"--text-top-p must lie in (0, 1], got {self.text_top_p}")
-        if self.chat_format is not None and self.chat_format not in CHAT_FORMATS:
-            raise ValueError(f"--chat-format must be one of {', '.join(CHAT_FORMATS)}, got {self.chat_format!r}")
-        if self.reasoning_prompt is not None:
-            load_reasoning_prompt(self.reasoning_prompt)
 
 
 # The defaults of the unset settings, per kind of checkpoint. text_top_k 0: off.
@@ -226,7 +211,7 @@ def unconditional(ids, mask, pad_id):
 
 
 # -----------------------------------------------------------------------------
-# decode steps (the only code torch.compile sees)
+# decode steps (the only code torch.compile sees, through fast_decode.decode_fn) and their set-up
 
 
 def text_step(janus: Janus, tokens, cache, input_pos, positions, mask, kv_len=None):
@@ -254,85 +239,6 @@ def guide(logits, cfg_weight):
         return logits
     cond, uncond = logits.chunk(2)
     return uncond + cfg_weight * (cond - uncond)
-
-
-_compiled = {}
-STATIC_DECODE = None  # compiled steps with static shapes (CUDA graphs): None on CUDA only; True/False forces it
-
-
-def static_decode(compile, device) -> bool:
-    """Whether a compiled decode step runs with static shapes: on CUDA, where CUDA graphs need them."""
-    return bool(compile) and (torch.device(device).type == "cuda" if STATIC_DECODE is None else STATIC_DECODE)
-
-
-def decode_fn(step, compile, device):
-    """The eager step, or its torch.compile(fullgraph=True) version; `compile` may name a backend.
-
-    On a GPU the graph has static shapes and attends to every slot of the static cache: CUDA graphs, which
-    remove the per-kernel launch cost that dominates one-token steps there, need them. Prompt widths then
-    come in buckets (`bucket_width`) and the cache lives at fixed addresses (`static_cache`), so a whole
-    run compiles and records a handful of graphs. On CPU the attended length (kv_len) stays symbolic
-    (dynamic=True), so one graph serves every position and skips the empty tail of the cache as eager
-    steps do. The samplers run their first step eagerly even when compiling: on CPU that step measures
-    the linear layers' matmul kernels (model.Linear), which the compiled graph then takes."""
-    if not compile:
-        return step
-    backend = "inductor" if compile is True else compile
-    static, cuda = static_decode(compile, device), torch.device(device).type == "cuda"
-    key = (step.__name__, backend, static, cuda)
-    if key not in _compiled:
-        mode = "reduce-overhead" if backend == "inductor" and cuda and static else None
-        compiled = torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=not static)
-        if static:  # buckets x step kinds x batch sizes (rollouts, evaluations) may pass dynamo's default of 8
-            compiled = functools.partial(_more_recompiles, compiled)
-        _compiled[key] = compiled
-    return _compiled[key]
-
-
-# dynamo's setting was called cache_size_limit before torch renamed it (both names work on 2.13)
-_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-
-
-def _more_recompiles(compiled, *args):
-    with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT: 64}):
-        return compiled(*args)
-
-
-def bucket_width(T: int) -> int:
-    """The padded prompt width of a static decode: the next power of two (at least 16), so that the prompts
-    of a whole run (T2I-R1's image prompts: a prompt and a plan of up to 1,024 tokens) take seven widths
-    or fewer."""
-    return max(16, 1 << (T - 1).bit_length())
-
-
-_arena = {}  # (device, dtype, layers) -> the flat key and value buffers of every layer, reused by static decodes
-
-
-def static_cache(cache: KVCache, n=1) -> KVCache:
-    """A copy of cache, each row repeated n times (row i * n + j is row i), in buffers that every static decode
-    reuses: CUDA graphs replay only at the addresses they were recorded at, so a fresh cache per sampling call
-    would record the graph again each time. The buffers grow to the largest cache asked for and are then
-    kept; each call views their first slots as contiguous (B * n, n_kv, max_len, hd) tensors, so a graph's
-    input strides depend on its shape alone. The rows are repeated straight into them: a repeated cache
-    first (repeat_rows) would hold the n samples' cache twice at the rollout's peak."""
-    L, (B, *rest) = len(cache.k), cache.k[0].shape
-    key, size = (cache.k[0].device, cache.k[0].dtype, L), cache.k[0].numel() * n
-    if key not in _arena or _arena[key][0].numel() < size:
-        _arena.pop(key, None)  # the old buffers go before the new ones come
-        _arena[key] = [torch.empty(size, device=key[0], dtype=key[1]) for _ in range(2 * L)]
-    views = [buf[:size].view(B * n, *rest) for buf in _arena[key]]
-    for view, t in zip(views, cache.k + cache.v):
-        view.view(B, n, *rest).copy_(t[:, None])  # every slot, the zeros of the empty tail too
-    held = KVCache.__new__(KVCache)
-    held.k, held.v = views[:L], views[L:]
-    held._mark_static()
-    return held
-
-
-def release_decoding():
-    """Forget the compiled decode steps and free the static cache buffers (bench.py, before it measures memory)."""
-    _compiled.clear()
-    _arena.clear()
 
 
 def prefill(janus, ids, mask, extra):
@@ -376,27 +282,6 @@ def start_decoding(janus, step_fn, ids, mask, first_logits, n, steps, compile, *
 # -----------------------------------------------------------------------------
 # semantic level: the plan
 
-
-class AllDone:
-    """Whether every row is done, asked from the host without waiting for the device. On CUDA each call
-    queues a copy of the answer and returns the one queued by the call before (8 tokens earlier, long
-    arrived); rows never come back from done, so an old yes is still a yes. On CPU the answer is current."""
-
-    def __init__(self, device):
-        self.cuda, self.queued = device.type == "cuda", None
-
-    def __call__(self, done) -> bool:
-        if not self.cuda:
-            return bool(done.all())
-        earlier = self.queued
-        answer = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(done.all(), non_blocking=True)
-        arrived = torch.cuda.Event()
-        arrived.record()
-        self.queued = answer, arrived
-        if earlier is None:
-            return False
-        earlier[1].synchronize()
-        return bool(earlier[0])
 
 
 @torch.no_grad()
@@ -520,6 +405,11 @@ class Rollout:
         return Rollout(**out)
 
 
+# which levels of the chain of thought a sample has (both, semantic: a plan, then the image) and training trains
+# (semantic: the plan tokens only; token: the image tokens only, drawn from the prompt alone)
+LEVELS = ("both", "semantic", "token")
+
+
 def image_prompt_text(prompt: str, plan: str) -> str:
     """The "janus" format's image text: the prompt, one period, the plan (T2I-R1 doubles a final period)."""
     plan = plan.strip()
@@ -527,10 +417,10 @@ def image_prompt_text(prompt: str, plan: str) -> str:
 
 
 @torch.no_grad()
-def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n=1, cot=True,
+def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, *, n=1, levels="both",
                reasoning_template=REASONING_PROMPT, generator=None, compile=False, progress=None,
                plan_progress=None) -> Rollout:
-    """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with cot=False,
+    """T2I-R1 sampling for a batch of prompts: n plans per prompt, one image per plan (or, with levels="token",
     n images per prompt from the prompt alone, sharing one prefill). settings: resolved for the checkpoint;
     reasoning_template: the request's text (load_reasoning_prompt reads it from a file or a checkpoint).
     progress(i, N), plan_progress(i, N): after each image token, after each plan token."""
@@ -540,6 +430,8 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
                          f"SamplingConfig.resolved")
     if any(not p or not p.strip() for p in prompts):
         raise ValueError("empty prompt")
+    if levels not in LEVELS:
+        raise ValueError(f"levels must be one of {', '.join(LEVELS)}, got {levels!r}")
     if settings.chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat format must be one of {', '.join(CHAT_FORMATS)}, got {settings.chat_format!r}")
     s, fmt, device = settings, CHAT_FORMATS[settings.chat_format], janus.device
@@ -549,7 +441,7 @@ def sample_t2i(janus: Janus, tok: Tokenizer, prompts, settings: SamplingConfig, 
         return generate_images(janus, ids, mask, pad_id=tok.pad_id, n=n, cfg_weight=s.cfg_weight,
                                temperature=s.temperature, top_k=s.top_k, generator=generator, compile=compile,
                                progress=progress)
-    if cot:
+    if levels != "token":  # both, semantic: a plan first
         request_ids, request_mask = pad_tokens([tok.encode(fmt.request_text(reasoning_template, p)) for p in prompts],
                                              tok.pad_id, device)
         plan_ids, plan_mask = generate_text(janus, request_ids, request_mask, eos_id=tok.eos_id, pad_id=tok.pad_id,

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints as C
 import model as M
 import rewards as RW
 import sample as SA
 import shapes as S
 import train as T
+from conftest import cli_error, unit_scale_image_path
 
 
 def scene(*objects):
@@ -83,8 +85,8 @@ def test_split_rewards_by_hand_and_weighted():
     right = np.stack([S.render(scene(("circle", "red", (0, 0, 16, 16))))])
     scores, weighted = split_scores(right, [S.colors("red", "circle")], {"shapes-color": 5.0})
     assert scores["shapes-color"].item() == pytest.approx(0.5) and weighted.item() == pytest.approx(0.5 + 5 * 0.5)
-    # importing shapes registers the four beside `shapes`, one per part of the dense reward
-    assert {RW.REWARDS[f"shapes-{p}"].part for p in RW.DENSE_PARTS} == set(RW.DENSE_PARTS)
+    # the four are listed beside `shapes`, one per part of the dense reward
+    assert {RW.reward_class(f"shapes-{p}").part for p in RW.DENSE_PARTS} == set(RW.DENSE_PARTS)
     # the names work on the command line, with weights
     assert RW.parse_rewards("shapes-presence:1,shapes-count:5,shapes-color,shapes-position:1") == {
         "shapes-presence": 1.0, "shapes-count": 5.0, "shapes-color": 1.0, "shapes-position": 1.0}
@@ -195,18 +197,14 @@ def test_enrich_writes_rows_that_compare_reads(tmp_path):
 
 def tiny_base(folder, scenes=64):
     """A barely pretrained tiny shapes base whose frozen image path (embedding, aligner, head) has unit-scale
-    weights, as test_t2i_r1's random_base: with GPT-style 0.02 init the image logits would hardly move
+    weights, as conftest's random_base: with GPT-style 0.02 init the image logits would hardly move
     whatever the trainable decoder does, and SFT, like RL, trains the decoder only."""
     S.pretrain(folder, S.PretrainConfig(scenes=scenes, vq_steps=2, vq_batch=4, n_layer=1, n_embd=32, n_head=2,
                                         lm_steps=1, lm_batch=4), log=lambda *a, **k: None)
-    m, tok = M.Janus.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
+    m, tok = C.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    with torch.no_grad():
-        m.gen_embed.weight.normal_()
-        for w in (m.gen_aligner.layers[0].weight, m.gen_aligner.layers[2].weight,
-                  m.gen_head.output_mlp_projector.weight, m.gen_head.vision_head.weight):
-            w.normal_(0, w.shape[1] ** -0.5)
-    m.save_pretrained(folder, tokenizer=tok)
+    unit_scale_image_path(m)
+    C.save_pretrained(m, folder, tokenizer=tok)
     return folder
 
 
@@ -218,7 +216,7 @@ def test_sft_lowers_its_loss_and_saves_a_base_train_can_start_from(tmp_path):
         assert np.mean(losses[k][-8:]) < 0.9 * np.mean(losses[k][:8]), (k, losses[k][:8], losses[k][-8:])
     # the base's layout, every file of it; the frozen image path unchanged, the language model trained
     assert set(os.listdir(base)) | {"sft.json"} == set(os.listdir(out)) and not os.path.exists(out + ".tmp")
-    before, after = M.Janus.from_pretrained(base).state_dict(), M.Janus.from_pretrained(out).state_dict()
+    before, after = C.from_pretrained(base).state_dict(), C.from_pretrained(out).state_dict()
     for k in before:
         frozen = k.startswith(("gen_vision_model.", "gen_embed.", "gen_aligner.", "gen_head."))
         assert torch.equal(before[k], after[k]) == frozen, k
@@ -238,7 +236,7 @@ def test_sft_runs_under_bf16_autocast(tmp_path):
                    log=lambda *a, **k: None)
     assert all(np.isfinite(losses[k]).all() and len(losses[k]) for k in ("text", "image"))
     # the saved weights stay float32 master weights
-    assert all(v.dtype == torch.float32 for v in M.Janus.from_pretrained(str(tmp_path / "sft")).state_dict().values())
+    assert all(v.dtype == torch.float32 for v in C.from_pretrained(str(tmp_path / "sft")).state_dict().values())
 
 
 # ---- 5. the experiments' tables ----------------------------------------------------------------------------------
@@ -281,22 +279,15 @@ def test_compare_pools_seeds_per_named_row(tmp_path, capsys):
     fake_run(tmp_path / "other-s1", {"seed": 1, "rewards": "z"}, acc(0.4), acc(0.5))
     with pytest.raises(ValueError, match="--rewards"):
         S.compare([f"mixed={tmp_path}/equal-s0,{tmp_path}/other-s1"])
-    err = cli_error(S.main, ["compare", f"none={tmp_path}/nothing*"], capsys)
+    err = cli_error(S.main, ["compare", f"none={tmp_path}/nothing*"], capsys, "shapes.py")
     assert "matches no run folder" in err
-    assert "NAME=RUN" in cli_error(S.main, ["compare", str(tmp_path / "equal-s0")], capsys)
+    assert "NAME=RUN" in cli_error(S.main, ["compare", str(tmp_path / "equal-s0")], capsys, "shapes.py")
 
 
 def test_experiment_commands_check_their_inputs_first(tmp_path, capsys):
-    assert "does not exist" in cli_error(S.main, ["sft", "--base", str(tmp_path / "none"), "--out", "x"], capsys)
-    assert "at least 1" in cli_error(S.main, ["sft", "--out", str(tmp_path / "x"), "--steps", "0"], capsys)
-    assert "--n must be at least 2" in cli_error(S.main, ["enrich", "--out", str(tmp_path / "x"), "--n", "1"], capsys)
+    def error(argv):
+        return cli_error(S.main, argv, capsys, "shapes.py")
+    assert "does not exist" in error(["sft", "--base", str(tmp_path / "none"), "--out", "x"])
+    assert "at least 1" in error(["sft", "--out", str(tmp_path / "x"), "--steps", "0"])
+    assert "--n must be at least 2" in error(["enrich", "--out", str(tmp_path / "x"), "--n", "1"])
     assert not os.path.exists(tmp_path / "x")
-
-
-def cli_error(main, argv, capsys, prog="shapes.py"):
-    """Run main with bad input: it must exit with one `prog: error: ...` line, no traceback (as in test_t2i_r1)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), err
-    return err[-1]

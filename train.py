@@ -27,13 +27,10 @@ Departures from T2I-R1's trainer:
 
 import argparse
 import contextlib
-import datetime
 import errno
 import functools
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -43,14 +40,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import rewards
 import sample as S
 import shapes
 import t2i_r1 as R
-from model import (HelpFormatter, Janus, Tokenizer, atomic, config_flags, default_device, load_config, lock_folder,
-                   read_json, save_like, write_json)
+from checkpoints import from_pretrained, load_config, write_json
+from distributed import all_sum, dist_setup, gathered, grad_sync, shard, train_device
+from model import Janus, Tokenizer
+from runs import (check_run_folder, claim_run_folder, clock, last_checkpoint, load_optimizer, logging_to, record,
+                  record_settings, resumed_place, save_checkpoint, write_report)
+from settings import HelpFormatter, check_settings, config_flags, setting
 
 
 @dataclass
@@ -65,43 +65,50 @@ class TrainConfig:
     # rewards (rewards.py): NAME:WEIGHT list, checkpoint folders, how they add up
     rewards: str = "shapes"        # NAME[:WEIGHT],... (README, Rewards); the preset t2i-r1 = hps,t2i-r1-detect,git
     reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: the reward checkpoints' folders (README, Rewards)
-    reward_combine: str = "sum"    # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
+    reward_combine: str = setting(  # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
+        "sum", choices=("sum", "group"))
     t2i_r1_as_released: bool = False  # t2i-r1-detect keeps T2I-R1's code where it looks wrong (README, Rewards)
     # the method
-    levels: str = "both"           # both | semantic (plans trained, image tokens not) | token (no plan)
-    group_size: int = 8            # G samples per prompt
-    prompts_per_step: int = 8      # prompts per optimizer step, each with group_size samples
-    rollout_batch: int = 8         # prompts per sampling call
-    mu: int = 1                    # policy updates per rollout batch (1: on-policy, the ratio is exactly 1)
-    beta: float = 0.01             # KL weight
-    clip_eps: float = 0.2          # ratios clipped to [1 - eps, 1 + eps] (inactive with mu = 1)
-    loss_norm: str = "token"       # token: one mean over every token (T2I-R1); sequence: per sample, then mean
-    image_logp: str = "cond"       # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
+    levels: str = setting("both", choices=R.LEVELS)  # semantic: plans trained, image tokens not; token: no plan
+    group_size: int = setting(8, low=2, why=": advantages are relative to the group")  # G samples per prompt
+    prompts_per_step: int = setting(8, low=1)  # prompts per optimizer step, each with group_size samples
+    rollout_batch: int = setting(8, low=1)     # prompts per sampling call
+    mu: int = setting(1, low=1)                # policy updates per rollout batch (1: on-policy, the ratio is exactly 1)
+    beta: float = setting(0.01, low=0)         # KL weight
+    clip_eps: float = setting(0.2, above=0)    # ratios clipped to [1 - eps, 1 + eps] (inactive with mu = 1)
+    loss_norm: str = setting(  # token: one mean over every token (T2I-R1); sequence: per sample, then mean
+        "token", choices=("token", "sequence"))
+    image_logp: str = setting(  # cond: conditional forward only (T2I-R1); cfg: the guided distribution sampled
+        "cond", choices=("cond", "cfg"))
     # sampling of rollouts and evaluations: t2i_r1.SamplingConfig, its fields are flags too (--cfg, --text-top-k, ...)
     sampling: R.SamplingConfig = field(default_factory=R.SamplingConfig)
     # optimisation
-    steps: int = 200               # optimizer steps
-    lr: float = 5e-5               # AdamW learning rate: chosen on the shapes val split (README); T2I-R1: 1e-6 on Janus-Pro
-    schedule: str = "constant"     # constant | linear (to 0, T2I-R1) | cosine (to 0)
-    warmup: int = 0                # linear warmup steps
-    weight_decay: float = 0.0      # AdamW weight decay
-    grad_clip: float = 1.0         # gradient norm clip
-    micro_batch: int = 32          # samples per forward/backward (gradients accumulate over the step)
-    lora_rank: int = 0             # > 0: LoRA on every attention and MLP projection instead of full fine-tuning
-    lora_alpha: float = 16.0       # LoRA scale alpha / rank
+    steps: int = setting(200, low=1)           # optimizer steps
+    lr: float = setting(5e-5, above=0)         # AdamW learning rate, chosen on the shapes val split; T2I-R1: 1e-6
+    schedule: str = setting(  # constant | linear (to 0, T2I-R1) | cosine (to 0)
+        "constant", choices=("constant", "linear", "cosine"))
+    warmup: int = setting(0, low=0)            # linear warmup steps
+    weight_decay: float = setting(0.0, low=0)  # AdamW weight decay
+    grad_clip: float = setting(1.0, above=0)   # gradient norm clip
+    micro_batch: int = setting(32, low=1)      # samples per forward/backward (gradients accumulate over the step)
+    lora_rank: int = setting(  # > 0: LoRA on every attention and MLP projection instead of full fine-tuning
+        0, low=0)
+    lora_alpha: float = setting(16.0, above=0)  # LoRA scale alpha / rank
     grad_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, more time)
     # system
     device: str = None             # cuda, cpu, ...; unset: CUDA when present (torchrun: GPU LOCAL_RANK)
-    dtype: str = None              # bfloat16 | float32: autocast dtype, frozen weights held in it; unset: bf16 on GPU
+    dtype: str = setting(  # autocast dtype, frozen weights held in it; unset: bf16 on GPU
+        None, choices=("float32", "bfloat16"))
     seed: int = 0                  # every random draw is keyed by (seed, step, sampling call)
-    compile: bool = False          # torch.compile the sampling decode steps (GPU; on CPU a few percent after ~20 s of compiling)
-    threads: int = None            # CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine
+    compile: bool = False          # torch.compile the decode steps (GPU; on CPU a few percent after ~20 s of compiling)
+    threads: int = setting(  # CPU threads of torch (unset: torch's default, one per core); 1 on a shared machine
+        None, low=1)
     fsdp: bool = False             # with torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # logs, evaluation, checkpoints
-    sample_every: int = 25         # a grid of the step's samples (and their plans and rewards)
-    eval_every: int = 50           # validation evaluation (also at the start and the end)
-    eval_n: int = 16               # images per evaluated prompt
-    save_every: int = 50           # checkpoint (also at the end)
+    sample_every: int = setting(25, low=0)     # a grid of the step's samples (and their plans and rewards)
+    eval_every: int = setting(50, low=0)       # validation evaluation (also at the start and the end)
+    eval_n: int = setting(16, low=1)           # images per evaluated prompt
+    save_every: int = setting(50, low=0)       # checkpoint (also at the end)
     resume: bool = False           # continue the run in out/ from its last checkpoint, with its saved settings
     overwrite: bool = False        # start afresh in out/: the run there (checkpoint, metrics, evaluations) is deleted
 
@@ -111,34 +118,9 @@ class TrainConfig:
         self.ckpt = self.ckpt and os.path.expanduser(self.ckpt)  # "~/models/Janus-Pro-1B" as written in a shell
 
 
-# allowed values of the string settings (argparse choices and the checks for API callers)
-CHOICES = {"levels": ("both", "semantic", "token"), "loss_norm": ("token", "sequence"), "image_logp": ("cond", "cfg"),
-           "schedule": ("constant", "linear", "cosine"), "reward_combine": ("sum", "group"),
-           "dtype": ("float32", "bfloat16")}
-
-
 def check_config(cfg: TrainConfig):
-    """Every setting's value, alone and with the others; ValueError names the flag."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
-            raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    at_least = {"group_size": 2, "prompts_per_step": 1, "rollout_batch": 1, "mu": 1, "micro_batch": 1, "steps": 1,
-                "eval_n": 1, "lora_rank": 0, "warmup": 0, "sample_every": 0, "eval_every": 0, "save_every": 0}
-    for name, low in at_least.items():
-        if getattr(cfg, name) < low:
-            why = ": advantages are relative to the group" if name == "group_size" else ""
-            raise ValueError(f"{flag(name)} must be at least {low}{why}, got {getattr(cfg, name)}")
-    for name in ("lr", "clip_eps", "grad_clip", "lora_alpha"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("beta", "weight_decay"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{flag(name)} must be at least 0, got {getattr(cfg, name)}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {cfg.threads}")
-    cfg.sampling.check()
+    """Every setting's value, alone (as its field declares) and with the others; ValueError names the flag."""
+    check_settings(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.fsdp and (world < 2 or cfg.lora_rank):
         raise ValueError("--fsdp shards a full fine-tune over several processes: run it with torchrun, without LoRA")
@@ -148,48 +130,21 @@ def check_config(cfg: TrainConfig):
                          f"{world} processes")
 
 
-def train_device(cfg: TrainConfig):
-    """The device this process trains on: --device, else CUDA when present; under torchrun the GPU of LOCAL_RANK."""
-    device = default_device(cfg.device)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
-def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+def resolve_defaults(cfg: TrainConfig, device=None) -> TrainConfig:
     """Fill the settings left unset: sampling as the starting checkpoint samples (the shapes world's base when
-    cfg.ckpt is None: t2i_r1.MODEL_DEFAULTS), bf16 autocast over float32 master weights on a GPU."""
-    dtype = cfg.dtype or ("bfloat16" if train_device(cfg).type == "cuda" else "float32")
+    cfg.ckpt is None: t2i_r1.MODEL_DEFAULTS), bf16 autocast over float32 master weights on a GPU. device: the
+    one train_device decided (prepare passes it), else decided here."""
+    dtype = cfg.dtype or ("bfloat16" if (device or train_device(cfg)).type == "cuda" else "float32")
     return replace(cfg, dtype=dtype, sampling=cfg.sampling.resolved(cfg.ckpt, kind=None if cfg.ckpt else "janus"))
 
 
 # -----------------------------------------------------------------------------
-# run folders: an existing run is continued (--resume) or replaced (--overwrite), never overwritten by accident;
-# one process at a time; a resume keeps the run's settings
+# resumes (run folders themselves: runs.py)
 
-RUN_FILES = ("config.json", "metrics.jsonl", "train.log", "summary.md", "curves.png", "eval", "samples", "ckpt",
-             "ckpt.old", "ckpt.tmp")
 # what a resume may change: how long the run goes, what it logs, evaluates and saves, and how the same
 # computation is laid out on the machine; anything else would change the run half-way without a trace
 RESUMABLE = ("steps", "sample_every", "eval_every", "save_every", "test_eval", "device", "compile", "threads",
              "micro_batch", "grad_checkpointing", "fsdp", "resume", "overwrite")
-
-
-def check_run_folder(cfg: TrainConfig):
-    """--out against what is there; ValueError naming the folder."""
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ValueError(f"--out {cfg.out} is a file, not a folder")
-    present = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.out, n))]
-    if cfg.resume and last_checkpoint(cfg.out) is None:
-        held = f"it holds {', '.join(present)} but" if present else "no run there,"
-        raise ValueError(f"--resume: {cfg.out} holds no checkpoint to continue ({held} no ckpt/train_state.pt); "
-                         f"check the folder's name, or start a new run there without --resume"
-                         + (" and with --overwrite" if present else ""))
-    if present and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"{cfg.out} already holds a run ({', '.join(present)}): --resume continues it, --overwrite "
-                         f"deletes it and starts afresh, or choose another --out")
 
 
 def saved_state(out) -> dict:
@@ -228,34 +183,6 @@ def resume_changes(cfg: TrainConfig) -> dict:
     if cfg.steps < state["step"]:
         raise ValueError(f"--steps {cfg.steps}: {cfg.out}'s checkpoint is already at step {state['step']}")
     return {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
-
-
-def claim_run_folder(cfg: TrainConfig):
-    """On the first process: lock out/, check it again under the lock, and with --overwrite delete the run
-    there. Returns the lock (close it to release)."""
-    lock = lock_folder(cfg.out, "train")
-    try:
-        check_run_folder(cfg)
-        if cfg.overwrite:
-            for name in RUN_FILES:
-                p = os.path.join(cfg.out, name)
-                if os.path.isdir(p):
-                    shutil.rmtree(p)
-                elif os.path.exists(p):
-                    os.remove(p)
-    except BaseException:
-        lock.close()
-        raise
-    return lock
-
-
-def logging_to(path, log):
-    """log, and each line appended to path as well (the run's train.log)."""
-    def both(*args, **kwargs):
-        log(*args, **kwargs)
-        with open(path, "a") as f:
-            print(*args, file=f)
-    return both
 
 
 # -----------------------------------------------------------------------------
@@ -310,85 +237,24 @@ def adapters_off(janus: Janus):
 
 
 # -----------------------------------------------------------------------------
-# distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
-
-
-def dist_setup(device):
-    """Join the process group torchrun describes. Returns (rank, world, device). device: train_device's, on
-    CUDA the GPU of LOCAL_RANK, made current before the group exists so that NCCL binds the right card."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # NCCL reduces CUDA tensors only; gloo serves any CPU tensor a collective may still meet (FSDP's
-        # CPU-offloaded state dicts), so the group has one backend per device type
-        # the other processes wait while the first one evaluates: a 7B evaluation outlasts the 10-minute default
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    return (dist.get_rank(), world, device) if world > 1 else (0, 1, device)
-
-
-def all_sum(x: torch.Tensor, world, device):
-    """Sum x over processes -> a CPU tensor. The collective gets a copy on the training device: the counts
-    and logs are built on the CPU, which NCCL would refuse."""
-    if world == 1:
-        return x
-    y = x.to(device)
-    dist.all_reduce(y)
-    return y.cpu()
-
-
-@contextlib.contextmanager
-def gathered(module):
-    """FSDP2: every parameter whole on every process, for code that calls submodules outside a forward
-    (sampling, log-probs of the reference). Collective: all processes enter. A no-op without FSDP."""
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
-        m.unshard()
-        m.set_reshard_after_forward(False)
-    try:
-        yield module
-    finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(True)
-
-
-def grad_sync(module, sync):
-    """Skip the gradient all-reduce on all micro-batches but the last (DDP: no_sync; FSDP2: a flag)."""
-    if hasattr(module, "set_requires_gradient_sync"):
-        module.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
-
-
-def shard(root, janus, dtype):
-    """FSDP2 over processes: each decoder layer is a unit, the rest (embeddings, heads, VQ) the root's. Weights
-    are gathered in the compute dtype (half the traffic and memory of float32 in bf16) and gradients reduced
-    in float32. Inputs are left as they are: autocast casts what it computes with, while the loss's inputs
-    (old and reference log-probs, advantages) must stay float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in janus.language_model.model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(root, mp_policy=policy)
-    # FSDP2 finds its root on the first forward; sampling calls the layers before any root forward does
-    root._get_fsdp_state()._lazy_init()
-    return root
-
-
-# -----------------------------------------------------------------------------
 # set-up: inputs checked first, then processes, models, optimizer, resumed state
 
 
-def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
-    """Everything that can be checked without a model, before pretraining, model loading or the first
-    evaluation: the settings, the checkpoint folder, the reasoning template, the prompt files and their
-    metadata, the rewards' names and files. Raises ValueError or FileNotFoundError naming what is wrong.
-    Returns the training and held-out prompts, the reward ensemble, the settings a resume changes, and on
-    the first process the run folder's lock (train releases it)."""
+def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)) -> dict:
+    """Everything that can be decided or checked without a model, before pretraining, model loading or the first
+    evaluation: the device, the settings' defaults (the one place they are filled), the settings, the checkpoint
+    folder, the reasoning template, the prompt files and their metadata, the rewards' names and files. Raises
+    ValueError or FileNotFoundError naming what is wrong. Returns the resolved settings, the device, the
+    training and held-out prompts, the reward ensemble, the template (None while the shapes base it comes from
+    is still to be pretrained), the settings a resume changes, and on the first process the run folder's lock
+    (train releases it)."""
+    device = train_device(cfg)
+    cfg = resolve_defaults(cfg, device)
     check_config(cfg)
+    base = cfg.ckpt or shapes.BASE_DIR  # the shapes base: shipped, or pretrained later (its context fits)
+    template = None  # read here once: from the file given, else the base's own (if it is there yet), else ours
+    if os.path.isdir(base) or cfg.sampling.reasoning_prompt:
+        template = R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base)
     check_run_folder(cfg)
     changes = resume_changes(cfg) if cfg.resume else {}
     if cfg.ckpt is not None:
@@ -396,35 +262,40 @@ def prepare(cfg: TrainConfig, log=functools.partial(print, flush=True)):
         tok_file = os.path.join(cfg.ckpt, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"{tok_file} not found: a Janus-Pro folder needs its tokenizer.json")
-    # the shapes world's defaults: RL on its train split, validation curves on val, the report on test
-    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets()))
-    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
-    shapes_base = cfg.ckpt is None
-    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else shapes_base and world_sets["test"],
-                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
-    eval_sets = {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
+    train_items, eval_sets = prompt_sets(cfg)
     scorer = rewards.RewardEnsemble(rewards.parse_rewards(cfg.rewards), rewards.parse_reward_ckpt(cfg.reward_ckpt),
-                                    device=train_device(cfg),
+                                    device=device,
                                     t2i_r1_detect=rewards.T2IR1DetectConfig(as_released=cfg.t2i_r1_as_released))
     for items in (train_items, *eval_sets.values()):
         scorer.check_metadata(items)
-    base = cfg.ckpt or shapes.BASE_DIR  # the shapes base: shipped, or pretrained later (its context fits)
     if os.path.isdir(base):
-        tok, template = Tokenizer.from_pretrained(base), R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base)
+        tok = Tokenizer.from_pretrained(base)
         for what, items in {"training": train_items, **eval_sets}.items():
-            S.check_lengths(tok, items, cfg.sampling, template, load_config(base), cfg.levels != "token", f"{what} prompts")
+            S.check_lengths(tok, items, cfg.sampling, template, load_config(base), cfg.levels, f"{what} prompts")
     if int(os.environ.get("RANK", "0")) == 0:
         for what, items in {"training": train_items, **eval_sets}.items():
             for line in scorer.unchecked_report(items, f"{what} prompts"):
                 log(line)
     # last, once every input is known to be good: the folder is locked (and with --overwrite emptied)
     lock = claim_run_folder(cfg) if int(os.environ.get("RANK", "0")) == 0 else None
-    return {"train_items": train_items, "eval_sets": eval_sets, "scorer": scorer, "changes": changes, "lock": lock}
+    return {"cfg": cfg, "device": device, "train_items": train_items, "eval_sets": eval_sets, "scorer": scorer,
+            "template": template, "changes": changes, "lock": lock}
+
+
+def prompt_sets(cfg: TrainConfig):
+    """The training prompts and the held-out sets {"test": ..., "val": ...} (those evaluated). The shapes world's
+    defaults: RL on its train split, validation curves on val, the report on test."""
+    world_sets = dict(zip(("train", "val", "test"), shapes.prompt_sets()))
+    train_items = S.read_prompts(cfg.prompts) if cfg.prompts else world_sets["train"]
+    shapes_base = cfg.ckpt is None
+    eval_sets = {"test": S.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else shapes_base and world_sets["test"],
+                 "val": S.read_prompts(cfg.val_prompts) if cfg.val_prompts else shapes_base and world_sets["val"]}
+    return train_items, {k: v for k, v in eval_sets.items() if v and (k != "test" or cfg.test_eval)}
 
 
 @dataclass
 class Run:
-    """What a training run holds while it runs."""
+    """What a training run holds while it runs, created whole by start_run."""
     cfg: TrainConfig
     train_items: list
     eval_sets: dict
@@ -436,20 +307,22 @@ class Run:
     autocast: object          # torch.autocast, or a null context in float32
     base: str                 # the starting checkpoint's folder
     reasoning: str            # the reasoning request's template
-    tok: Tokenizer = None
-    policy: Janus = None
-    ref: Janus = None         # the frozen reference (None: beta 0, or LoRA with its adapters off)
-    loss_module: nn.Module = None  # PolicyLoss, wrapped for DDP or sharded for FSDP
-    params: list = None
-    opt: torch.optim.Optimizer = None
-    start: int = 0
-    metrics: list = field(default_factory=list)
+    tok: Tokenizer
+    policy: Janus
+    ref: Janus                # the frozen reference (None: beta 0, or LoRA with its adapters off)
+    loss_module: nn.Module    # PolicyLoss, wrapped for DDP or sharded for FSDP
+    params: list
+    opt: torch.optim.Optimizer
+    start: int                # the first step to run (a resumed run's checkpoint step)
+    metrics: list
     t0: float = 0.0           # when this process's first step began (elapsed time and ETA)
 
 
-def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
-    """Processes, the starting checkpoint (the shapes base pretrained first when absent) and the tokenizer."""
-    rank, world, device = dist_setup(train_device(cfg))
+def start_run(setup: dict, log) -> Run:
+    """The run, whole: processes, the starting checkpoint (the shapes base pretrained first when absent), its
+    tokenizer and reasoning template, the models and optimizer, and a resumed run's place."""
+    cfg = setup["cfg"]
+    rank, world, device = dist_setup(setup["device"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if cfg.dtype != "float32"
@@ -458,33 +331,40 @@ def start_run(cfg: TrainConfig, inputs: dict, log) -> Run:
     base = cfg.ckpt or (shapes.ensure_base() if rank == 0 else shapes.BASE_DIR)
     if world > 1:
         dist.barrier()  # rank 0 may have just pretrained the base
-    run = Run(cfg, inputs["train_items"], inputs["eval_sets"], inputs["scorer"], log if rank == 0 else (lambda *a: None),
-              rank, world, device, autocast, base, R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base),
-              tok=Tokenizer.from_pretrained(base))
-    for what, items in {"training": run.train_items, **run.eval_sets}.items():
-        for line in S.vocabulary_warnings(run.tok, items, f"{what} prompts"):
-            run.log(line)
+    log, tok = log if rank == 0 else (lambda *a: None), Tokenizer.from_pretrained(base)
+    for what, items in {"training": setup["train_items"], **setup["eval_sets"]}.items():
+        for line in S.vocabulary_warnings(tok, items, f"{what} prompts"):
+            log(line)
     load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
     if device.type == "cpu" and not cfg.threads and torch.get_num_threads() > 1 and load > cores / 2:
-        run.log(f"warning: load average {load:.1f} on {cores} cores before this run started: other processes use "
-                f"them, and torch's {torch.get_num_threads()} threads would wait on each other; --threads 1 (or "
-                f"OMP_NUM_THREADS=1) is often several times faster on a shared machine")
+        log(f"warning: load average {load:.1f} on {cores} cores before this run started: other processes use "
+            f"them, and torch's {torch.get_num_threads()} threads would wait on each other; --threads 1 (or "
+            f"OMP_NUM_THREADS=1) is often several times faster on a shared machine")
+    resume_from = last_checkpoint(cfg.out) if cfg.resume else None
+    state = saved_state(cfg.out) if resume_from else None
+    models = build_models(cfg, base, resume_from, state, device, world, tok.pad_id)
+    start, metrics = resumed_place(cfg, state, resume_from, rank, log) if state is not None else (0, [])
+    run = Run(cfg, setup["train_items"], setup["eval_sets"], setup["scorer"], log, rank, world, device, autocast, base,
+              setup["template"] or R.load_reasoning_prompt(cfg.sampling.reasoning_prompt, base), tok, **models,
+              start=start, metrics=metrics)
+    n_trained = sum(p.numel() for p in run.params)
+    log(f"policy: {run.policy.n_params() / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M "
+        f"trainable{' (sharded)' if cfg.fsdp else ''}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; "
+        f"{len(run.train_items)} training prompts; {run.world} process(es) on {run.device}")
     return run
 
 
-def build_models(run: Run):
-    """Policy, reference, loss module and optimizer, from the last checkpoint of out/ with --resume. What trains
-    keeps float32 master weights (autocast computes in cfg.dtype); what stays frozen is held in cfg.dtype
-    itself: the VQ and the image embedding and head (frozen, as in T2I-R1), the reference, and the base under
-    LoRA. So a bf16 reference takes half a float32 copy's memory, and autocast, which caches its casts of
-    trainable weights only, does not cast the frozen ones again at every decode step."""
-    cfg, dtype = run.cfg, getattr(torch, run.cfg.dtype)
-    resume_from = last_checkpoint(cfg.out) if cfg.resume else None
-    state = saved_state(cfg.out) if resume_from else None
+def build_models(cfg: TrainConfig, base, resume_from, state, device, world, pad_id) -> dict:
+    """Policy, reference, loss module and optimizer, from resume_from (a checkpoint of out/, its train_state.pt
+    read as state) with --resume. What trains keeps float32 master weights (autocast computes in cfg.dtype);
+    what stays frozen is held in cfg.dtype itself: the VQ and the image embedding and head (frozen, as in
+    T2I-R1), the reference, and the base under LoRA. So a bf16 reference takes half a float32 copy's memory,
+    and autocast, which caches its casts of trainable weights only, does not cast the frozen ones again at
+    every decode step."""
+    dtype, lora = getattr(torch, cfg.dtype), cfg.lora_rank > 0
     full_ft_resume = state is not None and state["lora"] is None
-    lora = cfg.lora_rank > 0
-    policy = Janus.from_pretrained(resume_from if full_ft_resume else run.base, device=run.device,
-                                   dtype=dtype if lora else torch.float32)
+    policy = from_pretrained(resume_from if full_ft_resume else base, device=device,
+                             dtype=dtype if lora else torch.float32)
     for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
         part.requires_grad_(False).to(dtype)
     if lora:  # the adapters are float32 master weights, the base stays in the compute dtype
@@ -492,23 +372,21 @@ def build_models(run: Run):
         if state is not None:
             policy.load_state_dict(state["lora"], strict=False)
     policy.gradient_checkpointing = cfg.grad_checkpointing
+    ref = None
     if cfg.beta > 0 and not lora:  # the starting weights, read again in the compute dtype (not a deep copy)
-        run.ref = Janus.from_pretrained(run.base, device=run.device, dtype=dtype).eval().requires_grad_(False)
-    run.policy, run.loss_module = policy, PolicyLoss(policy, cfg, run.tok.pad_id)
+        ref = from_pretrained(base, device=device, dtype=dtype).eval().requires_grad_(False)
+    loss_module = PolicyLoss(policy, cfg, pad_id)
     if cfg.fsdp:
-        shard(run.loss_module, policy, dtype)
-        if run.ref is not None:
-            shard(run.ref, run.ref, dtype)
-    elif run.world > 1:  # with levels=token the text head has no gradient; otherwise every trained weight has
-        run.loss_module = nn.parallel.DistributedDataParallel(run.loss_module,
-                                                              find_unused_parameters=cfg.levels == "token")
-    run.params = [p for p in policy.parameters() if p.requires_grad]
-    run.opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        shard(loss_module, policy, dtype)
+        if ref is not None:
+            shard(ref, ref, dtype)
+    elif world > 1:  # with levels=token the text head has no gradient; otherwise every trained weight has
+        loss_module = nn.parallel.DistributedDataParallel(loss_module, find_unused_parameters=cfg.levels == "token")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
-        resume(run, state, resume_from)
-    run.log(f"policy: {policy.n_params() / 1e6:.2f}M parameters, {sum(p.numel() for p in run.params) / 1e6:.2f}M "
-            f"trainable{' (sharded)' if cfg.fsdp else ''}{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; "
-            f"{len(run.train_items)} training prompts; {run.world} process(es) on {run.device}")
+        load_optimizer(loss_module, opt, state["optimizer"], cfg.fsdp)
+    return dict(policy=policy, ref=ref, loss_module=loss_module, params=params, opt=opt)
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +418,7 @@ def rollout(run: Run, step):
             g = torch.Generator(device=run.device).manual_seed(step_seed(cfg.seed, step, 1 + c))
             with run.autocast:
                 parts.append(R.sample_t2i(run.policy, run.tok, [it["prompt"] for it in batch], cfg.sampling,
-                                          n=cfg.group_size, cot=cfg.levels != "token", reasoning_template=run.reasoning,
+                                          n=cfg.group_size, levels=cfg.levels, reasoning_template=run.reasoning,
                                           generator=g, compile=cfg.compile))
                 images.append(R.decode_images(run.policy, parts[-1].codes))
             metas += [it for it in batch for _ in range(cfg.group_size)]
@@ -646,12 +524,28 @@ def step_metrics(run: Run, step, r: R.Rollout, scores, checked, acc, seconds, ro
             "rollout_seconds": rollout_seconds}
 
 
+def combined_reward(scores: dict, weights: dict, combine="sum", group_size=None):
+    """Each sample's reward (B,): the weighted sum of its rewards (T2I-R1); with combine "group" each reward is
+    first normalised within its group of group_size samples as the advantages are (a flat group exactly 0), so
+    that no reward dominates by its scale alone."""
+    if combine == "group":
+        for name, r in scores.items():
+            rewards.check_finite(name, r)
+            if not group_size or group_size < 2 or r.numel() % group_size:
+                raise ValueError(f"group combination needs group_size >= 2 dividing the batch ({r.numel()}), "
+                                 f"got {group_size}")
+        scores = {name: R.group_advantages(r.float(), group_size) for name, r in scores.items()}
+    elif combine != "sum":
+        raise ValueError(f"combine mode must be 'sum' or 'group', got '{combine}'")
+    return rewards.combine_rewards(scores, weights)
+
+
 def train_step(run: Run, step):
     t0 = time.time()
     r, images, metas = rollout(run, step)
     scores, info = run.scorer(images, metas)
     checked = {k: info[k]["checked"] for k in scores}  # rule rewards may abstain
-    r.rewards = run.scorer.combine(scores, mode=run.cfg.reward_combine, group_size=run.cfg.group_size)
+    r.rewards = combined_reward(scores, run.scorer.weights, run.cfg.reward_combine, run.cfg.group_size)
     r.advantages = R.group_advantages(r.rewards, run.cfg.group_size)
     t_roll = time.time() - t0
     acc = update(run, step, r)
@@ -682,22 +576,8 @@ def log_step(run: Run, m, r: R.Rollout, images, scores, checked):
         S.write_records(rows, path + ".jsonl")
 
 
-def clock(seconds):
-    """1h02m, 3m05s, 42s."""
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def record(run: Run, m):
-    """A metrics line: kept for the report and, on the first process, appended to metrics.jsonl."""
-    run.metrics.append(m)
-    if run.rank == 0:
-        with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(m) + "\n")
-
-
 # -----------------------------------------------------------------------------
-# evaluation and reports
+# evaluation (the report: runs.py)
 
 
 def evaluate(run: Run, step, splits):
@@ -712,7 +592,7 @@ def evaluate(run: Run, step, splits):
                 with run.autocast:
                     records, images = S.generate(run.policy, run.tok, run.eval_sets[split], cfg.sampling, n=cfg.eval_n,
                                                  batch_size=max(1, 64 // cfg.eval_n), seed=cfg.seed + 1,
-                                                 cot=cfg.levels != "token", reasoning_template=run.reasoning,
+                                                 levels=cfg.levels, reasoning_template=run.reasoning,
                                                  desc=f"{split} evaluation: image tokens")
                 summary = S.score(run.scorer, images, records, group_size=cfg.eval_n,
                                   desc=f"{split} evaluation: scoring")
@@ -724,166 +604,6 @@ def evaluate(run: Run, step, splits):
                      **{f"{split}_{k}": v for k, v in summary["rewards"].items()},
                      **({f"{split}_{t}": a for t, a in g["per_tag"].items()} if g else {})})
         run.log(f"{split} evaluation at step {step} ({time.time() - t0:.0f}s):\n{S.summary_table([(f'step {step}', summary)])}")
-
-
-def train_table(step_metrics, k=10):
-    """Markdown: mean training reward (and per reward model), KL and plan length over the first and the last
-    k logged steps."""
-    if not step_metrics:
-        return "training: no steps logged"
-    names = [n for n in step_metrics[0] if n.startswith("reward_") and n != "reward_std"]
-    cols = ["reward", *names, "kl", "plan_tokens"]
-    def row(name, ms):
-        return f"| {name} | " + " | ".join(f"{np.nanmean([m[c] for m in ms]):.3f}" for c in cols) + " |"
-    first, last = step_metrics[:k], step_metrics[-k:]
-    return "\n".join([f"training, mean over {len(first)} steps:", "", "| steps | " + " | ".join(cols) + " |",
-                      "|---" * (len(cols) + 1) + "|", row(f"{first[0]['step']}-{first[-1]['step']}", first),
-                      row(f"{last[0]['step']}-{last[-1]['step']}", last)])
-
-
-def plot_curves(metrics, path, keys=("reward", "val_overall", "test_overall")):
-    """A small line chart (PIL only) of the mean reward per step and the GenEval accuracy at evaluations."""
-    W, H, pad = 640, 360, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([pad, pad // 2, W - pad // 2, H - pad], outline="black")
-    steps = [m["step"] for m in metrics if "reward" in m]
-    if not steps:
-        S.save_png(img, path)
-        return
-    x_max = max(1, max(m["step"] for m in metrics))
-    colors = {"reward": (31, 119, 180), "val_overall": (214, 39, 40), "test_overall": (44, 160, 44)}
-    series = {k: [(m["step"], m[k]) for m in metrics if k in m] for k in keys}
-    lo = min(min(v for _, v in s) for s in series.values() if s)
-    hi = max(max(v for _, v in s) for s in series.values() if s)
-    lo, hi = min(lo, 0.0), max(hi, 1.0) if hi <= 1.0 else hi
-    def xy(s, v):
-        return pad + (W - 1.5 * pad) * s / x_max, (H - pad) - (H - 1.5 * pad) * (v - lo) / max(hi - lo, 1e-9)
-    for k, s in series.items():
-        if len(s) > 1:
-            if k == "reward" and len(s) > 10:  # a running mean: single steps are noisy
-                vals = np.convolve([v for _, v in s], np.ones(5) / 5, mode="valid")
-                s = list(zip([t for t, _ in s][4:], vals))
-            d.line([xy(t, v) for t, v in s], fill=colors[k], width=2)
-        for t, v in s if k != "reward" else []:
-            x, y = xy(t, v)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[k])
-    d.text((pad, H - pad + 8), f"step 0 .. {x_max}", fill="black")
-    d.text((4, pad // 2), f"{hi:.2f}", fill="black")
-    d.text((4, H - pad - 10), f"{lo:.2f}", fill="black")
-    d.text((W // 3, H - pad + 8), "train reward (blue), GenEval on val (red) and test (green)", fill="black")
-    S.save_png(img, path)
-
-
-def write_report(run: Run):
-    """summary.md (the held-out splits before and after, the training reward at the start and the end) and
-    curves.png."""
-    cfg, report = run.cfg, []
-    for split in run.eval_sets:
-        rows = [(name, read_json(p)) for name, p in
-                (("base", os.path.join(cfg.out, "eval", f"{split}_00000.json")),
-                 (f"after {cfg.steps} steps", os.path.join(cfg.out, "eval", f"{split}_{cfg.steps:05d}.json")))
-                if os.path.isfile(p)]
-        if rows:
-            report.append(f"{split} prompts ({len(run.eval_sets[split])}, {cfg.eval_n} images each), "
-                          f"before and after:\n\n{S.summary_table(rows)}\n")
-    report.append(train_table([m for m in run.metrics if "reward" in m]))
-    run.log("\n" + "\n".join(report))
-    with atomic(os.path.join(cfg.out, "summary.md")) as tmp, open(tmp, "w") as f:
-        f.write("\n".join(report) + "\n")
-    plot_curves(run.metrics, os.path.join(cfg.out, "curves.png"))
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: the base's folder with the trained tensors in place (a complete Janus-Pro checkpoint in the
-# base's layout) + train_state.pt, written atomically
-
-
-def trained_state(run: Run, model_state=None) -> dict:
-    """The tensors training changes, under their published names: the trainable parameters (LoRA: the
-    adapted weights, merged), from model_state (FSDP's gathered tensors) when given."""
-    names = {n.rsplit(".lora_", 1)[0] + ".weight" if ".lora_" in n else n
-             for n, p in run.policy.named_parameters() if p.requires_grad}
-    state = run.policy.export_state() if model_state is None else model_state
-    return {k: v for k, v in state.items() if k in names}
-
-
-def save_checkpoint(run: Run, step):
-    """out/ckpt: the starting checkpoint's folder, every file and tensor of it, with the trained tensors in
-    float32 in place (model.save_like; FSDP shards gathered, a collective), and train_state.pt (optimizer,
-    adapters, config, metrics). The previous one stays whole until the new one is; a failed save leaves
-    nothing partial, and a full disk is named as the cause."""
-    cfg, model_state, opt_state = run.cfg, None, run.opt.state_dict()
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = {k.removeprefix("janus."): v for k, v in get_model_state_dict(run.loss_module, options=o).items()}
-        opt_state = get_optimizer_state_dict(run.loss_module, run.opt, options=o)
-    if run.rank != 0:
-        return
-    path, tmp, old = (os.path.join(cfg.out, name) for name in ("ckpt", "ckpt.tmp", "ckpt.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_like(run.base, tmp, trained_state(run, model_state))
-        lora = {k: v for k, v in run.policy.state_dict().items() if ".lora_" in k} if model_state is None else {}
-        torch.save({"step": step, "optimizer": opt_state, "config": asdict(cfg), "lora": lora or None,
-                    "metrics": run.metrics}, os.path.join(tmp, "train_state.pt"))
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)):
-            raise disk_full(e, cfg.out, step, run) from e
-        raise
-    # a crash leaves ckpt, or ckpt.old
-    if os.path.isdir(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def disk_full(e, out, step, run: Run):
-    """e, or an OSError(ENOSPC) saying so when the disk is full: torch.save reports a full disk as
-    "basic_ios::clear: iostream error", naming neither the cause nor the file."""
-    need = sum(t.numel() * t.element_size() for t in run.policy.state_dict().values())
-    need += sum(t.numel() * t.element_size() for s in run.opt.state.values() for t in s.values()
-                if isinstance(t, torch.Tensor))
-    free = shutil.disk_usage(out).free
-    if getattr(e, "errno", None) != errno.ENOSPC and free >= need:
-        return e
-    last = last_checkpoint(out)
-    return OSError(errno.ENOSPC, f"no space left on the disk of {out} for the step-{step} checkpoint: "
-                   f"{free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed (a save writes the new checkpoint "
-                   f"beside the last one, so the disk needs room for two); nothing partial was left. "
-                   + (f"The last checkpoint, {last}, is whole: free some space and continue with "
-                      f"`python train.py --out {out} --resume`" if last else "There is no earlier checkpoint"))
-
-
-def last_checkpoint(out):
-    """The run folder's last whole checkpoint (ckpt, or ckpt.old when a save was interrupted), or None."""
-    for name in ("ckpt", "ckpt.old"):
-        p = os.path.join(out, name)
-        if os.path.isfile(os.path.join(p, "train_state.pt")):
-            return p
-    return None
-
-
-def resume(run: Run, state, path):
-    """Optimizer state, step and metrics of a saved run; metrics.jsonl is cut back to the checkpoint."""
-    if run.cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(run.loss_module, run.opt, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        run.opt.load_state_dict(state["optimizer"])
-    run.start, run.metrics = state["step"], [m for m in state["metrics"] if m["step"] <= state["step"]]
-    if run.rank == 0:  # lines and evaluations written after the checkpoint by the interrupted run are dropped
-        S.write_records(run.metrics, os.path.join(run.cfg.out, "metrics.jsonl"))
-        folder = os.path.join(run.cfg.out, "eval")
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.endswith(".json") and name[-10:-5].isdigit() and int(name[-10:-5]) > run.start:
-                os.remove(os.path.join(folder, name))
-    run.log(f"resumed from {path} at step {run.start}")
 
 
 # -----------------------------------------------------------------------------
@@ -900,11 +620,10 @@ def lr_at(cfg: TrainConfig, step):
 def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None):
     """Run BiCoT-GRPO. setup: what prepare(cfg) returned (main() runs it first, to report bad input as a
     command-line error); None runs it here. Returns the policy and the metrics."""
-    cfg = resolve_defaults(cfg)
     setup = setup or prepare(cfg, log)
+    cfg = setup["cfg"]  # its defaults resolved
     with setup["lock"] or contextlib.nullcontext():  # the run folder's lock, released on leaving
-        run = start_run(cfg, setup, logging_to(os.path.join(cfg.out, "train.log"), log) if setup["lock"] else log)
-        build_models(run)
+        run = start_run(setup, logging_to(os.path.join(cfg.out, "train.log"), log) if setup["lock"] else log)
         for folder in ("samples", "eval"):
             os.makedirs(os.path.join(cfg.out, folder), exist_ok=True)
         if run.rank == 0:
@@ -933,17 +652,6 @@ def train(cfg: TrainConfig, log=functools.partial(print, flush=True), setup=None
     return run.policy, run.metrics
 
 
-def record_settings(run: Run, changes):
-    """out/config.json: the run's settings, and for each resume that changed some, its step and the changes
-    ({name: [before, after]}), so the folder tells how every part of the run was trained."""
-    path = os.path.join(run.cfg.out, "config.json")
-    resumes = read_json(path).get("resumes", []) if run.start and os.path.isfile(path) else []
-    if run.start and changes:
-        resumes.append({"step": run.start, "changed": changes})
-        run.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-    write_json(path, {**asdict(run.cfg), **({"resumes": resumes} if resumes else {})})
-
-
 # -----------------------------------------------------------------------------
 # command line: every TrainConfig and SamplingConfig field is a flag; a resumed run takes its saved config,
 # with the flags given on this command line on top
@@ -951,9 +659,9 @@ def record_settings(run: Run, changes):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
-    config_flags(p, TrainConfig, CHOICES, given_only=True)
+    config_flags(p, TrainConfig, given_only=True)
     config_flags(p.add_argument_group("sampling (t2i_r1.SamplingConfig, shared with sample.py)"), R.SamplingConfig,
-                 {"chat_format": tuple(R.CHAT_FORMATS)}, given_only=True, aliases={"cfg_weight": "--cfg"})
+                 given_only=True)
     return p
 
 
@@ -971,8 +679,8 @@ def parse_args(argv=None, parser=None) -> TrainConfig:
 def main(argv=None):
     parser = build_parser()
     try:  # bad input is a command-line error, reported before any pretraining, model loading or evaluation
-        cfg = resolve_defaults(parse_args(argv, parser))
-        setup = prepare(cfg)
+        setup = prepare(parse_args(argv, parser))
+        cfg = setup["cfg"]
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     try:

@@ -4,7 +4,7 @@ encode: image in [-1, 1] (B, 3, S, S) -> codes (B, (S/16)^2), raster order.
 decode_code: codes (B, N) -> image in [-1, 1] (B, 3, S, S).
 
 Module and parameter names follow the published `gen_vision_model.*` keys, so the deepseek checkpoint
-loads without renaming (model.py maps the transformers layout onto these names).
+loads without renaming (checkpoints.py maps the transformers layout onto these names).
 
 Departures from the reference code:
 - sizes are configurable (`VQConfig`): the published model always uses the defaults here, the shapes
