@@ -25,6 +25,10 @@ def setting(default=None, *, low=None, above=None, high=None, choices=None, why=
 
 
 def _bound(m) -> str:
+    if m["low"] is not None and m["low"] == m["high"]:
+        return f"be {m['low']}"
+    if m["low"] is not None and m["high"] is not None:
+        return f"lie in [{m['low']}, {m['high']}]"
     if m["above"] is not None and m["high"] is not None:
         return f"lie in ({m['above']}, {m['high']}]"
     if m["above"] is not None:

@@ -617,21 +617,27 @@ PRETRAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpo
 @dataclass
 class PretrainConfig:
     seed: int = 0                  # seed of the scenes, the order of the data and the initialisation
-    image_size: int = 64           # image side in pixels (CELLS x CELLS codes)
-    scenes: int = 10000            # rendered training scenes (each used by all three tasks)
+    image_size: int = setting(64, low=64, high=64, why=" (8x8 cells of 8 pixels: the VQ's grid)")  # image side in pixels
+    scenes: int = setting(10000, low=1)  # rendered training scenes (each used by all three tasks)
     # the VQ: 64x64 pixels -> 8x8 codes, one per cell content
-    vq_steps: int = 1000           # VQ training steps
-    vq_batch: int = 16             # VQ batch size
-    vq_lr: float = 2e-3            # VQ learning rate (Adam)
-    codebook_size: int = 128       # at least the number of distinct cells (cell_contents: 109)
+    vq_steps: int = setting(1000, low=1)  # VQ training steps
+    vq_batch: int = setting(16, low=1)    # VQ batch size
+    vq_lr: float = setting(2e-3, above=0)  # VQ learning rate (Adam)
+    codebook_size: int = setting(128, low=109, why=" (cell_contents: 109 distinct cells)")  # VQ codes
     # the Janus
-    n_layer: int = 4               # decoder layers
-    n_embd: int = 128              # hidden size
-    n_head: int = 4                # attention heads
-    lm_steps: int = 3000           # Janus training steps
-    lm_batch: int = 32             # sequences per step
-    lm_lr: float = 2e-3            # peak learning rate (AdamW), cosine to a tenth
-    cond_dropout: float = 0.1      # fraction of image prompts replaced by pad tokens, so that CFG works
+    n_layer: int = setting(4, low=1)      # decoder layers
+    n_embd: int = setting(128, low=1)     # hidden size, a multiple of n_head
+    n_head: int = setting(4, low=1)       # attention heads
+    lm_steps: int = setting(3000, low=1)  # Janus training steps
+    lm_batch: int = setting(32, low=1)    # sequences per step
+    lm_lr: float = setting(2e-3, above=0)  # peak learning rate (AdamW), cosine to a tenth
+    cond_dropout: float = setting(0.1, low=0, high=1)  # fraction of image prompts replaced by pad tokens, so that CFG works
+
+    def check(self):
+        """check_settings, and what no single bound says."""
+        check_settings(self)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd must be a multiple of --n-head, got {self.n_embd} and {self.n_head}")
 
 
 def vq_config(c: PretrainConfig):
@@ -818,6 +824,7 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     """Render scenes, train the VQ, encode the scenes, train the Janus, save everything with save_pretrained
     (config.json + model.safetensors + tokenizer.json + reasoning_prompt.txt). Returns the losses."""
     c = c or PretrainConfig()
+    c.check()
     t0 = time.time()
     rng = np.random.default_rng(c.seed)
     log(f"shapes world: pretraining the tiny base into {out_dir} (seed {c.seed})")
@@ -1381,6 +1388,8 @@ def main(argv=None):
             device = default_device(args.device)
             if args.n < 2:
                 raise ValueError(f"--n must be at least 2 (diversity compares a prompt's images), got {args.n}")
+        if args.cmd == "pretrain":
+            PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)}).check()
         if args.cmd == "sft":
             load_config(args.base)
             check_settings(SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig)}))

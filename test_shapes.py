@@ -416,6 +416,17 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
 
 
+def test_pretrain_settings_are_checked_before_any_work(tmp_path, capsys):
+    out = str(tmp_path / "base")
+    for flags, want in [(["--lm-steps", "0"], "--lm-steps must be at least 1, got 0"),
+                        (["--cond-dropout", "1.5"], "--cond-dropout must lie in [0, 1], got 1.5"),
+                        (["--n-embd", "130"], "--n-embd must be a multiple of --n-head, got 130 and 4"),
+                        (["--codebook-size", "100"], "--codebook-size must be at least 109"),
+                        (["--image-size", "32"], "--image-size must be 64 (8x8 cells of 8 pixels: the VQ's grid), got 32")]:
+        assert want in cli_error(S.main, ["pretrain", "--out", out] + flags, capsys, "shapes.py"), flags
+        assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
 def test_shipped_base_is_the_pretrain_recipe_in_published_layout():
     """The base in assets/ is what `python shapes.py pretrain` makes with its defaults (its recorded recipe is
     PretrainConfig()), within the 10 MB budget, in Janus-Pro's layout, and it plans and draws."""
