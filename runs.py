@@ -79,10 +79,9 @@ def train_table(step_metrics, k=10):
     cols = ["reward", *names, "kl", "plan_tokens"]
     def row(name, ms):
         return f"| {name} | " + " | ".join(f"{np.nanmean([m[c] for m in ms]):.3f}" for c in cols) + " |"
-    first, last = step_metrics[:k], step_metrics[-k:]
-    return "\n".join([f"training, mean over {len(first)} steps:", "", "| steps | " + " | ".join(cols) + " |",
-                      "|---" * (len(cols) + 1) + "|", row(f"{first[0]['step']}-{first[-1]['step']}", first),
-                      row(f"{last[0]['step']}-{last[-1]['step']}", last)])
+    spans = [step_metrics[:k]] + ([step_metrics[-k:]] if len(step_metrics) > k else [])  # first and last k
+    return "\n".join([f"training, mean over {len(spans[0])} steps:", "", "| steps | " + " | ".join(cols) + " |",
+                      "|---" * (len(cols) + 1) + "|"] + [row(f"{ms[0]['step']}-{ms[-1]['step']}", ms) for ms in spans])
 
 
 def plot_curves(metrics, path, keys=("reward", "val_overall", "test_overall")):

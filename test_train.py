@@ -17,6 +17,7 @@ import checkpoints as C
 import kernels as K
 import model as M
 import rewards as RW
+import runs as RN
 import sample as SA
 import shapes as S
 import t2i_r1 as R
@@ -819,3 +820,11 @@ def test_resume_reads_train_state_with_weights_only_and_reports_without_held_out
     torch.save({**state, "config": {**state["config"], "no_such_setting": 1}}, state_file)
     with pytest.raises(ValueError, match="train_state.pt: its saved settings do not fit.*no_such_setting"):
         T.parse_args(["--out", str(tmp_path / "a"), "--resume"])
+
+
+def test_train_table_shows_the_first_and_the_last_steps_once_each():
+    steps = [{"step": s, "reward": float(s), "reward_shapes": 2.0 * s, "kl": 0.0, "plan_tokens": 5.0} for s in range(1, 26)]
+    rows = [line for line in RN.train_table(steps, k=10).splitlines() if re.match(r"\| \d", line)]
+    assert rows == ["| 1-10 | 5.500 | 11.000 | 0.000 | 5.000 |", "| 16-25 | 20.500 | 41.000 | 0.000 | 5.000 |"]
+    rows = [line for line in RN.train_table(steps[:3], k=10).splitlines() if re.match(r"\| \d", line)]
+    assert rows == ["| 1-3 | 2.000 | 4.000 | 0.000 | 5.000 |"]  # a short run: one span, not the same one twice
