@@ -1,6 +1,6 @@
-"""Benchmarks on random weights (no download needed). Prints markdown tables for README.
+"""Benchmarks on random weights (no download needed). Prints markdown tables for docs/speed.md.
 
-  python bench.py gpu                                       # GPU: README's GPU section, every table of it
+  python bench.py gpu                                       # GPU: docs/speed.md's GPU section, every table of it
   python bench.py speed --preset cpu-768 --batch 1 4 --hf   # CPU: image-token throughput, ours vs transformers
   python bench.py speed --preset janus-pro-1b --batch 1 16  # GPU: eager vs compiled, bandwidth floor
   python bench.py load --preset janus-pro-7b                # peak memory of loading a bf16 sharded checkpoint
@@ -291,7 +291,7 @@ def bench_speed(args):
 
 
 def bench_gpu(args):
-    """README's GPU section: sampling throughput against the bandwidth floor, a BiCoT-GRPO step's time and peak
+    """docs/speed.md's GPU section: sampling throughput against the bandwidth floor, a BiCoT-GRPO step's time and peak
     memory for a full fine-tune and for LoRA, the shapes world's train.py. Each part, and each column in it,
     that fails prints its error; the others go on."""
     device = settings.default_device(args.device)
@@ -536,7 +536,7 @@ def build_parser():
     pm.add_argument("--image-logp", default="cond", choices=["cond", "cfg"], help="train.py's --image-logp")
     pm.add_argument("--plan-tokens", type=int, nargs="+", default=[100, 1024],
                     help="plan lengths, a column each (T2I-R1's plans average ~97 tokens, its cap is 1024)")
-    pg = add("gpu", help="README's GPU section: sampling against the bandwidth floor, BiCoT-GRPO steps, train.py")
+    pg = add("gpu", help="docs/speed.md, GPU: sampling against the bandwidth floor, BiCoT-GRPO steps, train.py")
     gpu_flags(pg)
     pr = add("rl", help="seconds per step of train.py's shapes-world RL (its defaults), rollout and update")
     pr.add_argument("--ckpt", default=None, help="a shapes base folder (unset: the shipped shapes base)")

@@ -908,7 +908,7 @@ REWARDS = {"clip": ClipScore, "pickscore": PickScore, "hps": HPS, "aesthetic": A
            "git": GitVQA, "t2i-r1-detect": T2IR1Detect, "shapes": "shapes:ShapesReward",
            "shapes-presence": "shapes:ShapesPresenceReward", "shapes-count": "shapes:ShapesCountReward",
            "shapes-color": "shapes:ShapesColorReward", "shapes-position": "shapes:ShapesPositionReward"}
-# T2I-R1's ensemble minus its 7B LLaVA output reward model (README, Rewards): each at weight 1, summed
+# T2I-R1's ensemble minus its 7B LLaVA output reward model (docs/rewards.md): each at weight 1, summed
 REWARD_PRESETS = {"t2i-r1": "hps:1,t2i-r1-detect:1,git:1"}
 
 

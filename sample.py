@@ -274,7 +274,7 @@ class SampleConfig:
     threads: int = setting(None, low=1)  # CPU threads of torch (unset: one per core); 1 on a shared machine
     dtype: str = setting(None, choices=("float32", "bfloat16", "float16"))  # weights' precision (unset: bf16 on GPU)
     rewards: str = None            # score with these rewards (e.g. shapes, or geneval,clip) and print GenEval accuracy
-    reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: reward checkpoints, see README
+    reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: reward checkpoints, see docs/rewards.md
     levels: str = setting("both", choices=("both", "token"))  # both: a plan, then the image (T2I-R1); token: no plan
 
 

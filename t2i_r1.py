@@ -152,7 +152,7 @@ class SamplingConfig:
 MODEL_DEFAULTS = {
     # a model trained on its own request (the shapes world): short plans (a few words each object), plain sampling
     # and a light guidance weight: its image logits are sharp (one code per cell content), and at Janus-Pro's
-    # w = 5 the guided logits u + w (c - u) mix pieces of different objects (README, the shapes world)
+    # w = 5 the guided logits u + w (c - u) mix pieces of different objects (docs/shapes.md)
     "janus": dict(chat_format="janus", max_plan_tokens=64, text_top_k=0, cfg_weight=2.0),
     # Janus-Pro as T2I-R1 samples it: plans of up to 1024 tokens (its max_completion_length; its plans average
     # about 97, so a shorter cap would cut many before EOS), drawn with transformers' generate defaults for an

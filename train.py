@@ -4,7 +4,7 @@
   python train.py --levels semantic                 # the paper's ablation: only the plans are trained
   python train.py --ckpt ~/models/Janus-Pro-1B --prompts T2I-R1/data/geneval_and_t2i_data_final.json \\
       --rewards hps:1,geneval:1 --reward-ckpt hps=ckpt/hps geneval=ckpt/owlvit clip=ckpt/clip \\
-      --prompts-per-step 16 --rollout-batch 2 --micro-batch 4 --lr 1e-6 --schedule linear   # README has the recipes
+      --prompts-per-step 16 --rollout-batch 2 --micro-batch 4 --lr 1e-6 --schedule linear   # docs/janus-pro.md
   torchrun --nproc_per_node 8 train.py --ckpt ...   # data parallel (DDP)
 
 One step: prompts_per_step prompts, group_size (plan, image) samples each -> rewards -> group-normalised
@@ -22,7 +22,7 @@ Departures from T2I-R1's trainer:
   own rules (`--rewards t2i-r1`: its GroundingDINO rules on OWL-ViT, and GIT) score them as it does;
 - `--image-logp cfg` (an option) scores image tokens under the guided distribution they were sampled from;
   the default is T2I-R1's conditional forward alone (`cond`); on the shapes world's validation split they
-  end within the spread of seeds (README, "Results on the shapes world").
+  end within the spread of seeds (docs/shapes.md, "Results on the shapes world").
 """
 
 import argparse
@@ -63,11 +63,11 @@ class TrainConfig:
     test_eval: bool = True         # evaluate the test prompts (off while choosing settings on val)
     out: str = "runs/shapes"       # run folder: logs, metrics.jsonl, samples, eval/, ckpt/
     # rewards (rewards.py): NAME:WEIGHT list, checkpoint folders, how they add up
-    rewards: str = "shapes"        # NAME[:WEIGHT],... (README, Rewards); the preset t2i-r1 = hps,t2i-r1-detect,git
-    reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: the reward checkpoints' folders (README, Rewards)
+    rewards: str = "shapes"        # NAME[:WEIGHT],... (docs/rewards.md); the preset t2i-r1 = hps,t2i-r1-detect,git
+    reward_ckpt: list = field(default_factory=list)  # NAME=PATH ...: the reward checkpoints' folders (docs/rewards.md)
     reward_combine: str = setting(  # sum: weighted sum (T2I-R1); group: each reward normalised in its group first
         "sum", choices=("sum", "group"))
-    t2i_r1_as_released: bool = False  # t2i-r1-detect keeps T2I-R1's code where it looks wrong (README, Rewards)
+    t2i_r1_as_released: bool = False  # t2i-r1-detect keeps T2I-R1's code where it looks wrong (docs/rewards.md)
     # the method
     levels: str = setting("both", choices=R.LEVELS)  # semantic: plans trained, image tokens not; token: no plan
     group_size: int = setting(8, low=2, why=": advantages are relative to the group")  # G samples per prompt
