@@ -60,6 +60,11 @@ def config_from_dict(d: dict, where: str = "config.json") -> JanusConfig:
                   ("gen_aligner_config.params.input_dim", aligner.get("input_dim"), cfg.vq.codebook_embed_dim),
                   ("gen_aligner_config.params.n_embed", aligner.get("n_embed"), cfg.n_embd),
                   ("gen_aligner_config.params.depth", aligner.get("depth"), 2)]
+        positions = (d.get("gen_position_config") or {}).get("params")  # ours only: JanusConfig.image_positions
+        if positions is not None:
+            cfg.image_positions = True
+            checks += [("gen_position_config.params.num_positions", positions.get("num_positions"), cfg.image_tokens),
+                       ("gen_position_config.params.n_embed", positions.get("n_embed"), cfg.n_embd)]
         for name, got, want in checks:
             if got is not None and got != want:
                 raise ValueError(f"{where}: {name} = {got}, but this implementation needs {want}")
@@ -89,6 +94,10 @@ def config_to_dict(cfg: JanusConfig, dtype: torch.dtype = torch.bfloat16) -> dic
             val = getattr(cfg.vq, k)
             vq_params[k] = list(val) if isinstance(val, tuple) else val
     H = cfg.n_embd
+    extra = {}
+    if cfg.image_positions:  # not in any published layout: written only when set, so Janus-Pro's file stays its own
+        extra["gen_position_config"] = {"cls": "ImagePositions", "model_type": "gen_position",
+                                        "params": {"num_positions": cfg.image_tokens, "n_embed": H}}
     return {
         "model_type": "multi_modality",
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -113,6 +122,7 @@ def config_to_dict(cfg: JanusConfig, dtype: torch.dtype = torch.bfloat16) -> dic
         "gen_head_config": {"cls": "vision_head", "model_type": "gen_head",
                             "params": {"image_token_embed": H, "image_token_size": cfg.vq.codebook_size,
                                        "n_embed": H}},
+        **extra,
     }
 
 

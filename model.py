@@ -20,7 +20,10 @@ Departures from the reference code:
 - under autocast every weight enters the compute in autocast's dtype, norms and embeddings included, so a
   model with float32 master weights computes exactly what the same model held in bf16 computes;
 - on CPU, linear layers pick their matmul kernel (MKL as x W^T or W x^T, or oneDNN) by measuring, per
-  shape, in a decode step, and take oneDNN elsewhere (`kernels.Linear`).
+  shape, in a decode step, and take oneDNN elsewhere (`kernels.Linear`);
+- `image_positions` (off for Janus-Pro, on for the shapes world's tiny base): a learned table of the image
+  grid's cells, added to each image token's input. Janus-Pro finds its place on the 24x24 grid from 1-D
+  rotary angles alone; a 2M-parameter drawer trained for minutes does not (docs/shapes.md).
 """
 
 import os
@@ -51,6 +54,7 @@ class JanusConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 16384  # bookkeeping only: rotary angles are computed, not tabled
     tie_word_embeddings: bool = False    # Janus-Pro has a separate lm_head
+    image_positions: bool = False        # a learned embedding of each image token's grid cell (not in Janus-Pro)
     vq: VQConfig = field(default_factory=VQConfig)
 
     @property
@@ -256,6 +260,8 @@ class Janus(nn.Module):
         self.gen_aligner = nn.Module()
         self.gen_aligner.layers = nn.Sequential(
             Linear(cfg.vq.codebook_embed_dim, cfg.n_embd), nn.GELU(), Linear(cfg.n_embd, cfg.n_embd))
+        if cfg.image_positions:
+            self.gen_pos_embed = nn.Embedding(cfg.image_tokens, cfg.n_embd)
         self.gen_head = nn.Module()
         self.gen_head.output_mlp_projector = Linear(cfg.n_embd, cfg.n_embd)
         self.gen_head.vision_head = Linear(cfg.n_embd, cfg.vq.codebook_size)
@@ -275,6 +281,12 @@ class Janus(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def image_modules(self) -> list:
+        """The VQ, the image embedding (with its cell table, if any) and the image head: frozen in RL and SFT,
+        as T2I-R1 freezes them."""
+        parts = [self.gen_vision_model, self.gen_embed, self.gen_aligner, self.gen_head]
+        return parts + ([self.gen_pos_embed] if self.cfg.image_positions else [])
+
     @property
     def vq(self) -> VQModel:
         return self.gen_vision_model
@@ -288,9 +300,14 @@ class Janus(nn.Module):
         e = self.language_model.model.embed_tokens(ids)  # autocast leaves embeddings in the table's dtype
         return e.to(compute_dtype(e.device, e.dtype))
 
-    def embed_image(self, codes):  # (B, T) -> (B, T, H)
+    def embed_image(self, codes, cells=None):  # (B, T) -> (B, T, H)
+        """cells: the grid cell of each code, (T,) or (B, T), by default 0..T-1; used with image_positions only."""
         e = self.gen_embed(codes)
-        return self.gen_aligner.layers(e.to(compute_dtype(e.device, e.dtype)))
+        h = self.gen_aligner.layers(e.to(compute_dtype(e.device, e.dtype)))
+        if self.cfg.image_positions:
+            cells = torch.arange(codes.shape[1], device=codes.device) if cells is None else cells
+            h = h + self.gen_pos_embed(cells).to(h.dtype)
+        return h
 
     # float32=False (decode steps): the product in the compute dtype, cast; float32 takes a float32 copy of the
     # head's weight (in blocks), which would add ~10% to the bytes a bandwidth-bound image decode step reads

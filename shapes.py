@@ -632,6 +632,7 @@ class PretrainConfig:
     lm_batch: int = setting(32, low=1)    # sequences per step
     lm_lr: float = setting(2e-3, above=0)  # peak learning rate (AdamW), cosine to a tenth
     cond_dropout: float = setting(0.1, low=0, high=1)  # fraction of image prompts replaced by pad tokens, so that CFG works
+    image_positions: bool = True  # a learned table of the 8x8 grid's cells added to image inputs (model.JanusConfig)
 
     def check(self):
         """check_settings, and what no single bound says."""
@@ -780,7 +781,7 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
     torch.manual_seed(c.seed)
     cfg = JanusConfig(vocab_size=tok.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_head,
                       n_embd=c.n_embd, intermediate_size=int(8 * c.n_embd / 3) // 8 * 8,
-                      max_position_embeddings=512, vq=vq.cfg)
+                      max_position_embeddings=512, image_positions=c.image_positions, vq=vq.cfg)
     janus = Janus(cfg)
     janus.gen_vision_model.load_state_dict(vq.state_dict())
     janus.gen_vision_model.requires_grad_(False)
@@ -1224,7 +1225,7 @@ def sft(base, out, c: SFTConfig = None, log=print):
     c = c or SFTConfig()
     t0 = time.time()
     janus, tok = from_pretrained(base), Tokenizer.from_pretrained(base)
-    for part in (janus.gen_vision_model, janus.gen_embed, janus.gen_aligner, janus.gen_head):
+    for part in janus.image_modules():
         part.requires_grad_(False)
     mix = PretrainConfig(seed=c.seed, scenes=c.scenes, image_size=janus.cfg.vq.image_size, lm_steps=c.steps,
                          lm_batch=c.batch, lm_lr=c.lr, cond_dropout=c.cond_dropout)

@@ -228,7 +228,10 @@ def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weigh
     Rows of the cache are [cond (B); uncond (B)], or only cond when there is no guidance (cfg_weight None).
     """
     rows = codes if cfg_weight is None else torch.cat([codes, codes])
-    h = janus(janus.embed_image(rows[:, None]), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
+    # the cache holds the prompt's slots, then one per image token: the code fed at slot s sits in cell
+    # s - (prompt slots), computed here on the device (a static shape and input_pos, so a graph replays it)
+    cells = input_pos - (mask.shape[1] - janus.cfg.image_tokens)
+    h = janus(janus.embed_image(rows[:, None], cells), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
               kv_len=kv_len)
     return guide(janus.image_logits(h[:, -1], float32=False), cfg_weight)
 

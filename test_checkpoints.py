@@ -89,6 +89,29 @@ def test_checkpoint_layouts_reload_identically(tmp_path, layout):
         assert torch.equal(a, b)
 
 
+def test_image_positions_round_trip_and_stay_out_of_published_configs(tmp_path):
+    """The shapes world's cell table (JanusConfig.image_positions) is saved as gen_pos_embed with its own
+    config block, read back, and changes the outputs; a published config (no block) builds a model without it."""
+    m = tiny_model(image_positions=True)
+    with torch.no_grad():
+        m.gen_pos_embed.weight.normal_()
+    C.save_pretrained(m, tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert d["gen_position_config"]["params"] == {"num_positions": m.cfg.image_tokens, "n_embed": m.cfg.n_embd}
+    m2 = C.from_pretrained(tmp_path, device="cpu")
+    assert m2.cfg.image_positions and m2.cfg == m.cfg
+    for a, b in zip(outputs(m), outputs(m2)):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        m2.gen_pos_embed.weight.zero_()
+    assert not torch.equal(outputs(m)[1], outputs(m2)[1])
+    assert "gen_position_config" not in C.config_to_dict(tiny_cfg())
+    d["gen_position_config"]["params"]["num_positions"] = 7  # a table for another grid is refused by name
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="gen_position_config.params.num_positions = 7"):
+        C.from_pretrained(tmp_path, device="cpu")
+
+
 def test_bf16_checkpoint_loads_in_requested_dtype(tmp_path):
     m = tiny_model().to(torch.bfloat16)
     C.save_pretrained(m, tmp_path, weights="bin")

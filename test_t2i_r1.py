@@ -63,8 +63,11 @@ def reference_images(m, prompt, cfg_weight, steps, temperature=0.0, generator=No
     return codes[0]
 
 
-def test_greedy_guided_generation_equals_plain_forwards():
-    m = tiny_model()
+@pytest.mark.parametrize("image_positions", [False, True])
+def test_greedy_guided_generation_equals_plain_forwards(image_positions):
+    """Cached decoding equals full forwards; with image_positions, each decode step finds its code's grid cell
+    from its cache slot (the full forward numbers the cells 0..T-1)."""
+    m = tiny_model(image_positions=image_positions)
     prompts = image_prompts(m)  # different lengths: left padding inside one batch
     codes = gen_images(m, prompts, n=2, cfg_weight=5.0, temperature=0)
     assert codes.shape == (6, m.cfg.image_tokens)
@@ -148,7 +151,7 @@ def test_compiled_decode_step_equals_eager(monkeypatch, kernel):
         pytest.skip("oneDNN's matmul is not available here")
     monkeypatch.setattr(K, "CPU_KERNEL", kernel)
     torch._dynamo.reset()
-    m = tiny_model()
+    m = tiny_model(image_positions=True)  # the cell of a step comes from its slot, a tensor in the graph
     prompts = image_prompts(m, lengths=(6, 8))
     for compile in (False, "aot_eager"):
         g = torch.Generator().manual_seed(0)
@@ -159,9 +162,11 @@ def test_compiled_decode_step_equals_eager(monkeypatch, kernel):
         eager = out
 
 
-def test_left_padding_does_not_change_samples():
-    """Static decoding pads prompts on the left up to a bucket's width: masked slots change no sample."""
-    m = tiny_model()
+@pytest.mark.parametrize("image_positions", [False, True])
+def test_left_padding_does_not_change_samples(image_positions):
+    """Static decoding pads prompts on the left up to a bucket's width: masked slots change no sample (nor the
+    grid cell an image step reads from its slot)."""
+    m = tiny_model(image_positions=image_positions)
     ids, mask = R.pad_tokens(image_prompts(m, lengths=(6, 9)), PAD)
     wide = F.pad(ids, (7, 0), value=PAD), F.pad(mask, (7, 0), value=False)  # (2, 16)
     out = []

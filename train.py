@@ -365,7 +365,7 @@ def build_models(cfg: TrainConfig, base, resume_from, state, device, world, pad_
     full_ft_resume = state is not None and state["lora"] is None
     policy = from_pretrained(resume_from if full_ft_resume else base, device=device,
                              dtype=dtype if lora else torch.float32)
-    for part in (policy.gen_vision_model, policy.gen_embed, policy.gen_aligner, policy.gen_head):
+    for part in policy.image_modules():
         part.requires_grad_(False).to(dtype)
     if lora:  # the adapters are float32 master weights, the base stays in the compute dtype
         add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
