@@ -260,11 +260,12 @@ class Janus(nn.Module):
         self.gen_aligner = nn.Module()
         self.gen_aligner.layers = nn.Sequential(
             Linear(cfg.vq.codebook_embed_dim, cfg.n_embd), nn.GELU(), Linear(cfg.n_embd, cfg.n_embd))
-        if cfg.image_positions:
-            self.gen_pos_embed = nn.Embedding(cfg.image_tokens, cfg.n_embd)
         self.gen_head = nn.Module()
         self.gen_head.output_mlp_projector = Linear(cfg.n_embd, cfg.n_embd)
         self.gen_head.vision_head = Linear(cfg.n_embd, cfg.vq.codebook_size)
+        if cfg.image_positions:  # built at zero and registered last: the other weights draw the initial values
+            # they draw without it (init_weights then draws this table's, last)
+            self.gen_pos_embed = nn.Embedding(cfg.image_tokens, cfg.n_embd, _weight=torch.zeros(cfg.image_tokens, cfg.n_embd))
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 

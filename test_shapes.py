@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from dataclasses import replace
 import torch
 from PIL import Image
 
@@ -390,8 +391,8 @@ def test_shapes_reward_uses_shapes_detect(monkeypatch):
 
 @pytest.mark.slow
 def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
-    c = S.PretrainConfig(scenes=200, vq_steps=40, vq_batch=8, n_layer=2, n_embd=64, n_head=2, lm_steps=60,
-                         lm_batch=16, lm_lr=3e-3)
+    c = S.PretrainConfig(scenes=200, vq_steps=40, vq_batch=8, n_layer=2, n_embd=64, n_head=2, lm_steps=50,
+                         lm_batch=16, lm_lr=3e-3, cell_steps=10)
     losses = S.pretrain(str(tmp_path / "base"), c, log=lambda *a, **k: None)
     for k in ("vq", "vq_code", "text", "image"):
         assert np.mean(losses[k][-8:]) < 0.8 * np.mean(losses[k][:8]), (k, losses[k][:8], losses[k][-8:])
@@ -414,6 +415,21 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
                          "drawn from own plans", "drawn from the prompt alone", "plan-following, true plans",
                          "plan-following, own plans"}
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
+
+
+def test_pretraining_adds_the_cell_table_only_after_its_first_phase(tmp_path):
+    """With cell_steps, the first lm_steps are exactly the run without a cell table (same initial weights, the
+    table held at zero), then the table trains; without, the base has no table."""
+    c = S.PretrainConfig(scenes=60, vq_steps=4, vq_batch=4, n_layer=1, n_embd=32, n_head=2, lm_steps=6,
+                         lm_batch=8, cell_steps=0)
+    quiet = dict(log=lambda *a, **k: None)
+    plain = S.pretrain(str(tmp_path / "plain"), c, **quiet)
+    cells = S.pretrain(str(tmp_path / "cells"), replace(c, cell_steps=4), **quiet)
+    assert cells["image"][:6] == plain["image"] and cells["text"][:6] == plain["text"]
+    assert not C.from_pretrained(str(tmp_path / "plain")).cfg.image_positions
+    table = C.from_pretrained(str(tmp_path / "cells")).gen_pos_embed.weight
+    assert table.shape == (64, 32) and table[:63].abs().amax(1).gt(0).all()  # every cell fed in has moved...
+    assert not table[63].any()  # ...and the last cell, never an input (it predicts nothing), has not
 
 
 def test_pretrain_settings_are_checked_before_any_work(tmp_path, capsys):

@@ -200,7 +200,7 @@ def tiny_base(folder, scenes=64):
     weights, as conftest's random_base: with GPT-style 0.02 init the image logits would hardly move
     whatever the trainable decoder does, and SFT, like RL, trains the decoder only."""
     S.pretrain(folder, S.PretrainConfig(scenes=scenes, vq_steps=2, vq_batch=4, n_layer=1, n_embd=32, n_head=2,
-                                        lm_steps=1, lm_batch=4), log=lambda *a, **k: None)
+                                        lm_steps=1, lm_batch=4, cell_steps=1), log=lambda *a, **k: None)
     m, tok = C.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     unit_scale_image_path(m)
@@ -218,7 +218,7 @@ def test_sft_lowers_its_loss_and_saves_a_base_train_can_start_from(tmp_path):
     assert set(os.listdir(base)) | {"sft.json"} == set(os.listdir(out)) and not os.path.exists(out + ".tmp")
     before, after = C.from_pretrained(base).state_dict(), C.from_pretrained(out).state_dict()
     for k in before:
-        frozen = k.startswith(("gen_vision_model.", "gen_embed.", "gen_aligner.", "gen_head."))
+        frozen = k.startswith(("gen_vision_model.", "gen_embed.", "gen_aligner.", "gen_head.", "gen_pos_embed."))
         assert torch.equal(before[k], after[k]) == frozen, k
     record = json.load(open(os.path.join(out, "sft.json")))
     assert record["config"]["steps"] == 80 and record["image_nll_last"] < record["image_nll_first"]
