@@ -230,7 +230,7 @@ def image_step(janus: Janus, codes, cache, input_pos, positions, mask, cfg_weigh
     rows = codes if cfg_weight is None else torch.cat([codes, codes])
     # the cache holds the prompt's slots, then one per image token: the code fed at slot s sits in cell
     # s - (prompt slots), computed here on the device (a static shape and input_pos, so a graph replays it)
-    cells = input_pos - (mask.shape[1] - janus.cfg.image_tokens)
+    cells = input_pos - (mask.shape[1] - janus.cfg.image_tokens) if janus.cfg.image_positions else None
     h = janus(janus.embed_image(rows[:, None], cells), positions=positions, mask=mask, cache=cache, input_pos=input_pos,
               kv_len=kv_len)
     return guide(janus.image_logits(h[:, -1], float32=False), cfg_weight)
