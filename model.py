@@ -263,8 +263,8 @@ class Janus(nn.Module):
         self.gen_head = nn.Module()
         self.gen_head.output_mlp_projector = Linear(cfg.n_embd, cfg.n_embd)
         self.gen_head.vision_head = Linear(cfg.n_embd, cfg.vq.codebook_size)
-        if cfg.image_positions:  # built at zero and registered last: the other weights draw the initial values
-            # they draw without it (init_weights then draws this table's, last)
+        if cfg.image_positions:  # built at zero and left there by init_weights, so the other weights draw the
+            # initial values they draw without it, and adding it changes nothing until it is trained
             self.gen_pos_embed = nn.Embedding(cfg.image_tokens, cfg.n_embd, _weight=torch.zeros(cfg.image_tokens, cfg.n_embd))
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -275,6 +275,8 @@ class Janus(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("gen_vision_model."):
                 continue  # the VQ keeps torch's conv init; it is trained on its own
+            if name.startswith("gen_pos_embed."):
+                continue  # the cell table starts at zero
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):

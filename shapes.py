@@ -795,9 +795,8 @@ def train_janus(c: PretrainConfig, tok, vq, data, log=print):
     janus.gen_vision_model.requires_grad_(False)
     if not c.cell_steps:
         return janus, fit_janus(janus, tok, data, c, log)
-    # first without the cell table (held at zero): a drawer trained with it from the start places objects
+    # first without the cell table (Janus builds it at zero; frozen there): a drawer trained with it from the start places objects
     # well but reads their colours from the plan badly (docs/shapes.md); then with it, so it learns where
-    janus.gen_pos_embed.weight.data.zero_()
     janus.gen_pos_embed.requires_grad_(False)
     losses = fit_janus(janus, tok, data, c, log)
     janus.gen_pos_embed.requires_grad_(True)

@@ -4,10 +4,10 @@
 import io
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from dataclasses import replace
 import torch
 from PIL import Image
 
