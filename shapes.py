@@ -616,6 +616,7 @@ REASONING_TEMPLATE = "describe the objects of {prompt}"
 # the base ships with the repository (7.8 MB, `python shapes.py pretrain` reproduces it); a fresh pretraining
 # goes to checkpoints/ unless told otherwise, so it never overwrites the shipped one by accident
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-base")
+VQ_SCENES = 10000  # pretraining renders its scenes in chunks of this many, and trains the VQ on the first
 PRETRAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes-base")
 
 
@@ -846,12 +847,19 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     t0 = time.time()
     rng = np.random.default_rng(c.seed)
     log(f"shapes world: pretraining the tiny base into {out_dir} (seed {c.seed})")
-    scenes = render_dataset(c, rng)
-    images = np.stack([img for _, _, img in scenes])
     contents = cell_contents(c.image_size)
     if len(contents) > c.codebook_size:
         raise ValueError(f"codebook_size {c.codebook_size} is smaller than the {len(contents)} distinct cells")
-    codes = tokenize(images, contents)
+    # rendered and tokenised in chunks, so that many scenes cost their codes' memory, not their pixels'; the VQ
+    # learns from the first chunk's images (its 109 cell contents are all in any few thousand scenes)
+    data, images, codes = [], None, None
+    for start in range(0, c.scenes, VQ_SCENES):
+        chunk = render_dataset(replace(c, scenes=min(VQ_SCENES, c.scenes - start)), rng)
+        chunk_codes = tokenize(np.stack([img for _, _, img in chunk]), contents)
+        if images is None:
+            images, codes = np.stack([img for _, _, img in chunk]), chunk_codes
+        data += [(meta, plan, cd.tolist()) for (meta, plan, _), cd in zip(chunk, chunk_codes)]
+    log(f"{len(data)} scenes rendered and tokenised in {time.time() - t0:.0f}s")
     vq, vq_losses = train_vq(c, images, codes, log)
     with torch.no_grad():  # how often the trained encoder finds the code of a cell
         probe = slice(0, min(len(images), 512))
@@ -861,7 +869,6 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     os.makedirs(tmp, exist_ok=True)
     make_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
     tok = Tokenizer(os.path.join(tmp, "tokenizer.json"))
-    data = [(meta, plan, cd.tolist()) for (meta, plan, _), cd in zip(scenes, codes)]
     janus, lm_losses = train_janus(c, tok, vq, data, log)
     save_pretrained(janus, tmp, tokenizer=tok)
     with open(os.path.join(tmp, "reasoning_prompt.txt"), "w") as f:
@@ -908,15 +915,18 @@ def plan_detections(plan, size=64):
     return dets
 
 
-def plan_following(plan, detections, size=64):
+def plan_following(plan, detections, size=64, ignore=()):
     """The fraction of a plan's objects that an image shows as planned: each planned (colour, shape, place)
     claims one detected object of the same colour, shape and place (place_of its box; a planned object with no
     place takes any place, after the placed ones have claimed theirs). None for a plan with no object in it.
-    Objects drawn beyond the plan do not lower it: the GenEval rows judge those."""
-    planned = parse_plan(plan)
+    Objects drawn beyond the plan do not lower it: the GenEval rows judge those. ignore: attributes ("color",
+    "place") that need not match, to tell which of them a drawer gets wrong."""
+    def key(color, shape, place):
+        return (None if "color" in ignore else color, shape, None if "place" in ignore else place)
+    planned = [key(*p) for p in parse_plan(plan)]
     if not planned:
         return None
-    drawn = collections.Counter((d["color"], d["class"], place_of(d["box"], size)) for d in detections)
+    drawn = collections.Counter(key(d["color"], d["class"], place_of(d["box"], size)) for d in detections)
     followed = 0
     for color, shape, place in sorted(planned, key=lambda p: p[2] is None):  # placed objects claim first
         match = (color, shape, place) if place is not None else next(
@@ -927,11 +937,12 @@ def plan_following(plan, detections, size=64):
     return followed / len(planned)
 
 
-def following_summary(metas, plans, detections):
-    """Mean plan-following per tag and over all images whose plan names an object: {"per_tag", "overall"}."""
+def following_summary(metas, plans, detections, ignore=()):
+    """Mean plan-following (ignore: as plan_following's) per tag and over all images whose plan names an
+    object: {"per_tag", "overall"}."""
     by_tag = collections.defaultdict(list)
     for m, plan, dets in zip(metas, plans, detections):
-        f = plan_following(plan, dets)
+        f = plan_following(plan, dets, ignore=ignore)
         if f is not None:
             by_tag[m["tag"]].append(f)
     every = [f for fs in by_tag.values() for f in fs]
@@ -981,8 +992,8 @@ def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None,
                                               for m, d in zip(metas, detections)])
         show(name, "GenEval overall")
 
-    def following(name, plans, detections):
-        rows[name] = following_summary(metas, plans, detections)
+    def following(name, plans, detections, ignore=()):
+        rows[name] = following_summary(metas, plans, detections, ignore)
         show(name, "all objects")
     clean = np.stack([render(s) for s in scenes])
     judge("true scenes", detect_batch(clean))
@@ -994,6 +1005,9 @@ def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None,
                                          "drawn from true plans: image tokens"))
     judge("drawn from true plans", drawn)
     following("plan-following, true plans", [plan_of(s) for s in scenes], drawn)
+    # which attribute the drawer misses: the same, with the colour or the place left free
+    following("plan-following, any colour", [plan_of(s) for s in scenes], drawn, ("color",))
+    following("plan-following, any place", [plan_of(s) for s in scenes], drawn, ("place",))
     for levels in ("both", "token"):
         row = "own plans" if levels == "both" else "the prompt alone"
         records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,

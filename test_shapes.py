@@ -413,7 +413,7 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
     assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
                          "drawn from own plans", "drawn from the prompt alone", "plan-following, true plans",
-                         "plan-following, own plans"}
+                         "plan-following, any colour", "plan-following, any place", "plan-following, own plans"}
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
 
 
@@ -511,6 +511,12 @@ def test_shapes_plan_following_counts_planned_objects_drawn_as_planned():
     assert follows(red, blue, plan="blue square , red circle top left") == 1.0
     assert follows(red, plan="red circle , red circle top left") == 0.5
     assert S.plan_following("nothing to draw", []) is None
+    # with an attribute left free, an object wrong only in it follows; wrong in another, it still does not
+    wrong_colour, wrong_place = S.Obj("square", "green", (40, 40, 64, 64)), S.Obj("square", "blue", (0, 40, 24, 64))
+    assert S.plan_following(plan, S.detect(S.render(S.Scene([red, wrong_colour]))), ignore=("color",)) == 1.0
+    assert S.plan_following(plan, S.detect(S.render(S.Scene([red, wrong_colour]))), ignore=("place",)) == 0.5
+    assert S.plan_following(plan, S.detect(S.render(S.Scene([red, wrong_place]))), ignore=("place",)) == 1.0
+    assert S.plan_following(plan, S.detect(S.render(S.Scene([red, wrong_place]))), ignore=("color",)) == 0.5
     metas = [{"tag": "colors"}, {"tag": "colors"}, {"tag": "position"}, {"tag": "position"}]
     summary = S.following_summary(metas, [plan, plan, plan, "junk"],
                                   [S.detect(S.render(S.Scene([red, blue]))), [], S.detect(S.render(S.Scene([red]))), []])
