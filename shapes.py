@@ -624,7 +624,7 @@ PRETRAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpo
 class PretrainConfig:
     seed: int = 0                  # seed of the scenes, the order of the data and the initialisation
     image_size: int = setting(64, low=64, high=64, why=" (8x8 cells of 8 pixels: the VQ's grid)")  # image side in pixels
-    scenes: int = setting(10000, low=1)  # rendered training scenes (each used by all three tasks)
+    scenes: int = setting(200000, low=1)  # rendered training scenes (each used by all three tasks, about once)
     # the VQ: 64x64 pixels -> 8x8 codes, one per cell content
     vq_steps: int = setting(1000, low=1)  # VQ training steps
     vq_batch: int = setting(16, low=1)    # VQ batch size
@@ -887,7 +887,7 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
 def ensure_base(path=BASE_DIR):
     """The shapes base folder, pretrained first (and said so) when it is not there yet."""
     if not os.path.isfile(os.path.join(path, "config.json")):
-        print(f"no shapes base at {path}: pretraining it now (about 25 minutes on 2 CPU cores)")
+        print(f"no shapes base at {path}: pretraining it now (about 40 minutes on 2 CPU cores)")
         pretrain(path)
     return path
 
@@ -950,6 +950,46 @@ def following_summary(metas, plans, detections, ignore=()):
             "overall": float(np.mean(every)) if every else float("nan")}
 
 
+@torch.no_grad()
+def colour_reading(janus, tok, metas, scenes, batch_size=64):
+    """How well the drawer reads colours from a plan, teacher-forced on true scenes with their true plans: at
+    each object's first cell in raster order, where its colour is decided, the probability the image head
+    gives the planned colour among the codes that draw an object (the conditional distribution, no guidance).
+    For a base pretrained here, whose codes are cell_contents' indices. Returns {"per_tag", "overall",
+    "by_objects": {number of objects in the scene: mean}}."""
+    size = janus.cfg.vq.image_size
+    contents = cell_contents(size)
+    palette = {v: k for k, v in COLORS.items()}
+    groups = np.zeros((janus.cfg.vq.codebook_size, len(COLORS)), np.float32)  # (K, colours): what a code draws
+    for i, patch in enumerate(contents[1:], 1):
+        pixel = next(tuple(int(v) for v in px) for px in patch.reshape(-1, 3) if tuple(px) != BACKGROUND)
+        groups[i, list(COLORS).index(palette[pixel])] = 1
+    groups = torch.as_tensor(groups, device=janus.device)
+    codes = torch.as_tensor(tokenize(np.stack([render(s) for s in scenes]), contents), device=janus.device)
+    cell = size // CELLS
+    found = collections.defaultdict(list)  # (tag, objects in the scene) -> probabilities of the planned colour
+    for i in range(0, len(scenes), batch_size):
+        ids = [tok.encode(image_prompt(R.image_prompt_text(m["prompt"], plan_of(s))))
+               for m, s in zip(metas[i:i + batch_size], scenes[i:i + batch_size])]
+        prompt, mask = R.pad_tokens(ids, tok.pad_id, janus.device)
+        c = codes[i:i + batch_size]                                            # (b, 64)
+        x = torch.cat([janus.embed_text(prompt), janus.embed_image(c[:, :-1])], 1)
+        h = janus(x, mask=torch.cat([mask, torch.ones_like(c[:, :-1], dtype=torch.bool)], 1))
+        mass = janus.image_logits(h[:, prompt.shape[1] - 1:]).softmax(-1) @ groups  # (b, 64, colours)
+        for b, (m, scene) in enumerate(zip(metas[i:i + batch_size], scenes[i:i + batch_size])):
+            for o in scene.objects:
+                x0, y0, x1, y1 = (v // cell for v in o.box)
+                first = min(r * CELLS + q for r in range(y0, y1) for q in range(x0, x1) if c[b, r * CELLS + q] != 0)
+                p = mass[b, first]
+                found[m["tag"], len(scene.objects)].append(float(p[list(COLORS).index(o.color)] / p.sum()))
+    def mean(pick):
+        vals = [v for k, vs in found.items() if pick(k) for v in vs]
+        return float(np.mean(vals)) if vals else float("nan")
+    return {"per_tag": {t: mean(lambda k: k[0] == t) for t in sorted({k[0] for k in found})},
+            "overall": mean(lambda k: True),
+            "by_objects": {n: mean(lambda k: k[1] == n) for n in sorted({k[1] for k in found})}}
+
+
 def draw_from_plans(janus, tok, metas, plans, settings, seed=0, desc="image tokens"):
     """One image per (prompt, given plan), drawn by janus at settings' guidance weight, in batches of 64 with
     one progress line: uint8 (len(metas), S, S, 3). The drawer alone, with the plan written by someone else."""
@@ -1008,6 +1048,10 @@ def diagnose(ckpt, items, n=16, seed=0, cfg_weight=None, log=print, device=None,
     # which attribute the drawer misses: the same, with the colour or the place left free
     following("plan-following, any colour", [plan_of(s) for s in scenes], drawn, ("color",))
     following("plan-following, any place", [plan_of(s) for s in scenes], drawn, ("place",))
+    rows["planned colour, first cells"] = colour_reading(janus, tok, metas, scenes)
+    show("planned colour, first cells", "all objects")
+    log(f"{'':<28} by objects in the scene: " + " ".join(
+        f"{k} {v:.3f}" for k, v in rows["planned colour, first cells"]["by_objects"].items()))
     for levels in ("both", "token"):
         row = "own plans" if levels == "both" else "the prompt alone"
         records, images = sample.generate(janus, tok, items, settings, n=n, batch_size=max(1, 64 // n), seed=seed + 1,

@@ -413,7 +413,8 @@ def test_tiny_pretraining_lowers_its_losses_and_reloads(tmp_path):
     assert rows["true scenes"]["per_tag"] == {"colors": 1.0, "reasoning": 1.0}
     assert set(rows) == {"true scenes", "VQ ceiling", "drawn from true plans", "own plans, as text",
                          "drawn from own plans", "drawn from the prompt alone", "plan-following, true plans",
-                         "plan-following, any colour", "plan-following, any place", "plan-following, own plans"}
+                         "plan-following, any colour", "plan-following, any place", "plan-following, own plans",
+                         "planned colour, first cells"}
     assert all(0 <= a <= 1 for r in rows.values() for a in r["per_tag"].values())
 
 
@@ -521,6 +522,25 @@ def test_shapes_plan_following_counts_planned_objects_drawn_as_planned():
     summary = S.following_summary(metas, [plan, plan, plan, "junk"],
                                   [S.detect(S.render(S.Scene([red, blue]))), [], S.detect(S.render(S.Scene([red]))), []])
     assert summary["per_tag"] == {"colors": 0.5, "position": 0.5} and summary["overall"] == 0.5
+
+
+def test_shapes_colour_reading_scores_the_planned_colour_at_each_objects_first_cell():
+    """A drawer rigged to put all its mass on one red code reads red objects perfectly and every other
+    colour not at all, whatever the position: the first cells are found and each code's colour is known."""
+    janus, tok = C.from_pretrained(S.BASE_DIR), M.Tokenizer.from_pretrained(S.BASE_DIR)
+    contents = S.cell_contents()
+    red_code = next(i for i, c in enumerate(contents) if (c.reshape(-1, 3) == S.COLORS["red"]).all(-1).any())
+    def rigged(h, float32=True):
+        logits = torch.full((*h.shape[:2], janus.cfg.vq.codebook_size), -30.0)
+        logits[..., red_code] = 30.0
+        return logits
+    janus.image_logits = rigged
+    red, blue = S.Obj("circle", "red", (0, 0, 16, 16)), S.Obj("square", "blue", (40, 40, 64, 64))
+    metas = [{"prompt": "a photo of a red circle and a blue square", "tag": "color_attr"},
+             {"prompt": "a photo of a red circle", "tag": "colors"}]
+    out = S.colour_reading(janus, tok, metas, [S.Scene([red, blue]), S.Scene([red])])
+    assert out["by_objects"] == {1: 1.0, 2: 0.5} and out["per_tag"] == {"color_attr": 0.5, "colors": 1.0}
+    assert out["overall"] == pytest.approx(2 / 3)
 
 
 def _fake_run(folder, levels, base, final, steps=10, seed=0):
