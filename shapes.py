@@ -1077,6 +1077,11 @@ def _eval_summary(run, split, which):
     if not files:
         raise FileNotFoundError(f"{folder} holds no {split} evaluation: is {run} a finished train.py run?")
     path = os.path.join(folder, files[0] if which == "base" else files[-1])
+    steps = read_json(os.path.join(run, "config.json")).get("steps") if which == "final" else None
+    last = int(files[-1].rsplit("_", 1)[1].split(".")[0])
+    if steps is not None and last < steps:  # a run still going, or cut short, is not its final result
+        raise ValueError(f"{run} has not finished: its last {split} evaluation is at step {last} of {steps} "
+                         f"(still running, or stopped early: `train.py --resume` finishes it)")
     return path, read_json(path)
 
 

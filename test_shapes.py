@@ -546,7 +546,7 @@ def test_shapes_colour_reading_scores_the_planned_colour_at_each_objects_first_c
 def _fake_run(folder, levels, base, final, steps=10, seed=0):
     """A finished train.py run folder as shapes.report reads it: config.json and eval/test_*.json."""
     os.makedirs(folder / "eval")
-    (folder / "config.json").write_text(json.dumps({"levels": levels, "seed": seed}))
+    (folder / "config.json").write_text(json.dumps({"levels": levels, "seed": seed, "steps": steps}))
     for step, acc in ((0, base), (steps, final)):
         g = {"per_tag": acc, "overall": float(np.mean([v for t, v in acc.items() if t in S.GENEVAL_TAGS]))}
         (folder / "eval" / f"test_{step:05d}.json").write_text(json.dumps({"rewards": {}, "geneval_shapes": g}))
@@ -599,6 +599,11 @@ def test_shapes_report_averages_seeds_per_level(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"levels": "both", "seed": 0}))
     with pytest.raises(FileNotFoundError, match="no test evaluation"):
         S.report([str(tmp_path)])  # a run that never evaluated
+    going = tmp_path / "going"
+    _fake_run(going, "both", acc(0.2, 0.3), acc(0.9, 0.9))
+    os.remove(going / "eval" / "test_00010.json")  # evaluated at the start only: still running
+    with pytest.raises(ValueError, match=r"going has not finished: its last test evaluation is at step 0 of 10"):
+        S.report([str(runs[0]), str(going)])
 
 
 def test_shapes_report_refuses_to_pool_runs_with_other_settings(tmp_path):
