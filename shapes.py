@@ -1138,7 +1138,8 @@ def report(runs, split="test"):
     for levels, name in (("semantic", "semantic level only"), ("token", "token level only"),
                          ("both", "both levels (T2I-R1)")):
         if levels in final:
-            rows.append((f"{name}, {len(final[levels])} seeds", final[levels]))
+            n = len(final[levels])
+            rows.append((f"{name}, {n} seed{'s' if n > 1 else ''}", final[levels]))
     cols = [t for t in GENEVAL_TAGS + ("overall", "reasoning") if any(t in s for _, ss in rows for s in ss)]
     def cell(values):
         v = np.array(values)
