@@ -616,8 +616,8 @@ REASONING_TEMPLATE = "describe the objects of {prompt}"
 # the base ships with the repository (7.8 MB, `python shapes.py pretrain` reproduces it); a fresh pretraining
 # goes to checkpoints/ unless told otherwise, so it never overwrites the shipped one by accident
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-base")
-VQ_SCENES = 10000  # pretraining renders its scenes in chunks of this many, and trains the VQ on the first
 PRETRAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes-base")
+VQ_SCENES = 10000  # pretraining renders its scenes in chunks of this many, and trains the VQ on the first
 
 
 @dataclass
@@ -855,9 +855,10 @@ def pretrain(out_dir=PRETRAIN_DIR, c: PretrainConfig = None, log=print):
     data, images, codes = [], None, None
     for start in range(0, c.scenes, VQ_SCENES):
         chunk = render_dataset(replace(c, scenes=min(VQ_SCENES, c.scenes - start)), rng)
-        chunk_codes = tokenize(np.stack([img for _, _, img in chunk]), contents)
+        chunk_images = np.stack([img for _, _, img in chunk])
+        chunk_codes = tokenize(chunk_images, contents)
         if images is None:
-            images, codes = np.stack([img for _, _, img in chunk]), chunk_codes
+            images, codes = chunk_images, chunk_codes
         data += [(meta, plan, cd.tolist()) for (meta, plan, _), cd in zip(chunk, chunk_codes)]
     log(f"{len(data)} scenes rendered and tokenised in {time.time() - t0:.0f}s")
     vq, vq_losses = train_vq(c, images, codes, log)
