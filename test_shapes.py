@@ -525,22 +525,29 @@ def test_shapes_plan_following_counts_planned_objects_drawn_as_planned():
 
 
 def test_shapes_colour_reading_scores_the_planned_colour_at_each_objects_first_cell():
-    """A drawer rigged to put all its mass on one red code reads red objects perfectly and every other
-    colour not at all, whatever the position: the first cells are found and each code's colour is known."""
+    """A drawer rigged to draw red at cell 0, blue at cell 45 and green everywhere else reads the red circle
+    (first cell 0) and the blue square (first cell 5 * 8 + 5) only if those first cells are the ones scored,
+    and each code's colour is known; the one-object scene's red circle is read too."""
     janus, tok = C.from_pretrained(S.BASE_DIR), M.Tokenizer.from_pretrained(S.BASE_DIR)
     contents = S.cell_contents()
-    red_code = next(i for i, c in enumerate(contents) if (c.reshape(-1, 3) == S.COLORS["red"]).all(-1).any())
-    def rigged(h, float32=True):
+    def code(colour):
+        return next(i for i, c in enumerate(contents) if (c.reshape(-1, 3) == S.COLORS[colour]).all(-1).any())
+    def rigged(h, float32=True):  # h: (b, 64, H), position j predicts cell j
         logits = torch.full((*h.shape[:2], janus.cfg.vq.codebook_size), -30.0)
-        logits[..., red_code] = 30.0
+        logits[:, :, code("green")] = 30.0
+        logits[:, 0, code("green")], logits[:, 0, code("red")] = -30.0, 30.0
+        logits[:, 45, code("green")], logits[:, 45, code("blue")] = -30.0, 30.0
         return logits
     janus.image_logits = rigged
     red, blue = S.Obj("circle", "red", (0, 0, 16, 16)), S.Obj("square", "blue", (40, 40, 64, 64))
     metas = [{"prompt": "a photo of a red circle and a blue square", "tag": "color_attr"},
              {"prompt": "a photo of a red circle", "tag": "colors"}]
     out = S.colour_reading(janus, tok, metas, [S.Scene([red, blue]), S.Scene([red])])
-    assert out["by_objects"] == {1: 1.0, 2: 0.5} and out["per_tag"] == {"color_attr": 0.5, "colors": 1.0}
-    assert out["overall"] == pytest.approx(2 / 3)
+    assert out["by_objects"] == {1: 1.0, 2: 1.0} and out["per_tag"] == {"color_attr": 1.0, "colors": 1.0}
+    # the square moved by one cell: its first cell (5 * 8 + 6) is drawn green, so it is read wrong
+    moved = S.Obj("square", "blue", (48, 40, 64, 56))
+    out = S.colour_reading(janus, tok, metas, [S.Scene([red, moved]), S.Scene([red])])
+    assert out["by_objects"] == {1: 1.0, 2: 0.5} and out["overall"] == pytest.approx(2 / 3)
 
 
 def _fake_run(folder, levels, base, final, steps=10, seed=0):
