@@ -1078,17 +1078,21 @@ def _eval_summary(run, split, which):
     if not files:
         raise FileNotFoundError(f"{folder} holds no {split} evaluation: is {run} a finished train.py run?")
     path = os.path.join(folder, files[0] if which == "base" else files[-1])
-    steps = read_json(os.path.join(run, "config.json")).get("steps") if which == "final" else None
-    last = int(files[-1].rsplit("_", 1)[1].split(".")[0])
-    if steps is not None and last < steps:  # a run still going, or cut short, is not its final result
-        raise ValueError(f"{run} has not finished: its last {split} evaluation is at step {last} of {steps} "
-                         f"(still running, or stopped early: `train.py --resume` finishes it)")
+    if which == "final":  # a run still going, or cut short, is not its final result
+        steps, last = read_json(os.path.join(run, "config.json")).get("steps"), int(files[-1][len(split) + 1:-5])
+        if steps is not None and last < steps:
+            raise ValueError(f"{run} has not finished: its last {split} evaluation is at step {last} of {steps} "
+                             f"(still running, or stopped early: `train.py --resume` finishes it)")
     return path, read_json(path)
 
 
 def _scores(run, split, which):
     """Per-tag strict accuracy and GenEval overall of a run's first ("base") or last evaluation on split."""
-    path, summary = _eval_summary(run, split, which)
+    return _geneval_scores(run, *_eval_summary(run, split, which))
+
+
+def _geneval_scores(run, path, summary):
+    """Per-tag strict accuracy and GenEval overall of one evaluation summary (read from path)."""
     g = next((v for k, v in summary.items() if k.startswith("geneval_")), None)
     if g is None:
         raise ValueError(f"{path} holds no GenEval accuracy: {run} was scored by no rule reward (shapes, geneval)")
@@ -1362,8 +1366,8 @@ def _row_values(entries, split):
     ("scene_diversity:colors") and their mean ("scene_diversity"), NaN where the summary has none."""
     values = []
     for run, which in entries:
-        v = _scores(run, split, which)
-        _, summary = _eval_summary(run, split, which)
+        path, summary = _eval_summary(run, split, which)
+        v = _geneval_scores(run, path, summary)
         for key in ("scene_diversity", "plan_diversity"):
             per_tag = summary.get(key, {}).get("per_tag", {})
             v.update({f"{key}:{t}": per_tag.get(t, float("nan")) for t in DIVERSITY_TAGS})
